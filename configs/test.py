@@ -1,0 +1,31 @@
+"""A tiny SegAN for the tests: 32x32 slices, 4-8 channel networks, a handful of steps (seconds on
+a CPU). Not a recipe for results.
+
+  uagan-jax train --config configs/test.py --data DIR --workdir /tmp/w
+"""
+
+from uagan_jax import config as config_lib
+
+
+def get_config(variant: str = ""):
+  c = config_lib.base_config()
+  c.model.name = "segan"
+  c.model.segmentor_features = (4, 8)
+  c.model.critic_features = (4, 8)
+  c.data.image_size = (32, 32)
+  c.data.tumour_free_fraction = 0.5
+  c.data.val_fraction = 0.0
+  c.data.test_fraction = 0.25
+  c.train.steps = 4
+  c.train.batch_size = 8
+  c.train.log_every = 1
+  c.train.checkpoint_every = 2
+  c.train.keep_checkpoints = 2
+  c.eval.batch_size = 16
+  c.eval.panels = 1
+  if variant == "unet":
+    c.model.name = "unet"
+    c.loss.bce_weight = 1.0
+  elif variant:
+    raise ValueError(f"unknown variant {variant!r} (known: unet)")
+  return c

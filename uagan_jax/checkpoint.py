@@ -1,0 +1,86 @@
+"""Orbax checkpoints of the whole train state: periodic, keep-last-K, resumed automatically.
+
+The state pytree (`train.TrainState`) is everything a run needs to continue: parameters, batch
+statistics, optimizer states, the step and the base key. Sampling is a pure function of (seed,
+step), so no data-iterator state is needed: a resumed run continues with exactly the batches and
+keys an uninterrupted run would have used.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import orbax.checkpoint as ocp
+
+from uagan_jax.errors import UserError
+
+
+class Checkpointer:
+  """Saves every ``every`` steps (and when forced), keeps the newest ``keep``.
+
+  Saves are asynchronous: the training loop goes on while a checkpoint is written. `close` waits
+  for the last one.
+  """
+
+  def __init__(self, directory: pathlib.Path | str, *, every: int, keep: int):
+    self.directory = pathlib.Path(directory).absolute()
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every,
+                                             create=True))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state, *, force: bool = False) -> bool:
+    """Saves ``state`` as ``step`` if due (or ``force``); returns whether a save started."""
+    return self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+                              force=force)
+
+  def restore(self, step: int, like):
+    """Restores ``step`` into the structure, shapes, dtypes and shardings of ``like``.
+
+    Raises:
+      UserError: the checkpoint's arrays do not match ``like`` (usually: the config changed the
+        networks since the checkpoint was written). Checked on the metadata first, so a mismatch
+        never starts Orbax's asynchronous reads.
+    """
+    stored = {_path_name(path): tuple(meta.shape) for path, meta in
+              jax.tree_util.tree_leaves_with_path(self._manager.item_metadata(step)["state"])}
+    expected = {_path_name(path): tuple(leaf.shape) for path, leaf in
+                jax.tree_util.tree_leaves_with_path(like)}
+    for name in sorted(set(stored) | set(expected)):
+      if stored.get(name) != expected.get(name):
+        raise UserError(
+            f"{self.directory / str(step)}: checkpoint does not fit the current config: '{name}' "
+            f"is {_describe(stored.get(name))} there but {_describe(expected.get(name))} now; "
+            "use the config the run was started with, or a new --workdir")
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+    return restored.state
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def _path_name(path) -> str:
+  parts = []
+  for key in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+  return "/".join(parts)
+
+
+def _describe(shape) -> str:
+  return "absent" if shape is None else f"shape {shape}"

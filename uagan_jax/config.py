@@ -1,0 +1,244 @@
+"""Configs: the documented base recipe, file loading and ``--config.a.b=value`` overrides.
+
+A config file (``configs/segan.py``) is a runnable recipe: ``get_config(arg=None)`` returns an
+``ml_collections.ConfigDict`` built on `base_config` below; ``configs/segan.py:demo`` passes
+``"demo"`` as ``arg`` (the big_vision convention for size variants). The returned config is
+locked, so a misspelt override is an error, never a silently ignored new key.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import json
+import pathlib
+from collections.abc import Sequence
+
+import ml_collections
+
+from uagan_jax.errors import UserError
+
+# Model families (DESIGN.md): which networks exist and which losses train them.
+MODEL_FAMILIES = ("unet", "segan")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key the code reads, with its default. Recipes override what differs."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # one seed for init, data split, modality assignment, sampling and step keys.
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "segan"  # one of MODEL_FAMILIES
+  c.model.segmentor_features = (64, 128, 256, 512)
+  c.model.critic_features = (64, 128, 256)
+  c.model.critic_norm = "batch"  # "batch" (SegAN), "layer" or "none" (use with the gradient penalty)
+  c.model.dtype = "float32"  # computation dtype: "float32" or "bfloat16" (params stay float32)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.image_size = (192, 192)  # axial slices are centre-cropped or zero-padded to this
+  c.data.modalities = ("t1", "t1ce", "t2", "flair")  # modalities the unpaired protocol draws from
+  c.data.clip = 5.0  # z-scores are clipped to [-clip, clip]
+  c.data.tumour_free_fraction = 0.1  # seeded fraction of tumour-free brain slices kept for training
+  c.data.val_fraction = 0.1
+  c.data.test_fraction = 0.2
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.adversarial_weight = 1.0  # multi-scale L1 term of S (segan only)
+  c.loss.dice_weight = 1.0
+  c.loss.bce_weight = 0.0
+  c.loss.scale_weights = ()  # per-scale weights of the multi-scale L1; () = all ones
+  c.loss.critic_constraint = "clip"  # "clip" (SegAN's weight clipping) or "gradient_penalty"
+  c.loss.clip_limit = 0.05
+  c.loss.gp_weight = 10.0
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.segmentor_lr = 2e-4
+  c.optim.critic_lr = 2e-4
+  c.optim.b1 = 0.5  # SegAN / DCGAN Adam betas
+  c.optim.b2 = 0.999
+  # Staircase decay on the absolute step (never on train.steps, so that extending a finished run
+  # or resuming one follows the same trajectory): lr * decay_rate ** (step // decay_every).
+  c.optim.decay_every = 0  # 0 = constant learning rate
+  c.optim.decay_rate = 0.5
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 20_000
+  c.train.batch_size = 16  # global batch, split evenly across devices
+  c.train.log_every = 50
+  c.train.checkpoint_every = 1000
+  c.train.keep_checkpoints = 3
+  c.train.num_devices = 0  # 0 = all local devices
+  c.train.parallel_mode = "shard_map"  # "shard_map" (jit + shard_map) or "pmap"
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 32  # slices per inference batch
+  c.eval.split = "test"
+  c.eval.max_cases = 0  # 0 = every case of the split
+  c.eval.panels = 4  # cases drawn as PNG panels
+  return c
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks that cross several keys; raises UserError naming the key."""
+  if config.model.name not in MODEL_FAMILIES:
+    raise UserError(f"config model.name={config.model.name!r}: unknown model family "
+                    f"(known: {', '.join(MODEL_FAMILIES)})")
+  levels = len(config.model.segmentor_features)
+  for size in config.data.image_size:
+    if size % (2 ** levels):
+      raise UserError(f"config data.image_size={tuple(config.data.image_size)}: each side must be "
+                      f"divisible by 2**len(model.segmentor_features) = {2 ** levels}")
+  from uagan_jax.data import MODALITIES  # pylint: disable=g-import-not-at-top
+  unknown = [m for m in config.data.modalities if m not in MODALITIES]
+  if unknown or not config.data.modalities:
+    raise UserError(f"config data.modalities={tuple(config.data.modalities)}: "
+                    f"choose from {', '.join(MODALITIES)}")
+  if config.loss.critic_constraint not in ("clip", "gradient_penalty"):
+    raise UserError(f"config loss.critic_constraint={config.loss.critic_constraint!r}: "
+                    "use 'clip' or 'gradient_penalty'")
+  if config.model.critic_norm not in ("batch", "layer", "none"):
+    raise UserError(f"config model.critic_norm={config.model.critic_norm!r}: use batch, layer or none")
+  if config.model.dtype not in ("float32", "bfloat16"):
+    raise UserError(f"config model.dtype={config.model.dtype!r}: use float32 or bfloat16")
+  if config.train.parallel_mode not in ("shard_map", "pmap"):
+    raise UserError(f"config train.parallel_mode={config.train.parallel_mode!r}: use shard_map or pmap")
+  for key in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+    if config.train[key] < 1:
+      raise UserError(f"config train.{key}={config.train[key]}: must be >= 1")
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """Loads ``path.py[:arg]``, applies ``--config.a.b=value`` overrides, validates, locks.
+
+  Args:
+    spec: a config file path, optionally followed by ``:arg`` passed to its ``get_config``.
+    overrides: command-line items ``--config.a.b=value`` (or ``--config.a.b`` ``value`` pairs).
+
+  Returns:
+    The locked, validated config.
+
+  Raises:
+    UserError: unknown file or key, or a value of the wrong type.
+  """
+  path_str, _, arg = spec.partition(":")
+  path = pathlib.Path(path_str)
+  if not path.is_file():
+    raise UserError(f"{path}: config file not found")
+  module_spec = importlib.util.spec_from_file_location(f"_uagan_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise UserError(f"{path}: syntax error in config file (line {e.lineno}: {e.msg})") from None
+  if not hasattr(module, "get_config"):
+    raise UserError(f"{path}: config file defines no get_config()")
+  try:
+    config = module.get_config(arg) if arg else module.get_config()
+  except ValueError as e:  # e.g. an unknown variant after the ':'
+    raise UserError(f"{path}: {e}") from None
+  apply_overrides(config, overrides)
+  validate(config)
+  config.lock()
+  return config
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
+  """Applies ``--config.a.b=value`` items in place; unknown keys and bad values are UserErrors."""
+  items = list(overrides)
+  pairs = []
+  while items:
+    item = items.pop(0)
+    if not item.startswith("--config."):
+      raise UserError(f"unexpected argument {item!r}")
+    key, eq, value = item[len("--config."):].partition("=")
+    if not eq:
+      if not items:
+        raise UserError(f"--config.{key}: missing value")
+      value = items.pop(0)
+    pairs.append((key, value))
+  for key, value in pairs:
+    _set(config, key, value)
+
+
+def _all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  keys = []
+  for k, v in config.items():
+    keys.append(prefix + k)
+    if isinstance(v, ml_collections.ConfigDict):
+      keys.extend(_all_keys(v, prefix + k + "."))
+  return keys
+
+
+def _set(config: ml_collections.ConfigDict, dotted: str, text: str) -> None:
+  *parents, leaf = dotted.split(".")
+  node = config
+  for part in parents + [leaf]:
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      close = difflib.get_close_matches(dotted, _all_keys(config), n=1)
+      hint = f" (did you mean '{close[0]}'?)" if close else ""
+      raise UserError(f"unknown config key '{dotted}'{hint}")
+    if part != leaf:
+      node = node[part]
+  current = node[leaf]
+  try:
+    value = _parse_like(text, current)
+  except (ValueError, SyntaxError) as e:
+    raise UserError(f"config key '{dotted}': cannot use {text!r} for a value like "
+                    f"{current!r} ({e})") from None
+  with node.unlocked():
+    node[leaf] = value
+
+
+def _parse_like(text: str, current):
+  """Parses ``text`` to the type of the current value (the config's type is the schema)."""
+  if isinstance(current, bool):
+    lowered = text.strip().lower()
+    if lowered in ("true", "1", "yes"):
+      return True
+    if lowered in ("false", "0", "no"):
+      return False
+    raise ValueError("expected true or false")
+  if isinstance(current, int):
+    return int(text)
+  if isinstance(current, float):
+    return float(text)
+  if isinstance(current, str):
+    return text
+  if isinstance(current, (tuple, list)):
+    stripped = text.strip()
+    if stripped in ("", "()", "[]"):
+      return ()
+    parsed = ast.literal_eval(stripped if stripped[0] in "([" else f"({stripped},)")
+    if not isinstance(parsed, (tuple, list)):
+      parsed = (parsed,)
+    return tuple(parsed)
+  # None or anything else: a Python literal, falling back to the raw string.
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+  return config.to_json_best_effort(indent=2, sort_keys=True)
+
+
+def from_json_file(path: pathlib.Path) -> ml_collections.ConfigDict:
+  """The resolved config a training run wrote to its workdir, with lists turned back to tuples."""
+  def tuples(value):
+    if isinstance(value, dict):
+      return {k: tuples(v) for k, v in value.items()}
+    if isinstance(value, list):
+      return tuple(tuples(v) for v in value)
+    return value
+  try:
+    raw = json.loads(path.read_text())
+  except FileNotFoundError:
+    raise UserError(f"{path}: not found; is this a training workdir?") from None
+  except json.JSONDecodeError as e:
+    raise UserError(f"{path}: not valid JSON ({e})") from None
+  config = base_config()
+  config.update(tuples(raw))
+  config.lock()
+  return config

@@ -1,0 +1,103 @@
+"""Every loss of the model family as a pure, keyword-only function.
+
+Conventions shared by all functions here:
+  * arrays are NHWC; region maps have one channel per region (WT, TC, ET);
+  * a loss returns a scalar mean over the examples it is given. Inside the data-parallel step
+    each device calls it on its shard and the step averages across devices, so equal shard sizes
+    give the global-batch mean exactly;
+  * nothing here draws random numbers: where a loss needs them (the gradient penalty's
+    interpolation weights) the caller passes them in, so every function is deterministic and can
+    be tested against values computed by hand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def multiscale_l1(*, features_a: Sequence[jax.Array], features_b: Sequence[jax.Array],
+                  scale_weights: Sequence[float] | None = None) -> jax.Array:
+  """SegAN's multi-scale L1 loss (Xue et al. 2018, eq. 2-3).
+
+  ``l_mae(f(x), f(x')) = 1/L * sum_i w_i * mean |f_i(x) - f_i(x')|``, where ``f_i`` is the critic's
+  feature map at scale ``i``. The first "scale" is the critic's input itself (the image masked by
+  the predicted or the true region maps), so pixel-level differences count as well as the
+  hierarchical ones. Each scale is a mean over its elements (and the batch), so a scale with many
+  elements does not drown the others; ``scale_weights`` (default all 1) reweights them.
+
+  Args:
+    features_a: per-scale arrays [B, ...] from the critic applied to ``image * predicted_map``.
+    features_b: the same scales from the critic applied to ``image * true_map``.
+    scale_weights: optional weight per scale.
+
+  Returns:
+    The scalar loss, averaged over scales and batch.
+  """
+  if len(features_a) != len(features_b):
+    raise ValueError(f"{len(features_a)} scales against {len(features_b)}")
+  if scale_weights is None:
+    scale_weights = (1.0,) * len(features_a)
+  if len(scale_weights) != len(features_a):
+    raise ValueError(f"{len(scale_weights)} scale weights for {len(features_a)} scales")
+  per_scale = [w * jnp.mean(jnp.abs(a - b)) for w, a, b in zip(scale_weights, features_a, features_b)]
+  return sum(per_scale) / len(per_scale)
+
+
+def soft_dice_loss(*, probs: jax.Array, targets: jax.Array, smooth: float = 1.0) -> jax.Array:
+  """1 - soft Dice, per example and region, averaged.
+
+  ``dice = (2 * sum(p * t) + smooth) / (sum(p) + sum(t) + smooth)`` over the spatial axes. The
+  ``smooth`` term makes an empty target with an empty prediction score 1 (loss 0) instead of
+  0/0, which matters here: many axial slices have no enhancing tumour.
+
+  Args:
+    probs: [B, H, W, R] predicted probabilities in [0, 1].
+    targets: [B, H, W, R] binary maps.
+    smooth: additive smoothing, in voxels.
+
+  Returns:
+    Scalar loss in [0, 1].
+  """
+  axes = tuple(range(1, probs.ndim - 1))
+  intersection = jnp.sum(probs * targets, axis=axes)
+  total = jnp.sum(probs, axis=axes) + jnp.sum(targets, axis=axes)
+  dice = (2.0 * intersection + smooth) / (total + smooth)
+  return 1.0 - jnp.mean(dice)
+
+
+def binary_cross_entropy(*, logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Mean sigmoid binary cross-entropy, from logits for numerical stability."""
+  return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, targets))
+
+
+def clip_weights(params, *, limit: float):
+  """WGAN weight clipping (as in the SegAN code): every critic parameter into [-limit, limit]."""
+  return jax.tree.map(lambda p: jnp.clip(p, -limit, limit), params)
+
+
+def gradient_penalty(*, critic_fn: Callable[[jax.Array], jax.Array], real: jax.Array,
+                     fake: jax.Array, alpha: jax.Array, target_norm: float = 1.0) -> jax.Array:
+  """WGAN-GP penalty (Gulrajani et al. 2017): ``mean((||grad critic(x_hat)||_2 - 1)^2)``.
+
+  ``x_hat = alpha * real + (1 - alpha) * fake`` per example. ``critic_fn`` maps a batch [B, ...] to
+  one scalar per example [B]; the gradient norm is taken per example over all its other axes.
+
+  Args:
+    critic_fn: batch -> [B] scores; must treat examples independently (no batch statistics).
+    real: [B, ...] real inputs.
+    fake: [B, ...] generated inputs (gradients are not propagated into them).
+    alpha: [B] interpolation weights in [0, 1], drawn by the caller.
+    target_norm: the Lipschitz constant the penalty pulls the gradient norm towards.
+
+  Returns:
+    Scalar penalty.
+  """
+  alpha = alpha.reshape((-1,) + (1,) * (real.ndim - 1))
+  x_hat = alpha * real + (1.0 - alpha) * jax.lax.stop_gradient(fake)
+  grads = jax.grad(lambda x: jnp.sum(critic_fn(x)))(x_hat)
+  norms = jnp.sqrt(jnp.sum(grads.reshape(grads.shape[0], -1) ** 2, axis=-1) + 1e-12)
+  return jnp.mean((norms - target_norm) ** 2)

@@ -1,0 +1,132 @@
+"""SegAN's segmentor S and multi-scale critic C (Xue et al. 2018) as Flax Linen modules.
+
+Both are plain functions of their parameters: `Segmentor.apply` maps (image, modality) to one
+logit map per region, `Critic.apply` maps a masked image to its features at every scale. The
+training step owns the optimizers and the min-max game; nothing here knows about it.
+
+Layout is NHWC. Spatial sizes must be divisible by ``2 ** len(features)`` (checked by the config).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# 4x4 kernels with stride 2 and one pixel of padding halve H and W exactly, as in the SegAN code.
+_DOWN = dict(kernel_size=(4, 4), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+def modality_planes(modality: jax.Array, *, num_modalities: int, height: int,
+                    width: int, dtype=jnp.float32) -> jax.Array:
+  """The modality one-hot replicated over space: [B] ids -> [B, H, W, num_modalities]."""
+  one_hot = jax.nn.one_hot(modality, num_modalities, dtype=dtype)
+  return jnp.broadcast_to(one_hot[:, None, None, :], (modality.shape[0], height, width, num_modalities))
+
+
+def upsample2x(x: jax.Array) -> jax.Array:
+  """Bilinear resize by 2 (the SegAN decoder's upsampling, which avoids checkerboard artefacts)."""
+  b, h, w, c = x.shape
+  return jax.image.resize(x, (b, 2 * h, 2 * w, c), method="bilinear")
+
+
+class Segmentor(nn.Module):
+  """SegAN segmentor: 4x4 stride-2 conv encoder, resize-x2 + 3x3 conv decoder, U-Net skips.
+
+  The input image is concatenated with its modality one-hot planes, so one network segments every
+  modality. The output is one logit map per region (sigmoid gives WT, TC, ET probabilities); the
+  regions are nested in reality, but each gets an independent sigmoid, as in SegAN's multi-label
+  BraTS model.
+
+  Attributes:
+    features: encoder widths, one stride-2 level each (the decoder mirrors them).
+    num_regions: output maps (3: WT, TC, ET).
+    num_modalities: size of the modality one-hot.
+    bn_axis_name: mesh axis over which BatchNorm statistics are averaged in training (``"data"``
+      inside the data-parallel step, so the model does not depend on how many devices share the
+      batch); ``None`` outside it.
+    dtype: computation dtype (parameters stay float32).
+  """
+  features: Sequence[int] = (64, 128, 256, 512)
+  num_regions: int = 3
+  num_modalities: int = 4
+  bn_axis_name: str | None = None
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, image: jax.Array, modality: jax.Array, *, train: bool) -> jax.Array:
+    batch_norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                                      axis_name=self.bn_axis_name if train else None,
+                                      dtype=self.dtype)
+    _, height, width, _ = image.shape
+    x = jnp.concatenate(
+        [image.astype(self.dtype),
+         modality_planes(modality, num_modalities=self.num_modalities, height=height,
+                         width=width, dtype=self.dtype)], axis=-1)
+    skips = []
+    for level, width_ in enumerate(self.features):
+      # A bias before BatchNorm is redundant (BN subtracts the mean): its true gradient is zero and
+      # Adam would turn the rounding noise in it into full-size steps, so it is left out.
+      x = nn.Conv(width_, **_DOWN, use_bias=level == 0, dtype=self.dtype, name=f"down{level}")(x)
+      if level > 0:  # SegAN: no normalisation on the first layer.
+        x = batch_norm()(x)
+      x = nn.leaky_relu(x, 0.2)
+      skips.append(x)
+    skips.pop()  # the bottleneck is x itself
+    for level in reversed(range(len(self.features) - 1)):
+      x = upsample2x(x)
+      x = nn.Conv(self.features[level], (3, 3), use_bias=False, dtype=self.dtype, name=f"up{level}")(x)
+      x = nn.relu(batch_norm()(x))
+      x = jnp.concatenate([x, skips[level]], axis=-1)
+    x = upsample2x(x)
+    x = nn.Conv(self.features[0], (3, 3), use_bias=False, dtype=self.dtype, name="head_conv")(x)
+    x = nn.relu(batch_norm()(x))
+    logits = nn.Conv(self.num_regions, (3, 3), dtype=self.dtype, name="logits")(x)
+    return logits.astype(jnp.float32)
+
+
+class Critic(nn.Module):
+  """SegAN critic: 4x4 stride-2 conv blocks; returns its features at every scale.
+
+  The input is the image masked by each region map (``masked_image``); the first returned
+  "feature" is that input itself, so the multi-scale L1 loss also compares pixels.
+
+  Attributes:
+    features: widths of the conv blocks (one stride-2 level each).
+    norm: ``"batch"`` (as in SegAN; statistics of the current batch only, the critic is never run
+      in inference mode), ``"layer"`` or ``"none"``. The gradient penalty needs examples to be
+      independent, so use ``"layer"`` or ``"none"`` with it.
+    bn_axis_name: mesh axis for batch statistics (see `Segmentor`).
+    dtype: computation dtype.
+  """
+  features: Sequence[int] = (64, 128, 256)
+  norm: str = "batch"
+  bn_axis_name: str | None = None
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, masked_image: jax.Array) -> list[jax.Array]:
+    x = masked_image.astype(self.dtype)
+    features = [masked_image.astype(jnp.float32)]
+    for level, width in enumerate(self.features):
+      normalised = level > 0 and self.norm != "none"
+      x = nn.Conv(width, **_DOWN, use_bias=not normalised, dtype=self.dtype, name=f"down{level}")(x)
+      if level > 0:
+        if self.norm == "batch":
+          x = nn.BatchNorm(use_running_average=False, axis_name=self.bn_axis_name,
+                           dtype=self.dtype)(x)
+        elif self.norm == "layer":
+          x = nn.LayerNorm(dtype=self.dtype)(x)
+        elif self.norm != "none":
+          raise ValueError(f"unknown critic norm {self.norm!r}")
+      x = nn.leaky_relu(x, 0.2)
+      features.append(x.astype(jnp.float32))
+    return features
+
+
+def mask_image(image: jax.Array, region_maps: jax.Array) -> jax.Array:
+  """The critic's input: each image channel times each region map, [B,H,W,C] x [B,H,W,R] -> C*R."""
+  masked = image[..., :, None] * region_maps[..., None, :]
+  return masked.reshape(masked.shape[:-2] + (-1,))

@@ -1,0 +1,80 @@
+"""PNG pictures: segmentation panels (image, ground truth, prediction) per modality.
+
+Colours follow the BraTS figures: oedema (WT minus TC) green, necrotic/non-enhancing core (TC
+minus ET) red, enhancing tumour (ET) yellow.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on a training machine
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from uagan_jax.data import REGIONS  # pylint: disable=wrong-import-position
+
+_COLOURS = {"oedema": (0.1, 0.85, 0.2), "core": (0.9, 0.1, 0.1), "enhancing": (1.0, 0.9, 0.0)}
+
+
+def overlay(image: np.ndarray, regions: np.ndarray, *, alpha: float = 0.45) -> np.ndarray:
+  """A grey (H, W) image with nested (H, W, 3) WT/TC/ET masks painted on it -> RGB (H, W, 3)."""
+  lo, hi = np.percentile(image, [0.5, 99.5]) if image.any() else (0.0, 1.0)
+  grey = np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1)
+  rgb = np.repeat(grey[..., None], 3, axis=-1)
+  wt, tc, et = (regions[..., i].astype(bool) for i in range(len(REGIONS)))
+  for mask, colour in ((wt & ~tc, "oedema"), (tc & ~et, "core"), (et, "enhancing")):
+    rgb[mask] = (1 - alpha) * rgb[mask] + alpha * np.asarray(_COLOURS[colour])
+  return rgb
+
+
+def tumour_slice(regions: np.ndarray) -> int:
+  """Index along axis 2 of the axial slice with the most whole-tumour voxels (middle if none)."""
+  area = regions[..., 0].sum(axis=(0, 1))
+  return int(np.argmax(area)) if area.any() else regions.shape[2] // 2
+
+
+def _display(array_xy: np.ndarray) -> np.ndarray:
+  # Canonical RAS volumes have x to the right, y anterior: transpose and flip so anterior is up.
+  return np.flipud(np.swapaxes(array_xy, 0, 1))
+
+
+def segmentation_panel(volume, truth: np.ndarray, predictions: dict[str, np.ndarray],
+                       path: pathlib.Path, *, title: str) -> pathlib.Path:
+  """One row per modality: image, image + ground truth, image + prediction, at the tumour slice.
+
+  Args:
+    volume: a `readers.Volume` (canonical orientation).
+    truth: (X, Y, Z, 3) boolean true regions.
+    predictions: modality -> (X, Y, Z, 3) boolean predicted regions.
+    path: PNG to write (folders are created).
+    title: figure title.
+
+  Returns:
+    ``path``.
+  """
+  z = tumour_slice(truth)
+  modalities = list(predictions)
+  fig, axes = plt.subplots(len(modalities), 3, figsize=(7.5, 2.6 * len(modalities)), squeeze=False)
+  for row, modality in enumerate(modalities):
+    image = volume.images[modality][:, :, z]
+    panels = [(overlay(image, np.zeros(image.shape + (3,), bool), alpha=0), modality.upper()),
+              (overlay(image, truth[:, :, z]), "ground truth"),
+              (overlay(image, predictions[modality][:, :, z]), "prediction")]
+    for col, (rgb, label) in enumerate(panels):
+      ax = axes[row, col]
+      ax.imshow(_display(rgb), interpolation="nearest")
+      ax.set_title(label, fontsize=9)
+      ax.axis("off")
+  handles = [matplotlib.patches.Patch(color=_COLOURS[k], label=v) for k, v in
+             (("oedema", "oedema (WT-TC)"), ("core", "core (TC-ET)"), ("enhancing", "enhancing (ET)"))]
+  fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
+  fig.suptitle(f"{title}, axial slice {z}", fontsize=10)
+  fig.tight_layout(rect=(0, 0.03, 1, 0.97))
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+  return path
