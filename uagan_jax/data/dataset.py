@@ -1,0 +1,276 @@
+"""The unpaired training set (UAGAN protocol) and its pure, resumable batch sampler.
+
+Protocol: cases are split into train/val/test; each training case is assigned one modality by a
+seeded round-robin, and only that modality's slices enter the training set, so no two
+modalities of one patient are ever seen together. The sampler is a pure function of
+(seed, step), so a run resumed from a checkpoint at step t sees exactly the batches an
+uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+
+from uagan_jax.data import MODALITIES
+from uagan_jax.data import preprocess
+from uagan_jax.data import readers
+from uagan_jax.errors import UserError
+
+# Stream tags keep the split, assignment and slice-selection generators independent for the
+# same user seed (batch_indices uses [seed, epoch], epochs never reach these values).
+_SPLIT_STREAM = 0x5350_4C54
+_ASSIGN_STREAM = 0x4153_5347
+_SLICES_STREAM = 0x534C_4943
+
+
+def _check_seed(seed: int) -> int:
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+    raise UserError(f"seed {seed!r}: expected a non-negative integer")
+  return int(seed)
+
+
+def _sorted_unique(case_ids: Sequence[str]) -> list[str]:
+  ids = sorted(case_ids)
+  for a, b in zip(ids, ids[1:]):
+    if a == b:
+      raise UserError(f"case id {a!r} appears twice")
+  return ids
+
+
+def split_cases(case_ids: Sequence[str], *, seed: int, val_fraction: float,
+                test_fraction: float) -> dict[str, list[str]]:
+  """Splits cases into train, val and test, deterministically.
+
+  Rule: the sorted ids are permuted with a generator seeded by `seed`; the first n_test go to
+  test, the next n_val to val, the rest to train, where n_test = round(test_fraction * n) and
+  n_val = round(val_fraction * n) (halves round up), then adjusted for small n:
+  * n >= 2: at least 1 test case and at least 1 train case;
+  * n >= 3 and val_fraction > 0: at least 1 val case;
+  * if the fractions leave no train case, val shrinks first, then test.
+  A single case goes to train; no cases give three empty lists.
+
+  Args:
+    case_ids: Distinct case ids (any order; the result depends only on the set).
+    seed: Non-negative integer.
+    val_fraction: Fraction in [0, 1) of cases for validation.
+    test_fraction: Fraction in [0, 1) of cases for test.
+
+  Returns:
+    {"train": [...], "val": [...], "test": [...]}, each list sorted.
+  """
+  seed = _check_seed(seed)
+  for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+    if not 0 <= value < 1:
+      raise UserError(f"{name} {value}: expected a fraction in [0, 1)")
+  if val_fraction + test_fraction >= 1:
+    raise UserError(f"val_fraction {val_fraction} + test_fraction {test_fraction}: must leave "
+                    "cases for training (sum below 1)")
+  ids = _sorted_unique(case_ids)
+  n = len(ids)
+  n_test = math.floor(test_fraction * n + 0.5)
+  n_val = math.floor(val_fraction * n + 0.5)
+  if n >= 2:
+    n_test = max(n_test, 1)
+  if n >= 3 and val_fraction > 0:
+    n_val = max(n_val, 1)
+  # Keep at least one training case: give up validation before test.
+  excess = n_test + n_val - max(n - 1, 0)
+  if excess > 0:
+    cut = min(excess, n_val)
+    n_val -= cut
+    n_test -= excess - cut
+  order = np.random.default_rng([seed, _SPLIT_STREAM]).permutation(n)
+  shuffled = [ids[i] for i in order]
+  return {
+      "train": sorted(shuffled[n_test + n_val:]),
+      "val": sorted(shuffled[n_test:n_test + n_val]),
+      "test": sorted(shuffled[:n_test]),
+  }
+
+
+def assign_modalities(case_ids: Sequence[str], *, seed: int,
+                      modalities: Sequence[str]) -> dict[str, str]:
+  """Assigns each case the one modality it contributes (the UAGAN unpaired protocol).
+
+  The sorted ids are permuted with a generator seeded by `seed`; the i-th case of the
+  permutation gets modalities[i % len(modalities)], so the modality counts differ by at most 1.
+
+  Args:
+    case_ids: Distinct case ids (the result depends only on the set).
+    seed: Non-negative integer.
+    modalities: Distinct names from `MODALITIES`.
+
+  Returns:
+    case id -> modality, in sorted case id order.
+  """
+  seed = _check_seed(seed)
+  modalities = tuple(modalities)
+  if (not modalities or len(set(modalities)) != len(modalities)
+      or any(m not in MODALITIES for m in modalities)):
+    raise UserError(f"modalities {list(modalities)}: expected distinct names from "
+                    f"{list(MODALITIES)}")
+  ids = _sorted_unique(case_ids)
+  order = np.random.default_rng([seed, _ASSIGN_STREAM]).permutation(len(ids))
+  assignment = {ids[case]: modalities[i % len(modalities)] for i, case in enumerate(order)}
+  return {case_id: assignment[case_id] for case_id in ids}
+
+
+@dataclasses.dataclass
+class SliceSet:
+  """Preprocessed axial training slices, one modality per case.
+
+  Attributes:
+    images: float32 (N, H, W, 1) z-scored slices.
+    regions: uint8 (N, H, W, 3) region masks (WT, TC, ET).
+    modality: int32 (N,) index into `MODALITIES`.
+    case_ids: The cases, in the order they were added.
+    case_index: int32 (N,) index into case_ids.
+  """
+  images: np.ndarray
+  regions: np.ndarray
+  modality: np.ndarray
+  case_ids: list[str]
+  case_index: np.ndarray
+
+  def __len__(self) -> int:
+    return int(self.images.shape[0])
+
+
+def _case_rng(seed: int, case_id: str) -> np.random.Generator:
+  # Keyed by the id, not the position, so a case's slice choice does not change when other
+  # cases are added or removed.
+  return np.random.default_rng([seed, _SLICES_STREAM, zlib.crc32(case_id.encode("utf-8"))])
+
+
+def build_slice_set(
+    cases: Sequence[readers.CaseFiles], *, assignment: Mapping[str, str],
+    size: tuple[int, int], clip: float, tumour_free_fraction: float, seed: int,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> SliceSet:
+  """Loads each case's assigned modality and keeps its informative slices.
+
+  Of the slices with brain, all slices with tumour (any region voxel after the crop) are kept,
+  plus round(tumour_free_fraction * m) of the m tumour-free ones, chosen without replacement by
+  a generator seeded by (seed, case id).
+
+  Args:
+    cases: Training cases, each with a label.
+    assignment: case id -> modality, from `assign_modalities`.
+    size: Slice (H, W).
+    clip: Z-score clip.
+    tumour_free_fraction: Fraction in [0, 1] of tumour-free brain slices to keep.
+    seed: Non-negative integer.
+    progress: Called as progress(done, total, case_id) after each case.
+
+  Returns:
+    The `SliceSet`, slices in case order then axial order.
+
+  Raises:
+    UserError: A case lacks a label or an assignment, a file is bad, or no slice is left.
+  """
+  seed = _check_seed(seed)
+  if not 0 <= tumour_free_fraction <= 1:
+    raise UserError(f"tumour_free_fraction {tumour_free_fraction}: expected a fraction in "
+                    "[0, 1]")
+  if not cases:
+    raise UserError("no training cases")
+  images, regions, modality, case_index, case_ids = [], [], [], [], []
+  for number, case in enumerate(cases):
+    if case.case_id not in assignment:
+      raise UserError(f"case {case.case_id}: no modality assigned")
+    name = assignment[case.case_id]
+    if case.label is None:
+      raise UserError(f"{case.images[name].parent}: case {case.case_id} has no label volume; "
+                      "training needs one")
+    volume = readers.load_case(case, modalities=(name,), with_label=True)
+    region_volume = readers.labels_to_regions(volume.label, convention=case.label_convention)
+    slices, region_slices, has_brain, _ = preprocess.volume_to_slices(
+        volume.images[name], region_volume, size=size, clip=clip)
+    del volume, region_volume
+    tumour = region_slices.any(axis=(1, 2, 3))
+    free = np.flatnonzero(has_brain & ~tumour)
+    n_free = math.floor(tumour_free_fraction * free.size + 0.5)
+    chosen = _case_rng(seed, case.case_id).choice(free, size=n_free, replace=False)
+    keep = np.flatnonzero(has_brain & tumour)
+    keep = np.sort(np.concatenate([keep, chosen]))
+    index = len(case_ids)
+    case_ids.append(case.case_id)
+    images.append(slices[keep, ..., None])
+    regions.append(region_slices[keep])
+    modality.append(np.full(keep.size, MODALITIES.index(name), np.int32))
+    case_index.append(np.full(keep.size, index, np.int32))
+    if progress is not None:
+      progress(number + 1, len(cases), case.case_id)
+  total = sum(len(m) for m in modality)
+  if total == 0:
+    raise UserError(f"no training slices left from {len(cases)} cases (no slice has brain and "
+                    f"tumour, and tumour_free_fraction={tumour_free_fraction} kept none)")
+  return SliceSet(images=np.concatenate(images), regions=np.concatenate(regions),
+                  modality=np.concatenate(modality), case_ids=case_ids,
+                  case_index=np.concatenate(case_index))
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+  perm = np.random.default_rng([seed, epoch]).permutation(num_examples)
+  perm.flags.writeable = False  # shared through the cache
+  return perm
+
+
+def batch_indices(*, seed: int, step: int, batch_size: int, num_examples: int) -> np.ndarray:
+  """The example indices of the batch at `step`, a pure function of its arguments.
+
+  The example stream is epoch after epoch of permutations perm_e =
+  default_rng([seed, e]).permutation(num_examples); the batch at step t is positions
+  t * batch_size .. (t + 1) * batch_size - 1 of that stream, so a batch may straddle an epoch
+  boundary (or span several epochs when batch_size > num_examples).
+
+  Args:
+    seed: Non-negative integer.
+    step: Non-negative step number.
+    batch_size: Examples per batch.
+    num_examples: Size of the dataset.
+
+  Returns:
+    int64 (batch_size,) indices into the dataset.
+  """
+  seed = _check_seed(seed)
+  if step < 0 or batch_size < 1 or num_examples < 1:
+    raise ValueError(f"need step >= 0, batch_size >= 1, num_examples >= 1; got {step}, "
+                     f"{batch_size}, {num_examples}")
+  start = int(step) * int(batch_size)
+  epoch, offset = divmod(start, num_examples)
+  parts, needed = [], batch_size
+  while needed > 0:
+    perm = _epoch_permutation(seed, epoch, num_examples)
+    part = perm[offset:offset + needed]
+    parts.append(part)
+    needed -= part.size
+    epoch, offset = epoch + 1, 0
+  return np.concatenate(parts).astype(np.int64)
+
+
+def get_batch(slices: SliceSet, *, seed: int, step: int, batch_size: int) -> dict[str, np.ndarray]:
+  """The training batch at `step` (see `batch_indices`).
+
+  Args:
+    slices: The training set.
+    seed: Non-negative integer.
+    step: Non-negative step number.
+    batch_size: Examples per batch.
+
+  Returns:
+    {"image": float32 (B, H, W, 1), "regions": float32 (B, H, W, 3), "modality": int32 (B,)}.
+  """
+  index = batch_indices(seed=seed, step=step, batch_size=batch_size, num_examples=len(slices))
+  return {
+      "image": slices.images[index].astype(np.float32, copy=False),
+      "regions": slices.regions[index].astype(np.float32),
+      "modality": slices.modality[index].astype(np.int32, copy=False),
+  }
