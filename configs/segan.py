@@ -7,7 +7,7 @@ Full recipe (BraTS-sized slices, SegAN widths; a GPU run):
   uagan-jax train --config configs/segan.py --data /data/BraTS2021 --workdir runs/segan
 
 CPU demo (what `bash launch/demo.sh` runs: small slices and widths, a few minutes on 2 cores):
-  uagan-jax synth --out data_synth --cases 24 --shape 96 96 64
+  uagan-jax synth --out data_synth --cases 80 --shape 96 96 64
   uagan-jax train --config configs/segan.py:demo --data data_synth --workdir runs/demo
 """
 
@@ -21,7 +21,9 @@ def get_config(variant: str = ""):
   c.model.critic_features = (64, 128, 256)
   c.data.image_size = (192, 192)
   c.loss.adversarial_weight = 1.0
-  c.loss.dice_weight = 1.0  # SegAN's multi-scale L1 alone trains slowly; the Dice term is optional
+  # SegAN's multi-scale L1 alone trains slowly; the Dice and BCE terms are the optional extras.
+  c.loss.dice_weight = 1.0
+  c.loss.bce_weight = 1.0
   c.loss.critic_constraint = "clip"
   c.optim.segmentor_lr = 2e-4
   c.optim.critic_lr = 2e-4

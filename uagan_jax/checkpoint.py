@@ -27,6 +27,9 @@ class Checkpointer:
     self.directory = pathlib.Path(directory).absolute()
     self._manager = ocp.CheckpointManager(
         self.directory,
+        # Naming the item's handler up front lets a new process read the metadata of checkpoints
+        # it has not written (needed to check them before restoring).
+        item_handlers={"state": ocp.StandardCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every,
                                              create=True))
 

@@ -40,6 +40,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.modalities = ("t1", "t1ce", "t2", "flair")  # modalities the unpaired protocol draws from
   c.data.clip = 5.0  # z-scores are clipped to [-clip, clip]
   c.data.tumour_free_fraction = 0.1  # seeded fraction of tumour-free brain slices kept for training
+  c.data.augment = True  # random in-plane flips and intensity jitter, on device, per example
+  c.data.intensity_scale = 0.1
+  c.data.intensity_shift = 0.1
   c.data.val_fraction = 0.1
   c.data.test_fraction = 0.2
 

@@ -27,7 +27,7 @@ import optax
 from flax import struct
 
 from uagan_jax import losses, parallel
-from uagan_jax.data import MODALITIES
+from uagan_jax.data import MODALITIES, augment
 from uagan_jax.models.segan import Critic, Segmentor, mask_image
 
 # ------------------------------------------------------------------------------------------------
@@ -128,6 +128,9 @@ def unmapped_module(module: nn.Module) -> nn.Module:
 # The step
 # ------------------------------------------------------------------------------------------------
 
+# Independent random streams derived from each example's key.
+_AUGMENT_STREAM, _PENALTY_STREAM = 1, 2
+
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *,
                networks: Networks, config: ml_collections.ConfigDict,
@@ -154,6 +157,12 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *
   """
   image, regions, modality = batch["image"], batch["regions"], batch["modality"]
   local_batch = image.shape[0]
+  # One key per example, from its global index: the same randomness on 1 device or 8.
+  example_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(parallel.example_index(local_batch))
+  if config.data.augment:
+    image, regions = augment.augment_batch(
+        image, regions, jax.vmap(lambda k: jax.random.fold_in(k, _AUGMENT_STREAM))(example_keys),
+        intensity_scale=config.data.intensity_scale, intensity_shift=config.data.intensity_shift)
   seg_state = state.nets["segmentor"]
   metrics, gradients = {}, {}
 
@@ -187,9 +196,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *
       objective = -l1  # the critic maximises the distance between the two masked images
       aux = {"critic/l1": l1}
       if config.loss.critic_constraint == "gradient_penalty":
-        example_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(
-            parallel.example_index(local_batch))
-        alpha = jax.vmap(jax.random.uniform)(example_keys)
+        alpha = jax.vmap(jax.random.uniform)(
+            jax.vmap(lambda k: jax.random.fold_in(k, _PENALTY_STREAM))(example_keys))
 
         def score(x):  # per-example sum of the per-scale mean features: the critic's scalar
           return sum(jnp.mean(f, axis=tuple(range(1, f.ndim))) for f in critic_features(params, x)[1:])
@@ -246,8 +254,8 @@ def _apply_gradients(net: NetState, grads, optimizer: optax.GradientTransformati
   params = optax.apply_updates(net.params, updates)
   if clip_limit is not None:
     params = losses.clip_weights(params, limit=clip_limit)
-  norms = {"grad_norm": optax.global_norm(grads), "update_norm": optax.global_norm(updates),
-           "param_norm": optax.global_norm(params)}
+  norms = {"grad_norm": optax.tree.norm(grads), "update_norm": optax.tree.norm(updates),
+           "param_norm": optax.tree.norm(params)}
   return net.replace(params=params, opt_state=opt_state), norms
 
 

@@ -1,0 +1,108 @@
+"""Speed of the compiled train step: steps/s, images/s, achieved FLOP/s, compile time.
+
+FLOPs per step come from XLA's cost analysis of the compiled program (what XLA counts, for all
+networks and both phases together), so achieved FLOP/s = FLOPs per step x steps/s. Data loading
+is not included: the batch is fixed and already on the devices, as the prefetching loop makes it.
+
+  python benchmarks/step.py --config configs/segan.py:demo
+  python benchmarks/step.py --config configs/segan.py --batch 32 --steps 50
+  python benchmarks/step.py --config configs/segan.py:demo --devices 4 --mode pmap
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import jax
+import numpy as np
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--config", default="configs/segan.py:demo")
+  parser.add_argument("--batch", type=int, default=0, help="global batch (default: the config's)")
+  parser.add_argument("--steps", type=int, default=20, help="timed steps")
+  parser.add_argument("--warmup", type=int, default=3)
+  parser.add_argument("--devices", type=int, default=0, help="0 = all local devices")
+  parser.add_argument("--mode", choices=("shard_map", "pmap"), default=None)
+  args, overrides = parser.parse_known_args(argv)
+
+  # pylint: disable=g-import-not-at-top
+  from uagan_jax import config as config_lib
+  from uagan_jax import parallel, train
+  from uagan_jax.errors import UserError
+  # pylint: enable=g-import-not-at-top
+  try:
+    extra = list(overrides)
+    if args.batch:
+      extra.append(f"--config.train.batch_size={args.batch}")
+    if args.devices:
+      extra.append(f"--config.train.num_devices={args.devices}")
+    if args.mode:
+      extra.append(f"--config.train.parallel_mode={args.mode}")
+    config = config_lib.load_config(args.config, extra)
+    mesh = parallel.make_mesh(config.train.num_devices)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+  batch_size = config.train.batch_size
+  height, width = config.data.image_size
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.normal(size=(batch_size, height, width, 1)).astype(np.float32),
+           "regions": (rng.random((batch_size, height, width, 3)) > 0.8).astype(np.float32),
+           "modality": rng.integers(0, 4, batch_size).astype(np.int32)}
+  if config.train.parallel_mode == "shard_map":
+    batch = parallel.shard_batch(batch, mesh)
+  state = train.init_state(config, mesh)
+  key = jax.random.key(0)
+  step = train.make_step(config, mesh)
+
+  flops = None
+  started = time.perf_counter()
+  if config.train.parallel_mode == "shard_map":
+    compiled = step.lower(state, batch, key).compile()
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+      analysis = analysis[0] if analysis else None
+    if analysis and "flops" in analysis:
+      # The shard_map program is the per-device program: scale to the whole mesh.
+      flops = float(analysis["flops"]) * mesh.devices.size
+    run = compiled
+  else:
+    run = step
+  state, metrics = run(state, batch, key)
+  jax.block_until_ready(metrics)
+  compile_seconds = time.perf_counter() - started
+
+  for _ in range(args.warmup):
+    state, metrics = run(state, batch, key)
+  jax.block_until_ready(metrics)
+  started = time.perf_counter()
+  for _ in range(args.steps):
+    state, metrics = run(state, batch, key)
+  jax.block_until_ready((state, metrics))
+  seconds = time.perf_counter() - started
+
+  steps_per_second = args.steps / seconds
+  device = mesh.devices.flat[0]
+  print(f"config        {args.config} ({config.model.name}), slices {height}x{width}, "
+        f"global batch {batch_size}, dtype {config.model.dtype}")
+  print(f"devices       {mesh.devices.size} x {device.platform} ({device.device_kind}), "
+        f"mode {config.train.parallel_mode}, jax {jax.__version__}")
+  print(f"compile       {compile_seconds:.1f} s (first step included)")
+  print(f"step time     {1000 * seconds / args.steps:.1f} ms  (mean of {args.steps} steps)")
+  print(f"steps/s       {steps_per_second:.2f}")
+  print(f"images/s      {steps_per_second * batch_size:.1f}")
+  if flops is not None:
+    print(f"FLOPs/step    {flops / 1e9:.2f} GFLOP (XLA cost analysis)")
+    print(f"achieved      {flops * steps_per_second / 1e9:.1f} GFLOP/s")
+  else:
+    print("FLOPs/step    n/a (cost analysis is read from the shard_map program; use --mode shard_map)")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,56 @@
+"""Config files, variants and command-line overrides."""
+
+import pytest
+
+from uagan_jax import config as config_lib
+from uagan_jax.errors import UserError
+
+from conftest import ROOT, load_test_config
+
+RECIPES = sorted(p for p in (ROOT / "configs").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_every_recipe_loads_and_names_its_family_and_steps(path):
+  config = config_lib.load_config(str(path))
+  assert config.model.name in config_lib.MODEL_FAMILIES
+  assert config.train.steps >= 1
+  assert "uagan-jax" in path.read_text()  # the docstring holds the command that runs it
+
+
+def test_overrides_are_typed():
+  config = load_test_config("--config.train.steps=7", "--config.optim.segmentor_lr=0.5",
+                            "--config.model.segmentor_features=8,16",
+                            "--config.data.modalities=('flair',)", "--config.model.name", "unet")
+  assert config.train.steps == 7 and isinstance(config.train.steps, int)
+  assert config.optim.segmentor_lr == 0.5
+  assert tuple(config.model.segmentor_features) == (8, 16)
+  assert tuple(config.data.modalities) == ("flair",)
+  assert config.model.name == "unet"
+
+
+def test_config_is_locked():
+  config = load_test_config()
+  with pytest.raises(AttributeError):
+    config.train.new_key = 1
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("--config.train.stpes=3", "did you mean 'train.steps'"),
+    ("--config.nothing=3", "unknown config key 'nothing'"),
+    ("--config.train.steps=3.5", "train.steps"),
+    ("--config.model.name=gan", "unknown model family"),
+    ("--config.data.modalities=('pd',)", "data.modalities"),
+    ("--config.train.batch_size=0", "train.batch_size"),
+])
+def test_bad_overrides_are_user_errors(override, needle):
+  with pytest.raises(UserError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+    load_test_config(override)
+
+
+def test_resolved_config_round_trips_through_json(tmp_path):
+  config = load_test_config("--config.model.segmentor_features=(4, 8)")
+  path = tmp_path / "config.json"
+  path.write_text(config_lib.to_json(config))
+  loaded = config_lib.from_json_file(path)
+  assert loaded.to_dict() == config.to_dict()

@@ -1,0 +1,80 @@
+"""Shapes and conditioning of the SegAN segmentor and critic."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from uagan_jax import config as config_lib
+from uagan_jax.errors import UserError
+from uagan_jax.models.segan import Critic, Segmentor, mask_image
+
+from conftest import load_test_config
+
+
+def test_segmentor_outputs_one_logit_map_per_region():
+  model = Segmentor(features=(4, 8, 16))
+  image = jnp.ones((2, 32, 48, 1))
+  modality = jnp.array([0, 3])
+  variables = model.init(jax.random.key(0), image, modality, train=False)
+  logits = model.apply(variables, image, modality, train=False)
+  assert logits.shape == (2, 32, 48, 3)
+  assert logits.dtype == jnp.float32
+  # The first encoder layer sees the image and the 4 modality one-hot planes.
+  assert variables["params"]["down0"]["kernel"].shape == (4, 4, 1 + 4, 4)
+
+
+def test_segmentor_is_conditioned_on_the_modality():
+  model = Segmentor(features=(4, 8))
+  image = jax.random.normal(jax.random.key(1), (1, 16, 16, 1))
+  variables = model.init(jax.random.key(0), image, jnp.array([0]), train=False)
+  outputs = [model.apply(variables, image, jnp.array([m]), train=False) for m in range(4)]
+  for other in outputs[1:]:
+    assert not np.allclose(outputs[0], other)
+
+
+def test_segmentor_train_mode_updates_batch_statistics():
+  model = Segmentor(features=(4, 8))
+  image = jax.random.normal(jax.random.key(1), (2, 16, 16, 1))
+  variables = model.init(jax.random.key(0), image, jnp.zeros(2, jnp.int32), train=False)
+  _, updated = model.apply(variables, image, jnp.zeros(2, jnp.int32), train=True,
+                           mutable=["batch_stats"])
+  before = jax.tree.leaves(variables["batch_stats"])
+  after = jax.tree.leaves(updated["batch_stats"])
+  assert any(not np.allclose(a, b) for a, b in zip(before, after))
+
+
+@pytest.mark.parametrize("norm", ["batch", "layer", "none"])
+def test_critic_returns_input_and_every_scale(norm):
+  critic = Critic(features=(4, 8, 16), norm=norm)
+  masked = jnp.ones((2, 32, 32, 3))
+  variables = critic.init(jax.random.key(0), masked)
+  features, _ = critic.apply({"params": variables["params"]}, masked, mutable=["batch_stats"])
+  assert [f.shape for f in features] == [(2, 32, 32, 3), (2, 16, 16, 4), (2, 8, 8, 8),
+                                         (2, 4, 4, 16)]
+  np.testing.assert_array_equal(features[0], masked)
+
+
+def test_mask_image_multiplies_each_channel_by_each_region():
+  image = jnp.arange(4.0).reshape(1, 2, 2, 1)
+  regions = jnp.stack([jnp.ones((2, 2)), jnp.zeros((2, 2)), jnp.eye(2)], axis=-1)[None]
+  masked = mask_image(image, regions)
+  assert masked.shape == (1, 2, 2, 3)
+  np.testing.assert_array_equal(masked[0, ..., 0], image[0, ..., 0])
+  np.testing.assert_array_equal(masked[0, ..., 1], 0)
+  np.testing.assert_array_equal(masked[0, ..., 2], [[0.0, 0.0], [0.0, 3.0]])
+
+
+def test_sizes_come_from_the_config():
+  config = load_test_config("--config.model.segmentor_features=(4, 8, 16)",
+                            "--config.model.critic_features=(2, 6)")
+  from uagan_jax import train  # pylint: disable=g-import-not-at-top
+  networks = train.build_networks(config, bn_axis_name=None)
+  assert tuple(networks.segmentor.features) == (4, 8, 16)
+  assert tuple(networks.critic.features) == (2, 6)
+  assert train.build_networks(load_test_config("--config.model.name=unet")).critic is None
+
+
+def test_image_size_must_fit_the_encoder_depth():
+  with pytest.raises(UserError, match="data.image_size"):
+    load_test_config("--config.data.image_size=(34, 34)")  # 2 levels: sides must divide by 4
