@@ -144,10 +144,12 @@ def test_changed_config_does_not_destroy_checkpoints(capsys, synth_data, tmp_pat
   code, _, _ = _train(capsys, synth_data, tmp_path, "--config.train.steps=2")
   assert code == 0
   before = sorted(p.name for p in (tmp_path / "work" / "checkpoints").iterdir())
+  config_before = (tmp_path / "work" / "config.json").read_text()
   code, _, err = _train(capsys, synth_data, tmp_path, "--config.train.steps=4",
                         "--config.model.segmentor_features=(4, 16)")
   _assert_one_line_error(code, err, "checkpoints", "does not fit the current config")
   assert sorted(p.name for p in (tmp_path / "work" / "checkpoints").iterdir()) == before
+  assert (tmp_path / "work" / "config.json").read_text() == config_before
 
 
 def test_console_script_prints_no_traceback(tmp_path):

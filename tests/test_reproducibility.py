@@ -83,3 +83,32 @@ def test_metrics_log_drops_rows_past_the_checkpoint(tmp_path):
   assert [json.loads(r)["step"] for r in path.read_text().splitlines()] == [1, 2, 3]
   log.write({"step": 4, "loss": 0.5})
   assert [json.loads(r)["step"] for r in path.read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes(synth_data, tmp_path):
+  import signal  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "w"
+  command = [sys.executable, "-m", "uagan_jax", "train", "--config", TEST_CONFIG, "--data",
+             str(synth_data), "--workdir", str(workdir), "--no-eval",
+             "--config.train.steps=100000", "--config.train.checkpoint_every=1000"]
+  process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             cwd=ROOT, env=dict(os.environ))
+  try:
+    for line in process.stdout:
+      if "step 3/" in line:  # compiled and running
+        process.send_signal(signal.SIGTERM)
+        break
+    out, err = process.communicate(timeout=300)
+  finally:
+    process.kill()
+  assert process.returncode == 0, err[-2000:]
+  assert "received SIGTERM" in err
+  stopped = [line for line in out.splitlines() if "stopped at step" in line]
+  assert stopped, out[-2000:]
+  step = int(stopped[0].split("stopped at step ")[1].split(";")[0])
+  assert step >= 3
+  assert (workdir / "checkpoints" / str(step)).is_dir()  # saved although 1000 was not reached
+  rows = [json.loads(r)["step"] for r in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert rows == list(range(1, step + 1))
+  log = _cli_train(synth_data, workdir, step + 2)
+  assert f"steps {step}..{step + 2}" in log

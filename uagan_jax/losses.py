@@ -101,3 +101,87 @@ def gradient_penalty(*, critic_fn: Callable[[jax.Array], jax.Array], real: jax.A
   grads = jax.grad(lambda x: jnp.sum(critic_fn(x)))(x_hat)
   norms = jnp.sqrt(jnp.sum(grads.reshape(grads.shape[0], -1) ** 2, axis=-1) + 1e-12)
   return jnp.mean((norms - target_norm) ** 2)
+
+
+def wgan_critic_loss(*, real_scores: jax.Array, fake_scores: jax.Array) -> jax.Array:
+  """WGAN critic loss ``mean(D(fake)) - mean(D(real))``, which the critic minimises.
+
+  Minimising it maximises the critic's estimate of the Wasserstein distance between the real and
+  the generated distribution. The two means are taken separately, so the score arrays may differ
+  in batch size; a PatchGAN map counts every patch as one score.
+
+  Args:
+    real_scores: critic scores of real inputs, any shape.
+    fake_scores: critic scores of generated inputs, any shape.
+
+  Returns:
+    Scalar loss (unbounded; add `gradient_penalty` to keep the critic Lipschitz).
+  """
+  return jnp.mean(fake_scores) - jnp.mean(real_scores)
+
+
+def wgan_generator_loss(*, fake_scores: jax.Array) -> jax.Array:
+  """WGAN generator loss ``-mean(D(fake))``: the generator raises the critic's score of its output."""
+  return -jnp.mean(fake_scores)
+
+
+def modality_classification_loss(*, logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """StarGAN's domain classification loss, as a mean softmax cross-entropy.
+
+  StarGAN uses a sigmoid binary cross-entropy per attribute, because a CelebA face can have
+  several attributes at once. Here a domain is exactly one MRI modality, so the labels are
+  mutually exclusive and the softmax cross-entropy over modalities is the right likelihood.
+
+  Args:
+    logits: [B, M] modality logits (the discriminator's ``cls`` head).
+    labels: [B] integer modality ids in [0, M).
+
+  Returns:
+    Scalar loss, averaged over the batch.
+  """
+  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+
+
+def cycle_loss(*, original: jax.Array, reconstructed: jax.Array) -> jax.Array:
+  """StarGAN's reconstruction loss ``mean |x - G(G(x, c_target), c_source)|`` (L1, per element)."""
+  return jnp.mean(jnp.abs(original - reconstructed))
+
+
+def shape_loss(*, logits_translated: jax.Array, targets: jax.Array) -> jax.Array:
+  """UAGAN's shape consistency loss: the translated image must keep the source's tumour.
+
+  The segmentor's output on ``G(x, c_target)`` is compared with the ground truth of the *source*
+  image ``x``: translation may change the contrast but not the anatomy. The loss is the
+  segmentation loss itself, mean sigmoid binary cross-entropy plus soft Dice, so the generator
+  gets the same per-pixel and per-region gradients as the segmentor does.
+
+  Args:
+    logits_translated: [B, H, W, R] segmentor logits on the translated images.
+    targets: [B, H, W, R] binary region maps of the source images.
+
+  Returns:
+    Scalar loss: `binary_cross_entropy` + `soft_dice_loss`.
+  """
+  return (binary_cross_entropy(logits=logits_translated, targets=targets)
+          + soft_dice_loss(probs=jax.nn.sigmoid(logits_translated), targets=targets))
+
+
+def ramp_weight(step: jax.Array | int, *, max_weight: float, ramp_steps: int) -> jax.Array:
+  """A loss weight that grows linearly from 0 at step 0 to ``max_weight`` at ``ramp_steps``.
+
+  Used to switch auxiliary losses on gradually, once the networks they depend on produce
+  something meaningful. ``step`` may be a traced integer (inside `jax.jit`); ``ramp_steps`` is
+  static. Steps before 0 give 0 and steps past the ramp give ``max_weight``.
+
+  Args:
+    step: the current training step.
+    max_weight: the weight at and after the end of the ramp.
+    ramp_steps: length of the ramp; 0 (or less) gives ``max_weight`` from the first step.
+
+  Returns:
+    Scalar float32 weight.
+  """
+  if ramp_steps <= 0:
+    return jnp.asarray(max_weight, jnp.float32)
+  fraction = jnp.clip(jnp.asarray(step, jnp.float32) / ramp_steps, 0.0, 1.0)
+  return max_weight * fraction

@@ -12,6 +12,7 @@ import functools
 import json
 import math
 import pathlib
+import queue
 import signal
 import sys
 import threading
@@ -26,8 +27,10 @@ import numpy as np
 import optax
 from flax import struct
 
-from uagan_jax import losses, parallel
-from uagan_jax.data import MODALITIES, augment
+from uagan_jax import checkpoint, evaluate, losses, parallel
+from uagan_jax import config as config_lib
+from uagan_jax.data import MODALITIES, augment, dataset, readers
+from uagan_jax.errors import UserError
 from uagan_jax.models.segan import Critic, Segmentor, mask_image
 
 # ------------------------------------------------------------------------------------------------
@@ -313,7 +316,6 @@ def _prefetch(produce: Callable[[int], dict], steps: range, depth: int = 2):
 
   Batches are a pure function of the step, so running ahead changes nothing but the wait.
   """
-  import queue  # pylint: disable=g-import-not-at-top
   buffer: queue.Queue = queue.Queue(maxsize=depth)
   stop = threading.Event()
 
@@ -386,14 +388,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, *, workdir: pathlib.Pa
   Returns:
     The final train state.
   """
-  # pylint: disable=g-import-not-at-top
-  from uagan_jax import checkpoint, evaluate
-  from uagan_jax import config as config_lib
-  from uagan_jax.data import dataset, readers
-  # pylint: enable=g-import-not-at-top
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(config_lib.to_json(config))
 
   # Data ------------------------------------------------------------------------------------------
   cases = readers.find_cases(data_dir)
@@ -402,9 +397,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, *, workdir: pathlib.Pa
                                test_fraction=config.data.test_fraction)
   assignment = dataset.assign_modalities(splits["train"], seed=config.seed,
                                          modalities=config.data.modalities)
-  (workdir / "splits.json").write_text(json.dumps(
-      {"data": str(pathlib.Path(data_dir).absolute()), "layout": cases[0].layout, **splits,
-       "train_modality": assignment}, indent=2))
   log(f"data: {len(cases)} {cases[0].layout} cases in {data_dir}: {len(splits['train'])} train, "
       f"{len(splits['val'])} val, {len(splits['test'])} test; each training case contributes one "
       "modality (unpaired)")
@@ -427,16 +419,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, *, workdir: pathlib.Pa
   mesh = parallel.make_mesh(config.train.num_devices)
   devices = mesh.devices.size
   if config.train.batch_size % devices:
-    from uagan_jax.errors import UserError  # pylint: disable=g-import-not-at-top
     raise UserError(f"config train.batch_size={config.train.batch_size}: not divisible by the "
                     f"{devices} devices in use (set train.num_devices or the batch size)")
   state = init_state(config, mesh)
+  workdir.mkdir(parents=True, exist_ok=True)
   checkpoints = checkpoint.Checkpointer(workdir / "checkpoints", every=config.train.checkpoint_every,
                                         keep=config.train.keep_checkpoints)
   latest = checkpoints.latest_step()
   if latest is not None:
     state = checkpoints.restore(latest, state)
     log(f"resumed from {checkpoints.directory / str(latest)}")
+  # Written only now: a run that cannot resume (say, a changed config) must not overwrite the
+  # record of the run whose checkpoints are in this workdir.
+  (workdir / "config.json").write_text(config_lib.to_json(config))
+  (workdir / "splits.json").write_text(json.dumps(
+      {"data": str(pathlib.Path(data_dir).absolute()), "layout": cases[0].layout, **splits,
+       "train_modality": assignment}, indent=2))
   start = int(jax.device_get(state.step))
   metrics_log = MetricsLog(workdir / "metrics.jsonl", resume_step=start)
   base_key = jax.random.wrap_key_data(jax.device_get(state.rng))

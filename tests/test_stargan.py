@@ -1,0 +1,168 @@
+"""Shapes, conditioning and per-example independence of the StarGAN generator and discriminator.
+
+Shape and parameter-count checks trace the modules with `jax.eval_shape` (nothing is compiled);
+the numerical checks share one small jit-compiled generator and discriminator, to keep this fast.
+"""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from uagan_jax.models import stargan
+from uagan_jax.models.stargan import Discriminator, Generator
+
+_GENERATOR = Generator(base_features=4, num_residual=1)
+_DISCRIMINATOR = Discriminator(base_features=4, num_layers=3)
+_IMAGE = jax.random.normal(jax.random.key(1), (2, 32, 32, 1))
+
+_generate = jax.jit(_GENERATOR.apply, static_argnames="return_features")
+_discriminate = jax.jit(_DISCRIMINATOR.apply)
+
+
+@functools.cache
+def _generator_vars():
+  return jax.jit(_GENERATOR.init)(jax.random.key(0), _IMAGE, jnp.zeros(2, jnp.int32))
+
+
+@functools.cache
+def _discriminator_vars():
+  return jax.jit(_DISCRIMINATOR.init)(jax.random.key(0), _IMAGE)
+
+
+def _count(variables) -> int:
+  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(variables["params"]))
+
+
+def _shapes(module, *args, **kwargs):
+  """(variables, outputs) of ``module`` on ``args``, as shapes only (traced, never compiled)."""
+  def init_and_apply(key):
+    variables = module.init(key, *args)
+    return variables, module.apply(variables, *args, **kwargs)
+  return jax.eval_shape(init_and_apply, jax.random.key(0))
+
+
+def test_generator_output_shape_and_range():
+  model = Generator(base_features=4, num_residual=1, out_channels=2)
+  variables, translated = _shapes(model, jnp.ones((2, 32, 32, 3)), jnp.array([0, 3]))
+  assert translated.shape == (2, 32, 32, 2)
+  assert translated.dtype == jnp.float32
+  # The stem sees the image and the 4 target-modality planes.
+  assert variables["params"]["stem"]["kernel"].shape == (7, 7, 3 + 4, 4)
+  # Large inputs, so an unbounded head would leave [-1, 1].
+  translated = _generate(_generator_vars(), 1e3 * _IMAGE, jnp.array([0, 3]))
+  assert np.all(np.abs(translated) <= 1.0)
+  assert np.all(np.isfinite(translated))
+
+
+def test_generator_is_conditioned_on_the_target_modality():
+  outputs = [_generate(_generator_vars(), _IMAGE, jnp.array([m, m])) for m in range(4)]
+  for i in range(4):
+    for j in range(i + 1, 4):
+      assert not np.allclose(outputs[i], outputs[j]), (i, j)
+
+
+def test_generator_return_features_gives_decoder_features_coarse_to_fine():
+  _, (_, features) = _shapes(Generator(base_features=4, num_residual=2), jnp.ones((2, 32, 48, 1)),
+                             jnp.array([1, 2]), return_features=True)
+  assert [f.shape for f in features] == [(2, 16, 24, 8), (2, 32, 48, 4)]
+  assert all(f.dtype == jnp.float32 for f in features)
+  target = jnp.array([1, 2])
+  translated, features = _generate(_generator_vars(), _IMAGE, target, return_features=True)
+  # Outputs of ReLU, and the same forward pass as without the features.
+  assert all(np.all(f >= 0) for f in features)
+  np.testing.assert_allclose(translated, _generate(_generator_vars(), _IMAGE, target),
+                             rtol=1e-6, atol=1e-6)
+
+
+def test_generator_examples_are_independent():
+  # InstanceNorm, not BatchNorm: changing one example leaves the other's translation unchanged.
+  target = jnp.array([0, 1])
+  before = _generate(_generator_vars(), _IMAGE, target)
+  after = _generate(_generator_vars(), _IMAGE.at[1].multiply(-3.0), target)
+  np.testing.assert_allclose(before[0], after[0], rtol=1e-5, atol=1e-6)
+  assert not np.allclose(before[1], after[1])
+
+
+def test_upsampling_is_pytorch_conv_transpose_4_2_1():
+  # PyTorch's ConvTranspose2d(k=4, s=2, p=1) is the adjoint (the VJP) of Conv2d(k=4, s=2, p=1).
+  x = jax.random.normal(jax.random.key(0), (2, 5, 7, 3))
+  layer = nn.ConvTranspose(6, **stargan._UP, use_bias=False)  # pylint: disable=protected-access
+  variables = layer.init(jax.random.key(1), x)
+  kernel = variables["params"]["kernel"]
+  down = lambda z: jax.lax.conv_general_dilated(z, kernel, (2, 2), ((1, 1), (1, 1)),
+                                                dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  _, vjp = jax.vjp(down, jnp.zeros((2, 10, 14, 6)))
+  np.testing.assert_allclose(layer.apply(variables, x), vjp(x)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("height,width,num_layers", [(32, 32, 3), (32, 32, 4), (32, 64, 3),
+                                                     (16, 16, 4)])
+def test_discriminator_output_shapes(height, width, num_layers):
+  model = Discriminator(base_features=4, num_layers=num_layers, num_modalities=4)
+  variables, (src, cls_logits) = _shapes(model, jnp.ones((2, height, width, 1)))
+  h, w = height // 2 ** num_layers, width // 2 ** num_layers
+  assert src.shape == (2, h, w, 1)
+  assert cls_logits.shape == (2, 4)
+  assert src.dtype == cls_logits.dtype == jnp.float32
+  # The classifier's kernel covers the whole remaining map, so it collapses to one logit vector.
+  assert variables["params"]["cls"]["kernel"].shape == (h, w, 4 * 2 ** (num_layers - 1), 4)
+
+
+def test_discriminator_classifier_sees_the_whole_image():
+  # Changing any corner pixel changes the logits: no part of the image is outside the head's view.
+  _, base = _discriminate(_discriminator_vars(), _IMAGE)
+  for corner in [(0, 0), (0, 31), (31, 0), (31, 31)]:
+    _, moved = _discriminate(_discriminator_vars(), _IMAGE.at[(0,) + corner + (0,)].add(5.0))
+    assert not np.allclose(base[0], moved[0]), corner
+
+
+def test_discriminator_examples_are_independent():
+  src, cls_logits = _discriminate(_discriminator_vars(), _IMAGE)
+  src1, cls1 = _discriminate(_discriminator_vars(), _IMAGE.at[1].multiply(-3.0))
+  np.testing.assert_allclose(src[0], src1[0], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(cls_logits[0], cls1[0], rtol=1e-5, atol=1e-6)
+  assert not np.allclose(src[1], src1[1])
+
+
+def test_discriminator_rejects_indivisible_size():
+  with pytest.raises(ValueError, match="divisible"):
+    _shapes(Discriminator(base_features=4, num_layers=4), jnp.ones((1, 24, 32, 1)))
+
+
+def test_jit_forward_matches_eager():
+  target = jnp.array([2, 3])
+
+  @jax.jit
+  def forward(g_vars, d_vars, image, target):
+    return _DISCRIMINATOR.apply(d_vars, _GENERATOR.apply(g_vars, image, target))
+
+  src, cls_logits = forward(_generator_vars(), _discriminator_vars(), _IMAGE, target)
+  assert src.shape == (2, 4, 4, 1) and cls_logits.shape == (2, 4)
+  with jax.disable_jit():
+    eager_src, eager_cls = forward(_generator_vars(), _discriminator_vars(), _IMAGE, target)
+  np.testing.assert_allclose(src, eager_src, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(cls_logits, eager_cls, rtol=1e-4, atol=1e-5)
+
+
+def test_parameter_counts_by_hand_and_scale_with_base_features():
+  image = jnp.ones((1, 32, 32, 1))
+  target = jnp.array([0])
+  # Generator(base 4, 1 residual block, 1 + 4 input channels, 1 output), bias-free convs,
+  # InstanceNorm scale + bias per channel:
+  #   stem 7*7*5*4 = 980 + IN 8;  down0 4*4*4*8 = 512 + 16;  down1 4*4*8*16 = 2048 + 32;
+  #   residual 2 * (3*3*16*16 + 32) = 4672;  up0 4*4*16*8 = 2048 + 16;  up1 4*4*8*4 = 512 + 8;
+  #   head 7*7*4*1 = 196.  Total 11048.
+  assert _count(_shapes(Generator(base_features=4, num_residual=1), image, target)[0]) == 11048
+  # Discriminator(base 4, 3 layers) on 32x32x1, convs with bias, bias-free heads:
+  #   4*4*1*4 + 4 = 68;  4*4*4*8 + 8 = 520;  4*4*8*16 + 16 = 2064;
+  #   src 3*3*16*1 = 144;  cls (4x4 map) 4*4*16*4 = 1024.  Total 3820.
+  assert _count(_shapes(Discriminator(base_features=4, num_layers=3), image)[0]) == 3820
+  for module, args in [(Generator(base_features=8, num_residual=1), (image, target)),
+                       (Discriminator(base_features=8, num_layers=3), (image,))]:
+    small = _count(_shapes(module.clone(base_features=4), *args)[0])
+    large = _count(_shapes(module, *args)[0])
+    assert large > small, type(module).__name__
