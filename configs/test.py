@@ -1,7 +1,8 @@
-"""A tiny SegAN for the tests: 32x32 slices, 4-8 channel networks, a handful of steps (seconds on
-a CPU). Not a recipe for results.
+"""Tiny models for the tests: 32x32 slices, 4-8 channel networks, a handful of steps (seconds on
+a CPU). Not a recipe for results. Variants: unet, stargan, uagan (default: segan).
 
   uagan-jax train --config configs/test.py --data DIR --workdir /tmp/w
+  uagan-jax train --config configs/test.py:uagan --data DIR --workdir /tmp/w
 """
 
 from uagan_jax import config as config_lib
@@ -12,6 +13,10 @@ def get_config(variant: str = ""):
   c.model.name = "segan"
   c.model.segmentor_features = (4, 8)
   c.model.critic_features = (4, 8)
+  c.model.generator_features = 4
+  c.model.generator_residual_blocks = 1
+  c.model.discriminator_features = 4
+  c.model.discriminator_layers = 3
   c.data.image_size = (32, 32)
   c.data.tumour_free_fraction = 0.5
   c.data.val_fraction = 0.0
@@ -26,6 +31,9 @@ def get_config(variant: str = ""):
   if variant == "unet":
     c.model.name = "unet"
     c.loss.bce_weight = 1.0
+  elif variant in ("stargan", "uagan"):
+    c.model.name = variant
+    c.loss.shape_ramp_steps = 2
   elif variant:
-    raise ValueError(f"unknown variant {variant!r} (known: unet)")
+    raise ValueError(f"unknown variant {variant!r} (known: unet, stargan, uagan)")
   return c

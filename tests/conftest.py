@@ -28,6 +28,8 @@ def synth_data(tmp_path_factory) -> pathlib.Path:
   return out
 
 
-def load_test_config(*overrides: str):
+def load_test_config(*overrides: str, variant: str = ""):
+  """configs/test.py[:variant] with ``--config.a.b=value`` overrides."""
   from uagan_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  return config_lib.load_config(TEST_CONFIG, list(overrides))
+  spec = f"{TEST_CONFIG}:{variant}" if variant else TEST_CONFIG
+  return config_lib.load_config(spec, list(overrides))

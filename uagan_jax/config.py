@@ -20,7 +20,7 @@ import ml_collections
 from uagan_jax.errors import UserError
 
 # Model families (DESIGN.md): which networks exist and which losses train them.
-MODEL_FAMILIES = ("unet", "segan")
+MODEL_FAMILIES = ("unet", "segan", "stargan", "uagan")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -33,6 +33,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.segmentor_features = (64, 128, 256, 512)
   c.model.critic_features = (64, 128, 256)
   c.model.critic_norm = "batch"  # "batch" (SegAN), "layer" or "none" (use with the gradient penalty)
+  c.model.generator_features = 64  # StarGAN generator stem width (stargan, uagan)
+  c.model.generator_residual_blocks = 6
+  c.model.discriminator_features = 64
+  c.model.discriminator_layers = 6  # data.image_size must be divisible by 2**discriminator_layers
+  c.model.fuse = True  # uagan: attention fusion from the translation into the segmentation stream
+  c.model.fuse_reverse = True  # uagan: and from the segmentation into the translation stream
   c.model.dtype = "float32"  # computation dtype: "float32" or "bfloat16" (params stay float32)
 
   c.data = ml_collections.ConfigDict()
@@ -54,10 +60,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.critic_constraint = "clip"  # "clip" (SegAN's weight clipping) or "gradient_penalty"
   c.loss.clip_limit = 0.05
   c.loss.gp_weight = 10.0
+  # StarGAN / UAGAN translation terms (Choi et al. 2018 weights).
+  c.loss.gan_weight = 1.0  # generator's WGAN term
+  c.loss.cls_weight = 1.0  # modality classification (D on real, G on fake)
+  c.loss.cycle_weight = 10.0
+  c.loss.discriminator_gp_weight = 10.0
+  # UAGAN shape loss: S(G(x, t), t) must segment like y; its weight ramps up linearly from 0.
+  c.loss.shape_weight = 1.0
+  c.loss.shape_ramp_steps = 1000
 
   c.optim = ml_collections.ConfigDict()
   c.optim.segmentor_lr = 2e-4
   c.optim.critic_lr = 2e-4
+  c.optim.generator_lr = 1e-4  # StarGAN
+  c.optim.discriminator_lr = 1e-4
   c.optim.b1 = 0.5  # SegAN / DCGAN Adam betas
   c.optim.b2 = 0.999
   # Staircase decay on the absolute step (never on train.steps, so that extending a finished run
@@ -73,6 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 3
   c.train.num_devices = 0  # 0 = all local devices
   c.train.parallel_mode = "shard_map"  # "shard_map" (jit + shard_map) or "pmap"
+  c.train.n_critic = 1  # stargan/uagan: generators update every n_critic steps (StarGAN: 5)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 32  # slices per inference batch
@@ -88,10 +105,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise UserError(f"config model.name={config.model.name!r}: unknown model family "
                     f"(known: {', '.join(MODEL_FAMILIES)})")
   levels = len(config.model.segmentor_features)
-  for size in config.data.image_size:
-    if size % (2 ** levels):
-      raise UserError(f"config data.image_size={tuple(config.data.image_size)}: each side must be "
-                      f"divisible by 2**len(model.segmentor_features) = {2 ** levels}")
+  if config.model.name == "uagan" and levels < 2:
+    raise UserError("config model.segmentor_features: uagan needs at least two levels")
+  divisors = {"len(model.segmentor_features)": levels}
+  if config.model.name in ("stargan", "uagan"):
+    divisors["model.discriminator_layers"] = config.model.discriminator_layers
+  for what, depth in divisors.items():
+    for size in config.data.image_size:
+      if size % (2 ** depth):
+        raise UserError(f"config data.image_size={tuple(config.data.image_size)}: each side must "
+                        f"be divisible by 2**{what} = {2 ** depth}")
   from uagan_jax.data import MODALITIES  # pylint: disable=g-import-not-at-top
   unknown = [m for m in config.data.modalities if m not in MODALITIES]
   if unknown or not config.data.modalities:
@@ -106,7 +129,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise UserError(f"config model.dtype={config.model.dtype!r}: use float32 or bfloat16")
   if config.train.parallel_mode not in ("shard_map", "pmap"):
     raise UserError(f"config train.parallel_mode={config.train.parallel_mode!r}: use shard_map or pmap")
-  for key in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+  for key in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
+              "n_critic"):
     if config.train[key] < 1:
       raise UserError(f"config train.{key}={config.train[key]}: must be >= 1")
 

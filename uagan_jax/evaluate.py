@@ -50,13 +50,29 @@ class SlicePredictor:
 
   def __init__(self, config: ml_collections.ConfigDict, variables: dict, *, batch_size: int):
     from uagan_jax import train  # pylint: disable=g-import-not-at-top
-    module = train.unmapped_module(train.build_networks(config, bn_axis_name=None).segmentor)
+    networks = train.build_networks(config, bn_axis_name=None)
     self.variables = jax.device_put(variables)
     self.batch_size = batch_size
+    clip = config.data.clip
+
+    if networks.unified is not None:
+      module = train.unmapped_module(networks.unified)
+
+      def logits_fn(variables, images, modality):
+        # UAGAN's segmentation stream; the translation stream runs alongside (its features feed
+        # the fusion gates) with the image's own modality as the target.
+        _, logits = module.apply(variables, images, modality, modality, train=False,
+                                 translation_input=images / clip)
+        return logits
+    else:
+      module = train.unmapped_module(networks.segmentor)
+
+      def logits_fn(variables, images, modality):
+        return module.apply(variables, images, modality, train=False)
 
     @jax.jit
     def predict(variables, images, modality):
-      return jax.nn.sigmoid(module.apply(variables, images, modality, train=False))
+      return jax.nn.sigmoid(logits_fn(variables, images, modality))
     self._predict = predict
 
   def __call__(self, slices: np.ndarray, modality_id: int) -> np.ndarray:
@@ -106,8 +122,13 @@ def load_segmentor_variables(config: ml_collections.ConfigDict, workdir: pathlib
   mesh = parallel.make_mesh(1)
   state = checkpoints.restore(step, train.init_state(config, mesh))
   checkpoints.close()
-  seg = state.nets["segmentor"]
-  return {"params": seg.params, "batch_stats": seg.batch_stats}, step
+  return segmentation_variables(state), step
+
+
+def segmentation_variables(state) -> dict:
+  """The variables of the network that segments: the segmentor, or UAGAN's unified network."""
+  net = state.nets["unified" if "unified" in state.nets else "segmentor"]
+  return jax.device_get({"params": net.params, "batch_stats": net.batch_stats})
 
 
 def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
@@ -150,9 +171,11 @@ def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
   if missing:
     raise UserError(f"{data_dir}: cases of the {split} split are missing: {', '.join(missing[:5])}")
 
+  if config.model.name == "stargan":
+    log("stargan translates only: there is no segmentation to evaluate")
+    return {"rows": [], "summary": {}, "step": None}
   if state is not None:
-    seg = jax.device_get(state.nets["segmentor"])
-    variables, step = {"params": seg.params, "batch_stats": seg.batch_stats}, int(state.step)
+    variables, step = segmentation_variables(state), int(jax.device_get(state.step))
   else:
     variables, step = load_segmentor_variables(config, workdir)
   predictor = SlicePredictor(config, variables, batch_size=config.eval.batch_size)

@@ -121,7 +121,7 @@ def wgan_critic_loss(*, real_scores: jax.Array, fake_scores: jax.Array) -> jax.A
 
 
 def wgan_generator_loss(*, fake_scores: jax.Array) -> jax.Array:
-  """WGAN generator loss ``-mean(D(fake))``: the generator raises the critic's score of its output."""
+  """WGAN generator loss ``-mean(D(fake))``: the generator raises the critic's score of fakes."""
   return -jnp.mean(fake_scores)
 
 

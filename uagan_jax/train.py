@@ -31,6 +31,7 @@ from uagan_jax import checkpoint, evaluate, losses, parallel
 from uagan_jax import config as config_lib
 from uagan_jax.data import MODALITIES, augment, dataset, readers
 from uagan_jax.errors import UserError
+from uagan_jax.models import stargan, uagan
 from uagan_jax.models.segan import Critic, Segmentor, mask_image
 
 # ------------------------------------------------------------------------------------------------
@@ -40,10 +41,26 @@ from uagan_jax.models.segan import Critic, Segmentor, mask_image
 
 @dataclasses.dataclass(frozen=True)
 class Networks:
-  """The modules and optimizers of one model family; static, so it is bound, not traced."""
-  segmentor: Segmentor
-  critic: Critic | None
+  """The modules and optimizers of one model family; static, so it is bound, not traced.
+
+  Roles: ``segmentor`` S and ``critic`` C (SegAN), ``generator`` G and ``discriminator`` D
+  (StarGAN), ``unified`` (UAGAN's fused S + G, `models.uagan.UnifiedNet`). A family uses a subset.
+  """
   optimizers: dict[str, optax.GradientTransformation]
+  segmentor: Segmentor | None = None
+  critic: Critic | None = None
+  generator: stargan.Generator | None = None
+  discriminator: stargan.Discriminator | None = None
+  unified: uagan.UnifiedNet | None = None
+
+
+# Which networks each model family trains (DESIGN.md).
+FAMILY_ROLES = {
+    "unet": ("segmentor",),
+    "segan": ("segmentor", "critic"),
+    "stargan": ("generator", "discriminator"),
+    "uagan": ("unified", "critic", "discriminator"),
+}
 
 
 def build_networks(config: ml_collections.ConfigDict, *, bn_axis_name: str | None = parallel.AXIS
@@ -56,16 +73,46 @@ def build_networks(config: ml_collections.ConfigDict, *, bn_axis_name: str | Non
       ``None`` for initialisation and inference outside any mapped context.
   """
   dtype = jnp.dtype(config.model.dtype)
-  segmentor = Segmentor(features=tuple(config.model.segmentor_features),
-                        num_regions=3, num_modalities=len(MODALITIES),
-                        bn_axis_name=bn_axis_name, dtype=dtype)
-  optimizers = {"segmentor": _adam(config, config.optim.segmentor_lr)}
-  critic = None
-  if config.model.name == "segan":
-    critic = Critic(features=tuple(config.model.critic_features), norm=config.model.critic_norm,
-                    bn_axis_name=bn_axis_name, dtype=dtype)
+  m = config.model
+  roles = FAMILY_ROLES[m.name]
+  modules, optimizers = {}, {}
+  if "segmentor" in roles:
+    modules["segmentor"] = Segmentor(features=tuple(m.segmentor_features), num_regions=3,
+                                     num_modalities=len(MODALITIES), bn_axis_name=bn_axis_name,
+                                     dtype=dtype)
+    optimizers["segmentor"] = _adam(config, config.optim.segmentor_lr)
+  if "critic" in roles:
+    modules["critic"] = Critic(features=tuple(m.critic_features), norm=m.critic_norm,
+                               bn_axis_name=bn_axis_name, dtype=dtype)
     optimizers["critic"] = _adam(config, config.optim.critic_lr)
-  return Networks(segmentor=segmentor, critic=critic, optimizers=optimizers)
+  if "generator" in roles:
+    modules["generator"] = stargan.Generator(base_features=m.generator_features,
+                                             num_residual=m.generator_residual_blocks,
+                                             num_modalities=len(MODALITIES), dtype=dtype)
+    optimizers["generator"] = _adam(config, config.optim.generator_lr)
+  if "discriminator" in roles:
+    modules["discriminator"] = stargan.Discriminator(base_features=m.discriminator_features,
+                                                     num_layers=m.discriminator_layers,
+                                                     num_modalities=len(MODALITIES), dtype=dtype)
+    optimizers["discriminator"] = _adam(config, config.optim.discriminator_lr)
+  if "unified" in roles:
+    modules["unified"] = uagan.UnifiedNet(
+        seg_features=tuple(m.segmentor_features), gen_features=m.generator_features,
+        num_residual=m.generator_residual_blocks, num_modalities=len(MODALITIES), fuse=m.fuse,
+        fuse_reverse=m.fuse_reverse, bn_axis_name=bn_axis_name, dtype=dtype)
+    # One module, two learning rates: the translation stream's parameters (and the gates that
+    # feed it) follow the generator's, the rest the segmentor's.
+    optimizers["unified"] = optax.multi_transform(
+        {"generator": _adam(config, config.optim.generator_lr),
+         "segmentor": _adam(config, config.optim.segmentor_lr)},
+        lambda params: {name: jax.tree.map(lambda _, n=name: _unified_stream(n), subtree)
+                        for name, subtree in params.items()})
+  return Networks(optimizers=optimizers, **modules)
+
+
+def _unified_stream(top_level_name: str) -> str:
+  return ("generator" if top_level_name.startswith(("gen_", "fuse_seg_to_gen"))
+          else "segmentor")
 
 
 def _adam(config, lr: float) -> optax.GradientTransformation:
@@ -107,24 +154,33 @@ def create_train_state(config: ml_collections.ConfigDict, networks: Networks) ->
   """Initialises every network from ``config.seed`` (pure: jit it with output shardings)."""
   base_key = jax.random.key(config.seed)
   init_key = jax.random.fold_in(base_key, -1 & 0xFFFFFFFF)  # never a training step's key
-  seg_key, critic_key = jax.random.split(init_key)
   height, width = config.data.image_size
   image = jnp.zeros((1, height, width, 1), jnp.float32)
   modality = jnp.zeros((1,), jnp.int32)
-  seg_vars = unmapped_module(networks.segmentor).init(seg_key, image, modality, train=False)
-  nets = {"segmentor": NetState(
-      params=seg_vars["params"], batch_stats=seg_vars["batch_stats"],
-      opt_state=networks.optimizers["segmentor"].init(seg_vars["params"]))}
-  if networks.critic is not None:
-    critic_vars = unmapped_module(networks.critic).init(critic_key, jnp.zeros((1, height, width, 3)))
-    nets["critic"] = NetState(params=critic_vars["params"], batch_stats={},
-                              opt_state=networks.optimizers["critic"].init(critic_vars["params"]))
+  example_inputs = {
+      "segmentor": lambda: (image, modality),
+      "critic": lambda: (jnp.zeros((1, height, width, 3)),),
+      "generator": lambda: (image, modality),
+      "discriminator": lambda: (image,),
+      "unified": lambda: (image, modality, modality),
+  }
+  roles = FAMILY_ROLES[config.model.name]
+  keys = jax.random.split(init_key, max(2, len(roles)))
+  nets = {}
+  for key, role in zip(keys, roles):
+    module = getattr(networks, role)
+    kwargs = {"train": False} if role in ("segmentor", "unified") else {}
+    variables = unmapped_module(module).init(key, *example_inputs[role](), **kwargs)
+    # The critic's BatchNorm uses the current batch only; its running averages are never read.
+    batch_stats = variables.get("batch_stats", {}) if role != "critic" else {}
+    nets[role] = NetState(params=variables["params"], batch_stats=batch_stats,
+                          opt_state=networks.optimizers[role].init(variables["params"]))
   return TrainState(step=jnp.zeros((), jnp.int32), rng=jax.random.key_data(base_key), nets=nets)
 
 
 def unmapped_module(module: nn.Module) -> nn.Module:
   """The same module without a BatchNorm axis, for use outside the data-parallel step."""
-  return module.clone(bn_axis_name=None)
+  return module.clone(bn_axis_name=None) if hasattr(module, "bn_axis_name") else module
 
 
 # ------------------------------------------------------------------------------------------------
@@ -132,7 +188,7 @@ def unmapped_module(module: nn.Module) -> nn.Module:
 # ------------------------------------------------------------------------------------------------
 
 # Independent random streams derived from each example's key.
-_AUGMENT_STREAM, _PENALTY_STREAM = 1, 2
+_AUGMENT_STREAM, _PENALTY_STREAM, _TARGET_STREAM, _DISC_PENALTY_STREAM = 1, 2, 3, 4
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *,
@@ -140,11 +196,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *
                with_gradients: bool = False) -> tuple[TrainState, dict[str, jax.Array]]:
   """One min-max update of all networks, as the program each device runs on its shard.
 
-  SegAN's alternating game, in one compiled program: the segmentor's forward pass is taken once
-  (with its VJP kept); the critic ascends the multi-scale L1 loss between the image masked by the
-  prediction and by the truth; then the segmentor descends the same loss measured by the
-  *updated* critic (plus Dice/BCE). Segmentor parameters do not change between the phases, so
-  reusing its forward pass is exact and saves a third of the segmentor's work.
+  Critics' phase first (SegAN's C and StarGAN's D ascend their objectives), then generators'
+  phase (S and G descend theirs against the *updated* critics), all optimizer states in one
+  compiled program. The generators' forward pass is taken once, with its VJP kept: their
+  parameters do not change between the phases, so reusing it is exact and saves work.
 
   Args:
     state: the replicated train state.
@@ -164,91 +219,250 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *
   example_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(parallel.example_index(local_batch))
   if config.data.augment:
     image, regions = augment.augment_batch(
-        image, regions, jax.vmap(lambda k: jax.random.fold_in(k, _AUGMENT_STREAM))(example_keys),
+        image, regions, _stream(example_keys, _AUGMENT_STREAM),
         intensity_scale=config.data.intensity_scale, intensity_shift=config.data.intensity_shift)
+  inputs = _Inputs(image=image, regions=regions, modality=modality, example_keys=example_keys)
+  if networks.generator is not None or networks.unified is not None:
+    new_nets, metrics, gradients = _translation_phases(state, inputs, networks=networks,
+                                                       config=config)
+  else:
+    new_nets, metrics, gradients = _segmentation_phases(state, inputs, networks=networks,
+                                                        config=config)
+  metrics = parallel.mean_over_devices(metrics)
+  if with_gradients:
+    metrics["gradients"] = gradients
+  return state.replace(step=state.step + 1, nets=new_nets), metrics
+
+
+@struct.dataclass
+class _Inputs:
+  image: jax.Array  # [b, H, W, 1] z-scored (and augmented)
+  regions: jax.Array  # [b, H, W, 3]
+  modality: jax.Array  # [b] source modality ids
+  example_keys: jax.Array  # [b] one key per example
+
+
+def _stream(example_keys: jax.Array, stream: int) -> jax.Array:
+  return jax.vmap(lambda k: jax.random.fold_in(k, stream))(example_keys)
+
+
+def _critic_features(networks: Networks, params, masked: jax.Array) -> list[jax.Array]:
+  # Batch statistics are those of the current batch only; nothing is kept between steps.
+  features, _ = networks.critic.apply({"params": params}, masked, mutable=["batch_stats"])
+  return features
+
+
+def _update_critic(critic_state: NetState, inputs: _Inputs, probs: jax.Array, *,
+                   networks: Networks, config) -> tuple[NetState, dict, dict]:
+  """SegAN's critic ascends the multi-scale L1 between prediction- and truth-masked images."""
+  masked_true = mask_image(inputs.image, inputs.regions)
+  masked_pred = mask_image(inputs.image, jax.lax.stop_gradient(probs))
+  scale_weights = tuple(config.loss.scale_weights) or None
+
+  def objective(params):
+    l1 = losses.multiscale_l1(features_a=_critic_features(networks, params, masked_pred),
+                              features_b=_critic_features(networks, params, masked_true),
+                              scale_weights=scale_weights)
+    value, aux = -l1, {"critic/l1": l1}  # the critic maximises the distance
+    if config.loss.critic_constraint == "gradient_penalty":
+      alpha = jax.vmap(jax.random.uniform)(_stream(inputs.example_keys, _PENALTY_STREAM))
+
+      def score(x):  # per-example sum of the per-scale mean features: the critic's scalar
+        return sum(jnp.mean(f, axis=tuple(range(1, f.ndim)))
+                   for f in _critic_features(networks, params, x)[1:])
+
+      penalty = losses.gradient_penalty(critic_fn=score, real=masked_true, fake=masked_pred,
+                                        alpha=alpha)
+      value = value + config.loss.gp_weight * penalty
+      aux["critic/gradient_penalty"] = penalty
+    return value, aux
+
+  grads, metrics = jax.grad(objective, has_aux=True)(parallel.per_device(critic_state.params))
+  grads = parallel.mean_over_devices(grads)
+  new_state, norms = _apply_gradients(
+      critic_state, grads, networks.optimizers["critic"],
+      clip_limit=config.loss.clip_limit if config.loss.critic_constraint == "clip" else None)
+  metrics.update({f"critic/{k}": v for k, v in norms.items()})
+  return new_state, metrics, grads
+
+
+def _segmentation_terms(logits: jax.Array, inputs: _Inputs, critic_params, *,
+                        networks: Networks, config) -> tuple[jax.Array, dict]:
+  """The segmentor's objective: Dice + BCE (+ multi-scale L1 against the critic, if any)."""
+  probs = jax.nn.sigmoid(logits)
+  terms = {"seg/dice": losses.soft_dice_loss(probs=probs, targets=inputs.regions),
+           "seg/bce": losses.binary_cross_entropy(logits=logits, targets=inputs.regions)}
+  total = config.loss.dice_weight * terms["seg/dice"] + config.loss.bce_weight * terms["seg/bce"]
+  if critic_params is not None:
+    terms["seg/adversarial"] = losses.multiscale_l1(
+        features_a=_critic_features(networks, critic_params, mask_image(inputs.image, probs)),
+        features_b=_critic_features(networks, critic_params,
+                                    mask_image(inputs.image, inputs.regions)),
+        scale_weights=tuple(config.loss.scale_weights) or None)
+    total = total + config.loss.adversarial_weight * terms["seg/adversarial"]
+  return total, terms
+
+
+def _segmentation_phases(state: TrainState, inputs: _Inputs, *, networks: Networks, config):
+  """unet and segan: (C ascends), then S descends."""
   seg_state = state.nets["segmentor"]
-  metrics, gradients = {}, {}
 
   def segment(params):
     logits, new_vars = networks.segmentor.apply(
-        {"params": params, "batch_stats": seg_state.batch_stats}, image, modality, train=True,
-        mutable=["batch_stats"])
+        {"params": params, "batch_stats": seg_state.batch_stats}, inputs.image, inputs.modality,
+        train=True, mutable=["batch_stats"])
     return logits, new_vars["batch_stats"]
 
   logits, segment_vjp, seg_batch_stats = jax.vjp(segment, parallel.per_device(seg_state.params),
                                                  has_aux=True)
-  probs = jax.nn.sigmoid(logits)
-  new_nets = dict(state.nets)
-
-  # Critics' phase ------------------------------------------------------------------------------
+  new_nets, metrics, gradients = dict(state.nets), {}, {}
+  critic_params = None
   if networks.critic is not None:
-    critic_state = state.nets["critic"]
-    masked_true = mask_image(image, regions)
-    masked_pred = mask_image(image, jax.lax.stop_gradient(probs))
-    scale_weights = tuple(config.loss.scale_weights) or None
+    new_nets["critic"], critic_metrics, gradients["critic"] = _update_critic(
+        state.nets["critic"], inputs, jax.nn.sigmoid(logits), networks=networks, config=config)
+    metrics.update(critic_metrics)
+    critic_params = new_nets["critic"].params
 
-    def critic_features(params, masked):
-      # Batch statistics are those of the current batch only; nothing is kept between steps.
-      features, _ = networks.critic.apply({"params": params}, masked, mutable=["batch_stats"])
-      return features
+  def objective(logits):
+    total, terms = _segmentation_terms(logits, inputs, critic_params, networks=networks,
+                                       config=config)
+    return total, {**terms, "seg/total": total}
 
-    def critic_objective(params):
-      l1 = losses.multiscale_l1(features_a=critic_features(params, masked_pred),
-                                features_b=critic_features(params, masked_true),
-                                scale_weights=scale_weights)
-      objective = -l1  # the critic maximises the distance between the two masked images
-      aux = {"critic/l1": l1}
-      if config.loss.critic_constraint == "gradient_penalty":
-        alpha = jax.vmap(jax.random.uniform)(
-            jax.vmap(lambda k: jax.random.fold_in(k, _PENALTY_STREAM))(example_keys))
-
-        def score(x):  # per-example sum of the per-scale mean features: the critic's scalar
-          return sum(jnp.mean(f, axis=tuple(range(1, f.ndim))) for f in critic_features(params, x)[1:])
-
-        penalty = losses.gradient_penalty(critic_fn=score, real=masked_true, fake=masked_pred,
-                                          alpha=alpha)
-        objective = objective + config.loss.gp_weight * penalty
-        aux["critic/gradient_penalty"] = penalty
-      return objective, aux
-
-    critic_grads, critic_aux = jax.grad(critic_objective, has_aux=True)(
-        parallel.per_device(critic_state.params))
-    critic_grads = gradients["critic"] = parallel.mean_over_devices(critic_grads)
-    new_nets["critic"], norms = _apply_gradients(
-        critic_state, critic_grads, networks.optimizers["critic"],
-        clip_limit=config.loss.clip_limit if config.loss.critic_constraint == "clip" else None)
-    metrics.update(critic_aux)
-    metrics.update({f"critic/{k}": v for k, v in norms.items()})
-    updated_critic_params = new_nets["critic"].params
-
-  # Generators' phase ---------------------------------------------------------------------------
-  def segmentor_objective(logits):
-    probs = jax.nn.sigmoid(logits)
-    terms = {"seg/dice": losses.soft_dice_loss(probs=probs, targets=regions),
-             "seg/bce": losses.binary_cross_entropy(logits=logits, targets=regions)}
-    total = config.loss.dice_weight * terms["seg/dice"] + config.loss.bce_weight * terms["seg/bce"]
-    if networks.critic is not None:
-      terms["seg/adversarial"] = losses.multiscale_l1(
-          features_a=critic_features(updated_critic_params, mask_image(image, probs)),
-          features_b=critic_features(updated_critic_params, masked_true),
-          scale_weights=scale_weights)
-      total = total + config.loss.adversarial_weight * terms["seg/adversarial"]
-    terms["seg/total"] = total
-    return total, terms
-
-  logit_grads, seg_terms = jax.grad(segmentor_objective, has_aux=True)(logits)
+  logit_grads, seg_terms = jax.grad(objective, has_aux=True)(logits)
   (seg_grads,) = segment_vjp(logit_grads)
   seg_grads = gradients["segmentor"] = parallel.mean_over_devices(seg_grads)
   new_nets["segmentor"], norms = _apply_gradients(
       seg_state.replace(batch_stats=seg_batch_stats), seg_grads, networks.optimizers["segmentor"])
   metrics.update(seg_terms)
   metrics.update({f"seg/{k}": v for k, v in norms.items()})
+  return new_nets, metrics, gradients
 
-  metrics = parallel.mean_over_devices(metrics)
-  if with_gradients:
-    metrics["gradients"] = gradients
-  new_state = state.replace(step=state.step + 1, nets=new_nets)
-  return new_state, metrics
+
+def _target_modalities(inputs: _Inputs, config) -> jax.Array:
+  """A random target per example, uniform over the configured modalities other than its own."""
+  allowed = jnp.asarray([MODALITIES.index(m) for m in config.data.modalities], jnp.int32)
+  count = len(config.data.modalities)
+  if count == 1:
+    return inputs.modality
+  position = jnp.zeros(len(MODALITIES), jnp.int32).at[allowed].set(jnp.arange(count))
+  offsets = jax.vmap(lambda k: jax.random.randint(k, (), 1, count))(
+      _stream(inputs.example_keys, _TARGET_STREAM))
+  return allowed[(position[inputs.modality] + offsets) % count]
+
+
+def _translation_phases(state: TrainState, inputs: _Inputs, *, networks: Networks, config):
+  """stargan and uagan: D (and C) ascend, then G (and S, fused in uagan) descend.
+
+  The generator maps the image, scaled into tanh's [-1, 1] by the z-score clip, to a random other
+  modality and back (cycle). In uagan the same network segments the source image (conditioned on
+  its modality) and, on the second pass, the translated image (conditioned on the target): the
+  shape loss asks the latter to match the source's ground truth.
+  """
+  clip = config.data.clip
+  real = inputs.image / clip
+  source, target = inputs.modality, _target_modalities(inputs, config)
+  unified = networks.unified is not None
+  role = "unified" if unified else "generator"
+  gen_state = state.nets[role]
+
+  def generate(params):
+    if unified:
+      variables = {"params": params, "batch_stats": gen_state.batch_stats}
+      (fake, logits), new_vars = networks.unified.apply(
+          variables, inputs.image, source, target, train=True, translation_input=real,
+          mutable=["batch_stats"])
+      # Second pass: back to the source modality (cycle), and the translated image segmented as
+      # the target modality (shape loss). Its batch statistics (of generated images) are not kept.
+      (reconstructed, fake_logits), _ = networks.unified.apply(
+          variables, fake * clip, target, source, train=True, translation_input=fake,
+          mutable=["batch_stats"])
+      outputs = {"fake": fake, "reconstructed": reconstructed, "logits": logits,
+                 "fake_logits": fake_logits}
+      return outputs, new_vars["batch_stats"]
+    fake = networks.generator.apply({"params": params}, real, target)
+    reconstructed = networks.generator.apply({"params": params}, fake, source)
+    return {"fake": fake, "reconstructed": reconstructed}, gen_state.batch_stats
+
+  outputs, generate_vjp, gen_batch_stats = jax.vjp(generate, parallel.per_device(gen_state.params),
+                                                   has_aux=True)
+  new_nets, metrics, gradients = dict(state.nets), {}, {}
+
+  # Critics' phase ------------------------------------------------------------------------------
+  disc_state = state.nets["discriminator"]
+  discriminate = lambda params, x: networks.discriminator.apply({"params": params}, x)
+
+  def disc_objective(params):
+    real_src, real_cls = discriminate(params, real)
+    fake_src, _ = discriminate(params, jax.lax.stop_gradient(outputs["fake"]))
+    per_example = lambda x: jnp.mean(discriminate(params, x)[0], axis=(1, 2, 3))
+    alpha = jax.vmap(jax.random.uniform)(_stream(inputs.example_keys, _DISC_PENALTY_STREAM))
+    terms = {"disc/wgan": losses.wgan_critic_loss(real_scores=real_src, fake_scores=fake_src),
+             "disc/gradient_penalty": losses.gradient_penalty(
+                 critic_fn=per_example, real=real, fake=outputs["fake"], alpha=alpha),
+             "disc/cls": losses.modality_classification_loss(logits=real_cls, labels=source)}
+    total = (terms["disc/wgan"] + config.loss.discriminator_gp_weight * terms["disc/gradient_penalty"]
+             + config.loss.cls_weight * terms["disc/cls"])
+    return total, {**terms, "disc/total": total}
+
+  disc_grads, disc_terms = jax.grad(disc_objective, has_aux=True)(
+      parallel.per_device(disc_state.params))
+  disc_grads = gradients["discriminator"] = parallel.mean_over_devices(disc_grads)
+  new_nets["discriminator"], norms = _apply_gradients(disc_state, disc_grads,
+                                                      networks.optimizers["discriminator"])
+  metrics.update(disc_terms)
+  metrics.update({f"disc/{k}": v for k, v in norms.items()})
+  critic_params = None
+  if networks.critic is not None:
+    new_nets["critic"], critic_metrics, gradients["critic"] = _update_critic(
+        state.nets["critic"], inputs, jax.nn.sigmoid(outputs["logits"]), networks=networks,
+        config=config)
+    metrics.update(critic_metrics)
+    critic_params = new_nets["critic"].params
+
+  # Generators' phase ---------------------------------------------------------------------------
+  def objective(outputs):
+    fake_src, fake_cls = discriminate(new_nets["discriminator"].params, outputs["fake"])
+    terms = {"gen/wgan": losses.wgan_generator_loss(fake_scores=fake_src),
+             "gen/cls": losses.modality_classification_loss(logits=fake_cls, labels=target),
+             "gen/cycle": losses.cycle_loss(original=real, reconstructed=outputs["reconstructed"])}
+    total = (config.loss.gan_weight * terms["gen/wgan"] + config.loss.cls_weight * terms["gen/cls"]
+             + config.loss.cycle_weight * terms["gen/cycle"])
+    if unified:
+      seg_total, seg_terms = _segmentation_terms(outputs["logits"], inputs, critic_params,
+                                                 networks=networks, config=config)
+      terms.update(seg_terms)
+      terms["seg/shape"] = losses.shape_loss(logits_translated=outputs["fake_logits"],
+                                             targets=inputs.regions)
+      terms["seg/shape_weight"] = losses.ramp_weight(
+          state.step, max_weight=config.loss.shape_weight,
+          ramp_steps=config.loss.shape_ramp_steps)
+      total = total + seg_total + terms["seg/shape_weight"] * terms["seg/shape"]
+    return total, {**terms, "gen/total": total}
+
+  output_grads, gen_terms = jax.grad(objective, has_aux=True)(outputs)
+  metrics.update(gen_terms)
+
+  def update_generators(_):
+    (grads,) = generate_vjp(output_grads)
+    grads = parallel.mean_over_devices(grads)
+    new_state, norms = _apply_gradients(gen_state.replace(batch_stats=gen_batch_stats), grads,
+                                        networks.optimizers[role])
+    return new_state, norms, grads
+
+  if config.train.n_critic == 1:
+    new_nets[role], norms, gradients[role] = update_generators(None)
+  else:
+    # The generators learn every n_critic-th step (StarGAN); critics every step. Both branches
+    # are compiled into the one program; the predicate is the same on every device.
+    def keep(_):
+      zeros = jax.tree.map(jnp.zeros_like, gen_state.params)
+      return (gen_state, {"grad_norm": jnp.zeros(()), "update_norm": jnp.zeros(()),
+                          "param_norm": optax.tree.norm(gen_state.params)}, zeros)
+    new_nets[role], norms, gradients[role] = jax.lax.cond(
+        state.step % config.train.n_critic == config.train.n_critic - 1, update_generators, keep,
+        None)
+  metrics.update({f"gen/{k}": v for k, v in norms.items()})
+  return new_nets, metrics, gradients
 
 
 def _apply_gradients(net: NetState, grads, optimizer: optax.GradientTransformation, *,
