@@ -32,18 +32,7 @@ def get_config(variant: str = ""):
   c.train.batch_size = 16
 
   if variant == "demo":
-    c.model.segmentor_features = (16, 32, 64, 128)
-    c.model.critic_features = (16, 32, 64)
-    c.data.image_size = (96, 96)
-    c.data.tumour_free_fraction = 0.2
-    c.optim.segmentor_lr = 1e-3
-    c.optim.critic_lr = 1e-3
-    c.optim.decay_every = 0
-    c.train.steps = 600
-    c.train.batch_size = 16
-    c.train.log_every = 25
-    c.train.checkpoint_every = 200
-    c.eval.batch_size = 64
+    config_lib.apply_demo_sizes(c)
   elif variant:
     raise ValueError(f"unknown variant {variant!r} (known: demo)")
   return c

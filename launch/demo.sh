@@ -4,6 +4,8 @@
 #
 #   bash launch/demo.sh                       # everything, into runs/demo
 #   bash launch/demo.sh --config.train.steps=100   # extra args go to 'uagan-jax train'
+#   MODEL=uagan bash launch/demo.sh           # another recipe's :demo (unet, segan, stargan, uagan),
+#                                             # into runs/demo_uagan; ~20 min on 2 cores for uagan
 #
 # Outputs (WORKDIR, default runs/demo): checkpoints/, config.json, splits.json, metrics.jsonl,
 # eval_test/{dice.csv,summary.json}, figures/*.png. Running it again resumes (or, when the run is
@@ -12,6 +14,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/_setup.sh
 DATA=${DATA:-data_synth}
-WORKDIR=${WORKDIR:-runs/demo}
+MODEL=${MODEL:-segan}
+if [ "$MODEL" = segan ]; then default_workdir=runs/demo; else default_workdir=runs/demo_$MODEL; fi
+WORKDIR=${WORKDIR:-$default_workdir}
 .venv/bin/uagan-jax synth --out "$DATA" --cases 80 --seed 0 --shape 96 96 64
-.venv/bin/uagan-jax train --config configs/segan.py:demo --data "$DATA" --workdir "$WORKDIR" "$@"
+.venv/bin/uagan-jax train --config "configs/$MODEL.py:demo" --data "$DATA" --workdir "$WORKDIR" "$@"

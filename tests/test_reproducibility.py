@@ -40,9 +40,10 @@ def test_same_seed_same_bits_other_seed_differs(synth_data, tmp_path):
   assert not _leaves_equal(first.nets["segmentor"].params, other.nets["segmentor"].params)
 
 
-def _cli_train(data, workdir, steps):
+def _cli_train(data, workdir, steps, variant=""):
   """A separate process, as a preempted-and-restarted job would be."""
-  command = [sys.executable, "-m", "uagan_jax", "train", "--config", TEST_CONFIG, "--data",
+  spec = f"{TEST_CONFIG}:{variant}" if variant else TEST_CONFIG
+  command = [sys.executable, "-m", "uagan_jax", "train", "--config", spec, "--data",
              str(data), "--workdir", str(workdir), "--no-eval", f"--config.train.steps={steps}",
              "--config.train.checkpoint_every=2", "--config.train.keep_checkpoints=5"]
   result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ),
@@ -51,8 +52,8 @@ def _cli_train(data, workdir, steps):
   return result.stdout
 
 
-def _final_state(workdir: pathlib.Path, step: int):
-  config = load_test_config()
+def _final_state(workdir: pathlib.Path, step: int, variant=""):
+  config = load_test_config(variant=variant)
   checkpoints = checkpoint.Checkpointer(workdir / "checkpoints", every=1, keep=100)
   assert step in checkpoints.all_steps()
   state = checkpoints.restore(step, train.init_state(config, parallel.make_mesh(1)))
@@ -60,15 +61,17 @@ def _final_state(workdir: pathlib.Path, step: int):
   return jax.device_get(state)
 
 
-def test_resumed_run_equals_uninterrupted_run(synth_data, tmp_path):
+@pytest.mark.parametrize("variant", ["", "uagan"], ids=["segan", "uagan"])
+def test_resumed_run_equals_uninterrupted_run(synth_data, tmp_path, variant):
   n = 2
-  _cli_train(synth_data, tmp_path / "straight", 2 * n)
-  _cli_train(synth_data, tmp_path / "resumed", n)
-  log = _cli_train(synth_data, tmp_path / "resumed", 2 * n)  # a new process picks up at step n
+  _cli_train(synth_data, tmp_path / "straight", 2 * n, variant)
+  _cli_train(synth_data, tmp_path / "resumed", n, variant)
+  # A new process picks up at step n.
+  log = _cli_train(synth_data, tmp_path / "resumed", 2 * n, variant)
   assert f"resumed from {tmp_path / 'resumed' / 'checkpoints' / str(n)}" in log
   assert f"steps {n}..{2 * n}" in log
-  straight = _final_state(tmp_path / "straight", 2 * n)
-  resumed = _final_state(tmp_path / "resumed", 2 * n)
+  straight = _final_state(tmp_path / "straight", 2 * n, variant)
+  resumed = _final_state(tmp_path / "resumed", 2 * n, variant)
   assert _leaves_equal(straight, resumed)  # params, batch stats, optimizer states, step, key
   rows = lambda w: (w / "metrics.jsonl").read_text().splitlines()
   assert rows(tmp_path / "straight") == rows(tmp_path / "resumed")

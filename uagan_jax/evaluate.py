@@ -87,6 +87,60 @@ class SlicePredictor:
     return np.concatenate(out)[:count]
 
 
+class SliceTranslator:
+  """Translates stacks of normalised slices into another modality, in fixed-size batches.
+
+  Works for stargan (the generator) and uagan (the translation stream of the unified network).
+  Inputs and outputs are in the normalised space of training: z-scores clipped to [-clip, clip].
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, variables: dict, *, batch_size: int):
+    from uagan_jax import train  # pylint: disable=g-import-not-at-top
+    networks = train.build_networks(config, bn_axis_name=None)
+    clip = config.data.clip
+    self.variables = jax.device_put(variables)
+    self.batch_size = batch_size
+    if networks.unified is not None:
+      module = train.unmapped_module(networks.unified)
+
+      def translate(variables, images, source, target):
+        translated, _ = module.apply(variables, images, source, target, train=False,
+                                     translation_input=images / clip)
+        return translated * clip
+    elif networks.generator is not None:
+      module = networks.generator
+
+      def translate(variables, images, source, target):
+        del source
+        return module.apply(variables, images / clip, target) * clip
+    else:
+      raise ValueError(f"model {config.model.name} does not translate")
+    self._translate = jax.jit(translate)
+
+  def __call__(self, slices: np.ndarray, source_id: int, target_id: int) -> np.ndarray:
+    """(Z, H, W) normalised slices of modality ``source_id`` -> (Z, H, W) as ``target_id``."""
+    count = slices.shape[0]
+    padded = -count % self.batch_size
+    images = np.concatenate([slices, np.zeros((padded,) + slices.shape[1:], slices.dtype)])[..., None]
+    source = np.full((self.batch_size,), source_id, np.int32)
+    target = np.full((self.batch_size,), target_id, np.int32)
+    out = [np.asarray(self._translate(self.variables, images[i:i + self.batch_size], source, target))
+           for i in range(0, images.shape[0], self.batch_size)]
+    return np.concatenate(out)[:count, ..., 0]
+
+
+def translate_slices(translator: SliceTranslator, slices: np.ndarray, has_brain: np.ndarray, *,
+                     source: str, target: str) -> np.ndarray:
+  """Translates the brain slices of a (Z, H, W) stack; slices without brain stay 0."""
+  out = np.zeros_like(slices)
+  if has_brain.any():
+    out[has_brain] = translator(slices[has_brain], MODALITIES.index(source),
+                                MODALITIES.index(target))
+  # Outside the source's brain there is nothing to translate (background is 0 after z-scoring).
+  out[slices == 0] = 0
+  return out
+
+
 def segment_volume(predictor: SlicePredictor, image: np.ndarray, *, modality: str,
                    config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
   """A canonical (X, Y, Z) volume -> boolean (X, Y, Z, 3) regions on the same grid, and the
@@ -105,24 +159,37 @@ def segment_volume(predictor: SlicePredictor, image: np.ndarray, *, modality: st
 # --------------------------------------------------------------------------------------------
 
 
-def load_segmentor_variables(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> tuple[dict, int]:
-  """The newest checkpoint's segmentor variables (params and batch statistics) and its step."""
+def load_state(config: ml_collections.ConfigDict, workdir: pathlib.Path):
+  """The newest checkpoint's train state (on one device) and its step."""
   # pylint: disable=g-import-not-at-top
   from uagan_jax import checkpoint, parallel, train
   from uagan_jax.errors import UserError
   # pylint: enable=g-import-not-at-top
   directory = pathlib.Path(workdir) / "checkpoints"
-  if not directory.is_dir():
-    raise UserError(f"{directory}: no checkpoints; train first with 'uagan-jax train'")
-  checkpoints = checkpoint.Checkpointer(directory, every=1, keep=1_000_000)
-  step = checkpoints.latest_step()
+  step = None
+  if directory.is_dir():
+    checkpoints = checkpoint.Checkpointer(directory, every=1, keep=1_000_000)
+    step = checkpoints.latest_step()
   if step is None:
-    checkpoints.close()
+    if directory.is_dir():
+      checkpoints.close()
     raise UserError(f"{directory}: no checkpoints; train first with 'uagan-jax train'")
   mesh = parallel.make_mesh(1)
   state = checkpoints.restore(step, train.init_state(config, mesh))
   checkpoints.close()
+  return state, step
+
+
+def load_segmentor_variables(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> tuple[dict, int]:
+  """The newest checkpoint's segmentation variables (params and batch statistics) and its step."""
+  state, step = load_state(config, workdir)
   return segmentation_variables(state), step
+
+
+def translation_variables(state) -> dict:
+  """The variables of the network that translates: StarGAN's generator or UAGAN's unified one."""
+  net = state.nets["unified" if "unified" in state.nets else "generator"]
+  return jax.device_get({"params": net.params, "batch_stats": net.batch_stats})
 
 
 def segmentation_variables(state) -> dict:
@@ -171,53 +238,138 @@ def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
   if missing:
     raise UserError(f"{data_dir}: cases of the {split} split are missing: {', '.join(missing[:5])}")
 
-  if config.model.name == "stargan":
-    log("stargan translates only: there is no segmentation to evaluate")
-    return {"rows": [], "summary": {}, "step": None}
   if state is not None:
-    variables, step = segmentation_variables(state), int(jax.device_get(state.step))
+    step = int(jax.device_get(state.step))
   else:
-    variables, step = load_segmentor_variables(config, workdir)
-  predictor = SlicePredictor(config, variables, batch_size=config.eval.batch_size)
+    state, step = load_state(config, workdir)
+  segments = config.model.name != "stargan"
+  translates = config.model.name in ("stargan", "uagan")
+  predictor = (SlicePredictor(config, segmentation_variables(state),
+                              batch_size=config.eval.batch_size) if segments else None)
+  translator = (SliceTranslator(config, translation_variables(state),
+                                batch_size=config.eval.batch_size) if translates else None)
   out_dir = workdir / f"eval_{split}"
   figures = workdir / "figures"
   out_dir.mkdir(parents=True, exist_ok=True)
   modalities = [m for m in MODALITIES if m in config.data.modalities]
-  rows = []
+  rows, translation_rows = [], []
   started = time.time()
   for number, case_id in enumerate(case_ids, 1):
-    volume = readers.load_case(cases[case_id], modalities=modalities)
-    if volume.label is None:
-      raise UserError(f"{cases[case_id].images[modalities[0]].parent}: case {case_id} has no label "
-                      "volume to evaluate against")
-    truth = readers.labels_to_regions(volume.label, convention=cases[case_id].label_convention)
-    predictions = {}
-    for modality in modalities:
-      predicted, _ = segment_volume(predictor, volume.images[modality], modality=modality,
-                                    config=config)
-      predictions[modality] = predicted
-      dice = dice_per_region(predicted, truth)
-      rows.append({"case": case_id, "modality": modality,
-                   **{f"dice_{r}": float(d) for r, d in zip(REGIONS, dice)}})
-    if number <= config.eval.panels:
-      visualize.segmentation_panel(volume, truth, predictions,
-                                   figures / f"{split}_{case_id}_step{step}.png",
-                                   title=f"{case_id} ({split}), step {step}")
+    volume = readers.load_case(cases[case_id], modalities=modalities, with_label=segments)
+    if segments:
+      if volume.label is None:
+        raise UserError(f"{cases[case_id].images[modalities[0]].parent}: case {case_id} has no "
+                        "label volume to evaluate against")
+      truth = readers.labels_to_regions(volume.label, convention=cases[case_id].label_convention)
+      predictions = {}
+      for modality in modalities:
+        predicted, _ = segment_volume(predictor, volume.images[modality], modality=modality,
+                                      config=config)
+        predictions[modality] = predicted
+        dice = dice_per_region(predicted, truth)
+        rows.append({"case": case_id, "modality": modality,
+                     **{f"dice_{r}": float(d) for r, d in zip(REGIONS, dice)}})
+      if number <= config.eval.panels:
+        visualize.segmentation_panel(volume, truth, predictions,
+                                     figures / f"{split}_{case_id}_step{step}.png",
+                                     title=f"{case_id} ({split}), step {step}")
+    if translates:
+      case_rows, panel = _evaluate_translation(translator, volume, case_id, modalities, config)
+      translation_rows.extend(case_rows)
+      if number <= config.eval.panels:
+        visualize.translation_panel(panel, figures / f"{split}_{case_id}_translation_step{step}.png",
+                                    title=f"{case_id} ({split}), step {step}",
+                                    clip=config.data.clip)
     elapsed = time.time() - started
     log(f"  evaluated {number}/{len(case_ids)} {split} cases ({case_id}); "
         f"ETA {elapsed / number * (len(case_ids) - number):.0f} s")
 
-  summary = {m: {r: float(np.mean([row[f"dice_{r}"] for row in rows if row["modality"] == m]))
-                 for r in REGIONS} for m in modalities}
-  with (out_dir / "dice.csv").open("w", newline="") as f:
+  report = {"step": step, "split": split, "cases": len(case_ids)}
+  if rows:
+    report["dice_mean"] = {
+        m: {r: float(np.mean([row[f"dice_{r}"] for row in rows if row["modality"] == m]))
+            for r in REGIONS} for m in modalities}
+    _write_csv(out_dir / "dice.csv", rows)
+    log(format_table(rows, modalities, title=f"Dice on {len(case_ids)} {split} cases, step {step}"))
+  if translation_rows:
+    report["translation_mean"] = {
+        f"{a}->{b}": {k: float(np.mean([r[k] for r in translation_rows
+                                        if r["source"] == a and r["target"] == b]))
+                      for k in _TRANSLATION_KEYS}
+        for a in modalities for b in modalities if a != b}
+    _write_csv(out_dir / "translation.csv", translation_rows)
+    log(format_translation_table(report["translation_mean"],
+                                 title=f"Translation on {len(case_ids)} {split} cases, step {step} "
+                                       "(normalised intensities; identity = the source image as is)"))
+  (out_dir / "summary.json").write_text(json.dumps(report, indent=2))
+  log(f"per-case rows and summary.json in {out_dir}, panels in {figures}")
+  return {"rows": rows, "translation_rows": translation_rows, "summary": report.get("dice_mean", {}),
+          "report": report, "step": step}
+
+
+_TRANSLATION_KEYS = ("mae", "psnr", "ssim", "identity_mae", "identity_psnr", "identity_ssim")
+
+
+def _write_csv(path: pathlib.Path, rows: list[dict]) -> None:
+  with path.open("w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-  (out_dir / "summary.json").write_text(json.dumps(
-      {"step": step, "split": split, "cases": len(case_ids), "dice_mean": summary}, indent=2))
-  log(format_table(rows, modalities, title=f"Dice on {len(case_ids)} {split} cases, step {step}"))
-  log(f"per-case rows in {out_dir / 'dice.csv'}, panels in {figures}")
-  return {"rows": rows, "summary": summary, "step": step}
+
+
+def _evaluate_translation(translator: SliceTranslator, volume, case_id: str, modalities,
+                          config) -> tuple[list[dict], dict]:
+  """Every source->target pair of one case against the true target image (held out in training:
+  no patient's modalities are ever paired), with the identity baseline beside it.
+
+  Returns the rows and, for the picture, the true and translated slices at the middle of the brain.
+  """
+  # pylint: disable=g-import-not-at-top
+  from uagan_jax import metrics
+  from uagan_jax.data import preprocess
+  # pylint: enable=g-import-not-at-top
+  size, clip = tuple(config.data.image_size), config.data.clip
+  normalised = {}
+  for modality in modalities:
+    slices, _, has_brain, _ = preprocess.volume_to_slices(volume.images[modality], None, size=size,
+                                                          clip=clip)
+    normalised[modality] = (slices, has_brain)
+  brain_slices = np.flatnonzero(normalised[modalities[0]][1])
+  middle = int(brain_slices[len(brain_slices) // 2]) if len(brain_slices) else 0
+  panel = {"true": {m: normalised[m][0][middle] for m in modalities}, "translated": {}}
+  rows = []
+  data_range = 2.0 * clip
+  for source in modalities:
+    source_slices, has_brain = normalised[source]
+    for target in modalities:
+      translated = translate_slices(translator, source_slices, has_brain, source=source,
+                                    target=target)
+      panel["translated"][(source, target)] = translated[middle]
+      if source == target:
+        continue
+      truth = normalised[target][0]
+      keep = has_brain & normalised[target][1]
+      mask = truth[keep] != 0
+      row = {"case": case_id, "source": source, "target": target}
+      for prefix, candidate in (("", translated), ("identity_", source_slices)):
+        row[prefix + "mae"] = metrics.mae(predicted=candidate[keep], target=truth[keep], mask=mask)
+        row[prefix + "psnr"] = metrics.psnr(predicted=candidate[keep], target=truth[keep],
+                                            data_range=data_range, mask=mask)
+        row[prefix + "ssim"] = metrics.ssim(predicted=candidate[keep], target=truth[keep],
+                                            data_range=data_range)
+      rows.append(row)
+  return rows, panel
+
+
+def format_translation_table(summary: dict[str, dict], *, title: str) -> str:
+  """PSNR, SSIM and MAE per source->target pair, the model beside the identity baseline."""
+  lines = [title, f"{'pair':<14}{'PSNR dB':>9}{'(ident.)':>10}{'SSIM':>8}{'(ident.)':>10}"
+                  f"{'MAE':>8}{'(ident.)':>10}"]
+  for pair, values in summary.items():
+    lines.append(f"{pair:<14}{values['psnr']:>9.2f}{values['identity_psnr']:>10.2f}"
+                 f"{values['ssim']:>8.3f}{values['identity_ssim']:>10.3f}"
+                 f"{values['mae']:>8.3f}{values['identity_mae']:>10.3f}")
+  return "\n".join(lines)
 
 
 def format_table(rows: list[dict], modalities, *, title: str) -> str:

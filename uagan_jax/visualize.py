@@ -78,3 +78,28 @@ def segmentation_panel(volume, truth: np.ndarray, predictions: dict[str, np.ndar
   fig.savefig(path, dpi=90)
   plt.close(fig)
   return path
+
+
+def translation_panel(panel: dict, path: pathlib.Path, *, title: str, clip: float) -> pathlib.Path:
+  """Top row: the true image of each modality. Row per source: its translation into each column's
+  modality (the diagonal is the source translated into itself). Normalised intensities, one grey
+  scale [-clip, clip] for all, so contrasts compare across panels."""
+  modalities = list(panel["true"])
+  n = len(modalities)
+  fig, axes = plt.subplots(n + 1, n, figsize=(2.1 * n, 2.1 * (n + 1)), squeeze=False)
+  for col, target in enumerate(modalities):
+    axes[0, col].imshow(_display(panel["true"][target]), cmap="gray", vmin=-clip, vmax=clip)
+    axes[0, col].set_title(f"true {target.upper()}", fontsize=9)
+    for row, source in enumerate(modalities, start=1):
+      axes[row, col].imshow(_display(panel["translated"][(source, target)]), cmap="gray",
+                            vmin=-clip, vmax=clip)
+      axes[row, col].set_title(f"{source.upper()} -> {target.upper()}", fontsize=8)
+  for ax in axes.flat:
+    ax.axis("off")
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout(rect=(0, 0, 1, 0.97))
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+  return path

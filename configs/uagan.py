@@ -1,0 +1,43 @@
+"""UAGAN (Yuan et al. 2019), the default: one network translates any modality into any other and
+segments the tumour from any single modality, trained on unpaired images.
+
+The translation stream (StarGAN's G) and the segmentation stream (SegAN's S) exchange decoder
+features through attention gates (model.fuse, model.fuse_reverse); D (WGAN-GP + modality
+classifier) and C (SegAN's multi-scale L1 critic) judge them; the shape loss asks the
+segmentation of the translated image to match the source's ground truth.
+
+  uagan-jax train --config configs/uagan.py --data /data/BraTS2021 --workdir runs/uagan
+  uagan-jax train --config configs/uagan.py:demo --data data_synth --workdir runs/uagan_demo
+  uagan-jax train --config configs/uagan.py:demo --config.model.fuse=false ...   # the ablation
+"""
+
+from uagan_jax import config as config_lib
+
+
+def get_config(variant: str = ""):
+  c = config_lib.base_config()
+  c.model.name = "uagan"
+  c.model.segmentor_features = (64, 128, 256, 512)
+  c.model.critic_features = (64, 128, 256)
+  c.model.generator_features = 64
+  c.model.generator_residual_blocks = 6
+  c.model.discriminator_features = 64
+  c.model.discriminator_layers = 6
+  c.data.image_size = (192, 192)
+  c.loss.dice_weight = 1.0
+  c.loss.bce_weight = 1.0
+  c.loss.shape_weight = 1.0
+  c.loss.shape_ramp_steps = 2_000
+  c.optim.segmentor_lr = 2e-4
+  c.optim.critic_lr = 2e-4
+  c.optim.generator_lr = 1e-4
+  c.optim.discriminator_lr = 1e-4
+  c.train.n_critic = 1
+  c.train.steps = 40_000
+  c.train.batch_size = 16
+  if variant == "demo":
+    config_lib.apply_demo_sizes(c)
+    c.loss.shape_ramp_steps = 200
+  elif variant:
+    raise ValueError(f"unknown variant {variant!r} (known: demo)")
+  return c
