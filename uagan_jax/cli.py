@@ -51,6 +51,18 @@ def _build_parser() -> argparse.ArgumentParser:
   evaluate.add_argument("--workdir", required=True, type=pathlib.Path)
   evaluate.add_argument("--data", required=True, type=pathlib.Path)
   evaluate.add_argument("--split", default=None, choices=("train", "val", "test"))
+
+  translate = commands.add_parser(
+      "translate", help="translate a NIfTI volume into another modality (stargan, uagan)")
+  translate.add_argument("--workdir", required=True, type=pathlib.Path,
+                         help="training workdir of a stargan or uagan model")
+  translate.add_argument("--input", required=True, type=pathlib.Path,
+                         help="a .nii/.nii.gz image, or a case folder holding one case")
+  translate.add_argument("--source", required=True,
+                         help="the input's modality: t1, t1ce, t2 or flair")
+  translate.add_argument("--target", required=True, help="the modality to translate into")
+  translate.add_argument("--output", required=True, type=pathlib.Path,
+                         help="the .nii.gz (or .nii) to write, on the input's grid and header")
   return parser
 
 
@@ -89,6 +101,15 @@ def _evaluate(args) -> None:
                           log=_log)
 
 
+def _translate(args) -> None:
+  from uagan_jax import translate  # pylint: disable=g-import-not-at-top
+  started = time.time()
+  result = translate.translate_file(args.input, args.output, source=args.source,
+                                    target=args.target, workdir=args.workdir, log=_log)
+  _log(f"wrote {result.output} ({result.target} from {result.source}, {result.slices} slices) "
+       f"in {time.time() - started:.1f} s")
+
+
 def main(argv: list[str] | None = None) -> int:
   """Runs one command; returns the process exit code."""
   argv = sys.argv[1:] if argv is None else list(argv)
@@ -103,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
       _synth(args)
     elif args.command == "evaluate":
       _evaluate(args)
+    elif args.command == "translate":
+      _translate(args)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     return 2

@@ -162,21 +162,22 @@ def segment_volume(predictor: SlicePredictor, image: np.ndarray, *, modality: st
 def load_state(config: ml_collections.ConfigDict, workdir: pathlib.Path):
   """The newest checkpoint's train state (on one device) and its step."""
   # pylint: disable=g-import-not-at-top
-  from uagan_jax import checkpoint, parallel, train
+  from uagan_jax import checkpoint, train
   from uagan_jax.errors import UserError
   # pylint: enable=g-import-not-at-top
   directory = pathlib.Path(workdir) / "checkpoints"
-  step = None
+  checkpoints = step = None
   if directory.is_dir():
     checkpoints = checkpoint.Checkpointer(directory, every=1, keep=1_000_000)
     step = checkpoints.latest_step()
   if step is None:
-    if directory.is_dir():
+    if checkpoints is not None:
       checkpoints.close()
     raise UserError(f"{directory}: no checkpoints; train first with 'uagan-jax train'")
-  mesh = parallel.make_mesh(1)
-  state = checkpoints.restore(step, train.init_state(config, mesh))
-  checkpoints.close()
+  try:
+    state = checkpoints.restore(step, train.abstract_state(config))
+  finally:
+    checkpoints.close()
   return state, step
 
 

@@ -1,0 +1,338 @@
+"""Whole-volume modality translation: one NIfTI scan in, the same scan as another modality out.
+
+``uagan-jax translate --workdir W --input FILE --source t1 --target flair --output OUT.nii.gz``
+runs the translation network of a trained stargan or uagan model (StarGAN's generator, UAGAN's
+translation stream) over every axial slice of a volume:
+
+1. The input is read like training data (`readers.load_case`: RAS canonical orientation, the
+   one-line `UserError`s for missing, truncated or NaN files), z-scored over its brain (non-zero)
+   voxels, clipped and centre-cropped/padded to the model's slice size
+   (`preprocess.volume_to_slices`).
+2. The brain slices are translated in fixed-size batches (`evaluate.translate_slices`) and put
+   back on the canonical grid (`preprocess.slices_to_volume`).
+3. The translation lives in the normalised space of training, so it is mapped back to the
+   *input's* intensities: the z-score is undone with the input's brain mean and standard
+   deviation, background (input == 0) is exactly 0 and brain voxels are clipped to the input's
+   brain range. A model cannot know the target scanner's absolute scale; the input's is the one
+   scale that is at hand, and it keeps the output comparable to the scan it came from.
+4. The result is written as float32 on the input file's grid: same shape, affine, qform/sform
+   codes and header (`readers.Volume.to_source_image`), first under a temporary name in the
+   output's folder and then renamed, so an interrupted run never leaves a half-written file.
+
+`--input` may also be a case folder of any known layout (`readers.find_cases`) holding exactly
+one case; its ``--source`` image is then translated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+import pathlib
+import time
+from collections.abc import Callable
+
+import ml_collections
+import nibabel as nib
+import numpy as np
+
+from uagan_jax import evaluate
+from uagan_jax.data import MODALITIES, preprocess, readers
+from uagan_jax.errors import UserError
+
+# Model families with a translation network (`evaluate.SliceTranslator` runs either).
+TRANSLATING_FAMILIES = ("stargan", "uagan")
+_NIFTI_EXTENSIONS = (".nii.gz", ".nii")
+# gzip level of .nii.gz outputs: nibabel's default, fast; higher levels gain little on float32.
+_GZIP_LEVEL = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TranslationResult:
+  """What `translate_file` did.
+
+  Attributes:
+    output: The file written.
+    source_file: The image that was translated (the input, or the case folder's source image).
+    source: The input's modality.
+    target: The output's modality.
+    slices: How many axial slices went through the network (those with brain voxels).
+    outside_view: Brain voxels outside the model's slice size (they get the brain's mean).
+    step: The training step of the checkpoint used.
+  """
+  output: pathlib.Path
+  source_file: pathlib.Path
+  source: str
+  target: str
+  slices: int
+  outside_view: int
+  step: int
+
+
+def check_modality(name: str, *, flag: str = "modality") -> str:
+  """The canonical name of a modality given on the command line (case-insensitive).
+
+  Args:
+    name: A modality name, e.g. "t1" or "FLAIR".
+    flag: How the caller names the value in messages, e.g. "--source".
+
+  Returns:
+    The lower-case name, one of `uagan_jax.data.MODALITIES`.
+
+  Raises:
+    UserError: The name is not a known modality.
+  """
+  canonical = str(name).strip().lower()
+  if canonical not in MODALITIES:
+    raise UserError(f"{flag} {name!r}: unknown modality; expected one of {', '.join(MODALITIES)}")
+  return canonical
+
+
+class VolumeTranslator:
+  """A trained translation network, loaded once, that translates whole canonical volumes.
+
+  Attributes:
+    config: The training run's config.
+    step: The training step of the checkpoint.
+    workdir: The training workdir the model comes from.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, variables: dict, *, step: int,
+               workdir: pathlib.Path):
+    self.config = config
+    self.step = step
+    self.workdir = pathlib.Path(workdir)
+    self._slices = evaluate.SliceTranslator(config, variables, batch_size=config.eval.batch_size)
+
+  @property
+  def modalities(self) -> tuple[str, ...]:
+    """The modalities the model was trained on, in canonical order."""
+    return tuple(m for m in MODALITIES if m in self.config.data.modalities)
+
+  def check_pair(self, source: str, target: str) -> None:
+    """UserError unless the model was trained on both modalities.
+
+    The source counts too: UAGAN conditions on it, and neither network has ever seen the
+    intensities of a modality outside its training set.
+    """
+    for flag, modality in (("--source", source), ("--target", target)):
+      if modality not in self.modalities:
+        raise UserError(f"{flag} {modality}: the model in {self.workdir} was trained on "
+                        f"{', '.join(self.modalities)} only (config data.modalities)")
+
+  def translate(self, image: np.ndarray, *, source: str,
+                target: str) -> tuple[np.ndarray, int, int]:
+    """Translates a canonical volume into another modality, in the input's intensity range.
+
+    Args:
+      image: Raw (X, Y, Z) intensities in RAS canonical orientation (`readers.load_case`).
+      source: The image's modality.
+      target: The modality to translate into.
+
+    Returns:
+      (float32 (X, Y, Z) translation with the input's brain intensity statistics and 0 outside
+      the brain, the number of translated slices, the number of brain voxels outside the
+      model's slice size).
+    """
+    config = self.config
+    slices, _, has_brain, crop_pad = preprocess.volume_to_slices(
+        image, None, size=tuple(config.data.image_size), clip=config.data.clip)
+    translated = evaluate.translate_slices(self._slices, slices, has_brain, source=source,
+                                           target=target)
+    # Brain voxels the centre crop cut away come back as z-score 0, i.e. the brain's mean.
+    normalised = preprocess.slices_to_volume(translated, crop_pad)
+    seen = preprocess.slices_to_volume(np.ones(slices.shape, bool), crop_pad, fill=False)
+    outside_view = int(np.count_nonzero((image != 0) & ~seen))
+    return restore_intensities(normalised, image), int(has_brain.sum()), outside_view
+
+
+def load_translator(workdir: str | os.PathLike) -> VolumeTranslator:
+  """Loads the translation network of the newest checkpoint in a training workdir.
+
+  Args:
+    workdir: A workdir written by ``uagan-jax train`` (``config.json``, ``checkpoints/``).
+
+  Returns:
+    The `VolumeTranslator`.
+
+  Raises:
+    UserError: No config.json or checkpoint, or a model family without a translation network
+      (segan, unet).
+  """
+  # pylint: disable=g-import-not-at-top
+  from uagan_jax import config as config_lib
+  # pylint: enable=g-import-not-at-top
+  workdir = pathlib.Path(workdir)
+  config = config_lib.from_json_file(workdir / "config.json")
+  family = config.model.name
+  if family not in TRANSLATING_FAMILIES:
+    # Checked before the checkpoint is read: there is nothing in it that could translate.
+    raise UserError(f"{workdir}: model family {family} does not translate (only "
+                    f"{' and '.join(TRANSLATING_FAMILIES)} do); use a stargan or uagan workdir")
+  state, step = evaluate.load_state(config, workdir)
+  return VolumeTranslator(config, evaluate.translation_variables(state), step=int(step),
+                          workdir=workdir)
+
+
+def restore_intensities(translated: np.ndarray, image: np.ndarray) -> np.ndarray:
+  """Maps a translation in z-score space back to the intensity scale of its input.
+
+  The inverse of `preprocess.zscore_brain` with the input's statistics: brain (non-zero) voxels
+  get ``z * std + mean``, clipped to the input's brain [min, max]; background stays exactly 0.
+
+  Args:
+    translated: (X, Y, Z) normalised translation on the input's (canonical) grid.
+    image: The raw (X, Y, Z) input it was translated from.
+
+  Returns:
+    float32 array of the image's shape.
+  """
+  if translated.shape != image.shape:
+    raise ValueError(f"translation shape {translated.shape} differs from image {image.shape}")
+  brain = image != 0
+  out = np.zeros(image.shape, np.float32)
+  if not brain.any():
+    return out
+  values = image[brain].astype(np.float64)  # as zscore_brain: float64 sums over ~9M voxels
+  mean, std = values.mean(), values.std()
+  restored = translated[brain].astype(np.float64) * std + mean
+  # min and max are input values, so the float32 cast cannot step outside the range.
+  out[brain] = np.clip(restored, values.min(), values.max())
+  return out
+
+
+def _nifti_extension(path: pathlib.Path) -> str | None:
+  lower = path.name.lower()
+  return next((ext for ext in _NIFTI_EXTENSIONS if lower.endswith(ext)), None)
+
+
+def resolve_input(path: str | os.PathLike, *, source: str) -> readers.CaseFiles:
+  """The case to read for ``--input``: a NIfTI file of modality ``source``, or a case folder.
+
+  Args:
+    path: A .nii/.nii.gz file, or a folder of any `readers.LAYOUTS` holding exactly one case.
+    source: The canonical modality to translate.
+
+  Returns:
+    A `readers.CaseFiles` whose ``images[source]`` is the file to translate.
+
+  Raises:
+    UserError: The path is missing, not a NIfTI file, or a folder without exactly one case.
+  """
+  path = pathlib.Path(path)
+  if path.is_dir():
+    cases = readers.find_cases(path)
+    if len(cases) != 1:
+      raise UserError(f"{path}: holds {len(cases)} cases; give one case folder or one image file")
+    return cases[0]
+  if not path.exists():
+    raise UserError(f"{path}: no such file")
+  if not path.is_file():
+    raise UserError(f"{path}: not a regular file")
+  extension = _nifti_extension(path)
+  if extension is None:
+    raise UserError(f"{path}: not a NIfTI file (expected .nii or .nii.gz)")
+  return readers.CaseFiles(case_id=path.name[:-len(extension)], layout="brats2021",
+                           images={source: path}, label=None)
+
+
+def _check_output(output: pathlib.Path, source_file: pathlib.Path) -> None:
+  if _nifti_extension(output) is None:
+    raise UserError(f"{output}: output must end in .nii.gz or .nii")
+  if output.is_dir():
+    raise UserError(f"{output}: is a folder; name the output file")
+  same = output.resolve() == source_file.resolve()
+  if not same and output.exists():
+    same = os.path.samefile(output, source_file)  # a hard link to the input
+  if same:
+    raise UserError(f"{output}: is the input file; refusing to overwrite it")
+
+
+def write_nifti(image: nib.Nifti1Image, path: pathlib.Path) -> None:
+  """Writes a NIfTI image atomically: a temporary file in the same folder, then a rename.
+
+  The bytes are a pure function of the image (the gzip header carries no time stamp and no
+  temporary file name), so translating the same input twice gives identical files.
+
+  Args:
+    image: A Nifti1Image or Nifti2Image.
+    path: The .nii or .nii.gz file to (over)write; its folder is created.
+  """
+  path.parent.mkdir(parents=True, exist_ok=True)
+  data = image.to_bytes()
+  if path.name.lower().endswith(".gz"):
+    data = gzip.compress(data, compresslevel=_GZIP_LEVEL, mtime=0)
+  # The same folder, so the rename stays on one file system and is atomic.
+  temporary = path.with_name(f".{path.name}.partial-{os.getpid()}")
+  try:
+    with open(temporary, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(temporary, path)
+  finally:
+    temporary.unlink(missing_ok=True)
+
+
+def translate_file(input_path: str | os.PathLike, output_path: str | os.PathLike, *,
+                   source: str, target: str, workdir: str | os.PathLike | None = None,
+                   translator: VolumeTranslator | None = None,
+                   log: Callable[[str], None] = print) -> TranslationResult:
+  """Translates one NIfTI volume (or a one-case folder's image) into another modality.
+
+  Args:
+    input_path: A .nii/.nii.gz image of modality ``source``, or a case folder of any known
+      layout holding exactly one case.
+    output_path: The .nii/.nii.gz file to write (float32, on the input file's grid and header);
+      its folder is created. Never the input itself.
+    source: The input's modality (case-insensitive; one of `uagan_jax.data.MODALITIES`).
+    target: The modality to translate into.
+    workdir: The stargan or uagan training workdir whose newest checkpoint translates.
+    translator: An already loaded model (from `load_translator`), instead of ``workdir``: loads
+      once for many files.
+    log: Where progress goes.
+
+  Returns:
+    The `TranslationResult`.
+
+  Raises:
+    UserError: Unknown modality, missing or corrupt input, output equal to the input or not
+      writable, a workdir without a checkpoint or with a model family that does not translate, a
+      modality the model was not trained on.
+  """
+  if (workdir is None) == (translator is None):
+    raise ValueError("pass exactly one of workdir and translator")
+  source = check_modality(source, flag="--source")
+  target = check_modality(target, flag="--target")
+  case = resolve_input(input_path, source=source)
+  source_file = case.images[source]
+  output = pathlib.Path(output_path)
+  _check_output(output, source_file)
+
+  if translator is None:
+    log(f"loading the model in {workdir}")
+    translator = load_translator(workdir)
+  translator.check_pair(source, target)
+  log(f"model: {translator.config.model.name}, checkpoint step {translator.step}")
+
+  log(f"loading {source_file} ({source})")
+  volume = readers.load_case(case, modalities=(source,), with_label=False)
+  image = volume.images[source]
+  if not np.any(image):
+    raise UserError(f"{source_file}: every voxel is 0; there is no brain to translate")
+  height, width = translator.config.data.image_size
+  slices = int(np.count_nonzero(np.any(image != 0, axis=(0, 1))))
+  log(f"translating {slices} slices {source} -> {target} (volume {'x'.join(map(str, image.shape))}"
+      f" canonical, slices {height}x{width})")
+  translated, slices, outside_view = translator.translate(image, source=source, target=target)
+  if outside_view:
+    log(f"note: {outside_view} brain voxels lie outside the model's {height}x{width} slices; "
+        "they get the brain's mean intensity")
+
+  log(f"writing {output}")
+  try:
+    write_nifti(volume.to_source_image(translated, dtype=np.float32), output)
+  except OSError as error:
+    raise UserError(f"{output}: cannot write ({' '.join(str(error).split())})") from error
+  return TranslationResult(output=output, source_file=source_file, source=source, target=target,
+                           slices=slices, outside_view=outside_view, step=translator.step)
