@@ -57,23 +57,28 @@ class SlicePredictor:
 
     if networks.unified is not None:
       module = train.unmapped_module(networks.unified)
+      allowed = [MODALITIES.index(m) for m in config.data.modalities]
 
-      def logits_fn(variables, images, modality):
-        # UAGAN's segmentation stream; the translation stream runs alongside (its features feed
-        # the fusion gates) with the image's own modality as the target.
-        _, logits = module.apply(variables, images, modality, modality, train=False,
-                                 translation_input=images / clip)
-        return logits
+      def probs_fn(variables, images, modality):
+        # UAGAN's segmentation stream takes the translation stream's features through the fusion
+        # gates, and in training that stream always translates into *another* modality. So the
+        # prediction is the mean over every other trained modality as the target (with a single
+        # trained modality, the target is the source itself).
+        total = 0.0
+        for offset in range(1, max(len(allowed), 2)):
+          position = jnp.argmax(jnp.asarray(allowed) == modality[:, None], axis=-1)
+          target = jnp.asarray(allowed)[(position + offset) % len(allowed)]
+          _, logits = module.apply(variables, images, modality, target, train=False,
+                                   translation_input=images / clip)
+          total = total + jax.nn.sigmoid(logits)
+        return total / max(len(allowed) - 1, 1)
     else:
       module = train.unmapped_module(networks.segmentor)
 
-      def logits_fn(variables, images, modality):
-        return module.apply(variables, images, modality, train=False)
+      def probs_fn(variables, images, modality):
+        return jax.nn.sigmoid(module.apply(variables, images, modality, train=False))
 
-    @jax.jit
-    def predict(variables, images, modality):
-      return jax.nn.sigmoid(logits_fn(variables, images, modality))
-    self._predict = predict
+    self._predict = jax.jit(probs_fn)
 
   def __call__(self, slices: np.ndarray, modality_id: int) -> np.ndarray:
     """(Z, H, W) normalised slices -> (Z, H, W, 3) region probabilities."""
