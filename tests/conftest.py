@@ -7,6 +7,17 @@ import os
 
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Many tests (and the training processes they start) compile the same tiny programs; a
+# compilation cache for this test run (fresh each run, inherited by subprocesses) compiles each
+# once. A cached executable is the compiled program itself, so results are unchanged.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import atexit  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="uagan_jax_test_xla_cache_")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
 
 import pathlib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -33,3 +44,14 @@ def load_test_config(*overrides: str, variant: str = ""):
   from uagan_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   spec = f"{TEST_CONFIG}:{variant}" if variant else TEST_CONFIG
   return config_lib.load_config(spec, list(overrides))
+
+
+def assert_one_line_error(code, err, *needles):
+  """What a user must see on bad input: exit 2, one ``error: ...`` line naming each needle."""
+  assert code == 2
+  assert "Traceback" not in err
+  lines = [line for line in err.splitlines() if line.strip()]
+  assert len(lines) == 1, err
+  assert lines[0].startswith("error: ")
+  for needle in needles:
+    assert str(needle) in lines[0], lines[0]

@@ -13,23 +13,13 @@ import pytest
 from uagan_jax import cli
 from uagan_jax.data import dataset
 
-from conftest import ROOT, TEST_CONFIG, load_test_config
+from conftest import ROOT, TEST_CONFIG, assert_one_line_error, load_test_config
 
 
 def _run_cli(capsys, *argv):
   code = cli.main([str(a) for a in argv])
   captured = capsys.readouterr()
   return code, captured.out, captured.err
-
-
-def _assert_one_line_error(code, err, *needles):
-  assert code == 2
-  assert "Traceback" not in err
-  lines = [line for line in err.splitlines() if line.strip()]
-  assert len(lines) == 1, err
-  assert lines[0].startswith("error: ")
-  for needle in needles:
-    assert str(needle) in lines[0], lines[0]
 
 
 @pytest.fixture
@@ -56,7 +46,7 @@ def test_missing_modality_file(capsys, data_copy, tmp_path):
   data, case, _ = data_copy
   (data / case / f"{case}_t2.nii.gz").unlink()
   code, _, err = _train(capsys, data, tmp_path)
-  _assert_one_line_error(code, err, case, "t2")
+  assert_one_line_error(code, err, case, "t2")
 
 
 def test_truncated_nifti(capsys, data_copy, tmp_path):
@@ -65,7 +55,7 @@ def test_truncated_nifti(capsys, data_copy, tmp_path):
   raw = path.read_bytes()
   path.write_bytes(raw[: len(raw) // 2])
   code, _, err = _train(capsys, data, tmp_path)
-  _assert_one_line_error(code, err, path, "truncated or corrupt")
+  assert_one_line_error(code, err, path, "truncated or corrupt")
 
 
 def _rewrite(path, array, like):
@@ -80,7 +70,7 @@ def test_image_and_label_of_different_shapes(capsys, data_copy, tmp_path):
   seg = data / case / f"{case}_seg.nii.gz"
   _rewrite(seg, np.zeros((30, 32, 32), np.uint8), seg)
   code, _, err = _train(capsys, data, tmp_path)
-  _assert_one_line_error(code, err, seg.name, "(30, 32, 32)")
+  assert_one_line_error(code, err, seg.name, "(30, 32, 32)")
 
 
 def test_nan_voxels(capsys, data_copy, tmp_path):
@@ -90,7 +80,7 @@ def test_nan_voxels(capsys, data_copy, tmp_path):
   volume[10, 10, 10:13] = np.nan
   _rewrite(path, volume, path)
   code, _, err = _train(capsys, data, tmp_path)
-  _assert_one_line_error(code, err, path, "3 NaN")
+  assert_one_line_error(code, err, path, "3 NaN")
 
 
 def test_unexpected_label_value(capsys, data_copy, tmp_path):
@@ -100,13 +90,13 @@ def test_unexpected_label_value(capsys, data_copy, tmp_path):
   label[0, 0, 0] = 3  # 3 is BraTS 2023's enhancing label, not BraTS 2021's
   _rewrite(seg, label, seg)
   code, _, err = _train(capsys, data, tmp_path)
-  _assert_one_line_error(code, err, seg, "unexpected label value")
+  assert_one_line_error(code, err, seg, "unexpected label value")
 
 
 def test_empty_data_folder(capsys, tmp_path):
   (tmp_path / "empty").mkdir()
   code, _, err = _train(capsys, tmp_path / "empty", tmp_path)
-  _assert_one_line_error(code, err, tmp_path / "empty", "empty folder")
+  assert_one_line_error(code, err, tmp_path / "empty", "empty folder")
 
 
 def test_unknown_data_folder(capsys, tmp_path):
@@ -115,29 +105,29 @@ def test_unknown_data_folder(capsys, tmp_path):
   (folder / "holiday" / "beach.jpg").write_bytes(b"\xff\xd8")
   (folder / "notes.txt").write_text("hello")
   code, _, err = _train(capsys, folder, tmp_path)
-  _assert_one_line_error(code, err, folder, "unknown dataset layout")
+  assert_one_line_error(code, err, folder, "unknown dataset layout")
 
 
 def test_missing_data_folder(capsys, tmp_path):
   code, _, err = _train(capsys, tmp_path / "nowhere", tmp_path)
-  _assert_one_line_error(code, err, tmp_path / "nowhere", "no such folder")
+  assert_one_line_error(code, err, tmp_path / "nowhere", "no such folder")
 
 
 def test_unknown_config_key(capsys, synth_data, tmp_path):
   code, _, err = _train(capsys, synth_data, tmp_path, "--config.train.stpes=3")
-  _assert_one_line_error(code, err, "train.stpes", "did you mean 'train.steps'")
+  assert_one_line_error(code, err, "train.stpes", "did you mean 'train.steps'")
   assert not (tmp_path / "work").exists()  # rejected before anything is written
 
 
 def test_bad_config_value_and_file(capsys, synth_data, tmp_path):
   code, _, err = _train(capsys, synth_data, tmp_path, "--config.train.steps=many")
-  _assert_one_line_error(code, err, "train.steps", "many")
+  assert_one_line_error(code, err, "train.steps", "many")
   code, _, err = _run_cli(capsys, "train", "--config", tmp_path / "nope.py", "--data", synth_data,
                           "--workdir", tmp_path / "w")
-  _assert_one_line_error(code, err, "nope.py", "not found")
+  assert_one_line_error(code, err, "nope.py", "not found")
   code, _, err = _run_cli(capsys, "train", "--config", f"{TEST_CONFIG}:huge", "--data",
                           synth_data, "--workdir", tmp_path / "w")
-  _assert_one_line_error(code, err, "test.py", "unknown variant")
+  assert_one_line_error(code, err, "test.py", "unknown variant")
 
 
 def test_changed_config_does_not_destroy_checkpoints(capsys, synth_data, tmp_path):
@@ -147,7 +137,7 @@ def test_changed_config_does_not_destroy_checkpoints(capsys, synth_data, tmp_pat
   config_before = (tmp_path / "work" / "config.json").read_text()
   code, _, err = _train(capsys, synth_data, tmp_path, "--config.train.steps=4",
                         "--config.model.segmentor_features=(4, 16)")
-  _assert_one_line_error(code, err, "checkpoints", "does not fit the current config")
+  assert_one_line_error(code, err, "checkpoints", "does not fit the current config")
   assert sorted(p.name for p in (tmp_path / "work" / "checkpoints").iterdir()) == before
   assert (tmp_path / "work" / "config.json").read_text() == config_before
 
@@ -182,4 +172,4 @@ def test_synth_then_train_then_evaluate(capsys, tmp_path):
   assert code == 0, err
   assert "WT" in out and "flair" in out
   code, _, err = _run_cli(capsys, "evaluate", "--workdir", tmp_path / "nothing", "--data", data)
-  _assert_one_line_error(code, err, "config.json", "not found")
+  assert_one_line_error(code, err, "config.json", "not found")

@@ -22,7 +22,7 @@ from uagan_jax import cli, translate
 from uagan_jax.data import MODALITIES
 from uagan_jax.errors import UserError
 
-from conftest import REAL_CASE, TEST_CONFIG, load_test_config
+from conftest import REAL_CASE, TEST_CONFIG, assert_one_line_error, load_test_config
 
 REAL_T1 = REAL_CASE / "UPENN-GBM-00003_11_T1.nii.gz"
 
@@ -199,16 +199,6 @@ def test_real_upenn_case_keeps_its_geometry(capsys, workdirs, tmp_path):
   _assert_intensities(output, REAL_T1)
 
 
-def _assert_one_line_error(code, err, *needles):
-  assert code == 2
-  assert "Traceback" not in err
-  lines = [line for line in err.splitlines() if line.strip()]
-  assert len(lines) == 1, err
-  assert lines[0].startswith("error: ")
-  for needle in needles:
-    assert str(needle) in lines[0], lines[0]
-
-
 def test_bad_inputs_end_in_one_line(capsys, workdirs, case_dir, synth_data, tmp_path):
   source_file = case_dir / f"{case_dir.name}_t1.nii.gz"
   output = tmp_path / "out.nii.gz"
@@ -219,32 +209,32 @@ def test_bad_inputs_end_in_one_line(capsys, workdirs, case_dir, synth_data, tmp_
                     "--source", source, "--target", target, "--output", output_path)
 
   code, _, err = run(workdir=workdirs["segan"])
-  _assert_one_line_error(code, err, workdirs["segan"], "segan does not translate")
+  assert_one_line_error(code, err, workdirs["segan"], "segan does not translate")
   code, _, err = run(source="pd")
-  _assert_one_line_error(code, err, "--source", "'pd'", "unknown modality", ", ".join(MODALITIES))
+  assert_one_line_error(code, err, "--source", "'pd'", "unknown modality", ", ".join(MODALITIES))
   code, _, err = run(target="t1gd")
-  _assert_one_line_error(code, err, "--target", "'t1gd'", "unknown modality")
+  assert_one_line_error(code, err, "--target", "'t1gd'", "unknown modality")
   code, _, err = run(input_path=tmp_path / "missing_t1.nii.gz")
-  _assert_one_line_error(code, err, tmp_path / "missing_t1.nii.gz", "no such file")
+  assert_one_line_error(code, err, tmp_path / "missing_t1.nii.gz", "no such file")
   code, _, err = run(input_path=synth_data)
-  _assert_one_line_error(code, err, synth_data, "8 cases")
+  assert_one_line_error(code, err, synth_data, "8 cases")
   code, _, err = run(workdir=workdirs["uagan_t1_t2"])
-  _assert_one_line_error(code, err, "--target flair", "trained on t1, t2 only")
+  assert_one_line_error(code, err, "--target flair", "trained on t1, t2 only")
   code, _, err = run(workdir=tmp_path)
-  _assert_one_line_error(code, err, tmp_path / "config.json", "not found")
+  assert_one_line_error(code, err, tmp_path / "config.json", "not found")
   untrained = tmp_path / "untrained"
   untrained.mkdir()
   shutil.copy(workdirs["uagan"] / "config.json", untrained)
   code, _, err = run(workdir=untrained)
-  _assert_one_line_error(code, err, untrained / "checkpoints", "no checkpoints")
+  assert_one_line_error(code, err, untrained / "checkpoints", "no checkpoints")
   code, _, err = run(output_path=tmp_path / "out.png")
-  _assert_one_line_error(code, err, "out.png", ".nii.gz")
+  assert_one_line_error(code, err, "out.png", ".nii.gz")
 
   # The input itself, also under another spelling of its path: refused, and left untouched.
   before = source_file.read_bytes()
   for spelling in (source_file, case_dir / ".." / case_dir.name / source_file.name):
     code, _, err = run(output_path=spelling)
-    _assert_one_line_error(code, err, spelling, "is the input file")
+    assert_one_line_error(code, err, spelling, "is the input file")
   assert source_file.read_bytes() == before
   assert not output.exists()
 
@@ -311,5 +301,5 @@ def test_trained_segan_does_not_translate(capsys, synth_data, case_dir, tmp_path
   code, _, err = _run_cli(capsys, "translate", "--workdir", workdir, "--input",
                           case_dir / f"{case_dir.name}_t1.nii.gz", "--source", "t1", "--target",
                           "flair", "--output", tmp_path / "out.nii.gz")
-  _assert_one_line_error(code, err, "segan does not translate")
+  assert_one_line_error(code, err, "segan does not translate")
   shutil.rmtree(workdir)

@@ -73,11 +73,7 @@ def segmentation_panel(volume, truth: np.ndarray, predictions: dict[str, np.ndar
   fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
   fig.suptitle(f"{title}, axial slice {z}", fontsize=10)
   fig.tight_layout(rect=(0, 0.03, 1, 0.97))
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=90)
-  plt.close(fig)
-  return path
+  return _save(fig, path, dpi=90)
 
 
 def translation_panel(panel: dict, path: pathlib.Path, *, title: str, clip: float) -> pathlib.Path:
@@ -98,8 +94,12 @@ def translation_panel(panel: dict, path: pathlib.Path, *, title: str, clip: floa
     ax.axis("off")
   fig.suptitle(title, fontsize=10)
   fig.tight_layout(rect=(0, 0, 1, 0.97))
+  return _save(fig, path, dpi=80)
+
+
+def _save(fig, path: pathlib.Path, *, dpi: int) -> pathlib.Path:
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=80)
+  fig.savefig(path, dpi=dpi)
   plt.close(fig)
   return path
