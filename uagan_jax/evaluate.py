@@ -82,14 +82,9 @@ class SlicePredictor:
 
   def __call__(self, slices: np.ndarray, modality_id: int) -> np.ndarray:
     """(Z, H, W) normalised slices -> (Z, H, W, 3) region probabilities."""
-    count = slices.shape[0]
-    padded = -count % self.batch_size  # pad the last batch so every call has the same shape
-    images = np.concatenate([slices, np.zeros((padded,) + slices.shape[1:], slices.dtype)])
-    images = images[..., None]
     modality = np.full((self.batch_size,), modality_id, np.int32)
-    out = [np.asarray(self._predict(self.variables, images[i:i + self.batch_size], modality))
-           for i in range(0, images.shape[0], self.batch_size)]
-    return np.concatenate(out)[:count]
+    return _in_fixed_batches(lambda images: self._predict(self.variables, images, modality),
+                             slices, self.batch_size)
 
 
 class SliceTranslator:
@@ -124,14 +119,22 @@ class SliceTranslator:
 
   def __call__(self, slices: np.ndarray, source_id: int, target_id: int) -> np.ndarray:
     """(Z, H, W) normalised slices of modality ``source_id`` -> (Z, H, W) as ``target_id``."""
-    count = slices.shape[0]
-    padded = -count % self.batch_size
-    images = np.concatenate([slices, np.zeros((padded,) + slices.shape[1:], slices.dtype)])[..., None]
     source = np.full((self.batch_size,), source_id, np.int32)
     target = np.full((self.batch_size,), target_id, np.int32)
-    out = [np.asarray(self._translate(self.variables, images[i:i + self.batch_size], source, target))
-           for i in range(0, images.shape[0], self.batch_size)]
-    return np.concatenate(out)[:count, ..., 0]
+    return _in_fixed_batches(
+        lambda images: self._translate(self.variables, images, source, target), slices,
+        self.batch_size)[..., 0]
+
+
+def _in_fixed_batches(run: Callable[[np.ndarray], jax.Array], slices: np.ndarray,
+                      batch_size: int) -> np.ndarray:
+  """``run`` over (Z, H, W) slices as [batch, H, W, 1] batches of one fixed size (the last one
+  zero-padded), so one compiled program serves every volume; returns the Z real outputs."""
+  count = slices.shape[0]
+  padded = -count % batch_size
+  images = np.concatenate([slices, np.zeros((padded,) + slices.shape[1:], slices.dtype)])[..., None]
+  out = [np.asarray(run(images[i:i + batch_size])) for i in range(0, images.shape[0], batch_size)]
+  return np.concatenate(out)[:count]
 
 
 def translate_slices(translator: SliceTranslator, slices: np.ndarray, has_brain: np.ndarray, *,
