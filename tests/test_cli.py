@@ -1,6 +1,5 @@
 """The command line: every kind of bad input ends in one line naming the file or key, exit 2."""
 
-import gzip
 import os
 import shutil
 import subprocess

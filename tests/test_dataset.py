@@ -150,7 +150,6 @@ def test_build_slice_set_tumour_free_fraction(cases):
 
 
 def test_build_slice_set_errors(cases, tmp_path):
-  assignment = dict.fromkeys((c.case_id for c in cases), "t2")
   _write_case(tmp_path / "unlabelled", seed=9, with_label=False)
   (unlabelled,) = readers.find_cases(tmp_path / "unlabelled")
   with pytest.raises(UserError, match="unlabelled"):

@@ -1,7 +1,6 @@
 """Dice conventions and the volume round trip of inference."""
 
 import numpy as np
-import pytest
 
 from uagan_jax import evaluate
 

@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from uagan_jax import config as config_lib
 from uagan_jax.errors import UserError
 from uagan_jax.models.segan import Critic, Segmentor, mask_image
 

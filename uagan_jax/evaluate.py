@@ -150,16 +150,15 @@ def translate_slices(translator: SliceTranslator, slices: np.ndarray, has_brain:
 
 
 def segment_volume(predictor: SlicePredictor, image: np.ndarray, *, modality: str,
-                   config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
-  """A canonical (X, Y, Z) volume -> boolean (X, Y, Z, 3) regions on the same grid, and the
-  normalised (Z, H, W) slices (for pictures)."""
+                   config: ml_collections.ConfigDict) -> np.ndarray:
+  """A canonical (X, Y, Z) volume -> boolean (X, Y, Z, 3) regions on the same grid."""
   from uagan_jax.data import preprocess  # pylint: disable=g-import-not-at-top
   slices, _, has_brain, crop_pad = preprocess.volume_to_slices(
       image, None, size=tuple(config.data.image_size), clip=config.data.clip)
   probs = np.zeros(slices.shape + (len(REGIONS),), np.float32)
   if has_brain.any():  # slices without brain are background by definition, as in training
     probs[has_brain] = predictor(slices[has_brain], MODALITIES.index(modality))
-  return preprocess.slices_to_volume(probs > 0.5, crop_pad, fill=False), slices
+  return preprocess.slices_to_volume(probs > 0.5, crop_pad, fill=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,7 +271,7 @@ def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
       truth = readers.labels_to_regions(volume.label, convention=cases[case_id].label_convention)
       predictions = {}
       for modality in modalities:
-        predicted, _ = segment_volume(predictor, volume.images[modality], modality=modality,
+        predicted = segment_volume(predictor, volume.images[modality], modality=modality,
                                       config=config)
         predictions[modality] = predicted
         dice = dice_per_region(predicted, truth)

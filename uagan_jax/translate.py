@@ -29,7 +29,6 @@ import dataclasses
 import gzip
 import os
 import pathlib
-import time
 from collections.abc import Callable
 
 import ml_collections
