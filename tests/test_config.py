@@ -40,6 +40,7 @@ def test_config_is_locked():
     ("--config.nothing=3", "unknown config key 'nothing'"),
     ("--config.train.steps=3.5", "train.steps"),
     ("--config.model.name=gan", "unknown model family"),
+    ("--config.model.generator_norm=batch", "model.generator_norm='batch': unknown"),
     ("--config.data.modalities=('pd',)", "data.modalities"),
     ("--config.train.batch_size=0", "train.batch_size"),
 ])

@@ -172,3 +172,42 @@ def test_parameter_counts_by_hand_and_scale_with_base_features():
     small = _count(_shapes(module.clone(base_features=4), *args)[0])
     large = _count(_shapes(module, *args)[0])
     assert large > small, type(module).__name__
+
+
+def test_conditional_instance_norm_scales_and_shifts_per_modality():
+  x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 6, 5, 3)), jnp.float32)
+  modality = jnp.array([3, 1])
+  layer = stargan.ConditionalInstanceNorm(num_modalities=4)
+  variables = layer.init(_key(), x, modality)
+  normalised = (x - x.mean(axis=(1, 2), keepdims=True)) / np.sqrt(
+      x.var(axis=(1, 2), keepdims=True) + 1e-5)
+  # Initialised to plain (non-affine) InstanceNorm for every modality.
+  np.testing.assert_allclose(layer.apply(variables, x, modality), normalised, atol=1e-5)
+  scale = jnp.arange(12, dtype=jnp.float32).reshape(4, 3) + 1.0
+  offset = -jnp.arange(12, dtype=jnp.float32).reshape(4, 3)
+  out = layer.apply({"params": {"scale": scale, "bias": offset}}, x, modality)
+  for i, m in enumerate([3, 1]):
+    np.testing.assert_allclose(out[i], normalised[i] * scale[m] + offset[m], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm, conditioned", [("instance", False), ("conditional_instance", True)])
+def test_only_conditional_norm_conditions_without_the_input_planes(norm, conditioned):
+  # With the stem's weights on the one-hot planes zeroed, plain InstanceNorm leaves G blind to the
+  # target; the conditional norm still conditions every layer (tables perturbed from their
+  # identity initialisation, as training does).
+  model = Generator(base_features=4, num_residual=1, norm=norm)
+  variables = model.init(_key(), _IMAGE, jnp.zeros(2, jnp.int32))
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, leaf: leaf + 0.3 * jnp.arange(leaf.size, dtype=leaf.dtype).reshape(leaf.shape)
+      / leaf.size if "scale" in jax.tree_util.keystr(path) else leaf, variables["params"])
+  params["stem"]["kernel"] = params["stem"]["kernel"].at[:, :, 1:, :].set(0.0)
+  outputs = [model.apply({"params": params}, _IMAGE, jnp.array([m, m])) for m in (0, 2)]
+  assert (not np.allclose(outputs[0], outputs[1], atol=1e-6)) == conditioned
+
+
+def test_conditional_norm_parameter_count():
+  # As the 11048 of the plain generator, with each norm's scale and bias (2 * 72 = 144 in all)
+  # held once per modality: 11048 - 144 + 4 * 144 = 11480.
+  image, target = jnp.ones((1, 32, 32, 1)), jnp.array([0])
+  model = Generator(base_features=4, num_residual=1, norm="conditional_instance")
+  assert _count(_shapes(model, image, target)[0]) == 11480

@@ -21,6 +21,8 @@ from uagan_jax.errors import UserError
 
 # Model families (DESIGN.md): which networks exist and which losses train them.
 MODEL_FAMILIES = ("unet", "segan", "stargan", "uagan")
+# How the generator's norm layers see the target modality (uagan_jax/models/stargan.py).
+GENERATOR_NORMS = ("instance", "conditional_instance")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -35,6 +37,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.critic_norm = "batch"  # "batch" (SegAN), "layer" or "none" (use with the gradient penalty)
   c.model.generator_features = 64  # StarGAN generator stem width (stargan, uagan)
   c.model.generator_residual_blocks = 6
+  # "conditional_instance": a scale and offset per target modality after every generator norm,
+  # because InstanceNorm cancels StarGAN's constant one-hot input planes away from the border
+  # (models/stargan.py); "instance" is StarGAN as published (the target only in the input).
+  c.model.generator_norm = "conditional_instance"
   c.model.discriminator_features = 64
   c.model.discriminator_layers = 6  # data.image_size must be divisible by 2**discriminator_layers
   c.model.fuse = True  # uagan: attention fusion from the translation into the segmentation stream
@@ -127,6 +133,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.model.name not in MODEL_FAMILIES:
     raise UserError(f"config model.name={config.model.name!r}: unknown model family "
                     f"(known: {', '.join(MODEL_FAMILIES)})")
+  if config.model.generator_norm not in GENERATOR_NORMS:
+    raise UserError(f"config model.generator_norm={config.model.generator_norm!r}: unknown "
+                    f"(known: {', '.join(GENERATOR_NORMS)})")
   levels = len(config.model.segmentor_features)
   if config.model.name == "uagan" and levels < 2:
     raise UserError("config model.segmentor_features: uagan needs at least two levels")

@@ -11,6 +11,8 @@ by ``2 ** num_layers`` (checked at call time).
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -26,6 +28,55 @@ _DOWN = dict(kernel_size=(4, 4), strides=(2, 2), padding=((1, 1), (1, 1)))
 _UP = dict(kernel_size=(4, 4), strides=(2, 2), padding=((2, 2), (2, 2)), transpose_kernel=True)
 # PyTorch's InstanceNorm2d epsilon (flax defaults to 1e-6).
 _IN_EPSILON = 1e-5
+
+
+class ConditionalInstanceNorm(nn.Module):
+  """InstanceNorm whose scale and offset are looked up per target modality (Dumoulin et al. 2017).
+
+  StarGAN conditions G only through one-hot planes concatenated to the input. Those planes are
+  spatially constant, so the stem conv turns them into a constant per channel, and the InstanceNorm
+  right after it subtracts each channel's spatial mean: the target survives only where the zero
+  padding makes the planes' contribution non-constant, near the image border. With a scale and an
+  offset per target modality after every normalisation, each layer knows the target everywhere.
+  Initialised to the identity (scale 1, offset 0) for every modality, i.e. to plain InstanceNorm.
+
+  Attributes:
+    num_modalities: rows of the scale and offset tables.
+    epsilon: added to the variance.
+    dtype: computation dtype.
+  """
+  num_modalities: int
+  epsilon: float = _IN_EPSILON
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, modality: jax.Array) -> jax.Array:
+    """[B, H, W, C] features and [B] modality ids -> normalised, scaled and shifted features."""
+    x = nn.InstanceNorm(epsilon=self.epsilon, use_scale=False, use_bias=False, dtype=self.dtype,
+                        name="norm")(x)
+    shape = (self.num_modalities, x.shape[-1])
+    scale = self.param("scale", nn.initializers.ones, shape)[modality][:, None, None, :]
+    offset = self.param("bias", nn.initializers.zeros, shape)[modality][:, None, None, :]
+    return x * scale.astype(x.dtype) + offset.astype(x.dtype)
+
+
+def generator_norm(kind: str, modality: jax.Array, *, num_modalities: int, dtype):
+  """A factory ``name -> (features -> normalised features)`` for the generator's norm layers.
+
+  Args:
+    kind: one of GENERATOR_NORMS: ``"instance"`` (StarGAN as published: affine InstanceNorm, the
+      target seen only through the input planes) or ``"conditional_instance"`` (scale and offset
+      per target modality, see `ConditionalInstanceNorm`).
+    modality: [B] target modality ids.
+    num_modalities: size of the one-hot.
+    dtype: computation dtype.
+  """
+  if kind == "instance":
+    return lambda name: nn.InstanceNorm(epsilon=_IN_EPSILON, dtype=dtype, name=name)
+  if kind == "conditional_instance":
+    return lambda name: functools.partial(
+        ConditionalInstanceNorm(num_modalities, dtype=dtype, name=name), modality=modality)
+  raise ValueError(f"unknown generator norm {kind!r} (known: instance, conditional_instance)")
 
 
 class Generator(nn.Module):
@@ -45,12 +96,14 @@ class Generator(nn.Module):
     num_residual: residual blocks at the bottleneck (6 for 128x128 images in StarGAN).
     num_modalities: size of the target-modality one-hot.
     out_channels: channels of the translated image.
+    norm: ``"instance"`` (as published) or ``"conditional_instance"`` (see `generator_norm`).
     dtype: computation dtype (parameters stay float32).
   """
   base_features: int = 64
   num_residual: int = 6
   num_modalities: int = 4
   out_channels: int = 1
+  norm: str = "instance"
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -71,7 +124,8 @@ class Generator(nn.Module):
     """
     # A bias before InstanceNorm is redundant (the norm subtracts each channel's mean), as in
     # StarGAN, which builds these convs with bias=False.
-    instance_norm = lambda name: nn.InstanceNorm(epsilon=_IN_EPSILON, dtype=self.dtype, name=name)
+    instance_norm = generator_norm(self.norm, target_modality, num_modalities=self.num_modalities,
+                                   dtype=self.dtype)
     _, height, width, _ = image.shape
     x = jnp.concatenate(
         [image.astype(self.dtype),

@@ -50,6 +50,7 @@ class UnifiedNet(nn.Module):
     num_modalities: size of the modality one-hots.
     fuse: attention fusion from the translation into the segmentation stream.
     fuse_reverse: also from the segmentation into the translation stream.
+    gen_norm: the translation stream's normalisation (`stargan.generator_norm`).
     bn_axis_name: axis for the segmentation stream's BatchNorm statistics (see `Segmentor`).
     dtype: computation dtype.
   """
@@ -60,6 +61,7 @@ class UnifiedNet(nn.Module):
   num_modalities: int = 4
   fuse: bool = True
   fuse_reverse: bool = True
+  gen_norm: str = "instance"
   bn_axis_name: str | None = None
   dtype: jnp.dtype = jnp.float32
 
@@ -86,7 +88,8 @@ class UnifiedNet(nn.Module):
                                        width=width, dtype=dt)
     batch_norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9,
                                       axis_name=self.bn_axis_name if train else None, dtype=dt)
-    instance_norm = lambda name: nn.InstanceNorm(epsilon=1e-5, dtype=dt, name=name)
+    instance_norm = stargan.generator_norm(self.gen_norm, target_modality,
+                                           num_modalities=self.num_modalities, dtype=dt)
     translation_input = image if translation_input is None else translation_input
 
     # Translation stream: encoder and bottleneck.
