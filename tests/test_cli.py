@@ -161,14 +161,15 @@ def test_synth_then_train_then_evaluate(capsys, tmp_path):
   code, out, err = _run_cli(capsys, "train", "--config", TEST_CONFIG, "--data", data,
                             "--workdir", work, "--config.train.steps=2")
   assert code == 0, err
-  for line in ("step 1/2", "seg/dice", "critic/l1", "steps/s", "ETA", "Dice on 1 test cases"):
+  for line in ("step 1/2", "seg/dice", "critic/l1", "steps/s", "ETA",
+               "Segmentation of 1 test cases", "HD95 mm WT"):
     assert line in out
-  for name in ("config.json", "splits.json", "metrics.jsonl", "eval_test/dice.csv",
-               "eval_test/summary.json"):
+  for name in ("config.json", "splits.json", "metrics.jsonl", "eval_test/metrics.csv",
+               "eval_test/summary.json", "figures/training_curves.png"):
     assert (work / name).is_file(), name
-  assert list((work / "figures").glob("*.png"))
+  assert list((work / "figures").glob("test_*.png"))
   code, out, err = _run_cli(capsys, "evaluate", "--workdir", work, "--data", data)
   assert code == 0, err
-  assert "WT" in out and "flair" in out
+  assert "Dice WT" in out and "flair" in out
   code, _, err = _run_cli(capsys, "evaluate", "--workdir", tmp_path / "nothing", "--data", data)
   assert_one_line_error(code, err, "config.json", "not found")

@@ -1,12 +1,26 @@
-"""Dice conventions and the volume round trip of inference."""
+"""The evaluation report's pieces: per-case scores with the BraTS empty-mask rules, the summary
+statistics, the printed table, and the figures (segmentation panel, training curves)."""
 
+import json
+
+import matplotlib.pyplot as plt
 import numpy as np
 
-from uagan_jax import evaluate
+from uagan_jax import evaluate, metrics, visualize
+from uagan_jax.data import REGIONS
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _masks(*regions):
   return np.stack([np.asarray(r, bool) for r in regions], axis=-1)
+
+
+def assert_png(path):
+  """A readable PNG image, not merely a file."""
+  assert path.read_bytes()[:8] == PNG_SIGNATURE, path
+  image = plt.imread(path)
+  assert image.ndim == 3 and min(image.shape[:2]) > 50, image.shape
 
 
 def test_dice_hand_computed_and_brats_empty_rules():
@@ -18,8 +32,77 @@ def test_dice_hand_computed_and_brats_empty_rules():
   np.testing.assert_allclose(evaluate.dice_per_region(truth, truth), [1, 1, 1])
 
 
-def test_format_table_means_per_modality():
-  rows = [{"case": "a", "modality": "t1", "dice_WT": 1.0, "dice_TC": 0.5, "dice_ET": 0.0},
-          {"case": "b", "modality": "t1", "dice_WT": 0.0, "dice_TC": 0.5, "dice_ET": 1.0}]
+def test_score_case_columns_and_brats_empty_rules():
+  truth = np.zeros((8, 8, 4, 3), bool)
+  predicted = np.zeros_like(truth)
+  truth[2:6, 2:6, 1:3, 0] = True  # WT: 32 voxels
+  predicted[2:6, 2:6, 1:3, 0] = True  # predicted exactly
+  predicted[3:5, 3:5, 1:3, 1] = True  # TC: predicted, but the truth has none
+  # ET: empty in both.
+  row = evaluate.score_case(predicted, truth, spacing=(1.0, 1.0, 2.5))
+  assert list(row) == [f"{m}_{r}" for r in REGIONS for m in evaluate.SEGMENTATION_METRICS]
+  assert row["dice_WT"] == 1.0 and row["hd95_WT"] == 0.0
+  assert row["true_ml_WT"] == row["predicted_ml_WT"] == 32 * 2.5 / 1000  # ml from the spacing
+  assert row["dice_TC"] == 0.0 and row["hd95_TC"] == metrics.EMPTY_HD95_PENALTY_MM == 374.0
+  assert row["sensitivity_TC"] == 0.0 and row["true_ml_TC"] == 0.0
+  assert row["dice_ET"] == 1.0 and row["hd95_ET"] == 0.0 and row["sensitivity_ET"] == 1.0
+  assert row["specificity_ET"] == 1.0
+
+
+def _rows():
+  rng = np.random.default_rng(0)
+  rows = []
+  for case in ("a", "b", "c"):
+    for modality in ("t1", "flair"):
+      rows.append({"case": case, "modality": modality,
+                   **{f"{m}_{r}": float(rng.random() * (374 if m == "hd95" else 1))
+                      for r in REGIONS for m in evaluate.SEGMENTATION_METRICS}})
+  return rows
+
+
+def test_summary_statistics_are_numpy_over_the_cases():
+  rows = _rows()
+  summary = evaluate.summarise(rows, ["t1", "flair"])
+  for modality in ("t1", "flair"):
+    for region in REGIONS:
+      for metric in evaluate.SEGMENTATION_METRICS:
+        values = [r[f"{metric}_{region}"] for r in rows if r["modality"] == modality]
+        stats = summary[modality][region][metric]
+        assert stats == {"mean": np.mean(values), "std": np.std(values),
+                         "median": np.median(values)}
+  json.dumps(summary)  # plain floats, ready for summary.json
+
+
+def test_format_table_dice_and_hd95_per_modality():
+  rows = [{"case": c, "modality": "t1",
+           **{f"{m}_{r}": 0.0 for r in REGIONS for m in evaluate.SEGMENTATION_METRICS}}
+          for c in ("a", "b")]
+  rows[0].update(dice_WT=1.0, dice_TC=0.5, hd95_ET=374.0)
+  rows[1].update(dice_WT=0.0, dice_TC=0.5, hd95_ET=0.0)
   table = evaluate.format_table(rows, ["t1"], title="t")
-  assert "0.500 ± 0.500" in table and "0.500 ± 0.000" in table
+  assert "Dice WT" in table and "HD95 mm ET" in table
+  assert "0.500 ± 0.500" in table and "0.500 ± 0.000" in table and "187.0 ± 187.0" in table
+
+
+def test_segmentation_panel_and_training_curves_are_pngs(tmp_path):
+  class Volume:  # the two attributes the panel reads
+    images = {"t1": np.random.default_rng(0).random((16, 16, 8)).astype(np.float32),
+              "flair": np.random.default_rng(1).random((16, 16, 8)).astype(np.float32)}
+  truth = np.zeros((16, 16, 8, 3), bool)
+  truth[4:10, 4:10, 5, 0] = truth[5:8, 5:8, 5, 1] = truth[6, 6, 5, 2] = True
+  assert visualize.tumour_slice(truth) == 5
+  predictions = {"t1": truth, "flair": np.zeros_like(truth)}
+  scores = {m: evaluate.score_case(p, truth, spacing=(1, 1, 1)) for m, p in predictions.items()}
+  panel = visualize.segmentation_panel(Volume(), truth, predictions, tmp_path / "f" / "case.png",
+                                       title="case", scores=scores)
+  assert_png(panel)
+
+  (tmp_path / "metrics.jsonl").write_text("".join(
+      json.dumps({"step": s, "seg/dice": 1 / s, "seg/bce": 0.5, "gen/grad_norm": 3.0}) + "\n"
+      for s in range(1, 6)))
+  (tmp_path / "validation.jsonl").write_text("".join(
+      json.dumps({"step": s, **{f"dice/{r}": s / 10 for r in REGIONS}}) + "\n" for s in (2, 4)))
+  curves = visualize.training_curves(tmp_path / "metrics.jsonl", tmp_path / "validation.jsonl",
+                                     tmp_path / "f" / "training_curves.png")
+  assert_png(curves)
+  assert visualize.training_curves(tmp_path / "missing.jsonl", None, tmp_path / "none.png") is None

@@ -4,6 +4,9 @@ The state pytree (`train.TrainState`) is everything a run needs to continue: par
 statistics, optimizer states, the step and the base key. Sampling is a pure function of (seed,
 step), so no data-iterator state is needed: a resumed run continues with exactly the batches and
 keys an uninterrupted run would have used.
+
+The same class keeps the best checkpoint by a validation score (``best_metric``): the score is
+stored with the checkpoint, so a resumed run knows the best so far.
 """
 
 from __future__ import annotations
@@ -23,15 +26,28 @@ class Checkpointer:
   for the last one.
   """
 
-  def __init__(self, directory: pathlib.Path | str, *, every: int, keep: int):
+  def __init__(self, directory: pathlib.Path | str, *, every: int, keep: int,
+               best_metric: str | None = None):
+    """Opens (or creates) ``directory``.
+
+    Args:
+      directory: the checkpoint folder (one subfolder per step).
+      every: save only steps that are multiples of ``every`` (unless forced).
+      keep: how many checkpoints to keep.
+      best_metric: keep the ``keep`` checkpoints with the highest ``metrics[best_metric]``
+        (passed to `save`) instead of the newest ones; the metrics are stored with each
+        checkpoint and read back by `metrics`.
+    """
     self.directory = pathlib.Path(directory).absolute()
+    best = ({} if best_metric is None else
+            {"best_fn": lambda metrics: metrics[best_metric], "best_mode": "max"})
     self._manager = ocp.CheckpointManager(
         self.directory,
         # Naming the item's handler up front lets a new process read the metadata of checkpoints
         # it has not written (needed to check them before restoring).
         item_handlers={"state": ocp.StandardCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every,
-                                             create=True))
+                                             create=True, **best))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -39,10 +55,18 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def save(self, step: int, state, *, force: bool = False) -> bool:
-    """Saves ``state`` as ``step`` if due (or ``force``); returns whether a save started."""
+  def save(self, step: int, state, *, force: bool = False, metrics: dict | None = None) -> bool:
+    """Saves ``state`` as ``step`` if due (or ``force``); returns whether a save started.
+
+    ``metrics`` (a flat dict of floats) is stored with the checkpoint; required when the
+    checkpointer keeps the best checkpoints.
+    """
     return self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
-                              force=force)
+                              force=force, metrics=metrics)
+
+  def metrics(self, step: int) -> dict | None:
+    """The metrics saved with ``step`` (None if none were)."""
+    return self._manager.metrics(step)
 
   def restore(self, step: int, like):
     """Restores ``step`` into the structure, shapes, dtypes and shardings of ``like``.

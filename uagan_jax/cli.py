@@ -2,8 +2,9 @@
 
   uagan-jax synth    --out DIR --cases N --seed S [--shape X Y Z]
   uagan-jax train    --config configs/segan.py[:variant] --data DIR --workdir W [--config.a.b=v ...]
-  uagan-jax evaluate --workdir W --data DIR [--split test]
+  uagan-jax evaluate --workdir W --data DIR [--split test] [--checkpoint latest|best]
   uagan-jax translate --workdir W --input FILE --source t1 --target flair --output OUT.nii.gz
+  uagan-jax predict  --workdir W --input FILE|CASE|DATA --modality flair --output SEG.nii.gz|DIR
 
 Bad input (a missing or corrupt file, an unknown config key, ...) ends with one line
 ``error: <file or key>: <problem>`` on stderr and exit code 2, never a traceback.
@@ -48,10 +49,14 @@ def _build_parser() -> argparse.ArgumentParser:
   train.add_argument("--workdir", required=True, type=pathlib.Path)
   train.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
 
-  evaluate = commands.add_parser("evaluate", help="Dice per region and modality on a split")
+  evaluate = commands.add_parser(
+      "evaluate", help="BraTS metrics (Dice, HD95, ...) per case, region and modality on a split")
   evaluate.add_argument("--workdir", required=True, type=pathlib.Path)
   evaluate.add_argument("--data", required=True, type=pathlib.Path)
   evaluate.add_argument("--split", default=None, choices=("train", "val", "test"))
+  evaluate.add_argument("--checkpoint", default="latest", choices=("latest", "best"),
+                        help="the newest checkpoint, or the best by validation Dice "
+                             "(train.validate_every)")
 
   translate = commands.add_parser(
       "translate", help="translate a NIfTI volume into another modality (stargan, uagan)")
@@ -99,7 +104,7 @@ def _evaluate(args) -> None:
   # pylint: enable=g-import-not-at-top
   config = config_lib.from_json_file(args.workdir / "config.json")
   evaluate.evaluate_split(config, workdir=args.workdir, data_dir=args.data, split=args.split,
-                          log=_log)
+                          checkpoint=args.checkpoint, log=_log)
 
 
 def _translate(args) -> None:

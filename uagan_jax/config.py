@@ -96,12 +96,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.num_devices = 0  # 0 = all local devices
   c.train.parallel_mode = "shard_map"  # "shard_map" (jit + shard_map) or "pmap"
   c.train.n_critic = 1  # stargan/uagan: generators update every n_critic steps (StarGAN: 5)
+  # Every validate_every steps (and at the last step) the segmentation is scored on the val split
+  # (Dice per region, mean over modalities) into validation.jsonl, and the checkpoint with the
+  # highest mean Dice is kept in checkpoints_best/. 0 = off. Needs data.val_fraction > 0; does not
+  # change training (same bits with or without). Ignored by stargan (it does not segment).
+  c.train.validate_every = 0
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 32  # slices per inference batch
   c.eval.split = "test"
   c.eval.max_cases = 0  # 0 = every case of the split
   c.eval.panels = 4  # cases drawn as PNG panels
+  c.eval.val_max_cases = 0  # validation during training scores the first N val cases; 0 = all
   return c
 
 
@@ -125,7 +131,9 @@ def apply_demo_sizes(c: ml_collections.ConfigDict) -> None:
   c.train.batch_size = 16
   c.train.log_every = 25
   c.train.checkpoint_every = 200
+  c.train.validate_every = 200
   c.eval.batch_size = 64
+  c.eval.val_max_cases = 4
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -165,6 +173,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
               "n_critic"):
     if config.train[key] < 1:
       raise UserError(f"config train.{key}={config.train[key]}: must be >= 1")
+  for key in ("train.validate_every", "eval.val_max_cases", "eval.max_cases", "eval.panels"):
+    group, name = key.split(".")
+    if config[group][name] < 0:
+      raise UserError(f"config {key}={config[group][name]}: must be >= 0")
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:

@@ -1,12 +1,31 @@
-"""Held-out evaluation: whole volumes through the segmentor, Dice per region and modality.
+"""Held-out evaluation, BraTS style: whole volumes through the segmentor, per case and modality.
 
 Every held-out case is segmented from each of its modalities separately (the model is unified: one
 network, any single modality in). A volume is cut into axial slices exactly as in training,
 predicted in fixed-size batches (one compiled program for every volume), thresholded at 0.5, put
-back on the volume's grid (the crop/pad undone) and scored against the full label volume.
+back on the volume's grid (the crop/pad undone) and scored against the full label volume, per
+region (WT, TC, ET), with `metrics.region_metrics`:
 
-Dice follows the BraTS convention for empty masks: if neither prediction nor truth has a voxel
-of a region, the Dice of that region is 1; if exactly one of them is empty, it is 0.
+  dice          2|P & T| / (|P| + |T|)
+  hd95          95th percentile Hausdorff distance between the surfaces of P and T (MONAI's
+                definition), in mm: through the voxel spacing of the case, so anisotropic volumes
+                are measured correctly
+  sensitivity   |P & T| / |T|        specificity   |~P & ~T| / |~T|
+  predicted_ml  |P| in millilitres   true_ml       |T| in millilitres
+
+Empty masks follow the BraTS rules: if neither the prediction nor the truth has a voxel of a
+region, Dice is 1 and HD95 is 0; if exactly one of them is empty, Dice is 0 and HD95 is the
+penalty `metrics.EMPTY_HD95_PENALTY_MM` (374 mm, about the diagonal of a BraTS volume).
+
+Outputs of `evaluate_split` in ``workdir/eval_<split>/`` (``eval_<split>_best/`` for the best
+checkpoint): ``metrics.csv`` (a row per case and modality: ``case``, ``modality``, then for each
+region R in WT, TC, ET the columns ``dice_R``, ``hd95_R`` (mm), ``sensitivity_R``,
+``specificity_R``, ``predicted_ml_R``, ``true_ml_R``), ``summary.json`` (mean, standard
+deviation and median over cases of every metric, per modality and region, with these definitions
+spelt out), ``translation.csv`` for models that translate; and PNG panels in ``workdir/figures/``.
+
+`Validator` is the cheaper variant the trainer runs every ``train.validate_every`` steps: Dice only,
+no files.
 """
 
 from __future__ import annotations
@@ -15,18 +34,48 @@ import csv
 import json
 import pathlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from uagan_jax import metrics as metrics_lib
 from uagan_jax.data import MODALITIES, REGIONS
 
 # --------------------------------------------------------------------------------------------
 # Metrics
 # --------------------------------------------------------------------------------------------
+
+# Per region, in this order, the CSV columns ``<metric>_<region>``.
+SEGMENTATION_METRICS = ("dice", "hd95", "sensitivity", "specificity", "predicted_ml", "true_ml")
+# The summary's statistics over cases (std is the population standard deviation, ddof=0).
+STATISTICS = {"mean": np.mean, "std": np.std, "median": np.median}
+# Workdir folder of each checkpoint kind `evaluate_split` can score.
+CHECKPOINT_DIRS = {"latest": "checkpoints", "best": "checkpoints_best"}
+
+
+def definitions() -> dict[str, str]:
+  """What the numbers of ``metrics.csv`` and ``summary.json`` mean, written into the summary."""
+  penalty = metrics_lib.EMPTY_HD95_PENALTY_MM
+  return {
+      "regions": "WT = whole tumour (oedema + core), TC = tumour core (necrotic/non-enhancing "
+                 "core + enhancing), ET = enhancing tumour; P = predicted, T = true voxels",
+      "columns": "metrics.csv: case, modality (the single input modality), then per region R: "
+                 + ", ".join(f"{m}_R" for m in SEGMENTATION_METRICS),
+      "dice": "2|P & T| / (|P| + |T|)",
+      "hd95": "95th percentile Hausdorff distance in mm (voxel spacing of the case), MONAI's "
+              "definition: surface = mask XOR its 6-connected erosion; the 95th percentile of "
+              "the distances from P's surface to T's and from T's to P's, the larger of the two",
+      "sensitivity": "|P & T| / |T| (T empty: 1 if P is empty, else 0)",
+      "specificity": "|~P & ~T| / |~T| over the whole volume, background included",
+      "predicted_ml": "|P| times the voxel volume, in millilitres",
+      "true_ml": "|T| times the voxel volume, in millilitres",
+      "empty_masks": f"BraTS rules: P and T both empty: Dice 1, HD95 0 mm; exactly one empty: "
+                     f"Dice 0, HD95 {penalty:g} mm",
+      "statistics": "mean, std (population, ddof=0) and median over the cases of the split",
+  }
 
 
 def dice_per_region(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -38,6 +87,37 @@ def dice_per_region(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
   with np.errstate(invalid="ignore", divide="ignore"):
     dice = np.where(total == 0, 1.0, 2.0 * intersection / np.maximum(total, 1))
   return dice
+
+
+def score_case(predicted: np.ndarray, truth: np.ndarray, *,
+               spacing: Sequence[float]) -> dict[str, float]:
+  """Every metric of every region of one prediction: ``{"<metric>_<region>": value}``.
+
+  Args:
+    predicted: boolean (X, Y, Z, 3) predicted WT/TC/ET.
+    truth: boolean (X, Y, Z, 3) true WT/TC/ET on the same grid.
+    spacing: voxel size in mm along X, Y, Z.
+  """
+  row = {}
+  for index, region in enumerate(REGIONS):
+    values = metrics_lib.region_metrics(predicted[..., index], truth[..., index],
+                                        spacing=tuple(spacing))
+    row.update({f"{metric}_{region}": float(values[metric]) for metric in SEGMENTATION_METRICS})
+  return row
+
+
+def summarise(rows: Sequence[dict], modalities: Sequence[str]) -> dict:
+  """``{modality: {region: {metric: {"mean", "std", "median"}}}}`` over the rows (cases)."""
+  summary = {}
+  for modality in modalities:
+    selected = [row for row in rows if row["modality"] == modality]
+    summary[modality] = {
+        region: {metric: {name: float(statistic(np.array([row[f"{metric}_{region}"]
+                                                          for row in selected])))
+                          for name, statistic in STATISTICS.items()}
+                 for metric in SEGMENTATION_METRICS}
+        for region in REGIONS}
+  return summary
 
 
 # --------------------------------------------------------------------------------------------
@@ -79,6 +159,10 @@ class SlicePredictor:
         return jax.nn.sigmoid(module.apply(variables, images, modality, train=False))
 
     self._predict = jax.jit(probs_fn)
+
+  def set_variables(self, variables: dict) -> None:
+    """Predicts with other variables of the same shapes, reusing the compiled program."""
+    self.variables = jax.device_put(variables)
 
   def __call__(self, slices: np.ndarray, modality_id: int) -> np.ndarray:
     """(Z, H, W) normalised slices -> (Z, H, W, 3) region probabilities."""
@@ -166,20 +250,34 @@ def segment_volume(predictor: SlicePredictor, image: np.ndarray, *, modality: st
 # --------------------------------------------------------------------------------------------
 
 
-def load_state(config: ml_collections.ConfigDict, workdir: pathlib.Path):
-  """The newest checkpoint's train state (on one device) and its step."""
+def load_state(config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
+               checkpoint: str = "latest"):
+  """A checkpoint's train state (on one device) and its step.
+
+  Args:
+    config: the run's config.
+    workdir: the training workdir.
+    checkpoint: "latest" (the newest checkpoint in ``checkpoints/``) or "best" (the one kept in
+      ``checkpoints_best/`` for the highest validation Dice, see ``train.validate_every``).
+  """
   # pylint: disable=g-import-not-at-top
-  from uagan_jax import checkpoint, train
+  from uagan_jax import checkpoint as checkpoint_lib
+  from uagan_jax import train
   from uagan_jax.errors import UserError
   # pylint: enable=g-import-not-at-top
-  directory = pathlib.Path(workdir) / "checkpoints"
+  if checkpoint not in CHECKPOINT_DIRS:
+    raise UserError(f"--checkpoint {checkpoint}: use {' or '.join(CHECKPOINT_DIRS)}")
+  directory = pathlib.Path(workdir) / CHECKPOINT_DIRS[checkpoint]
   checkpoints = step = None
   if directory.is_dir():
-    checkpoints = checkpoint.Checkpointer(directory, every=1, keep=1_000_000)
+    checkpoints = checkpoint_lib.Checkpointer(directory, every=1, keep=1_000_000)
     step = checkpoints.latest_step()
   if step is None:
     if checkpoints is not None:
       checkpoints.close()
+    if checkpoint == "best":
+      raise UserError(f"{directory}: no best checkpoint; it is kept when training validates "
+                      "(--config.train.validate_every=N with a val split, data.val_fraction > 0)")
     raise UserError(f"{directory}: no checkpoints; train first with 'uagan-jax train'")
   try:
     state = checkpoints.restore(step, train.abstract_state(config))
@@ -208,20 +306,25 @@ def segmentation_variables(state) -> dict:
 
 def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
                    data_dir: pathlib.Path, split: str | None = None, state=None,
+                   checkpoint: str = "latest", curves: bool = True,
                    log: Callable[[str], None] = print) -> dict:
   """Scores every case of ``split`` from each modality; writes CSV, JSON, PNG panels.
 
   Args:
     config: the run's config.
     workdir: the training workdir (its ``splits.json`` names the cases; outputs go to
-      ``workdir/eval_<split>/``).
+      ``workdir/eval_<split>/``, or ``eval_<split>_best/`` for the best checkpoint).
     data_dir: the data folder the run was trained on.
     split: "test", "val" or "train"; default ``config.eval.split``.
-    state: a train state to evaluate; default: the newest checkpoint in ``workdir``.
+    state: a train state to evaluate; default: the ``checkpoint`` in ``workdir``.
+    checkpoint: without ``state``: "latest" or "best" (see `load_state`).
+    curves: also draw ``figures/training_curves.png`` from the workdir's logs.
     log: where progress and the table go.
 
   Returns:
-    ``{"rows": [...per case and modality...], "summary": {modality: {region: mean}}}``.
+    ``{"rows": [...per case and modality...], "translation_rows": [...], "summary":
+    {modality: {region: {metric: {"mean", "std", "median"}}}}, "report": <summary.json>,
+    "step": step}``.
   """
   # pylint: disable=g-import-not-at-top
   from uagan_jax import visualize
@@ -248,15 +351,16 @@ def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
 
   if state is not None:
     step = int(jax.device_get(state.step))
+    checkpoint = "latest"  # the trainer's final state
   else:
-    state, step = load_state(config, workdir)
+    state, step = load_state(config, workdir, checkpoint=checkpoint)
   segments = config.model.name != "stargan"
   translates = config.model.name in ("stargan", "uagan")
   predictor = (SlicePredictor(config, segmentation_variables(state),
                               batch_size=config.eval.batch_size) if segments else None)
   translator = (SliceTranslator(config, translation_variables(state),
                                 batch_size=config.eval.batch_size) if translates else None)
-  out_dir = workdir / f"eval_{split}"
+  out_dir = workdir / (f"eval_{split}" if checkpoint == "latest" else f"eval_{split}_{checkpoint}")
   figures = workdir / "figures"
   out_dir.mkdir(parents=True, exist_ok=True)
   modalities = [m for m in MODALITIES if m in config.data.modalities]
@@ -265,22 +369,17 @@ def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
   for number, case_id in enumerate(case_ids, 1):
     volume = readers.load_case(cases[case_id], modalities=modalities, with_label=segments)
     if segments:
-      if volume.label is None:
-        raise UserError(f"{cases[case_id].images[modalities[0]].parent}: case {case_id} has no "
-                        "label volume to evaluate against")
-      truth = readers.labels_to_regions(volume.label, convention=cases[case_id].label_convention)
-      predictions = {}
+      truth = _truth(volume, cases[case_id])
+      predictions, scores = {}, {}
       for modality in modalities:
-        predicted = segment_volume(predictor, volume.images[modality], modality=modality,
-                                      config=config)
-        predictions[modality] = predicted
-        dice = dice_per_region(predicted, truth)
-        rows.append({"case": case_id, "modality": modality,
-                     **{f"dice_{r}": float(d) for r, d in zip(REGIONS, dice)}})
+        predictions[modality] = segment_volume(predictor, volume.images[modality],
+                                               modality=modality, config=config)
+        scores[modality] = score_case(predictions[modality], truth, spacing=volume.spacing)
+        rows.append({"case": case_id, "modality": modality, **scores[modality]})
       if number <= config.eval.panels:
         visualize.segmentation_panel(volume, truth, predictions,
                                      figures / f"{split}_{case_id}_step{step}.png",
-                                     title=f"{case_id} ({split}), step {step}")
+                                     title=f"{case_id} ({split}), step {step}", scores=scores)
     if translates:
       case_rows, panel = _evaluate_translation(translator, volume, case_id, modalities, config)
       translation_rows.extend(case_rows)
@@ -292,13 +391,17 @@ def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
     log(f"  evaluated {number}/{len(case_ids)} {split} cases ({case_id}); "
         f"ETA {elapsed / number * (len(case_ids) - number):.0f} s")
 
-  report = {"step": step, "split": split, "cases": len(case_ids)}
+  report = {"step": step, "split": split, "checkpoint": checkpoint, "cases": len(case_ids),
+            "case_ids": case_ids}
+  summary = {}
   if rows:
-    report["dice_mean"] = {
-        m: {r: float(np.mean([row[f"dice_{r}"] for row in rows if row["modality"] == m]))
-            for r in REGIONS} for m in modalities}
-    _write_csv(out_dir / "dice.csv", rows)
-    log(format_table(rows, modalities, title=f"Dice on {len(case_ids)} {split} cases, step {step}"))
+    summary = summarise(rows, modalities)
+    report["definitions"] = definitions()
+    report["segmentation"] = summary
+    _write_csv(out_dir / "metrics.csv", rows)
+    log(format_table(rows, modalities,
+                     title=f"Segmentation of {len(case_ids)} {split} cases, {checkpoint} "
+                           f"checkpoint (step {step}): mean ± std over cases"))
   if translation_rows:
     report["translation_mean"] = {
         f"{a}->{b}": {k: float(np.mean([r[k] for r in translation_rows
@@ -310,9 +413,78 @@ def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
                                  title=f"Translation on {len(case_ids)} {split} cases, step {step} "
                                        "(normalised intensities; identity = the source image as is)"))
   (out_dir / "summary.json").write_text(json.dumps(report, indent=2))
-  log(f"per-case rows and summary.json in {out_dir}, panels in {figures}")
-  return {"rows": rows, "translation_rows": translation_rows, "summary": report.get("dice_mean", {}),
+  if curves and (workdir / "metrics.jsonl").is_file():
+    visualize.training_curves(workdir / "metrics.jsonl", workdir / "validation.jsonl",
+                              figures / "training_curves.png")
+  log(f"per-case rows and summary.json in {out_dir}, figures in {figures}")
+  return {"rows": rows, "translation_rows": translation_rows, "summary": summary,
           "report": report, "step": step}
+
+
+def _truth(volume, case) -> np.ndarray:
+  """The boolean (X, Y, Z, 3) WT/TC/ET of a loaded case."""
+  # pylint: disable=g-import-not-at-top
+  from uagan_jax.data import readers
+  from uagan_jax.errors import UserError
+  # pylint: enable=g-import-not-at-top
+  if volume.label is None:
+    raise UserError(f"{case.images[next(iter(case.images))].parent}: case {case.case_id} has no "
+                    "label volume to evaluate against")
+  return readers.labels_to_regions(volume.label, convention=case.label_convention)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation during training
+# --------------------------------------------------------------------------------------------
+
+
+class Validator:
+  """Dice on held-out cases for the trainer (segmenting models only): a flat log row.
+
+  Scores every case from each trained modality, like `evaluate_split`, but Dice only (no HD95,
+  no files), so it is cheap enough to run every few hundred steps. The predictor is compiled on
+  the first call and reused with each later call's variables.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, cases: Sequence):
+    """``cases``: the `readers.CaseFiles` to validate on (with labels)."""
+    self.config = config
+    self.cases = list(cases)
+    self.modalities = [m for m in MODALITIES if m in config.data.modalities]
+    self._predictor = None
+
+  def __call__(self, state) -> dict[str, float]:
+    """``{"cases": n, "dice/<region>": mean over cases and modalities, "dice/mean": mean over
+    regions, "dice/<modality>/<region>": mean over cases}`` for ``state``."""
+    from uagan_jax.data import readers  # pylint: disable=g-import-not-at-top
+    variables = segmentation_variables(state)
+    if self._predictor is None:
+      self._predictor = SlicePredictor(self.config, variables,
+                                       batch_size=self.config.eval.batch_size)
+    else:
+      self._predictor.set_variables(variables)
+    dice = {m: [] for m in self.modalities}
+    for case in self.cases:
+      volume = readers.load_case(case, modalities=self.modalities, with_label=True)
+      truth = _truth(volume, case)
+      for modality in self.modalities:
+        predicted = segment_volume(self._predictor, volume.images[modality], modality=modality,
+                                   config=self.config)
+        dice[modality].append(dice_per_region(predicted, truth))
+    per_modality = {m: np.mean(dice[m], axis=0) for m in self.modalities}
+    row = {"cases": len(self.cases)}
+    for index, region in enumerate(REGIONS):
+      row[f"dice/{region}"] = float(np.mean([per_modality[m][index] for m in self.modalities]))
+    row["dice/mean"] = float(np.mean([row[f"dice/{region}"] for region in REGIONS]))
+    for modality in self.modalities:
+      for index, region in enumerate(REGIONS):
+        row[f"dice/{modality}/{region}"] = float(per_modality[modality][index])
+    return row
+
+
+# --------------------------------------------------------------------------------------------
+# Files and tables
+# --------------------------------------------------------------------------------------------
 
 
 _TRANSLATION_KEYS = ("mae", "psnr", "ssim", "identity_mae", "identity_psnr", "identity_ssim")
@@ -332,10 +504,7 @@ def _evaluate_translation(translator: SliceTranslator, volume, case_id: str, mod
 
   Returns the rows and, for the picture, the true and translated slices at the middle of the brain.
   """
-  # pylint: disable=g-import-not-at-top
-  from uagan_jax import metrics
-  from uagan_jax.data import preprocess
-  # pylint: enable=g-import-not-at-top
+  from uagan_jax.data import preprocess  # pylint: disable=g-import-not-at-top
   size, clip = tuple(config.data.image_size), config.data.clip
   normalised = {}
   for modality in modalities:
@@ -360,10 +529,11 @@ def _evaluate_translation(translator: SliceTranslator, volume, case_id: str, mod
       mask = truth[keep] != 0
       row = {"case": case_id, "source": source, "target": target}
       for prefix, candidate in (("", translated), ("identity_", source_slices)):
-        row[prefix + "mae"] = metrics.mae(predicted=candidate[keep], target=truth[keep], mask=mask)
-        row[prefix + "psnr"] = metrics.psnr(predicted=candidate[keep], target=truth[keep],
+        row[prefix + "mae"] = metrics_lib.mae(predicted=candidate[keep], target=truth[keep],
+                                              mask=mask)
+        row[prefix + "psnr"] = metrics_lib.psnr(predicted=candidate[keep], target=truth[keep],
                                             data_range=data_range, mask=mask)
-        row[prefix + "ssim"] = metrics.ssim(predicted=candidate[keep], target=truth[keep],
+        row[prefix + "ssim"] = metrics_lib.ssim(predicted=candidate[keep], target=truth[keep],
                                             data_range=data_range)
       rows.append(row)
   return rows, panel
@@ -380,14 +550,23 @@ def format_translation_table(summary: dict[str, dict], *, title: str) -> str:
   return "\n".join(lines)
 
 
-def format_table(rows: list[dict], modalities, *, title: str) -> str:
-  """Mean (and standard deviation) Dice per modality and region, as a fixed-width table."""
-  lines = [title, f"{'modality':<9}" + "".join(f"{r:>16}" for r in REGIONS) + f"{'mean':>9}"]
+def format_table(rows: list[dict], modalities: Sequence[str], *, title: str) -> str:
+  """Dice and HD95 (mm) per modality and region, mean ± std over cases, as a fixed-width table;
+  the last column is the modality's Dice averaged over the regions."""
+  summary = summarise(rows, modalities)
+  penalty = metrics_lib.EMPTY_HD95_PENALTY_MM
+
+  def cell(stats, digits):
+    return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
+
+  header = (f"{'modality':<9}" + "".join(f"{'Dice ' + r:>15}" for r in REGIONS)
+            + "".join(f"{'HD95 mm ' + r:>16}" for r in REGIONS) + f"{'Dice mean':>11}")
+  lines = [title, header]
   for modality in modalities:
-    cells, means = [], []
-    for region in REGIONS:
-      values = np.array([r[f"dice_{region}"] for r in rows if r["modality"] == modality])
-      means.append(values.mean())
-      cells.append(f"{values.mean():.3f} ± {values.std():.3f}")
-    lines.append(f"{modality:<9}" + "".join(f"{c:>16}" for c in cells) + f"{np.mean(means):>9.3f}")
+    regions = summary[modality]
+    lines.append(f"{modality:<9}" + "".join(f"{cell(regions[r]['dice'], 3):>15}" for r in REGIONS)
+                 + "".join(f"{cell(regions[r]['hd95'], 1):>16}" for r in REGIONS)
+                 + f"{np.mean([regions[r]['dice']['mean'] for r in REGIONS]):>11.3f}")
+  lines.append(f"(BraTS rules for empty masks: both empty Dice 1, HD95 0; one empty Dice 0, "
+               f"HD95 {penalty:g} mm. Medians and the other metrics: summary.json, metrics.csv)")
   return "\n".join(lines)

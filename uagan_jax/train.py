@@ -27,9 +27,9 @@ import numpy as np
 import optax
 from flax import struct
 
-from uagan_jax import checkpoint, evaluate, losses, parallel
+from uagan_jax import checkpoint, evaluate, losses, parallel, visualize
 from uagan_jax import config as config_lib
-from uagan_jax.data import MODALITIES, augment, dataset, readers
+from uagan_jax.data import MODALITIES, REGIONS, augment, dataset, readers
 from uagan_jax.errors import UserError
 from uagan_jax.models import stargan, uagan
 from uagan_jax.models.segan import Critic, Segmentor, mask_image
@@ -512,7 +512,8 @@ def init_state(config: ml_collections.ConfigDict, mesh) -> TrainState:
 
 
 class MetricsLog:
-  """``metrics.jsonl``: one JSON object per logged step, ``{"step": t, "<loss>": value, ...}``.
+  """``metrics.jsonl``: one JSON object per logged step, ``{"step": t, "<loss>": value, ...}``
+  (and ``validation.jsonl``, the same way).
 
   On resume, rows past the restored step (logged after the last checkpoint by the interrupted
   run) are dropped, so a resumed run's file equals the uninterrupted run's, row for row.
@@ -603,6 +604,54 @@ class TrainingDiverged(Exception):
   """A logged loss became NaN or infinite."""
 
 
+class _Validation:
+  """Validation during training: every ``train.validate_every`` steps and at the last step, Dice
+  on the val split (`evaluate.Validator`) as a row of ``validation.jsonl``; the checkpoint with the
+  highest mean Dice is kept in ``checkpoints_best/``, its score stored with it.
+
+  It only reads the state, so training takes the same path, bit for bit, with or without it.
+  Resuming stays equal to an uninterrupted run: rows past the restored step are dropped (as in
+  `MetricsLog`) and written again by the replayed steps; the best score so far is read from the
+  best checkpoint, which is kept even when it is newer than the restored step (the replayed steps
+  reach the same state and score, and an equal score never replaces it).
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, *, workdir: pathlib.Path, cases,
+               resume_step: int, log: Callable[[str], None]):
+    self.every = config.train.validate_every
+    self.last = config.train.steps
+    self.log = log
+    self.validator = evaluate.Validator(config, cases)
+    self.rows = MetricsLog(workdir / "validation.jsonl", resume_step=resume_step)
+    self.checkpoints = checkpoint.Checkpointer(workdir / evaluate.CHECKPOINT_DIRS["best"], every=1,
+                                               keep=1, best_metric="dice_mean")
+    self.best_step = self.checkpoints.latest_step()
+    self.best = -math.inf
+    if self.best_step is not None:
+      self.best = (self.checkpoints.metrics(self.best_step) or {}).get("dice_mean", -math.inf)
+
+  def due(self, step: int) -> bool:
+    return step % self.every == 0 or step == self.last
+
+  def __call__(self, step: int, state: TrainState) -> float:
+    """Validates ``state`` (after ``step`` steps); returns the seconds it took."""
+    started = time.time()
+    row = {"step": step, **self.validator(state)}
+    score = row["dice/mean"]
+    if score > self.best and step != self.best_step:  # a replayed step's best is there already
+      self.checkpoints.save(step, state, force=True, metrics={"dice_mean": score})
+      self.best, self.best_step = score, step
+    self.rows.write(row)
+    regions = "  ".join(f"{r} {row[f'dice/{r}']:.3f}" for r in REGIONS)
+    self.log(f"validation step {step}: Dice {regions} (mean over modalities, {row['cases']} val "
+             f"cases); mean {score:.3f}, best {self.best:.3f} at step {self.best_step} "
+             f"[{time.time() - started:.1f} s]")
+    return time.time() - started
+
+  def close(self) -> None:
+    self.checkpoints.close()
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
                        data_dir: pathlib.Path, log: Callable[[str], None] = print,
                        evaluate_after: bool = True) -> TrainState:
@@ -610,8 +659,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, *, workdir: pathlib.Pa
 
   Resumes from the newest checkpoint in ``workdir`` if there is one. Writes ``config.json`` (the
   resolved config), ``splits.json`` (cases per split, modality per training case),
-  ``metrics.jsonl`` and ``checkpoints/``; then evaluates the held-out split (see
-  `uagan_jax.evaluate`).
+  ``metrics.jsonl``, ``checkpoints/``, with ``train.validate_every`` also ``validation.jsonl``
+  and ``checkpoints_best/``, and at the end ``figures/training_curves.png``; then evaluates the
+  held-out split (see `uagan_jax.evaluate`).
 
   Returns:
     The final train state.
@@ -628,6 +678,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, *, workdir: pathlib.Pa
   log(f"data: {len(cases)} {cases[0].layout} cases in {data_dir}: {len(splits['train'])} train, "
       f"{len(splits['val'])} val, {len(splits['test'])} test; each training case contributes one "
       "modality (unpaired)")
+  validates = config.train.validate_every > 0 and config.model.name != "stargan"
+  if config.train.validate_every and not validates:
+    log("validation: stargan does not segment; train.validate_every is ignored")
+  if validates and not splits["val"]:
+    raise UserError(f"config train.validate_every={config.train.validate_every}: the val split is "
+                    f"empty (data.val_fraction={config.data.val_fraction}, {len(cases)} cases); "
+                    "raise data.val_fraction or set train.validate_every=0")
   train_cases = [c for c in cases if c.case_id in assignment]
   started = time.time()
 
@@ -665,6 +722,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, *, workdir: pathlib.Pa
        "train_modality": assignment}, indent=2))
   start = int(jax.device_get(state.step))
   metrics_log = MetricsLog(workdir / "metrics.jsonl", resume_step=start)
+  validation = None
+  if validates:
+    val_cases = {c.case_id: c for c in cases}
+    val_ids = splits["val"][:config.eval.val_max_cases or None]
+    validation = _Validation(config, workdir=workdir, cases=[val_cases[i] for i in val_ids],
+                             resume_step=start, log=log)
   base_key = jax.random.wrap_key_data(jax.device_get(state.rng))
   step_fn = make_step(config, mesh)
   place = (functools.partial(parallel.shard_batch, mesh=mesh)
@@ -698,6 +761,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, *, workdir: pathlib.Pa
         bad = [k for k, v in values.items() if not math.isfinite(v)]
         if bad:
           checkpoints.close()
+          if validation is not None:
+            validation.close()
           raise TrainingDiverged(
               f"step {done}: non-finite {', '.join(bad)}; last checkpoint: "
               f"{checkpoints.latest_step()} in {checkpoints.directory}")
@@ -705,17 +770,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, *, workdir: pathlib.Pa
         losses_text = "  ".join(f"{k} {v:.4f}" for k, v in values.items() if "norm" not in k)
         log(f"step {done}/{total}  {losses_text}  [{rate_text}]")
       checkpoints.save(done, state, force=done == total)
+      if validation is not None and validation.due(done):
+        seconds = validation(done, state)
+        if window_start is not None:  # steps/s and the ETA count training steps only
+          window_start += seconds
       if stop.requested:
         if checkpoints.latest_step() != done:
           checkpoints.save(done, state, force=True)
         checkpoints.close()
+        if validation is not None:
+          validation.close()
         log(f"stopped at step {done}; checkpoint saved, run the same command to resume")
         return state
   if total <= start:
     log(f"nothing to train: the checkpoint is at step {start} and train.steps is {total}")
   checkpoints.close()
   log(f"checkpoints in {checkpoints.directory}, metrics in {workdir / 'metrics.jsonl'}")
+  if validation is not None:
+    validation.close()
+    if validation.best_step is not None:
+      log(f"best checkpoint (val Dice {validation.best:.3f}, step {validation.best_step}) in "
+          f"{validation.checkpoints.directory}, validation rows in {validation.rows.path}")
+  curves = visualize.training_curves(workdir / "metrics.jsonl", workdir / "validation.jsonl",
+                                     workdir / "figures" / "training_curves.png")
+  if curves is not None:
+    log(f"training curves in {curves}")
 
   if evaluate_after:
-    evaluate.evaluate_split(config, workdir=workdir, data_dir=data_dir, state=state, log=log)
+    evaluate.evaluate_split(config, workdir=workdir, data_dir=data_dir, state=state, curves=False,
+                            log=log)
   return state

@@ -1,4 +1,5 @@
-"""PNG pictures: segmentation panels (image, ground truth, prediction) per modality.
+"""PNG pictures: segmentation panels (image, ground truth, prediction) per modality, translation
+panels, and training curves (every loss, validation Dice) over steps.
 
 Colours follow the BraTS figures: oedema (WT minus TC) green, necrotic/non-enhancing core (TC
 minus ET) red, enhancing tumour (ET) yellow.
@@ -6,6 +7,8 @@ minus ET) red, enhancing tumour (ET) yellow.
 
 from __future__ import annotations
 
+import json
+import math
 import pathlib
 
 import matplotlib
@@ -31,7 +34,9 @@ def overlay(image: np.ndarray, regions: np.ndarray, *, alpha: float = 0.45) -> n
 
 
 def tumour_slice(regions: np.ndarray) -> int:
-  """Index along axis 2 of the axial slice with the most whole-tumour voxels (middle if none)."""
+  """Index along axis 2 of the axial slice with the most whole-tumour voxels (middle if none).
+
+  ``regions`` is (X, Y, Z, 3) WT/TC/ET (or any (X, Y, Z, ...) whose channel 0 is the tumour)."""
   area = regions[..., 0].sum(axis=(0, 1))
   return int(np.argmax(area)) if area.any() else regions.shape[2] // 2
 
@@ -42,8 +47,12 @@ def _display(array_xy: np.ndarray) -> np.ndarray:
 
 
 def segmentation_panel(volume, truth: np.ndarray, predictions: dict[str, np.ndarray],
-                       path: pathlib.Path, *, title: str) -> pathlib.Path:
+                       path: pathlib.Path, *, title: str,
+                       scores: dict[str, dict[str, float]] | None = None) -> pathlib.Path:
   """One row per modality: image, image + ground truth, image + prediction, at the tumour slice.
+
+  The slice is the axial slice where the true tumour is largest (where the predicted one is, in
+  any modality, when the case has no tumour).
 
   Args:
     volume: a `readers.Volume` (canonical orientation).
@@ -51,22 +60,30 @@ def segmentation_panel(volume, truth: np.ndarray, predictions: dict[str, np.ndar
     predictions: modality -> (X, Y, Z, 3) boolean predicted regions.
     path: PNG to write (folders are created).
     title: figure title.
+    scores: modality -> ``{"dice_WT": ..., ...}`` (`evaluate.score_case`), shown above each
+      prediction.
 
   Returns:
     ``path``.
   """
-  z = tumour_slice(truth)
+  if truth[..., 0].any() or not predictions:
+    z = tumour_slice(truth)
+  else:
+    z = tumour_slice(np.any(np.stack([p[..., :1] for p in predictions.values()]), axis=0))
   modalities = list(predictions)
   fig, axes = plt.subplots(len(modalities), 3, figsize=(7.5, 2.6 * len(modalities)), squeeze=False)
   for row, modality in enumerate(modalities):
     image = volume.images[modality][:, :, z]
+    label = "prediction"
+    if scores and modality in scores:
+      label += "\nDice " + " ".join(f"{r} {scores[modality][f'dice_{r}']:.2f}" for r in REGIONS)
     panels = [(overlay(image, np.zeros(image.shape + (3,), bool), alpha=0), modality.upper()),
               (overlay(image, truth[:, :, z]), "ground truth"),
-              (overlay(image, predictions[modality][:, :, z]), "prediction")]
-    for col, (rgb, label) in enumerate(panels):
+              (overlay(image, predictions[modality][:, :, z]), label)]
+    for col, (rgb, text) in enumerate(panels):
       ax = axes[row, col]
       ax.imshow(_display(rgb), interpolation="nearest")
-      ax.set_title(label, fontsize=9)
+      ax.set_title(text, fontsize=8)
       ax.axis("off")
   handles = [matplotlib.patches.Patch(color=_COLOURS[k], label=v) for k, v in
              (("oedema", "oedema (WT-TC)"), ("core", "core (TC-ET)"), ("enhancing", "enhancing (ET)"))]
@@ -94,6 +111,68 @@ def translation_panel(panel: dict, path: pathlib.Path, *, title: str, clip: floa
     ax.axis("off")
   fig.suptitle(title, fontsize=10)
   fig.tight_layout(rect=(0, 0, 1, 0.97))
+  return _save(fig, path, dpi=80)
+
+
+def _read_jsonl(path: pathlib.Path) -> list[dict]:
+  """The rows of a ``.jsonl`` log (none if it does not exist; stops at a line cut short)."""
+  rows = []
+  if pathlib.Path(path).is_file():
+    for line in pathlib.Path(path).read_text().splitlines():
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:
+        break
+  return rows
+
+
+def _is_loss(key: str) -> bool:
+  # Norms (gradient, update, parameter) and ramped weights are diagnostics, not losses.
+  return key != "step" and not key.endswith(("norm", "_weight"))
+
+
+def training_curves(metrics_path: pathlib.Path, validation_path: pathlib.Path | None,
+                    path: pathlib.Path) -> pathlib.Path | None:
+  """One subplot per loss of ``metrics.jsonl`` over steps, and one of validation Dice per region.
+
+  Args:
+    metrics_path: the trainer's ``metrics.jsonl`` (``{"step": t, "<loss>": value, ...}`` rows).
+    validation_path: its ``validation.jsonl`` (``{"step": t, "dice/WT": ..., ...}`` rows), or
+      None; the Dice subplot is left out when there are no rows.
+    path: PNG to write (folders are created).
+
+  Returns:
+    ``path``, or None when there is nothing to draw (no logged step).
+  """
+  rows = _read_jsonl(metrics_path)
+  validation = _read_jsonl(validation_path) if validation_path is not None else []
+  keys = sorted({k for row in rows for k in row if _is_loss(k)})
+  panels = len(keys) + (1 if validation else 0)
+  if not panels:
+    return None
+  columns = min(4, panels)
+  grid_rows = math.ceil(panels / columns)
+  fig, axes = plt.subplots(grid_rows, columns, figsize=(3.2 * columns, 2.4 * grid_rows),
+                           squeeze=False)
+  for ax, key in zip(axes.flat, keys):
+    points = [(row["step"], row[key]) for row in rows if key in row]
+    ax.plot(*zip(*points), linewidth=1, marker="." if len(points) < 30 else None)
+    ax.set_title(key, fontsize=9)
+  if validation:
+    ax = axes.flat[len(keys)]
+    steps = [row["step"] for row in validation]
+    for region in REGIONS:
+      ax.plot(steps, [row[f"dice/{region}"] for row in validation], marker="o", markersize=3,
+              linewidth=1, label=region)
+    ax.set_title("validation Dice (mean over modalities)", fontsize=9)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+  for ax in axes.flat[panels:]:
+    ax.axis("off")
+  for ax in axes.flat[:panels]:
+    ax.set_xlabel("step", fontsize=8)
+    ax.tick_params(labelsize=7)
+  fig.tight_layout()
   return _save(fig, path, dpi=80)
 
 
