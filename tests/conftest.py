@@ -55,3 +55,34 @@ def assert_one_line_error(code, err, *needles):
   assert lines[0].startswith("error: ")
   for needle in needles:
     assert str(needle) in lines[0], lines[0]
+
+
+def write_random_workdir(path, config, *, seed=0):
+  """A training workdir (config.json + one checkpoint) with seeded random weights."""
+  # pylint: disable=g-import-not-at-top
+  import functools
+  import jax
+  import numpy as np
+  from uagan_jax import checkpoint
+  from uagan_jax import config as config_lib
+  from uagan_jax import train
+  # pylint: enable=g-import-not-at-top
+  path.mkdir(parents=True)
+  (path / "config.json").write_text(config_lib.to_json(config))
+  abstract = jax.eval_shape(functools.partial(train.create_train_state, config,
+                                              train.build_networks(config)))
+  rng = np.random.default_rng(seed)
+
+  def fill(key_path, leaf):
+    names = [str(getattr(k, "name", getattr(k, "key", ""))) for k in key_path]
+    if len(names) > 2 and names[2] == "params":  # nets/<role>/params/...
+      return rng.normal(0.0, 0.1, leaf.shape).astype(leaf.dtype)
+    if names[-1] == "var":  # BatchNorm running variances
+      return np.ones(leaf.shape, leaf.dtype)
+    return np.zeros(leaf.shape, leaf.dtype)
+
+  state = jax.device_put(jax.tree_util.tree_map_with_path(fill, abstract), jax.devices()[0])
+  checkpoints = checkpoint.Checkpointer(path / "checkpoints", every=1, keep=1)
+  checkpoints.save(1, state, force=True)
+  checkpoints.close()
+  return path

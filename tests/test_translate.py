@@ -8,7 +8,6 @@ grid, the header, the intensity mapping) does not depend on the weights. The ``s
 the real thing: ``uagan-jax train`` and then ``uagan-jax translate``.
 """
 
-import functools
 import os
 import shutil
 
@@ -22,49 +21,22 @@ from uagan_jax import cli, translate
 from uagan_jax.data import MODALITIES
 from uagan_jax.errors import UserError
 
-from conftest import REAL_CASE, TEST_CONFIG, assert_one_line_error, load_test_config
+from conftest import (REAL_CASE, TEST_CONFIG, assert_one_line_error, load_test_config,
+                      write_random_workdir)
 
 REAL_T1 = REAL_CASE / "UPENN-GBM-00003_11_T1.nii.gz"
-
-
-def _write_workdir(path, config, *, seed=0):
-  """A training workdir (config.json + one checkpoint) with seeded random weights."""
-  # pylint: disable=g-import-not-at-top
-  from uagan_jax import checkpoint
-  from uagan_jax import config as config_lib
-  from uagan_jax import train
-  # pylint: enable=g-import-not-at-top
-  path.mkdir(parents=True)
-  (path / "config.json").write_text(config_lib.to_json(config))
-  abstract = jax.eval_shape(functools.partial(train.create_train_state, config,
-                                              train.build_networks(config)))
-  rng = np.random.default_rng(seed)
-
-  def fill(key_path, leaf):
-    names = [str(getattr(k, "name", getattr(k, "key", ""))) for k in key_path]
-    if len(names) > 2 and names[2] == "params":  # nets/<role>/params/...
-      return rng.normal(0.0, 0.1, leaf.shape).astype(leaf.dtype)
-    if names[-1] == "var":  # BatchNorm running variances
-      return np.ones(leaf.shape, leaf.dtype)
-    return np.zeros(leaf.shape, leaf.dtype)
-
-  state = jax.device_put(jax.tree_util.tree_map_with_path(fill, abstract), jax.devices()[0])
-  checkpoints = checkpoint.Checkpointer(path / "checkpoints", every=1, keep=1)
-  checkpoints.save(1, state, force=True)
-  checkpoints.close()
-  return path
 
 
 @pytest.fixture(scope="module")
 def workdirs(tmp_path_factory):
   """Workdirs by name: uagan, stargan, uagan_t1_t2 (trained on t1 and t2 only), segan."""
   root = tmp_path_factory.mktemp("translate_work")
-  out = {name: _write_workdir(root / name, load_test_config(variant=name))
+  out = {name: write_random_workdir(root / name, load_test_config(variant=name))
          for name in ("uagan", "stargan")}
   config = load_test_config(variant="uagan")
   with config.unlocked():
     config.data.modalities = ("t1", "t2")
-  out["uagan_t1_t2"] = _write_workdir(root / "uagan_t1_t2", config)
+  out["uagan_t1_t2"] = write_random_workdir(root / "uagan_t1_t2", config)
   # The family is refused before any checkpoint is read, so the config alone is the workdir.
   segan = root / "segan"
   segan.mkdir()

@@ -69,6 +69,25 @@ def _build_parser() -> argparse.ArgumentParser:
   translate.add_argument("--target", required=True, help="the modality to translate into")
   translate.add_argument("--output", required=True, type=pathlib.Path,
                          help="the .nii.gz (or .nii) to write, on the input's grid and header")
+
+  predict = commands.add_parser(
+      "predict", help="segment NIfTI volumes into tumour label maps (segan, unet, uagan)",
+      description="Segments one image, one case folder or a data folder of cases; writes uint8 "
+                  "label maps with the input's shape, affine, qform/sform codes and header.")
+  predict.add_argument("--workdir", required=True, type=pathlib.Path,
+                       help="training workdir of a segan, unet or uagan model")
+  predict.add_argument("--input", required=True, type=pathlib.Path,
+                       help="a .nii/.nii.gz image, a case folder, or a data folder of cases")
+  predict.add_argument("--modality", required=True,
+                       help="the modality to segment: t1, t1ce, t2 or flair")
+  predict.add_argument("--output", required=True, type=pathlib.Path,
+                       help="the .nii.gz (or .nii) to write; for a data folder, the folder "
+                            "that receives <case_id>.nii.gz per case")
+  predict.add_argument("--labels", default="brats", choices=("brats", "brats2023", "msd"),
+                       help="label values: brats 1 NCR, 2 ED, 4 ET (default); brats2023 1, 2, "
+                            "3; msd (Task01) 1 ED, 2 NCR, 3 ET")
+  predict.add_argument("--batch-size", type=int, default=None, metavar="N",
+                       help="slices per forward pass (default: the config's eval.batch_size)")
   return parser
 
 
@@ -116,6 +135,19 @@ def _translate(args) -> None:
        f"in {time.time() - started:.1f} s")
 
 
+def _predict(args) -> None:
+  from uagan_jax import predict  # pylint: disable=g-import-not-at-top
+  started = time.time()
+  results = predict.predict(args.input, args.output, modality=args.modality, labels=args.labels,
+                            workdir=args.workdir, batch_size=args.batch_size, log=_log)
+  if len(results) == 1:
+    _log(f"wrote {results[0].output} ({args.labels} labels: {results[0].summary()}) "
+         f"in {time.time() - started:.1f} s")
+  else:
+    _log(f"wrote {len(results)} segmentations ({args.labels} labels) to {args.output} "
+         f"in {time.time() - started:.1f} s")
+
+
 def main(argv: list[str] | None = None) -> int:
   """Runs one command; returns the process exit code."""
   argv = sys.argv[1:] if argv is None else list(argv)
@@ -132,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
       _evaluate(args)
     elif args.command == "translate":
       _translate(args)
+    elif args.command == "predict":
+      _predict(args)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     return 2

@@ -17,33 +17,30 @@ translation stream) over every axial slice of a volume:
    scale that is at hand, and it keeps the output comparable to the scan it came from.
 4. The result is written as float32 on the input file's grid: same shape, affine, qform/sform
    codes and header (`readers.Volume.to_source_image`), first under a temporary name in the
-   output's folder and then renamed, so an interrupted run never leaves a half-written file.
+   output's folder and then renamed, so an interrupted run never leaves a half-written file
+   (`volume_io.write_nifti`). An existing output is replaced; a file of the input case never is.
 
 `--input` may also be a case folder of any known layout (`readers.find_cases`) holding exactly
-one case; its ``--source`` image is then translated.
+one case; its ``--source`` image is then translated. ``uagan-jax predict`` (`predict.py`) shares
+the loading, input and output handling (`volume_io`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import os
 import pathlib
 from collections.abc import Callable
 
 import ml_collections
-import nibabel as nib
 import numpy as np
 
-from uagan_jax import evaluate
-from uagan_jax.data import MODALITIES, preprocess, readers
+from uagan_jax import evaluate, volume_io
+from uagan_jax.data import preprocess, readers
 from uagan_jax.errors import UserError
 
 # Model families with a translation network (`evaluate.SliceTranslator` runs either).
 TRANSLATING_FAMILIES = ("stargan", "uagan")
-_NIFTI_EXTENSIONS = (".nii.gz", ".nii")
-# gzip level of .nii.gz outputs: nibabel's default, fast; higher levels gain little on float32.
-_GZIP_LEVEL = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,25 +65,6 @@ class TranslationResult:
   step: int
 
 
-def check_modality(name: str, *, flag: str = "modality") -> str:
-  """The canonical name of a modality given on the command line (case-insensitive).
-
-  Args:
-    name: A modality name, e.g. "t1" or "FLAIR".
-    flag: How the caller names the value in messages, e.g. "--source".
-
-  Returns:
-    The lower-case name, one of `uagan_jax.data.MODALITIES`.
-
-  Raises:
-    UserError: The name is not a known modality.
-  """
-  canonical = str(name).strip().lower()
-  if canonical not in MODALITIES:
-    raise UserError(f"{flag} {name!r}: unknown modality; expected one of {', '.join(MODALITIES)}")
-  return canonical
-
-
 class VolumeTranslator:
   """A trained translation network, loaded once, that translates whole canonical volumes.
 
@@ -106,7 +84,7 @@ class VolumeTranslator:
   @property
   def modalities(self) -> tuple[str, ...]:
     """The modalities the model was trained on, in canonical order."""
-    return tuple(m for m in MODALITIES if m in self.config.data.modalities)
+    return volume_io.trained_modalities(self.config)
 
   def check_pair(self, source: str, target: str) -> None:
     """UserError unless the model was trained on both modalities.
@@ -115,9 +93,7 @@ class VolumeTranslator:
     intensities of a modality outside its training set.
     """
     for flag, modality in (("--source", source), ("--target", target)):
-      if modality not in self.modalities:
-        raise UserError(f"{flag} {modality}: the model in {self.workdir} was trained on "
-                        f"{', '.join(self.modalities)} only (config data.modalities)")
+      volume_io.check_trained_modality(self.config, modality, flag=flag, workdir=self.workdir)
 
   def translate(self, image: np.ndarray, *, source: str,
                 target: str) -> tuple[np.ndarray, int, int]:
@@ -140,8 +116,7 @@ class VolumeTranslator:
                                            target=target)
     # Brain voxels the centre crop cut away come back as z-score 0, i.e. the brain's mean.
     normalised = preprocess.slices_to_volume(translated, crop_pad)
-    seen = preprocess.slices_to_volume(np.ones(slices.shape, bool), crop_pad, fill=False)
-    outside_view = int(np.count_nonzero((image != 0) & ~seen))
+    outside_view = volume_io.brain_outside_view(image, tuple(config.data.image_size))
     return restore_intensities(normalised, image), int(has_brain.sum()), outside_view
 
 
@@ -158,18 +133,10 @@ def load_translator(workdir: str | os.PathLike) -> VolumeTranslator:
     UserError: No config.json or checkpoint, or a model family without a translation network
       (segan, unet).
   """
-  # pylint: disable=g-import-not-at-top
-  from uagan_jax import config as config_lib
-  # pylint: enable=g-import-not-at-top
   workdir = pathlib.Path(workdir)
-  config = config_lib.from_json_file(workdir / "config.json")
-  family = config.model.name
-  if family not in TRANSLATING_FAMILIES:
-    # Checked before the checkpoint is read: there is nothing in it that could translate.
-    raise UserError(f"{workdir}: model family {family} does not translate (only "
-                    f"{' and '.join(TRANSLATING_FAMILIES)} do); use a stargan or uagan workdir")
-  state, step = evaluate.load_state(config, workdir)
-  return VolumeTranslator(config, evaluate.translation_variables(state), step=int(step),
+  config, state, step = volume_io.load_model(workdir, families=TRANSLATING_FAMILIES,
+                                             task="translate")
+  return VolumeTranslator(config, evaluate.translation_variables(state), step=step,
                           workdir=workdir)
 
 
@@ -200,79 +167,6 @@ def restore_intensities(translated: np.ndarray, image: np.ndarray) -> np.ndarray
   return out
 
 
-def _nifti_extension(path: pathlib.Path) -> str | None:
-  lower = path.name.lower()
-  return next((ext for ext in _NIFTI_EXTENSIONS if lower.endswith(ext)), None)
-
-
-def resolve_input(path: str | os.PathLike, *, source: str) -> readers.CaseFiles:
-  """The case to read for ``--input``: a NIfTI file of modality ``source``, or a case folder.
-
-  Args:
-    path: A .nii/.nii.gz file, or a folder of any `readers.LAYOUTS` holding exactly one case.
-    source: The canonical modality to translate.
-
-  Returns:
-    A `readers.CaseFiles` whose ``images[source]`` is the file to translate.
-
-  Raises:
-    UserError: The path is missing, not a NIfTI file, or a folder without exactly one case.
-  """
-  path = pathlib.Path(path)
-  if path.is_dir():
-    cases = readers.find_cases(path)
-    if len(cases) != 1:
-      raise UserError(f"{path}: holds {len(cases)} cases; give one case folder or one image file")
-    return cases[0]
-  if not path.exists():
-    raise UserError(f"{path}: no such file")
-  if not path.is_file():
-    raise UserError(f"{path}: not a regular file")
-  extension = _nifti_extension(path)
-  if extension is None:
-    raise UserError(f"{path}: not a NIfTI file (expected .nii or .nii.gz)")
-  return readers.CaseFiles(case_id=path.name[:-len(extension)], layout="brats2021",
-                           images={source: path}, label=None)
-
-
-def _check_output(output: pathlib.Path, source_file: pathlib.Path) -> None:
-  if _nifti_extension(output) is None:
-    raise UserError(f"{output}: output must end in .nii.gz or .nii")
-  if output.is_dir():
-    raise UserError(f"{output}: is a folder; name the output file")
-  same = output.resolve() == source_file.resolve()
-  if not same and output.exists():
-    same = os.path.samefile(output, source_file)  # a hard link to the input
-  if same:
-    raise UserError(f"{output}: is the input file; refusing to overwrite it")
-
-
-def write_nifti(image: nib.Nifti1Image, path: pathlib.Path) -> None:
-  """Writes a NIfTI image atomically: a temporary file in the same folder, then a rename.
-
-  The bytes are a pure function of the image (the gzip header carries no time stamp and no
-  temporary file name), so translating the same input twice gives identical files.
-
-  Args:
-    image: A Nifti1Image or Nifti2Image.
-    path: The .nii or .nii.gz file to (over)write; its folder is created.
-  """
-  path.parent.mkdir(parents=True, exist_ok=True)
-  data = image.to_bytes()
-  if path.name.lower().endswith(".gz"):
-    data = gzip.compress(data, compresslevel=_GZIP_LEVEL, mtime=0)
-  # The same folder, so the rename stays on one file system and is atomic.
-  temporary = path.with_name(f".{path.name}.partial-{os.getpid()}")
-  try:
-    with open(temporary, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(temporary, path)
-  finally:
-    temporary.unlink(missing_ok=True)
-
-
 def translate_file(input_path: str | os.PathLike, output_path: str | os.PathLike, *,
                    source: str, target: str, workdir: str | os.PathLike | None = None,
                    translator: VolumeTranslator | None = None,
@@ -283,7 +177,7 @@ def translate_file(input_path: str | os.PathLike, output_path: str | os.PathLike
     input_path: A .nii/.nii.gz image of modality ``source``, or a case folder of any known
       layout holding exactly one case.
     output_path: The .nii/.nii.gz file to write (float32, on the input file's grid and header);
-      its folder is created. Never the input itself.
+      its folder is created. Never a file of the input case.
     source: The input's modality (case-insensitive; one of `uagan_jax.data.MODALITIES`).
     target: The modality to translate into.
     workdir: The stargan or uagan training workdir whose newest checkpoint translates.
@@ -301,12 +195,12 @@ def translate_file(input_path: str | os.PathLike, output_path: str | os.PathLike
   """
   if (workdir is None) == (translator is None):
     raise ValueError("pass exactly one of workdir and translator")
-  source = check_modality(source, flag="--source")
-  target = check_modality(target, flag="--target")
-  case = resolve_input(input_path, source=source)
+  source = volume_io.check_modality(source, flag="--source")
+  target = volume_io.check_modality(target, flag="--target")
+  case = volume_io.resolve_input(input_path, modality=source)
   source_file = case.images[source]
   output = pathlib.Path(output_path)
-  _check_output(output, source_file)
+  volume_io.check_output(output, volume_io.input_files(case, source))
 
   if translator is None:
     log(f"loading the model in {workdir}")
@@ -329,9 +223,6 @@ def translate_file(input_path: str | os.PathLike, output_path: str | os.PathLike
         "they get the brain's mean intensity")
 
   log(f"writing {output}")
-  try:
-    write_nifti(volume.to_source_image(translated, dtype=np.float32), output)
-  except OSError as error:
-    raise UserError(f"{output}: cannot write ({' '.join(str(error).split())})") from error
+  volume_io.write_nifti(volume.to_source_image(translated, dtype=np.float32), output)
   return TranslationResult(output=output, source_file=source_file, source=source, target=target,
                            slices=slices, outside_view=outside_view, step=translator.step)

@@ -1,0 +1,337 @@
+"""``uagan-jax predict``: modes (file, case folder, data folder), labels, geometry and errors.
+
+One segan model is trained per module, two steps through ``uagan-jax train`` (the real workflow,
+seconds on a CPU). The other segmenting families (unet, uagan) are covered with checkpoints of
+seeded random weights (`conftest.write_random_workdir`): what is checked for them, the plumbing,
+the grid and the label values, does not depend on the weights. A stargan workdir is its config
+alone: the family is refused before any checkpoint is read.
+"""
+
+import json
+import os
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+from nibabel import orientations
+
+from uagan_jax import cli, evaluate, predict
+from uagan_jax import config as config_lib
+from uagan_jax.data import MODALITIES, readers
+from uagan_jax.errors import UserError
+
+from conftest import (REAL_CASE, TEST_CONFIG, assert_one_line_error, load_test_config,
+                      write_random_workdir)
+
+REAL_FLAIR = REAL_CASE / "UPENN-GBM-00003_11_FLAIR.nii.gz"
+# BraTS label -> the same tissue in the msd (Task01) convention.
+BRATS_TO_MSD = {0: 0, 1: 2, 2: 1, 4: 3}
+
+
+@pytest.fixture(scope="module")
+def workdirs(synth_data, tmp_path_factory):
+  """Workdirs by name: segan (trained), unet (random, t1 and t2 only), uagan (random), stargan."""
+  root = tmp_path_factory.mktemp("predict_work")
+  out = {"segan": root / "segan"}
+  assert cli.main(["train", "--config", TEST_CONFIG, "--data", str(synth_data), "--workdir",
+                   str(out["segan"]), "--config.train.steps=2", "--no-eval"]) == 0
+  config = load_test_config(variant="unet")
+  with config.unlocked():
+    config.data.modalities = ("t1", "t2")
+  out["unet"] = write_random_workdir(root / "unet", config)
+  out["uagan"] = write_random_workdir(root / "uagan", load_test_config(variant="uagan"))
+  out["stargan"] = root / "stargan"
+  out["stargan"].mkdir()
+  (out["stargan"] / "config.json").write_text(
+      config_lib.to_json(load_test_config(variant="stargan")))
+  return out
+
+
+@pytest.fixture(scope="module")
+def case_dir(synth_data):
+  return sorted(p for p in synth_data.iterdir() if p.is_dir())[0]
+
+
+def _run_cli(capsys, *argv):
+  code = cli.main([str(a) for a in argv])
+  captured = capsys.readouterr()
+  return code, captured.out, captured.err
+
+
+def _predict(capsys, workdir, input_path, output, *extra, modality="flair"):
+  code, out, err = _run_cli(capsys, "predict", "--workdir", workdir, "--input", input_path,
+                            "--modality", modality, "--output", output, *extra)
+  assert code == 0, err
+  return out
+
+
+def _data(path):
+  return np.asanyarray(nib.load(path).dataobj)
+
+
+def _assert_same_grid(output_path, input_path):
+  """The output has the input's spatial shape, affine, qform/sform (codes too), uint8 labels."""
+  out, ref = nib.load(output_path), nib.load(input_path)
+  assert out.shape == ref.shape[:3]
+  np.testing.assert_array_equal(out.affine, ref.affine)
+  for getter in ("get_qform", "get_sform"):
+    got, got_code = getattr(out, getter)(coded=True)
+    want, want_code = getattr(ref, getter)(coded=True)
+    assert int(got_code) == int(want_code), getter
+    if want is not None:
+      np.testing.assert_allclose(got, want, atol=1e-6)
+  np.testing.assert_allclose(out.header["pixdim"][:4], ref.header["pixdim"][:4])
+  assert out.header.get_xyzt_units() == ref.header.get_xyzt_units()
+  assert out.get_data_dtype() == np.uint8
+  assert _data(output_path).dtype == np.uint8  # no scaling: the stored values are the labels
+
+
+def _reoriented_flair(case_dir, path):
+  """The case's FLAIR cropped to 28x30x32 and stored with SAL axes (every axis moved)."""
+  original = nib.load(case_dir / f"{case_dir.name}_flair.nii.gz")
+  cropped = original.slicer[:, 1:31, 2:30]
+  ornt = orientations.ornt_transform(orientations.io_orientation(cropped.affine),
+                                     orientations.axcodes2ornt("SAL"))
+  nib.save(cropped.as_reoriented(ornt), path)
+  return path
+
+
+def test_single_file_equals_segment_volume_on_the_source_grid(capsys, workdirs, case_dir,
+                                                               tmp_path):
+  source = _reoriented_flair(case_dir, tmp_path / "sal_flair.nii.gz")
+  output = tmp_path / "new" / "seg.nii.gz"
+  out = _predict(capsys, workdirs["segan"], source, output, modality="FLAIR")
+  assert f"loading {source} (flair)" in out and "segmenting " in out
+  assert f"wrote {output} (brats labels: 1: " in out and " s\n" in out
+  _assert_same_grid(output, source)
+  assert [p.name for p in output.parent.iterdir()] == ["seg.nii.gz"]  # no temporary file left
+
+  # What evaluation computes, independently loaded, mapped back to the source voxel order.
+  config = config_lib.from_json_file(workdirs["segan"] / "config.json")
+  state, step = evaluate.load_state(config, workdirs["segan"])
+  assert step == 2
+  predictor = evaluate.SlicePredictor(config, evaluate.segmentation_variables(state),
+                                      batch_size=config.eval.batch_size)
+  volume = readers.load_case(
+      readers.CaseFiles(case_id="sal", layout="brats2021", images={"flair": source}, label=None),
+      modalities=("flair",), with_label=False)
+  regions = evaluate.segment_volume(predictor, volume.images["flair"], modality="flair",
+                                    config=config)
+  canonical = readers.regions_to_labels(regions, convention="brats")
+  got = _data(output)
+  np.testing.assert_array_equal(got, volume.to_source_orientation(canonical))
+  np.testing.assert_array_equal(np.asanyarray(nib.as_closest_canonical(nib.load(output)).dataobj),
+                                canonical)
+  assert set(np.unique(got).tolist()) <= {0, 1, 2, 4} and np.any(got)
+
+  # The same input again gives the same file, byte for byte.
+  _predict(capsys, workdirs["segan"], source, tmp_path / "again.nii.gz")
+  assert (tmp_path / "again.nii.gz").read_bytes() == output.read_bytes()
+
+
+def test_case_folder_with_msd_labels(capsys, workdirs, case_dir, tmp_path):
+  flair = case_dir / f"{case_dir.name}_flair.nii.gz"
+  brats = predict.predict(flair, tmp_path / "brats.nii", modality="flair",
+                          workdir=workdirs["segan"], log=lambda _: None)
+  assert [r.labels for r in brats] == ["brats"] and brats[0].case_id == f"{case_dir.name}_flair"
+  out = _predict(capsys, workdirs["segan"], case_dir, tmp_path / "msd.nii.gz", "--labels", "msd")
+  assert f"loading {flair} (flair)" in out and "(msd labels: 1: " in out
+  _assert_same_grid(tmp_path / "msd.nii.gz", flair)
+  _assert_same_grid(tmp_path / "brats.nii", flair)
+  msd, brats_labels = _data(tmp_path / "msd.nii.gz"), _data(tmp_path / "brats.nii")
+  assert set(np.unique(msd).tolist()) <= {0, 1, 2, 3}
+  np.testing.assert_array_equal(msd, np.vectorize(BRATS_TO_MSD.get)(brats_labels))
+  assert brats[0].voxels == {label: int(np.sum(brats_labels == label)) for label in (1, 2, 4)}
+
+
+def test_folder_of_cases(capsys, workdirs, synth_data, case_dir, tmp_path):
+  output = tmp_path / "segmentations"
+  out = _predict(capsys, workdirs["segan"], synth_data, output)
+  case_ids = sorted(p.name for p in synth_data.iterdir() if p.is_dir())
+  assert sorted(p.name for p in output.iterdir()) == [f"{c}.nii.gz" for c in case_ids]
+  assert f"predicted 1/8 cases ({case_ids[0]}: " in out and "ETA " in out
+  assert f"predicted 8/8 cases ({case_ids[-1]}: " in out
+  assert f"wrote 8 segmentations (brats labels) to {output}" in out
+  assert "segmenting 32 slices" not in out  # one line per case, not one per step
+  for case_id in case_ids:
+    _assert_same_grid(output / f"{case_id}.nii.gz",
+                      synth_data / case_id / f"{case_id}_flair.nii.gz")
+  # A case of the folder gives the same file as the case alone.
+  _predict(capsys, workdirs["segan"], case_dir, tmp_path / "alone.nii.gz")
+  alone = (tmp_path / "alone.nii.gz").read_bytes()
+  assert alone == (output / f"{case_dir.name}.nii.gz").read_bytes()
+
+
+def test_msd_task_folder_gives_3d_segmentations_of_the_4d_images(capsys, workdirs, synth_data,
+                                                                  tmp_path):
+  """An msd folder: 4D images (channel order from dataset.json), one 3D segmentation per case."""
+  root = tmp_path / "Task01_BrainTumour"
+  order = ("flair", "t1", "t1ce", "t2")
+  (root / "imagesTs").mkdir(parents=True)
+  (root / "dataset.json").write_text(json.dumps(
+      {"modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"}}))
+  cases = sorted(p for p in synth_data.iterdir() if p.is_dir())[:2]
+  for number, case in enumerate(cases):
+    images = [nib.load(case / f"{case.name}_{m}.nii.gz") for m in order]
+    stacked = np.stack([np.asanyarray(i.dataobj) for i in images], axis=-1)
+    nib.save(nib.Nifti1Image(stacked, images[0].affine),
+             root / "imagesTs" / f"BRATS_{number}.nii.gz")
+  output = tmp_path / "predictions"
+  _predict(capsys, workdirs["segan"], root, output, "--labels", "msd", modality="t1")
+  for number, case in enumerate(cases):
+    got = output / f"BRATS_{number}.nii.gz"
+    _assert_same_grid(got, root / "imagesTs" / got.name)
+    assert nib.load(got).ndim == 3 and int(nib.load(got).header["dim"][0]) == 3
+    # The t1 channel of the 4D file segments as the case's own t1 file does.
+    _predict(capsys, workdirs["segan"], case / f"{case.name}_t1.nii.gz", tmp_path / "t1.nii.gz",
+             "--labels", "msd", modality="t1")
+    np.testing.assert_array_equal(_data(got), _data(tmp_path / "t1.nii.gz"))
+
+
+@pytest.mark.parametrize("family,modality", [("unet", "t2"), ("uagan", "t1ce")])
+def test_every_segmenting_family(capsys, workdirs, case_dir, tmp_path, family, modality):
+  source = case_dir / f"{case_dir.name}_{modality}.nii.gz"
+  output = tmp_path / "seg.nii.gz"
+  out = _predict(capsys, workdirs[family], source, output, "--batch-size", "5",
+                 modality=modality)
+  assert f"model: {family}, checkpoint step 1" in out
+  _assert_same_grid(output, source)
+  assert set(np.unique(_data(output)).tolist()) <= {0, 1, 2, 4}
+
+
+@pytest.mark.skipif(not REAL_FLAIR.is_file(), reason=f"real UPENN-GBM case absent ({REAL_FLAIR})")
+def test_real_upenn_case_keeps_its_geometry(capsys, workdirs, tmp_path):
+  """The real case folder (UPENN names, LPS, qform only, int16): the header survives."""
+  output = tmp_path / "UPENN-GBM-00003_11_pred.nii.gz"
+  out = _predict(capsys, workdirs["segan"], REAL_CASE, output)
+  assert f"loading {REAL_FLAIR} (flair)" in out
+  # The 32x32 test model sees only the centre of the 240x240 slices.
+  assert "outside the model's 32x32 slices; they are labelled background" in out
+  ref, got = nib.load(REAL_FLAIR), nib.load(output)
+  assert got.shape == ref.shape == (240, 240, 155)
+  np.testing.assert_array_equal(got.affine, ref.affine)
+  assert nib.aff2axcodes(got.affine) == ("L", "P", "S")
+  assert int(got.get_qform(coded=True)[1]) == int(ref.get_qform(coded=True)[1]) == 1
+  assert int(got.get_sform(coded=True)[1]) == int(ref.get_sform(coded=True)[1]) == 0
+  _assert_same_grid(output, REAL_FLAIR)
+  labels = _data(output)
+  assert set(np.unique(labels).tolist()) <= {0, 1, 2, 4}
+  # The crop is undone: labels only in the central 32x32 columns of every axial slice.
+  outside = np.ones((240, 240), bool)
+  outside[104:136, 104:136] = False
+  assert not np.any(labels[outside])
+  # Axial slices without brain stay background (axis 2 is S in this LPS file too).
+  empty_slices = ~np.any(_data(REAL_FLAIR) != 0, axis=(0, 1))
+  assert empty_slices.sum() == 8 and not np.any(labels[:, :, empty_slices])
+
+
+def test_bad_inputs_end_in_one_line(capsys, workdirs, case_dir, synth_data, tmp_path):
+  flair = case_dir / f"{case_dir.name}_flair.nii.gz"
+  label = case_dir / f"{case_dir.name}_seg.nii.gz"
+  output = tmp_path / "out.nii.gz"
+  output.write_bytes(b"an earlier result")
+
+  def run(workdir=workdirs["segan"], input_path=flair, modality="flair", output_path=output,
+          extra=()):
+    return _run_cli(capsys, "predict", "--workdir", workdir, "--input", input_path,
+                    "--modality", modality, "--output", output_path, *extra)
+
+  code, _, err = run(input_path=tmp_path / "missing_flair.nii.gz")
+  assert_one_line_error(code, err, tmp_path / "missing_flair.nii.gz", "no such file")
+  (tmp_path / "notes.txt").write_text("not an image")
+  code, _, err = run(input_path=tmp_path / "notes.txt")
+  assert_one_line_error(code, err, tmp_path / "notes.txt", "not a NIfTI file")
+  code, _, err = run(modality="pd")
+  assert_one_line_error(code, err, "--modality", "'pd'", "unknown modality", ", ".join(MODALITIES))
+  code, _, err = run(extra=("--labels", "brats2021"))
+  assert_one_line_error(code, err, "--labels", "invalid choice", "'brats2021'")
+  code, _, err = run(extra=("--batch-size", "0"))
+  assert_one_line_error(code, err, "--batch-size 0", "at least 1")
+  code, _, err = run(workdir=workdirs["stargan"])
+  assert_one_line_error(code, err, workdirs["stargan"], "stargan does not segment",
+                        "segan, unet and uagan")
+  code, _, err = run(workdir=workdirs["unet"])
+  assert_one_line_error(code, err, "--modality flair", "trained on t1, t2 only")
+  code, _, err = run(workdir=tmp_path)
+  assert_one_line_error(code, err, tmp_path / "config.json", "not found")
+
+  # Output problems, found before the model is loaded (a workdir that could not load anyway).
+  folder = tmp_path / "folder.nii.gz"
+  folder.mkdir()
+  for bad_output, needles in (
+      (tmp_path / "out.png", (".nii.gz",)),
+      (folder, ("is a folder",)),
+      (flair, ("is the input file",)),
+      (case_dir / ".." / case_dir.name / flair.name, ("is the input file",)),
+      (output / "seg.nii.gz", (output, "not a folder"))):
+    code, _, err = run(workdir=tmp_path, output_path=bad_output)
+    assert_one_line_error(code, err, bad_output, *needles)
+  # A case folder's other files are input files too: its label is never overwritten.
+  code, _, err = run(workdir=tmp_path, input_path=case_dir, output_path=label)
+  assert_one_line_error(code, err, label, "is the input label file")
+  code, _, err = run(workdir=tmp_path, input_path=synth_data, output_path=tmp_path / "x.nii.gz")
+  assert_one_line_error(code, err, "x.nii.gz", "data folder (8 cases)", "not a NIfTI file")
+  code, _, err = run(workdir=tmp_path, input_path=synth_data, output_path=tmp_path / "notes.txt")
+  assert_one_line_error(code, err, tmp_path / "notes.txt", "not a folder")
+  code, _, err = run(workdir=tmp_path, input_path=synth_data, output_path=synth_data / "preds")
+  assert_one_line_error(code, err, synth_data / "preds", "inside the input folder")
+  assert not (synth_data / "preds").exists()
+
+  # Nothing already there was touched.
+  assert output.read_bytes() == b"an earlier result"
+  before = {p: p.read_bytes() for p in (flair, label)}
+  assert all(p.read_bytes() == b for p, b in before.items())
+
+
+def test_all_zero_image_and_corrupt_case_keep_what_was_written(capsys, workdirs, synth_data,
+                                                               tmp_path):
+  data = tmp_path / "data"
+  cases = sorted(p for p in synth_data.iterdir() if p.is_dir())[:3]
+  for case in cases:
+    shutil.copytree(case, data / case.name)
+  # The second case's FLAIR is all zeros, then (another run) the third one's is truncated.
+  zero = data / cases[1].name / f"{cases[1].name}_flair.nii.gz"
+  image = nib.load(zero)
+  nib.save(nib.Nifti1Image(np.zeros(image.shape, np.int16), image.affine, image.header), zero)
+  output = tmp_path / "out"
+  code, out, err = _run_cli(capsys, "predict", "--workdir", workdirs["segan"], "--input", data,
+                            "--modality", "flair", "--output", output)
+  assert_one_line_error(code, err, zero, "every voxel is 0")
+  assert f"predicted 1/3 cases ({cases[0].name}" in out
+  assert [p.name for p in output.iterdir()] == [f"{cases[0].name}.nii.gz"]
+  first = (output / f"{cases[0].name}.nii.gz").read_bytes()
+
+  shutil.copy(cases[1] / f"{cases[1].name}_flair.nii.gz", zero)
+  truncated = data / cases[2].name / f"{cases[2].name}_flair.nii.gz"
+  truncated.write_bytes(truncated.read_bytes()[:500])
+  code, _, err = _run_cli(capsys, "predict", "--workdir", workdirs["segan"], "--input", data,
+                          "--modality", "flair", "--output", output)
+  assert_one_line_error(code, err, truncated, "truncated or corrupt")
+  assert sorted(p.name for p in output.iterdir()) == [f"{c.name}.nii.gz" for c in cases[:2]]
+  assert (output / f"{cases[0].name}.nii.gz").read_bytes() == first
+
+
+def test_a_failed_write_keeps_the_previous_output(workdirs, case_dir, tmp_path, monkeypatch):
+  output = tmp_path / "seg.nii.gz"
+  output.write_bytes(b"the previous result")
+
+  def fail(*_):
+    raise OSError("disk full")
+
+  segmentor = predict.load_segmentor(workdirs["segan"])
+  monkeypatch.setattr(os, "replace", fail)
+  with pytest.raises(UserError, match="cannot write.*disk full"):
+    predict.predict(case_dir, output, modality="t1", segmentor=segmentor, log=lambda _: None)
+  assert [p.name for p in tmp_path.iterdir()] == ["seg.nii.gz"]
+  assert output.read_bytes() == b"the previous result"
+
+
+def test_predict_help_lists_the_options(capsys):
+  with pytest.raises(SystemExit):
+    cli.main(["predict", "--help"])
+  out = capsys.readouterr().out
+  for option in ("--workdir", "--input", "--modality", "--output", "--labels", "--batch-size",
+                 "brats,brats2023,msd"):
+    assert option in out
+  assert tuple(predict.LABEL_CONVENTIONS) == ("brats", "brats2023", "msd")

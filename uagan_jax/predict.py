@@ -1,0 +1,292 @@
+"""Whole-volume segmentation: NIfTI scans in, tumour label maps on the scans' own grids out.
+
+``uagan-jax predict --workdir W --input PATH --modality flair --output SEG.nii.gz`` segments with
+the newest checkpoint of a trained segan, unet or uagan model (stargan only translates). What
+``PATH`` is decides what ``--output`` is:
+
+* one .nii/.nii.gz image of modality ``--modality`` -> ``--output`` is one .nii/.nii.gz file;
+* one case folder of any known layout (`readers.find_cases`) -> its ``--modality`` image is
+  segmented, ``--output`` is one .nii/.nii.gz file;
+* a data folder of case folders, or an msd task folder -> ``--output`` is a folder (created; not
+  inside ``PATH``, where the readers would take it for a case) receiving ``<case_id>.nii.gz`` per
+  case, the naming of BraTS submissions and nnU-Net. A progress line per case gives the count
+  and an ETA.
+
+Per image:
+
+1. It is read like training data (`readers.load_case`: RAS canonical orientation, one-line
+   `UserError`s for missing, truncated or NaN files), z-scored over its brain (non-zero) voxels,
+   clipped and cut into axial slices centre-cropped/padded to the model's slice size.
+2. The brain slices go through the segmentor in fixed-size batches (`evaluate.segment_volume`,
+   the code path of evaluation), are thresholded at 0.5 and put back on the canonical grid: the
+   crop/pad undone, voxels outside the model's view are background (a note says how many brain
+   voxels that is).
+3. The regions (WT, TC, ET) become labels (`readers.regions_to_labels`): ET -> enhancing,
+   TC minus ET -> necrotic/non-enhancing core, WT minus TC -> oedema; the values are those of
+   ``--labels``: brats (default; 1 NCR, 2 ED, 4 ET), brats2023 (1 NCR, 2 ED, 3 ET) or msd
+   (Task01_BrainTumour: 1 oedema, 2 non-enhancing, 3 enhancing).
+4. The label map is written as uint8 on the input file's grid: same shape, affine, qform/sform
+   codes and header (`readers.Volume.to_source_image`, the reorientation undone), atomically
+   (`volume_io.write_nifti`). An existing output is replaced, as ``uagan-jax translate`` does;
+   a file of an input case (any modality, the label) never is.
+
+Every output is checked before the model is loaded, so a bad ``--output`` costs no inference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import time
+from collections.abc import Callable
+
+import ml_collections
+import numpy as np
+
+from uagan_jax import evaluate, volume_io
+from uagan_jax.data import readers
+from uagan_jax.errors import UserError
+
+# Model families with a segmentation network (`evaluate.SlicePredictor` runs each).
+SEGMENTING_FAMILIES = ("segan", "unet", "uagan")
+# --labels choices: the label conventions the readers know.
+LABEL_CONVENTIONS = tuple(readers.LABEL_CONVENTIONS)
+OUTPUT_DTYPE = np.uint8
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictionResult:
+  """What `predict` did for one case.
+
+  Attributes:
+    case_id: The case's id (a file input: the file name without .nii/.nii.gz).
+    output: The file written.
+    image_file: The image that was segmented.
+    modality: Its modality.
+    labels: The label convention written, a key of `readers.LABEL_CONVENTIONS`.
+    slices: How many axial slices went through the network (those with brain voxels).
+    outside_view: Brain voxels outside the model's slice size (written as background).
+    voxels: Label value -> voxel count, for the tumour labels.
+  """
+  case_id: str
+  output: pathlib.Path
+  image_file: pathlib.Path
+  modality: str
+  labels: str
+  slices: int
+  outside_view: int
+  voxels: dict[int, int]
+
+  def summary(self) -> str:
+    """E.g. "1: 310, 2: 1203, 4: 95 voxels" or "no tumour"."""
+    if not any(self.voxels.values()):
+      return "no tumour"
+    return ", ".join(f"{k}: {v}" for k, v in self.voxels.items()) + " voxels"
+
+
+class VolumeSegmentor:
+  """A trained segmentation network, loaded once, that segments whole canonical volumes.
+
+  Attributes:
+    config: The training run's config.
+    step: The training step of the checkpoint.
+    workdir: The training workdir the model comes from.
+    batch_size: Slices per forward pass.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, variables: dict, *, step: int,
+               workdir: pathlib.Path, batch_size: int | None = None):
+    self.config = config
+    self.step = step
+    self.workdir = pathlib.Path(workdir)
+    self.batch_size = int(batch_size or config.eval.batch_size)
+    self._slices = evaluate.SlicePredictor(config, variables, batch_size=self.batch_size)
+
+  @property
+  def modalities(self) -> tuple[str, ...]:
+    """The modalities the model was trained on, in canonical order."""
+    return volume_io.trained_modalities(self.config)
+
+  def check_modality(self, modality: str) -> None:
+    """UserError unless the model was trained on ``modality``."""
+    volume_io.check_trained_modality(self.config, modality, flag="--modality",
+                                     workdir=self.workdir)
+
+  def segment(self, image: np.ndarray, *, modality: str) -> np.ndarray:
+    """Segments a canonical volume.
+
+    Args:
+      image: Raw (X, Y, Z) intensities in RAS canonical orientation (`readers.load_case`).
+      modality: The image's modality.
+
+    Returns:
+      bool (X, Y, Z, 3) regions WT, TC, ET on the image's grid; background outside the brain
+      slices and outside the model's view.
+    """
+    return evaluate.segment_volume(self._slices, image, modality=modality, config=self.config)
+
+
+def load_segmentor(workdir: str | os.PathLike, *,
+                   batch_size: int | None = None) -> VolumeSegmentor:
+  """Loads the segmentation network of the newest checkpoint in a training workdir.
+
+  Args:
+    workdir: A workdir written by ``uagan-jax train`` (``config.json``, ``checkpoints/``).
+    batch_size: Slices per forward pass; default the config's ``eval.batch_size``.
+
+  Returns:
+    The `VolumeSegmentor`.
+
+  Raises:
+    UserError: No config.json or checkpoint, a model family without a segmentation network
+      (stargan), a batch size below 1.
+  """
+  if batch_size is not None and batch_size < 1:
+    raise UserError(f"--batch-size {batch_size}: must be at least 1")
+  workdir = pathlib.Path(workdir)
+  config, state, step = volume_io.load_model(workdir, families=SEGMENTING_FAMILIES,
+                                             task="segment")
+  return VolumeSegmentor(config, evaluate.segmentation_variables(state), step=step,
+                         workdir=workdir, batch_size=batch_size)
+
+
+def check_labels(name: str) -> str:
+  """The label convention named by ``--labels`` (case-insensitive)."""
+  canonical = str(name).strip().lower()
+  if canonical not in LABEL_CONVENTIONS:
+    raise UserError(f"--labels {name!r}: unknown label convention; expected one of "
+                    f"{', '.join(LABEL_CONVENTIONS)}")
+  return canonical
+
+
+def plan(input_path: str | os.PathLike, output_path: str | os.PathLike, *,
+         modality: str) -> tuple[list[tuple[readers.CaseFiles, pathlib.Path]], bool]:
+  """Which case goes to which output file; checks every output before anything is run.
+
+  Args:
+    input_path: A NIfTI file, a case folder, or a data folder of cases (see the module doc).
+    output_path: A .nii/.nii.gz file for a file or case folder, a folder for a data folder.
+    modality: The canonical modality to segment.
+
+  Returns:
+    ([(case, output file)], whether the input is a data folder of cases).
+
+  Raises:
+    UserError: A missing or unreadable input, an output that is no NIfTI file name (or no folder
+      for a data folder), is an input file, lies inside the input data folder or cannot be
+      written.
+  """
+  path, output = pathlib.Path(input_path), pathlib.Path(output_path)
+  if not path.is_dir():
+    case = volume_io.case_of_file(path, modality=modality)
+    volume_io.check_output(output, volume_io.input_files(case, modality))
+    return [(case, output)], False
+  cases = readers.find_cases(path)
+  if len(cases) == 1 and cases[0].images[modality].parent == path:  # a case folder itself
+    volume_io.check_output(output, volume_io.input_files(cases[0], modality))
+    return [(cases[0], output)], False
+
+  count = f"{len(cases)} case{'s' if len(cases) != 1 else ''}"
+  if volume_io.nifti_extension(output) is not None:
+    raise UserError(f"{output}: {path} is a data folder ({count}); --output must be the folder "
+                    "their segmentations go to, not a NIfTI file")
+  if output.exists() and not output.is_dir():
+    raise UserError(f"{output}: not a folder; {path} is a data folder ({count}) and --output "
+                    "the folder their segmentations go to")
+  resolved, root = output.resolve(), path.resolve()
+  if resolved == root or root in resolved.parents:
+    raise UserError(f"{output}: inside the input folder {path}; the readers would take the "
+                    "segmentations there for cases, so write them elsewhere")
+  jobs = [(case, output / f"{case.case_id}.nii.gz") for case in cases]
+  for case, file in jobs:
+    volume_io.check_output(file, volume_io.input_files(case, modality))
+  return jobs, True
+
+
+def predict(input_path: str | os.PathLike, output_path: str | os.PathLike, *, modality: str,
+            labels: str = "brats", workdir: str | os.PathLike | None = None,
+            segmentor: VolumeSegmentor | None = None, batch_size: int | None = None,
+            log: Callable[[str], None] = print) -> list[PredictionResult]:
+  """Segments a NIfTI image, a case folder or a data folder of cases into label maps.
+
+  Args:
+    input_path: A .nii/.nii.gz image of modality ``modality``, a case folder of any known layout,
+      or a data folder of cases (any layout `readers.find_cases` knows).
+    output_path: For an image or a case folder, the .nii/.nii.gz file to write; for a data folder,
+      the folder that receives ``<case_id>.nii.gz`` per case. Folders are created.
+    modality: The modality to segment (case-insensitive; one of `uagan_jax.data.MODALITIES`).
+    labels: The label convention to write: "brats" (1, 2, 4), "brats2023" or "msd" (1, 2, 3).
+    workdir: The segan, unet or uagan training workdir whose newest checkpoint segments.
+    segmentor: An already loaded model (from `load_segmentor`), instead of ``workdir``.
+    batch_size: With ``workdir``: slices per forward pass (default the config's eval.batch_size).
+    log: Where progress goes.
+
+  Returns:
+    One `PredictionResult` per case, in case order.
+
+  Raises:
+    UserError: Unknown modality or label convention, missing or corrupt input, an output that
+      is an input file or cannot be written, a workdir without a checkpoint or with a model
+      family that does not segment, a modality the model was not trained on, an image without
+      a non-zero voxel. Files already written stay.
+  """
+  if (workdir is None) == (segmentor is None):
+    raise ValueError("pass exactly one of workdir and segmentor")
+  if segmentor is not None and batch_size is not None:
+    raise ValueError("batch_size is the segmentor's; pass it to load_segmentor")
+  modality = volume_io.check_modality(modality)
+  labels = check_labels(labels)
+  jobs, many = plan(input_path, output_path, modality=modality)
+
+  if segmentor is None:
+    log(f"loading the model in {workdir}")
+    segmentor = load_segmentor(workdir, batch_size=batch_size)
+  segmentor.check_modality(modality)
+  log(f"model: {segmentor.config.model.name}, checkpoint step {segmentor.step}")
+  if many:
+    log(f"segmenting the {modality} images of {len(jobs)} cases in {input_path} into "
+        f"{output_path}/<case_id>.nii.gz ({labels} labels)")
+
+  results = []
+  started = time.time()
+  for number, (case, output) in enumerate(jobs, 1):
+    result = _predict_case(segmentor, case, output, modality=modality, labels=labels, log=log,
+                           steps=not many)
+    results.append(result)
+    if many:
+      elapsed = time.time() - started
+      log(f"predicted {number}/{len(jobs)} cases ({case.case_id}: {result.summary()}), "
+          f"ETA {elapsed / number * (len(jobs) - number):.0f} s")
+  return results
+
+
+def _predict_case(segmentor: VolumeSegmentor, case: readers.CaseFiles, output: pathlib.Path, *,
+                  modality: str, labels: str, log: Callable[[str], None],
+                  steps: bool) -> PredictionResult:
+  """Segments one case and writes its label map; ``steps``: log each step, not only notes."""
+  step_log = log if steps else lambda _: None
+  image_file = case.images[modality]
+  step_log(f"loading {image_file} ({modality})")
+  volume = readers.load_case(case, modalities=(modality,), with_label=False)
+  image = volume.images[modality]
+  if not np.any(image):
+    raise UserError(f"{image_file}: every voxel is 0; there is no brain to segment")
+  height, width = segmentor.config.data.image_size
+  slices = int(np.count_nonzero(np.any(image != 0, axis=(0, 1))))
+  step_log(f"segmenting {slices} slices (volume {'x'.join(map(str, image.shape))} canonical, "
+           f"slices {height}x{width})")
+  label_map = readers.regions_to_labels(segmentor.segment(image, modality=modality),
+                                        convention=labels)
+  outside_view = volume_io.brain_outside_view(image, (height, width))
+  if outside_view:
+    log(f"note: {outside_view} brain voxels of {image_file} lie outside the model's "
+        f"{height}x{width} slices; they are labelled background")
+  step_log(f"writing {output}")
+  volume_io.write_nifti(volume.to_source_image(label_map, dtype=OUTPUT_DTYPE), output)
+  counts = np.bincount(label_map.ravel(), minlength=256)
+  tumour = sorted(set(readers.LABEL_CONVENTIONS[labels]["labels"]) - {0})
+  return PredictionResult(case_id=case.case_id, output=output, image_file=image_file,
+                          modality=modality, labels=labels, slices=slices,
+                          outside_view=outside_view,
+                          voxels={label: int(counts[label]) for label in tumour})

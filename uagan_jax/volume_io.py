@@ -1,0 +1,237 @@
+"""What the whole-volume commands (``translate``, ``predict``) share: model, input and output.
+
+* `load_model`: a training workdir's config and newest checkpoint, refusing a model family that
+  cannot do the command's job before the checkpoint is read.
+* `check_modality`, `check_trained_modality`: the ``--modality``-style arguments.
+* `case_of_file`, `resolve_input`: ``--input`` as one NIfTI file or a one-case folder.
+* `input_files`, `check_output`: an output is checked before any work is done; it is never one
+  of the input case's files (the image read, its other modalities, its label).
+* `brain_outside_view`: brain voxels the model's centre crop never sees.
+* `write_nifti`: the atomic write; the image itself comes from `readers.Volume.to_source_image`,
+  which puts a canonical array back on the input file's grid with its shape, affine, qform/sform
+  codes and header.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pathlib
+from collections.abc import Mapping, Sequence
+
+import ml_collections
+import nibabel as nib
+import numpy as np
+
+from uagan_jax import evaluate
+from uagan_jax.data import MODALITIES, preprocess, readers
+from uagan_jax.errors import UserError
+
+NIFTI_EXTENSIONS = (".nii.gz", ".nii")
+# gzip level of .nii.gz outputs: nibabel's default, fast; higher levels gain little.
+_GZIP_LEVEL = 1
+
+
+def _join(words: Sequence[str], conjunction: str) -> str:
+  """"a", "a and b", "a, b and c"."""
+  words = list(words)
+  return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} {conjunction} {words[-1]}"
+
+
+def load_model(workdir: str | os.PathLike, *, families: Sequence[str],
+               task: str) -> tuple[ml_collections.ConfigDict, object, int]:
+  """The config, newest train state and its step of a training workdir.
+
+  Args:
+    workdir: A workdir written by ``uagan-jax train`` (``config.json``, ``checkpoints/``).
+    families: The model families that can do the caller's job.
+    task: The job as a verb, for the message, e.g. "translate".
+
+  Returns:
+    (config, train state on one device, checkpoint step).
+
+  Raises:
+    UserError: No config.json or checkpoint, or a model family not in ``families``.
+  """
+  from uagan_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  workdir = pathlib.Path(workdir)
+  config = config_lib.from_json_file(workdir / "config.json")
+  family = config.model.name
+  if family not in families:
+    # Checked before the checkpoint is read: there is nothing in it that could do the job.
+    raise UserError(f"{workdir}: model family {family} does not {task} (only "
+                    f"{_join(families, 'and')} do); use a {_join(families, 'or')} workdir")
+  state, step = evaluate.load_state(config, workdir)
+  return config, state, int(step)
+
+
+def check_modality(name: str, *, flag: str = "--modality") -> str:
+  """The canonical name of a modality given on the command line (case-insensitive).
+
+  Args:
+    name: A modality name, e.g. "t1" or "FLAIR".
+    flag: How the caller names the value in messages, e.g. "--source".
+
+  Returns:
+    The lower-case name, one of `uagan_jax.data.MODALITIES`.
+
+  Raises:
+    UserError: The name is not a known modality.
+  """
+  canonical = str(name).strip().lower()
+  if canonical not in MODALITIES:
+    raise UserError(f"{flag} {name!r}: unknown modality; expected one of {', '.join(MODALITIES)}")
+  return canonical
+
+
+def trained_modalities(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The modalities a model was trained on, in canonical order."""
+  return tuple(m for m in MODALITIES if m in config.data.modalities)
+
+
+def check_trained_modality(config: ml_collections.ConfigDict, modality: str, *, flag: str,
+                           workdir: pathlib.Path) -> None:
+  """UserError unless the model was trained on ``modality``.
+
+  A network has never seen the intensities of a modality outside its training set, and its
+  modality code for it was never trained.
+  """
+  trained = trained_modalities(config)
+  if modality not in trained:
+    raise UserError(f"{flag} {modality}: the model in {workdir} was trained on "
+                    f"{', '.join(trained)} only (config data.modalities)")
+
+
+def nifti_extension(path: pathlib.Path) -> str | None:
+  """".nii.gz" or ".nii" where the file name ends so (any letter case), else None."""
+  lower = path.name.lower()
+  return next((ext for ext in NIFTI_EXTENSIONS if lower.endswith(ext)), None)
+
+
+def case_of_file(path: str | os.PathLike, *, modality: str) -> readers.CaseFiles:
+  """One NIfTI file as a case whose only image is ``modality``; its id is the file's stem.
+
+  Raises:
+    UserError: The path is missing, not a regular file or not a NIfTI file.
+  """
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise UserError(f"{path}: no such file")
+  if not path.is_file():
+    raise UserError(f"{path}: not a regular file")
+  extension = nifti_extension(path)
+  if extension is None:
+    raise UserError(f"{path}: not a NIfTI file (expected .nii or .nii.gz)")
+  return readers.CaseFiles(case_id=path.name[:-len(extension)], layout="brats2021",
+                           images={modality: path}, label=None)
+
+
+def resolve_input(path: str | os.PathLike, *, modality: str) -> readers.CaseFiles:
+  """The case to read for ``--input``: a NIfTI file of ``modality``, or a one-case folder.
+
+  Args:
+    path: A .nii/.nii.gz file, or a folder of any `readers.LAYOUTS` holding exactly one case.
+    modality: The canonical modality to read.
+
+  Returns:
+    A `readers.CaseFiles` whose ``images[modality]`` is the file to read.
+
+  Raises:
+    UserError: The path is missing, not a NIfTI file, or a folder without exactly one case.
+  """
+  path = pathlib.Path(path)
+  if path.is_dir():
+    cases = readers.find_cases(path)
+    if len(cases) != 1:
+      raise UserError(f"{path}: holds {len(cases)} cases; give one case folder or one image file")
+    return cases[0]
+  return case_of_file(path, modality=modality)
+
+
+def input_files(case: readers.CaseFiles, modality: str) -> dict[pathlib.Path, str]:
+  """Every file of a case -> what it is, for `check_output`; the image read is "file"."""
+  files = {}
+  if case.label is not None:
+    files[case.label] = "label file"
+  for name, path in case.images.items():
+    files[path] = f"{name} image"
+  files[case.images[modality]] = "file"  # an msd case's four images are this one 4D file
+  return files
+
+
+def _same_file(a: pathlib.Path, b: pathlib.Path) -> bool:
+  if a.resolve() == b.resolve():
+    return True
+  try:
+    return a.exists() and os.path.samefile(a, b)  # a hard link
+  except OSError:
+    return False
+
+
+def check_output(output: pathlib.Path, inputs: Mapping[pathlib.Path, str]) -> None:
+  """UserError unless ``output`` is a NIfTI file name that can be written and is no input.
+
+  Args:
+    output: The .nii/.nii.gz file to write; it may exist (it is replaced), its folder need not.
+    inputs: Files that must never be overwritten -> what they are ("file", "label file", ...).
+  """
+  if nifti_extension(output) is None:
+    raise UserError(f"{output}: output must end in .nii.gz or .nii")
+  if output.is_dir():
+    raise UserError(f"{output}: is a folder; name the output file")
+  for path, what in inputs.items():
+    if _same_file(output, path):
+      raise UserError(f"{output}: is the input {what}; refusing to overwrite it")
+  # The nearest existing folder must take the new folders and the file: found now, not after
+  # minutes of inference.
+  folder = output.parent
+  while not folder.exists() and folder != folder.parent:
+    folder = folder.parent
+  if not folder.is_dir():
+    raise UserError(f"{output}: cannot write: {folder} is not a folder")
+  if not os.access(folder, os.W_OK | os.X_OK):
+    raise UserError(f"{output}: cannot write: no write permission in {folder}")
+
+
+def brain_outside_view(image: np.ndarray, size: tuple[int, int]) -> int:
+  """Brain (non-zero) voxels of a canonical (X, Y, Z) volume outside the centre crop to ``size``.
+
+  The networks see (H, W) = ``size`` centre crops of the axial slices; these voxels are never
+  seen, and the commands say how many there are.
+  """
+  _, crop_pad = preprocess.center_crop_or_pad(np.zeros(image.shape[:2], bool), size=size)
+  seen = preprocess.undo_center_crop_or_pad(np.ones(tuple(size), bool), crop_pad, fill=False)
+  return int(np.count_nonzero((image != 0) & ~seen[..., None]))
+
+
+def write_nifti(image: nib.spatialimages.SpatialImage, path: pathlib.Path) -> None:
+  """Writes a NIfTI image atomically: a temporary file in the same folder, then a rename.
+
+  The bytes are a pure function of the image (the gzip header carries no time stamp and no
+  temporary file name), so the same input gives identical files. An existing file at ``path``
+  stays intact until the rename replaces it.
+
+  Args:
+    image: A Nifti1Image or Nifti2Image.
+    path: The .nii or .nii.gz file to (over)write; its folder is created.
+
+  Raises:
+    UserError: The folder or the file cannot be written (the message names the OS error).
+  """
+  data = image.to_bytes()
+  if path.name.lower().endswith(".gz"):
+    data = gzip.compress(data, compresslevel=_GZIP_LEVEL, mtime=0)
+  # The same folder, so the rename stays on one file system and is atomic.
+  temporary = path.with_name(f".{path.name}.partial-{os.getpid()}")
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+      with open(temporary, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(temporary, path)
+    finally:
+      temporary.unlink(missing_ok=True)
+  except OSError as error:
+    raise UserError(f"{path}: cannot write ({' '.join(str(error).split())})") from error
