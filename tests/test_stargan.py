@@ -211,3 +211,22 @@ def test_conditional_norm_parameter_count():
   image, target = jnp.ones((1, 32, 32, 1)), jnp.array([0])
   model = Generator(base_features=4, num_residual=1, norm="conditional_instance")
   assert _count(_shapes(model, image, target)[0]) == 11480
+
+
+def test_input_skip_makes_a_zero_head_the_identity():
+  # The head predicts a change of the input before tanh: with its kernel at zero, G copies the
+  # input (clipped to +-0.98), whatever the target.
+  model = Generator(base_features=4, num_residual=1, input_skip=True)
+  image = jnp.tanh(_IMAGE)
+  variables = model.init(_key(), image, jnp.zeros(2, jnp.int32))
+  params = dict(variables["params"])
+  params["head"] = {"kernel": jnp.zeros_like(params["head"]["kernel"])}
+  for target in (0, 3):
+    out = model.apply({"params": params}, image, jnp.array([target, target]))
+    np.testing.assert_allclose(out, jnp.clip(image, -0.98, 0.98), rtol=1e-5, atol=1e-6)
+  # Without the skip the same zero head gives tanh(0) = 0 everywhere.
+  plain = Generator(base_features=4, num_residual=1)
+  np.testing.assert_array_equal(plain.apply({"params": params}, image, jnp.array([0, 0])), 0.0)
+  with pytest.raises(ValueError, match="input channels"):
+    _shapes(Generator(base_features=4, num_residual=1, input_skip=True, out_channels=2),
+            jnp.ones((1, 32, 32, 1)), jnp.array([0]))

@@ -41,6 +41,9 @@ def base_config() -> ml_collections.ConfigDict:
   # because InstanceNorm cancels StarGAN's constant one-hot input planes away from the border
   # (models/stargan.py); "instance" is StarGAN as published (the target only in the input).
   c.model.generator_norm = "conditional_instance"
+  # The generator adds its input to the head's output before tanh, so it learns a change of the
+  # image and starts as the identity (models/stargan.py input_skip); False is StarGAN as published.
+  c.model.generator_input_skip = False
   c.model.discriminator_features = 64
   c.model.discriminator_layers = 6  # data.image_size must be divisible by 2**discriminator_layers
   c.model.fuse = True  # uagan: attention fusion from the translation into the segmentation stream

@@ -60,6 +60,21 @@ class ConditionalInstanceNorm(nn.Module):
     return x * scale.astype(x.dtype) + offset.astype(x.dtype)
 
 
+# Inputs are clipped this far inside (-1, 1) before arctanh, so the skip stays finite.
+_SKIP_LIMIT = 0.98
+
+
+def input_skip(image: jax.Array, out_channels: int) -> jax.Array:
+  """The pre-tanh value that reproduces ``image`` (clipped to +-0.98): added to the head's output,
+  the generator predicts a change of its input rather than a new image, so it starts as the
+  identity. MRI modalities share anatomy, and some pairs (T1 and T1ce) differ only inside the
+  tumour, where a generator drawing every pixel anew loses to simply copying its input."""
+  if image.shape[-1] != out_channels:
+    raise ValueError(f"input skip needs as many input channels ({image.shape[-1]}) as output "
+                     f"channels ({out_channels})")
+  return jnp.arctanh(jnp.clip(image, -_SKIP_LIMIT, _SKIP_LIMIT))
+
+
 def generator_norm(kind: str, modality: jax.Array, *, num_modalities: int, dtype):
   """A factory ``name -> (features -> normalised features)`` for the generator's norm layers.
 
@@ -97,6 +112,8 @@ class Generator(nn.Module):
     num_modalities: size of the target-modality one-hot.
     out_channels: channels of the translated image.
     norm: ``"instance"`` (as published) or ``"conditional_instance"`` (see `generator_norm`).
+    input_skip: add the input to the head's output before tanh (see `input_skip`); off in
+      StarGAN as published.
     dtype: computation dtype (parameters stay float32).
   """
   base_features: int = 64
@@ -104,6 +121,7 @@ class Generator(nn.Module):
   num_modalities: int = 4
   out_channels: int = 1
   norm: str = "instance"
+  input_skip: bool = False
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -156,6 +174,8 @@ class Generator(nn.Module):
     # Bias-free like every StarGAN generator conv, so the parameter count matches the reference.
     x = nn.Conv(self.out_channels, (7, 7), padding=((3, 3), (3, 3)), use_bias=False,
                 dtype=self.dtype, name="head")(x)
+    if self.input_skip:
+      x = x + input_skip(image, self.out_channels).astype(x.dtype)
     translated = jnp.tanh(x).astype(jnp.float32)
     if return_features:
       return translated, decoder_features

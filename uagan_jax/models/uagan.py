@@ -29,14 +29,21 @@ from uagan_jax.models.segan import _DOWN, modality_planes, upsample2x
 
 
 class AttentionGate(nn.Module):
-  """``W_o (f * sigmoid(W_g f))``: what one stream lets through to the other, at its width."""
+  """``W_o (f * sigmoid(W_g f))``: what one stream lets through to the other, at its width.
+
+  ``W_o`` starts at zero, so at initialisation each stream is exactly its single-task network and
+  a stream only lets the other's features in as far as training finds them useful, instead of
+  adding an untrained stream's features at full scale from the first step. The gradient of
+  ``W_o`` is not zero at zero, so the gate still learns.
+  """
   features: int
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, other: jax.Array) -> jax.Array:
     gate = nn.sigmoid(nn.Conv(other.shape[-1], (1, 1), dtype=self.dtype, name="gate")(other))
-    return nn.Conv(self.features, (1, 1), dtype=self.dtype, name="out")(other * gate)
+    return nn.Conv(self.features, (1, 1), kernel_init=nn.initializers.zeros, dtype=self.dtype,
+                   name="out")(other * gate)
 
 
 class UnifiedNet(nn.Module):
@@ -51,6 +58,7 @@ class UnifiedNet(nn.Module):
     fuse: attention fusion from the translation into the segmentation stream.
     fuse_reverse: also from the segmentation into the translation stream.
     gen_norm: the translation stream's normalisation (`stargan.generator_norm`).
+    gen_input_skip: the translation stream predicts a change of its input (`stargan.input_skip`).
     bn_axis_name: axis for the segmentation stream's BatchNorm statistics (see `Segmentor`).
     dtype: computation dtype.
   """
@@ -62,6 +70,7 @@ class UnifiedNet(nn.Module):
   fuse: bool = True
   fuse_reverse: bool = True
   gen_norm: str = "instance"
+  gen_input_skip: bool = False
   bn_axis_name: str | None = None
   dtype: jnp.dtype = jnp.float32
 
@@ -143,7 +152,9 @@ class UnifiedNet(nn.Module):
       if level == 0 and len(skips) > 0:
         s = jnp.concatenate([s, skips[0]], axis=-1)
 
-    translated = jnp.tanh(nn.Conv(1, (7, 7), padding=((3, 3), (3, 3)), use_bias=False, dtype=dt,
-                                  name="gen_head")(g)).astype(jnp.float32)
+    g = nn.Conv(1, (7, 7), padding=((3, 3), (3, 3)), use_bias=False, dtype=dt, name="gen_head")(g)
+    if self.gen_input_skip:
+      g = g + stargan.input_skip(translation_input, 1).astype(dt)
+    translated = jnp.tanh(g).astype(jnp.float32)
     logits = nn.Conv(self.num_regions, (3, 3), dtype=dt, name="seg_logits")(s).astype(jnp.float32)
     return translated, logits

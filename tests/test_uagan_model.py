@@ -1,0 +1,105 @@
+"""UAGAN's two-stream network: shapes, the attention fusion's wiring and its ablation switches.
+
+One tiny network (widths 4-8 on 32x32 slices), parameters drawn with "rbg" keys (see
+test_stargan.py: threefry's unrolled rounds compile slowly on CPU and the values do not matter).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from uagan_jax.models.uagan import UnifiedNet
+
+_IMAGE = jnp.asarray(np.random.default_rng(0).standard_normal((2, 32, 32, 1)), jnp.float32)
+_SOURCE = jnp.array([0, 1])
+
+
+def _net(**kwargs) -> UnifiedNet:
+  return UnifiedNet(seg_features=(4, 8, 16), gen_features=4, num_residual=1, **kwargs)
+
+
+def _variables(*, fuse=True, fuse_reverse=True, gen_norm="instance"):
+  return _cached_variables(fuse, fuse_reverse, gen_norm)
+
+
+@functools.cache
+def _cached_variables(fuse, fuse_reverse, gen_norm):
+  """Initial variables, with every fusion output projection W_o made non-zero (as after training)."""
+  net = _net(fuse=fuse, fuse_reverse=fuse_reverse, gen_norm=gen_norm)
+  variables = jax.jit(functools.partial(net.init, train=False))(
+      jax.random.key(0, impl="rbg"), _IMAGE, _SOURCE, _SOURCE)
+  params = dict(variables["params"])
+  for name in params:
+    if name.startswith("fuse_"):
+      kernel = params[name]["out"]["kernel"]
+      params[name] = {**params[name], "out": {**params[name]["out"], "kernel": 0.5 + jnp.arange(
+          kernel.size, dtype=kernel.dtype).reshape(kernel.shape) / kernel.size}}
+  return {**variables, "params": params}
+
+
+def _apply(variables, target, *, source=_SOURCE, image=_IMAGE, **kwargs):
+  return _net(**kwargs).apply(variables, image, source, target, train=False)
+
+
+def test_outputs_translation_in_tanh_range_and_one_logit_map_per_region():
+  translated, logits = _apply(_variables(), jnp.array([2, 3]))
+  assert translated.shape == (2, 32, 32, 1) and logits.shape == (2, 32, 32, 3)
+  assert np.all(np.abs(translated) <= 1.0)
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_fusion_carries_the_translation_target_into_the_segmentation(fuse):
+  # The segmentation stream is conditioned on the source modality only; the target reaches it
+  # through the fusion gates alone.
+  variables = _variables(fuse=fuse)
+  _, logits_a = _apply(variables, jnp.array([2, 2]), fuse=fuse)
+  _, logits_b = _apply(variables, jnp.array([3, 3]), fuse=fuse)
+  assert (not np.allclose(logits_a, logits_b, atol=1e-6)) == fuse
+
+
+@pytest.mark.parametrize("fuse_reverse", [True, False])
+def test_reverse_fusion_carries_the_segmentation_input_into_the_translation(fuse_reverse):
+  # Changing only the segmentation stream's conditioning (the source id) changes the translation
+  # only when the segmentation stream feeds the translation stream.
+  variables = _variables(fuse_reverse=fuse_reverse)
+  target = jnp.array([2, 3])
+  translated_a, _ = _apply(variables, target, source=jnp.array([0, 0]), fuse_reverse=fuse_reverse)
+  translated_b, _ = _apply(variables, target, source=jnp.array([1, 1]), fuse_reverse=fuse_reverse)
+  assert (not np.allclose(translated_a, translated_b, atol=1e-6)) == fuse_reverse
+
+
+def test_fusion_starts_as_two_independent_streams():
+  # W_o starts at zero: the initialised fused network computes what the unfused one does.
+  init = lambda net: jax.jit(functools.partial(net.init, train=False))(
+      jax.random.key(0, impl="rbg"), _IMAGE, _SOURCE, _SOURCE)
+  fused = init(_net())
+  unfused_params = {k: v for k, v in fused["params"].items() if not k.startswith("fuse_")}
+  unfused = {**fused, "params": unfused_params}
+  target = jnp.array([2, 3])
+  for got, want in zip(_apply(fused, target), _apply(unfused, target, fuse=False)):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  assert set(fused["params"]) - set(unfused_params) == {
+      "fuse_gen_to_seg0", "fuse_gen_to_seg1", "fuse_seg_to_gen0", "fuse_seg_to_gen1"}
+
+
+def test_conditional_norm_holds_a_scale_and_offset_per_modality():
+  params = _variables(gen_norm="conditional_instance")["params"]
+  assert params["gen_stem_norm"]["scale"].shape == (4, 4)
+  assert params["gen_res0_norm1"]["bias"].shape == (4, 16)
+  assert _variables()["params"]["gen_stem_norm"]["scale"].shape == (4,)
+
+
+def test_translation_input_skip_makes_a_zero_head_the_identity():
+  translation_input = jnp.tanh(_IMAGE)
+  net = _net(gen_input_skip=True)
+  variables = jax.jit(functools.partial(net.init, train=False))(
+      jax.random.key(0, impl="rbg"), _IMAGE, _SOURCE, _SOURCE)
+  params = {**variables["params"],
+            "gen_head": {"kernel": jnp.zeros_like(variables["params"]["gen_head"]["kernel"])}}
+  translated, _ = net.apply({**variables, "params": params}, _IMAGE, _SOURCE, jnp.array([2, 3]),
+                            train=False, translation_input=translation_input)
+  np.testing.assert_allclose(translated, jnp.clip(translation_input, -0.98, 0.98), rtol=1e-5,
+                             atol=1e-6)
