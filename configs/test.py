@@ -34,6 +34,9 @@ def get_config(variant: str = ""):
   elif variant in ("stargan", "uagan"):
     c.model.name = variant
     c.loss.shape_ramp_steps = 2
+    # Every optional path of the step, so the tests (4 devices, resume) cover them.
+    c.model.fuse_reverse = True
+    c.model.generator_input_skip = True
   elif variant:
     raise ValueError(f"unknown variant {variant!r} (known: unet, stargan, uagan)")
   return c

@@ -2,9 +2,10 @@
 segments the tumour from any single modality, trained on unpaired images.
 
 The translation stream (StarGAN's G) and the segmentation stream (SegAN's S) exchange decoder
-features through attention gates (model.fuse, model.fuse_reverse); D (WGAN-GP + modality
-classifier) and C (SegAN's multi-scale L1 critic) judge them; the shape loss asks the
-segmentation of the translated image to match the source's ground truth.
+features through attention gates (model.fuse; model.fuse_reverse, off by default, adds the
+reverse direction); D (WGAN-GP + modality classifier) and C (SegAN's multi-scale L1 critic) judge
+them; the shape loss asks the segmentation of the translated image to match the source's ground
+truth.
 
   uagan-jax train --config configs/uagan.py --data /data/BraTS2021 --workdir runs/uagan
   uagan-jax train --config configs/uagan.py:demo --data data_synth --workdir runs/uagan_demo
@@ -28,6 +29,8 @@ def get_config(variant: str = ""):
   c.loss.bce_weight = 1.0
   c.loss.shape_weight = 1.0
   c.loss.shape_ramp_steps = 2_000
+  # G predicts a change of its input (models/stargan.py input_skip): modalities share anatomy.
+  c.model.generator_input_skip = True
   c.optim.segmentor_lr = 2e-4
   c.optim.critic_lr = 2e-4
   c.optim.generator_lr = 1e-4
@@ -37,7 +40,9 @@ def get_config(variant: str = ""):
   c.train.batch_size = 16
   if variant == "demo":
     config_lib.apply_demo_sizes(c)
-    c.loss.shape_ramp_steps = 200
+    # The shape loss asks S to segment G's images; ramp it over the whole short run, as G only
+    # learns to translate during it.
+    c.loss.shape_ramp_steps = 600
   elif variant:
     raise ValueError(f"unknown variant {variant!r} (known: demo)")
   return c

@@ -47,7 +47,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.discriminator_features = 64
   c.model.discriminator_layers = 6  # data.image_size must be divisible by 2**discriminator_layers
   c.model.fuse = True  # uagan: attention fusion from the translation into the segmentation stream
-  c.model.fuse_reverse = True  # uagan: and from the segmentation into the translation stream
+  # uagan: and from the segmentation into the translation stream. Off by default: through it the
+  # translation losses (WGAN, classification, cycle) train the segmentation stream's weights, and
+  # at the demo budget that held the segmentation back (README, "One unified model ...").
+  c.model.fuse_reverse = False
   c.model.dtype = "float32"  # computation dtype: "float32" or "bfloat16" (params stay float32)
 
   c.data = ml_collections.ConfigDict()
