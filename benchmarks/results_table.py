@@ -1,0 +1,129 @@
+"""The README's results table: unet, segan and uagan on held-out synthetic cases, and the real case.
+
+Trains each family's ``:demo`` recipe (same sizes, steps and data; one model for all modalities,
+unpaired), scores the held-out test cases from every modality with the BraTS metrics of
+``uagan-jax evaluate``, and prints Dice and HD95 per region (mean over cases and modalities), then
+per modality. With ``--real CASE_DIR`` the same models, trained on synthetic data only, also
+segment that case (every modality its folder has) and are scored against its label.
+
+  uagan-jax synth --out data_synth --cases 80 --seed 0 --shape 96 96 64
+  python benchmarks/results_table.py --data data_synth --out runs/results \
+      --real ../shared/data/upenn_gbm_00003_11
+
+Runs resume: a finished run is only evaluated again. ``--out`` may be shared with
+``benchmarks/unified_vs_single.py``, whose ``uagan`` run is the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+FAMILIES = ("unet", "segan", "uagan")
+
+
+def _mean(rows, key) -> float:
+  return float(np.mean([row[key] for row in rows]))
+
+
+def score_real_case(config, state, case_dir: pathlib.Path, log) -> list[dict]:
+  """Rows (one per modality) of the BraTS metrics of ``state`` on the case in ``case_dir``.
+
+  The networks are fully convolutional, so the slices are taken whole: the in-plane size is
+  rounded up to the encoder's multiple instead of being cut to the training crop.
+  """
+  # pylint: disable=g-import-not-at-top
+  from uagan_jax import evaluate
+  from uagan_jax.data import MODALITIES, readers
+  # pylint: enable=g-import-not-at-top
+  (case,) = readers.find_cases(case_dir)
+  volume = readers.load_case(case, with_label=True)
+  truth = readers.labels_to_regions(volume.label, convention=case.label_convention)
+  multiple = 2 ** len(config.model.segmentor_features)
+  whole = config.copy_and_resolve_references()
+  whole.data.image_size = tuple(-(-n // multiple) * multiple for n in volume.images["t1"].shape[:2])
+  predictor = evaluate.SlicePredictor(whole, evaluate.segmentation_variables(state),
+                                      batch_size=8)
+  rows = []
+  for modality in (m for m in MODALITIES if m in config.data.modalities):
+    predicted = evaluate.segment_volume(predictor, volume.images[modality], modality=modality,
+                                        config=whole)
+    rows.append({"case": case.case_id, "modality": modality,
+                 **evaluate.score_case(predicted, truth, spacing=volume.spacing)})
+    log(f"  real case {case.case_id} from {modality}: Dice WT {rows[-1]['dice_WT']:.3f}")
+  return rows
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--data", type=pathlib.Path, required=True)
+  parser.add_argument("--out", type=pathlib.Path, required=True)
+  parser.add_argument("--real", type=pathlib.Path, default=None,
+                      help="a labelled case folder scored by the synthetic-trained models")
+  parser.add_argument("--steps", type=int, default=0, help="default: the demo recipes' steps")
+  args = parser.parse_args(argv)
+
+  # pylint: disable=g-import-not-at-top
+  from uagan_jax import config as config_lib
+  from uagan_jax import evaluate, train
+  from uagan_jax.data import MODALITIES, REGIONS
+  from uagan_jax.errors import UserError
+  # pylint: enable=g-import-not-at-top
+  root = pathlib.Path(__file__).resolve().parents[1]
+  steps = [f"--config.train.steps={args.steps}"] if args.steps else []
+  log = lambda message: print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+  held_out, real = {}, {}
+  try:
+    for family in FAMILIES:
+      config = config_lib.load_config(f"{root / 'configs' / family}.py:demo", steps)
+      workdir = args.out / family
+      log(f"=== {family}: {config.train.steps} steps into {workdir}")
+      state = train.train_and_evaluate(config, workdir=workdir, data_dir=args.data,
+                                       log=lambda m: None, evaluate_after=False)
+      held_out[family] = evaluate.evaluate_split(config, workdir=workdir, data_dir=args.data,
+                                                 state=state, log=log)["rows"]
+      if args.real is not None:
+        real[family] = score_real_case(config, state, args.real, log)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+  cases = len({row["case"] for row in held_out[FAMILIES[0]]})
+  header = ("| model | " + " | ".join(f"Dice {r}" for r in REGIONS) + " | "
+            + " | ".join(f"HD95 {r} (mm)" for r in REGIONS) + " |")
+  rule = "|---" * (1 + 2 * len(REGIONS)) + "|"
+
+  def line(name, rows):
+    return (f"| {name} | " + " | ".join(f"{_mean(rows, f'dice_{r}'):.3f}" for r in REGIONS) + " | "
+            + " | ".join(f"{_mean(rows, f'hd95_{r}'):.1f}" for r in REGIONS) + " |")
+
+  out = [f"Held-out synthetic cases ({cases} test cases x {len(MODALITIES)} modalities, mean):",
+         header, rule] + [line(f, held_out[f]) for f in FAMILIES]
+  out += ["", "Per modality (Dice WT/TC/ET):", "| model | " + " | ".join(MODALITIES) + " |",
+          "|---" * (1 + len(MODALITIES)) + "|"]
+  for family in FAMILIES:
+    cells = []
+    for modality in MODALITIES:
+      rows = [row for row in held_out[family] if row["modality"] == modality]
+      cells.append("/".join(f"{_mean(rows, f'dice_{r}'):.2f}" for r in REGIONS))
+    out.append(f"| {family} | " + " | ".join(cells) + " |")
+  if real:
+    case_id = real[FAMILIES[0]][0]["case"]
+    out += ["", f"Real case {case_id} (trained on synthetic data only; mean over modalities):",
+            header, rule] + [line(f, real[f]) for f in FAMILIES]
+  print("\n".join(out))
+  report = {"held_out": held_out, "real": real, "cases": cases}
+  (args.out / "results_table.json").write_text(json.dumps(
+      report, indent=2, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v))
+  (args.out / "results_table.md").write_text("\n".join(out) + "\n")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
