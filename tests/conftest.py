@@ -86,3 +86,18 @@ def write_random_workdir(path, config, *, seed=0):
   checkpoints.save(1, state, force=True)
   checkpoints.close()
   return path
+
+
+def run_cli(capsys, *argv):
+  """Runs the command line in-process: (exit code, stdout, stderr)."""
+  # pylint: disable=g-import-not-at-top
+  from uagan_jax import cli
+  code = cli.main([str(a) for a in argv])
+  captured = capsys.readouterr()
+  return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def case_dir(synth_data):
+  """The first synthetic case folder."""
+  return sorted(p for p in synth_data.iterdir() if p.is_dir())[0]

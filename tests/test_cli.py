@@ -9,16 +9,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from uagan_jax import cli
 from uagan_jax.data import dataset
 
-from conftest import ROOT, TEST_CONFIG, assert_one_line_error, load_test_config
-
-
-def _run_cli(capsys, *argv):
-  code = cli.main([str(a) for a in argv])
-  captured = capsys.readouterr()
-  return code, captured.out, captured.err
+from conftest import ROOT, TEST_CONFIG, assert_one_line_error, load_test_config, run_cli
 
 
 @pytest.fixture
@@ -37,7 +30,7 @@ def data_copy(synth_data, tmp_path):
 
 
 def _train(capsys, data, tmp_path, *extra):
-  return _run_cli(capsys, "train", "--config", TEST_CONFIG, "--data", data, "--workdir",
+  return run_cli(capsys, "train", "--config", TEST_CONFIG, "--data", data, "--workdir",
                   tmp_path / "work", "--no-eval", *extra)
 
 
@@ -121,10 +114,10 @@ def test_unknown_config_key(capsys, synth_data, tmp_path):
 def test_bad_config_value_and_file(capsys, synth_data, tmp_path):
   code, _, err = _train(capsys, synth_data, tmp_path, "--config.train.steps=many")
   assert_one_line_error(code, err, "train.steps", "many")
-  code, _, err = _run_cli(capsys, "train", "--config", tmp_path / "nope.py", "--data", synth_data,
+  code, _, err = run_cli(capsys, "train", "--config", tmp_path / "nope.py", "--data", synth_data,
                           "--workdir", tmp_path / "w")
   assert_one_line_error(code, err, "nope.py", "not found")
-  code, _, err = _run_cli(capsys, "train", "--config", f"{TEST_CONFIG}:huge", "--data",
+  code, _, err = run_cli(capsys, "train", "--config", f"{TEST_CONFIG}:huge", "--data",
                           synth_data, "--workdir", tmp_path / "w")
   assert_one_line_error(code, err, "test.py", "unknown variant")
 
@@ -153,12 +146,12 @@ def test_console_script_prints_no_traceback(tmp_path):
 
 def test_synth_then_train_then_evaluate(capsys, tmp_path):
   data = tmp_path / "data"
-  code, out, _ = _run_cli(capsys, "synth", "--out", data, "--cases", 4, "--seed", 3, "--shape",
+  code, out, _ = run_cli(capsys, "synth", "--out", data, "--cases", 4, "--seed", 3, "--shape",
                           32, 32, 32)
   assert code == 0 and "4 synthetic cases" in out
   assert len([p for p in data.iterdir() if p.is_dir()]) == 4
   work = tmp_path / "work"
-  code, out, err = _run_cli(capsys, "train", "--config", TEST_CONFIG, "--data", data,
+  code, out, err = run_cli(capsys, "train", "--config", TEST_CONFIG, "--data", data,
                             "--workdir", work, "--config.train.steps=2")
   assert code == 0, err
   for line in ("step 1/2", "seg/dice", "critic/l1", "steps/s", "ETA",
@@ -168,8 +161,8 @@ def test_synth_then_train_then_evaluate(capsys, tmp_path):
                "eval_test/summary.json", "figures/training_curves.png"):
     assert (work / name).is_file(), name
   assert list((work / "figures").glob("test_*.png"))
-  code, out, err = _run_cli(capsys, "evaluate", "--workdir", work, "--data", data)
+  code, out, err = run_cli(capsys, "evaluate", "--workdir", work, "--data", data)
   assert code == 0, err
   assert "Dice WT" in out and "flair" in out
-  code, _, err = _run_cli(capsys, "evaluate", "--workdir", tmp_path / "nothing", "--data", data)
+  code, _, err = run_cli(capsys, "evaluate", "--workdir", tmp_path / "nothing", "--data", data)
   assert_one_line_error(code, err, "config.json", "not found")

@@ -22,7 +22,7 @@ from uagan_jax.data import MODALITIES, readers
 from uagan_jax.errors import UserError
 
 from conftest import (REAL_CASE, TEST_CONFIG, assert_one_line_error, load_test_config,
-                      write_random_workdir)
+                      write_random_workdir, run_cli)
 
 REAL_FLAIR = REAL_CASE / "UPENN-GBM-00003_11_FLAIR.nii.gz"
 # BraTS label -> the same tissue in the msd (Task01) convention.
@@ -48,19 +48,8 @@ def workdirs(synth_data, tmp_path_factory):
   return out
 
 
-@pytest.fixture(scope="module")
-def case_dir(synth_data):
-  return sorted(p for p in synth_data.iterdir() if p.is_dir())[0]
-
-
-def _run_cli(capsys, *argv):
-  code = cli.main([str(a) for a in argv])
-  captured = capsys.readouterr()
-  return code, captured.out, captured.err
-
-
 def _predict(capsys, workdir, input_path, output, *extra, modality="flair"):
-  code, out, err = _run_cli(capsys, "predict", "--workdir", workdir, "--input", input_path,
+  code, out, err = run_cli(capsys, "predict", "--workdir", workdir, "--input", input_path,
                             "--modality", modality, "--output", output, *extra)
   assert code == 0, err
   return out
@@ -234,7 +223,7 @@ def test_bad_inputs_end_in_one_line(capsys, workdirs, case_dir, synth_data, tmp_
 
   def run(workdir=workdirs["segan"], input_path=flair, modality="flair", output_path=output,
           extra=()):
-    return _run_cli(capsys, "predict", "--workdir", workdir, "--input", input_path,
+    return run_cli(capsys, "predict", "--workdir", workdir, "--input", input_path,
                     "--modality", modality, "--output", output_path, *extra)
 
   code, _, err = run(input_path=tmp_path / "missing_flair.nii.gz")
@@ -295,7 +284,7 @@ def test_all_zero_image_and_corrupt_case_keep_what_was_written(capsys, workdirs,
   image = nib.load(zero)
   nib.save(nib.Nifti1Image(np.zeros(image.shape, np.int16), image.affine, image.header), zero)
   output = tmp_path / "out"
-  code, out, err = _run_cli(capsys, "predict", "--workdir", workdirs["segan"], "--input", data,
+  code, out, err = run_cli(capsys, "predict", "--workdir", workdirs["segan"], "--input", data,
                             "--modality", "flair", "--output", output)
   assert_one_line_error(code, err, zero, "every voxel is 0")
   assert f"predicted 1/3 cases ({cases[0].name}" in out
@@ -305,7 +294,7 @@ def test_all_zero_image_and_corrupt_case_keep_what_was_written(capsys, workdirs,
   shutil.copy(cases[1] / f"{cases[1].name}_flair.nii.gz", zero)
   truncated = data / cases[2].name / f"{cases[2].name}_flair.nii.gz"
   truncated.write_bytes(truncated.read_bytes()[:500])
-  code, _, err = _run_cli(capsys, "predict", "--workdir", workdirs["segan"], "--input", data,
+  code, _, err = run_cli(capsys, "predict", "--workdir", workdirs["segan"], "--input", data,
                           "--modality", "flair", "--output", output)
   assert_one_line_error(code, err, truncated, "truncated or corrupt")
   assert sorted(p.name for p in output.iterdir()) == [f"{c.name}.nii.gz" for c in cases[:2]]

@@ -22,7 +22,7 @@ from uagan_jax.data import MODALITIES
 from uagan_jax.errors import UserError
 
 from conftest import (REAL_CASE, TEST_CONFIG, assert_one_line_error, load_test_config,
-                      write_random_workdir)
+                      write_random_workdir, run_cli)
 
 REAL_T1 = REAL_CASE / "UPENN-GBM-00003_11_T1.nii.gz"
 
@@ -46,19 +46,8 @@ def workdirs(tmp_path_factory):
   return out
 
 
-@pytest.fixture(scope="module")
-def case_dir(synth_data):
-  return sorted(p for p in synth_data.iterdir() if p.is_dir())[0]
-
-
-def _run_cli(capsys, *argv):
-  code = cli.main([str(a) for a in argv])
-  captured = capsys.readouterr()
-  return code, captured.out, captured.err
-
-
 def _translate(capsys, workdir, source_file, output, source="t1", target="flair"):
-  code, out, err = _run_cli(capsys, "translate", "--workdir", workdir, "--input", source_file,
+  code, out, err = run_cli(capsys, "translate", "--workdir", workdir, "--input", source_file,
                             "--source", source, "--target", target, "--output", output)
   assert code == 0, err
   return out
@@ -177,7 +166,7 @@ def test_bad_inputs_end_in_one_line(capsys, workdirs, case_dir, synth_data, tmp_
 
   def run(workdir=workdirs["uagan"], input_path=source_file, source="t1", target="flair",
           output_path=output):
-    return _run_cli(capsys, "translate", "--workdir", workdir, "--input", input_path,
+    return run_cli(capsys, "translate", "--workdir", workdir, "--input", input_path,
                     "--source", source, "--target", target, "--output", output_path)
 
   code, _, err = run(workdir=workdirs["segan"])
@@ -270,7 +259,7 @@ def test_trained_segan_does_not_translate(capsys, synth_data, case_dir, tmp_path
   assert cli.main(["train", "--config", TEST_CONFIG, "--data", str(synth_data), "--workdir",
                    str(workdir), "--config.train.steps=1", "--no-eval"]) == 0
   capsys.readouterr()
-  code, _, err = _run_cli(capsys, "translate", "--workdir", workdir, "--input",
+  code, _, err = run_cli(capsys, "translate", "--workdir", workdir, "--input",
                           case_dir / f"{case_dir.name}_t1.nii.gz", "--source", "t1", "--target",
                           "flair", "--output", tmp_path / "out.nii.gz")
   assert_one_line_error(code, err, "segan does not translate")

@@ -267,13 +267,9 @@ def _predict_case(segmentor: VolumeSegmentor, case: readers.CaseFiles, output: p
   """Segments one case and writes its label map; ``steps``: log each step, not only notes."""
   step_log = log if steps else lambda _: None
   image_file = case.images[modality]
-  step_log(f"loading {image_file} ({modality})")
-  volume = readers.load_case(case, modalities=(modality,), with_label=False)
+  volume, slices = volume_io.load_brain_image(case, modality, verb="segment", log=step_log)
   image = volume.images[modality]
-  if not np.any(image):
-    raise UserError(f"{image_file}: every voxel is 0; there is no brain to segment")
   height, width = segmentor.config.data.image_size
-  slices = int(np.count_nonzero(np.any(image != 0, axis=(0, 1))))
   step_log(f"segmenting {slices} slices (volume {'x'.join(map(str, image.shape))} canonical, "
            f"slices {height}x{width})")
   label_map = readers.regions_to_labels(segmentor.segment(image, modality=modality),

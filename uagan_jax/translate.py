@@ -36,8 +36,7 @@ import ml_collections
 import numpy as np
 
 from uagan_jax import evaluate, volume_io
-from uagan_jax.data import preprocess, readers
-from uagan_jax.errors import UserError
+from uagan_jax.data import preprocess
 
 # Model families with a translation network (`evaluate.SliceTranslator` runs either).
 TRANSLATING_FAMILIES = ("stargan", "uagan")
@@ -208,13 +207,9 @@ def translate_file(input_path: str | os.PathLike, output_path: str | os.PathLike
   translator.check_pair(source, target)
   log(f"model: {translator.config.model.name}, checkpoint step {translator.step}")
 
-  log(f"loading {source_file} ({source})")
-  volume = readers.load_case(case, modalities=(source,), with_label=False)
+  volume, slices = volume_io.load_brain_image(case, source, verb="translate", log=log)
   image = volume.images[source]
-  if not np.any(image):
-    raise UserError(f"{source_file}: every voxel is 0; there is no brain to translate")
   height, width = translator.config.data.image_size
-  slices = int(np.count_nonzero(np.any(image != 0, axis=(0, 1))))
   log(f"translating {slices} slices {source} -> {target} (volume {'x'.join(map(str, image.shape))}"
       f" canonical, slices {height}x{width})")
   translated, slices, outside_view = translator.translate(image, source=source, target=target)

@@ -193,6 +193,22 @@ def check_output(output: pathlib.Path, inputs: Mapping[pathlib.Path, str]) -> No
     raise UserError(f"{output}: cannot write: no write permission in {folder}")
 
 
+def load_brain_image(case: readers.CaseFiles, modality: str, *, verb: str,
+                     log) -> tuple[readers.Volume, int]:
+  """The loaded ``modality`` of ``case`` and its number of brain (non-zero) axial slices.
+
+  Raises:
+    UserError: every voxel is 0 (nothing to ``verb``).
+  """
+  image_file = case.images[modality]
+  log(f"loading {image_file} ({modality})")
+  volume = readers.load_case(case, modalities=(modality,), with_label=False)
+  image = volume.images[modality]
+  if not np.any(image):
+    raise UserError(f"{image_file}: every voxel is 0; there is no brain to {verb}")
+  return volume, int(np.count_nonzero(np.any(image != 0, axis=(0, 1))))
+
+
 def brain_outside_view(image: np.ndarray, size: tuple[int, int]) -> int:
   """Brain (non-zero) voxels of a canonical (X, Y, Z) volume outside the centre crop to ``size``.
 
