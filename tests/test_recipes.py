@@ -25,7 +25,7 @@ def test_recipe_trains_and_evaluates_on_synthetic_data(recipe, synth_data, tmp_p
   out = capsys.readouterr().out
   assert "step 2/2" in out
   if recipe != "stargan":
-    assert "Dice on 1 test cases" in out
+    assert "Segmentation of 1 test cases" in out
   if recipe in ("stargan", "uagan"):
     assert "Translation on 1 test cases" in out
 

@@ -104,8 +104,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.n_critic = 1  # stargan/uagan: generators update every n_critic steps (StarGAN: 5)
   # Every validate_every steps (and at the last step) the segmentation is scored on the val split
   # (Dice per region, mean over modalities) into validation.jsonl, and the checkpoint with the
-  # highest mean Dice is kept in checkpoints_best/. 0 = off. Needs data.val_fraction > 0; does not
-  # change training (same bits with or without). Ignored by stargan (it does not segment).
+  # highest mean Dice is kept in checkpoints_best/. 0 = off. Skipped, with a note, when the val
+  # split is empty. Does not change training (same bits with or without). Ignored by stargan.
   c.train.validate_every = 0
 
   c.eval = ml_collections.ConfigDict()
