@@ -79,7 +79,7 @@ def test_format_table_dice_and_hd95_per_modality():
           for c in ("a", "b")]
   rows[0].update(dice_WT=1.0, dice_TC=0.5, hd95_ET=374.0)
   rows[1].update(dice_WT=0.0, dice_TC=0.5, hd95_ET=0.0)
-  table = evaluate.format_table(rows, ["t1"], title="t")
+  table = evaluate.format_table(evaluate.summarise(rows, ["t1"]), ["t1"], title="t")
   assert "Dice WT" in table and "HD95 mm ET" in table
   assert "0.500 ± 0.500" in table and "0.500 ± 0.000" in table and "187.0 ± 187.0" in table
 

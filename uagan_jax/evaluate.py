@@ -80,13 +80,8 @@ def definitions() -> dict[str, str]:
 
 def dice_per_region(predicted: np.ndarray, truth: np.ndarray) -> np.ndarray:
   """Dice of each region channel of two boolean (..., R) masks; both empty gives 1, one empty 0."""
-  predicted = predicted.reshape(-1, predicted.shape[-1]).astype(bool)
-  truth = truth.reshape(-1, truth.shape[-1]).astype(bool)
-  intersection = np.sum(predicted & truth, axis=0, dtype=np.int64)
-  total = np.sum(predicted, axis=0, dtype=np.int64) + np.sum(truth, axis=0, dtype=np.int64)
-  with np.errstate(invalid="ignore", divide="ignore"):
-    dice = np.where(total == 0, 1.0, 2.0 * intersection / np.maximum(total, 1))
-  return dice
+  return np.array([metrics_lib.dice(predicted[..., r], truth[..., r])
+                   for r in range(predicted.shape[-1])])
 
 
 def score_case(predicted: np.ndarray, truth: np.ndarray, *,
@@ -286,12 +281,6 @@ def load_state(config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
   return state, step
 
 
-def load_segmentor_variables(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> tuple[dict, int]:
-  """The newest checkpoint's segmentation variables (params and batch statistics) and its step."""
-  state, step = load_state(config, workdir)
-  return segmentation_variables(state), step
-
-
 def translation_variables(state) -> dict:
   """The variables of the network that translates: StarGAN's generator or UAGAN's unified one."""
   net = state.nets["unified" if "unified" in state.nets else "generator"]
@@ -399,7 +388,7 @@ def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
     report["definitions"] = definitions()
     report["segmentation"] = summary
     _write_csv(out_dir / "metrics.csv", rows)
-    log(format_table(rows, modalities,
+    log(format_table(summary, modalities,
                      title=f"Segmentation of {len(case_ids)} {split} cases, {checkpoint} "
                            f"checkpoint (step {step}): mean ± std over cases"))
   if translation_rows:
@@ -550,10 +539,9 @@ def format_translation_table(summary: dict[str, dict], *, title: str) -> str:
   return "\n".join(lines)
 
 
-def format_table(rows: list[dict], modalities: Sequence[str], *, title: str) -> str:
-  """Dice and HD95 (mm) per modality and region, mean ± std over cases, as a fixed-width table;
-  the last column is the modality's Dice averaged over the regions."""
-  summary = summarise(rows, modalities)
+def format_table(summary: dict, modalities: Sequence[str], *, title: str) -> str:
+  """Dice and HD95 (mm) per modality and region, mean ± std over cases (a `summarise` result), as
+  a fixed-width table; the last column is the modality's Dice averaged over the regions."""
   penalty = metrics_lib.EMPTY_HD95_PENALTY_MM
 
   def cell(stats, digits):
