@@ -34,9 +34,10 @@ def get_config(variant: str = ""):
   elif variant in ("stargan", "uagan"):
     c.model.name = variant
     c.loss.shape_ramp_steps = 2
-    # The reverse fusion too, so the tests (4 devices, resume) cover it. Not the generator input
-    # skip: with it, 1 and 4 devices give gradients 2e-4 apart (README, "Known issues").
+    # The reverse fusion and the blended generator output too, so the tests (4 devices, resume)
+    # cover them.
     c.model.fuse_reverse = True
+    c.model.generator_output = "blend"
   elif variant:
     raise ValueError(f"unknown variant {variant!r} (known: unet, stargan, uagan)")
   return c

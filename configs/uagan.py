@@ -29,8 +29,9 @@ def get_config(variant: str = ""):
   c.loss.bce_weight = 1.0
   c.loss.shape_weight = 1.0
   c.loss.shape_ramp_steps = 2_000
-  # G predicts a change of its input (models/stargan.py input_skip): modalities share anatomy.
-  c.model.generator_input_skip = True
+  # G mixes, pixel by pixel, copying its input and drawing anew (models/stargan.py
+  # generator_output): modalities share anatomy, but some pairs invert the contrast.
+  c.model.generator_output = "blend"
   c.optim.segmentor_lr = 2e-4
   c.optim.critic_lr = 2e-4
   c.optim.generator_lr = 1e-4

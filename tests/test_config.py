@@ -41,6 +41,7 @@ def test_config_is_locked():
     ("--config.train.steps=3.5", "train.steps"),
     ("--config.model.name=gan", "unknown model family"),
     ("--config.model.generator_norm=batch", "model.generator_norm='batch': unknown"),
+    ("--config.model.generator_output=skip", "model.generator_output='skip': unknown"),
     ("--config.data.modalities=('pd',)", "data.modalities"),
     ("--config.train.batch_size=0", "train.batch_size"),
 ])

@@ -213,20 +213,54 @@ def test_conditional_norm_parameter_count():
   assert _count(_shapes(model, image, target)[0]) == 11480
 
 
-def test_input_skip_makes_a_zero_head_the_identity():
-  # The head predicts a change of the input before tanh: with its kernel at zero, G copies the
-  # input (clipped to +-0.98), whatever the target.
-  model = Generator(base_features=4, num_residual=1, input_skip=True)
+def test_residual_output_starts_as_the_identity():
+  # The head predicts a change of the input before tanh and starts at zero: G copies its input
+  # (clipped to +-0.98), whatever the target, until it learns otherwise.
+  model = Generator(base_features=4, num_residual=1, output="residual")
+  image = jnp.tanh(_IMAGE)
+  variables = model.init(_key(), image, jnp.zeros(2, jnp.int32))
+  assert set(variables["params"]) == set(_generator_vars()["params"])  # no new parameters
+  for target in (0, 3):
+    out = model.apply(variables, image, jnp.array([target, target]))
+    np.testing.assert_allclose(out, jnp.clip(image, -0.98, 0.98), rtol=1e-5, atol=1e-6)
+  # The plain StarGAN head with the same (zero) kernel gives tanh(0) = 0 everywhere.
+  np.testing.assert_array_equal(_GENERATOR.apply(variables, image, jnp.array([0, 0])), 0.0)
+
+
+def test_blend_output_mixes_copying_and_drawing_per_pixel():
+  model = Generator(base_features=4, num_residual=1, output="blend")
   image = jnp.tanh(_IMAGE)
   variables = model.init(_key(), image, jnp.zeros(2, jnp.int32))
   params = dict(variables["params"])
-  params["head"] = {"kernel": jnp.zeros_like(params["head"]["kernel"])}
-  for target in (0, 3):
-    out = model.apply({"params": params}, image, jnp.array([target, target]))
-    np.testing.assert_allclose(out, jnp.clip(image, -0.98, 0.98), rtol=1e-5, atol=1e-6)
-  # Without the skip the same zero head gives tanh(0) = 0 everywhere.
-  plain = Generator(base_features=4, num_residual=1)
-  np.testing.assert_array_equal(plain.apply({"params": params}, image, jnp.array([0, 0])), 0.0)
+  # One extra conv, the mask head, with a bias and a zero kernel: m = 0.5 at the start.
+  assert set(params) - set(_generator_vars()["params"]) == {"head_mask"}
+  assert not np.any(params["head_mask"]["kernel"]) and not np.any(params["head_mask"]["bias"])
+  target = jnp.array([1, 2])
+  drawn = _GENERATOR.apply({"params": {k: v for k, v in params.items() if k != "head_mask"}},
+                           image, target)
+  np.testing.assert_allclose(model.apply({"params": params}, image, target),
+                             0.5 * image + 0.5 * drawn, rtol=1e-5, atol=1e-6)
+  # A mask bias of +-30 (m = 1 or 0): the input copied, or StarGAN's image.
+  for bias, want in ((30.0, image), (-30.0, drawn)):
+    params["head_mask"] = {**params["head_mask"], "bias": jnp.full((1,), bias)}
+    out = model.apply({"params": params}, image, target)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+  # A per-pixel mask: with only the centre tap of the 7x7 mask kernel set, m is a sigmoid of a
+  # weighted sum of the head's input features at the same pixel.
+  weights = jnp.array([0.5, -0.6, 0.2, 0.3])
+  params["head_mask"] = {"kernel": jnp.zeros((7, 7, 4, 1)).at[3, 3, :, 0].set(weights),
+                         "bias": jnp.array([0.3])}
+  out, features = model.apply({"params": params}, image, target, return_features=True)
+  mask = jax.nn.sigmoid(features[-1] @ weights[:, None] + 0.3)
+  assert float(mask.min()) < 0.4 and float(mask.max()) > 0.6  # really mixed, pixel by pixel
+  np.testing.assert_allclose(out, mask * image + (1 - mask) * drawn, rtol=1e-5, atol=1e-5)
+  assert np.all(np.abs(out) <= 1.0)
+
+
+def test_generator_output_errors():
   with pytest.raises(ValueError, match="input channels"):
-    _shapes(Generator(base_features=4, num_residual=1, input_skip=True, out_channels=2),
+    _shapes(Generator(base_features=4, num_residual=1, output="blend", out_channels=2),
             jnp.ones((1, 32, 32, 1)), jnp.array([0]))
+  with pytest.raises(ValueError, match="unknown generator output 'skip'"):
+    _shapes(Generator(base_features=4, num_residual=1, output="skip"), jnp.ones((1, 32, 32, 1)),
+            jnp.array([0]))

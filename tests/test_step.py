@@ -85,9 +85,14 @@ def test_four_devices_match_one_device(overrides):
   """
   one_state, one = _cached_run(overrides, 1)
   four_state, four = _cached_run(overrides, 4)
+  translation = any(o == "variant=uagan" for o in overrides)
   for name in one[0]:
-    if name != "gradients":
-      assert _relative_error(one[0][name], four[0][name]) < 1e-5, name
+    if name == "gradients":
+      continue
+    # The generator's Adam update norm sums the rounding-noise steps described at the end (the
+    # gradients themselves are checked at 1e-5 below).
+    tolerance = 1e-3 if translation and name == "gen/update_norm" else 1e-5
+    assert _relative_error(one[0][name], four[0][name]) < tolerance, name
   assert set(one[0]["gradients"]) >= {"critic"}
   for net in one[0]["gradients"]:
     # Each network's whole gradient (all parameters as one vector) to 1e-5 relative; each
@@ -103,21 +108,27 @@ def test_four_devices_match_one_device(overrides):
       assert _relative_error(g1, g4) < 1e-4, (net, jax.tree_util.keystr(path))
   lr = max(load_test_config().optim.segmentor_lr, load_test_config().optim.generator_lr)
   assert int(one_state.step) == int(four_state.step) == 3
-  translation = any(o == "variant=uagan" for o in overrides)
-  for a, b in zip(jax.tree.leaves(one_state.nets), jax.tree.leaves(four_state.nets)):
-    if a.dtype.kind != "f":
-      continue
-    close = np.abs(a - b) <= 0.01 * lr + 1e-5 * np.abs(a).max()
-    if not translation:
-      assert close.all()
-    else:
-      # In the translation stream the target one-hot planes are constant over space, so the
-      # InstanceNorm after the first conv cancels their contribution except near the borders:
-      # some gradients are truly zero up to rounding, and Adam turns that rounding noise into
-      # full +-lr steps, whatever the device count. Those elements may differ by up to
-      # steps x lr; everything else must agree to 1% of a step.
-      assert close.mean() >= 0.95
-      assert np.all(np.abs(a - b) <= 3 * lr * 1.01)
+  if not translation:
+    for a, b in zip(jax.tree.leaves(one_state.nets), jax.tree.leaves(four_state.nets)):
+      if a.dtype.kind == "f":
+        assert np.all(np.abs(a - b) <= 0.01 * lr + 1e-5 * np.abs(a).max())
+    return
+  # In the translation stream the target one-hot planes are constant over space, so the
+  # InstanceNorm after the first conv cancels their contribution except near the borders: some
+  # gradients are truly zero up to rounding, and Adam turns that rounding noise into full +-lr
+  # steps, whatever the device count. Those parameters may differ by up to steps x lr; everything
+  # else must agree to 1% of a step. The later gradients see those few moved parameters, so
+  # Adam's moments agree only to ~1e-3 relative (a device-count bug moves them by O(1)).
+  for role in one_state.nets:
+    one_net, four_net = one_state.nets[role], four_state.nets[role]
+    for a, b in zip(jax.tree.leaves((one_net.params, one_net.batch_stats)),
+                    jax.tree.leaves((four_net.params, four_net.batch_stats))):
+      close = np.abs(a - b) <= 0.01 * lr + 1e-5 * np.abs(a).max()
+      assert close.mean() >= 0.95, role
+      assert np.all(np.abs(a - b) <= 3 * lr * 1.01), role
+    moments_one = [np.ravel(x) for x in jax.tree.leaves(one_net.opt_state) if x.dtype.kind == "f"]
+    moments_four = [np.ravel(x) for x in jax.tree.leaves(four_net.opt_state) if x.dtype.kind == "f"]
+    assert _relative_error(np.concatenate(moments_one), np.concatenate(moments_four)) < 1e-2, role
 
 
 def test_both_modes_give_the_same_numbers():
@@ -167,3 +178,4 @@ def test_stargan_n_critic_updates_the_generator_every_nth_step():
       jax.tree.leaves(params[t][role].params), jax.tree.leaves(params[t + 1][role].params)))
   assert [changed("generator", t) for t in range(4)] == [False, True, False, True]
   assert all(changed("discriminator", t) for t in range(4))
+

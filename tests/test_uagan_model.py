@@ -92,14 +92,25 @@ def test_conditional_norm_holds_a_scale_and_offset_per_modality():
   assert _variables()["params"]["gen_stem_norm"]["scale"].shape == (4,)
 
 
-def test_translation_input_skip_makes_a_zero_head_the_identity():
+@pytest.mark.parametrize("output", ["residual", "blend"])
+def test_translation_output_kinds_start_from_the_input(output):
+  # residual: the translation stream starts as the identity; blend: half its input, half its
+  # drawn image (mask head at zero). Either way the input is the translation input (the image
+  # scaled into [-1, 1]), not the segmentation stream's image.
   translation_input = jnp.tanh(_IMAGE)
-  net = _net(gen_input_skip=True)
+  net = _net(gen_output=output)
   variables = jax.jit(functools.partial(net.init, train=False))(
       jax.random.key(0, impl="rbg"), _IMAGE, _SOURCE, _SOURCE)
-  params = {**variables["params"],
-            "gen_head": {"kernel": jnp.zeros_like(variables["params"]["gen_head"]["kernel"])}}
-  translated, _ = net.apply({**variables, "params": params}, _IMAGE, _SOURCE, jnp.array([2, 3]),
-                            train=False, translation_input=translation_input)
-  np.testing.assert_allclose(translated, jnp.clip(translation_input, -0.98, 0.98), rtol=1e-5,
+  target = jnp.array([2, 3])
+  translated, _ = net.apply(variables, _IMAGE, _SOURCE, target, train=False,
+                            translation_input=translation_input)
+  if output == "residual":
+    np.testing.assert_allclose(translated, jnp.clip(translation_input, -0.98, 0.98), rtol=1e-5,
+                               atol=1e-6)
+    return
+  assert set(variables["params"]) - set(_variables()["params"]) == {"gen_head_mask"}
+  params = {k: v for k, v in variables["params"].items() if k != "gen_head_mask"}
+  drawn, _ = _net().apply({**variables, "params": params}, _IMAGE, _SOURCE, target, train=False,
+                          translation_input=translation_input)
+  np.testing.assert_allclose(translated, 0.5 * translation_input + 0.5 * drawn, rtol=1e-5,
                              atol=1e-6)

@@ -41,9 +41,10 @@ def base_config() -> ml_collections.ConfigDict:
   # because InstanceNorm cancels StarGAN's constant one-hot input planes away from the border
   # (models/stargan.py); "instance" is StarGAN as published (the target only in the input).
   c.model.generator_norm = "conditional_instance"
-  # The generator adds its input to the head's output before tanh, so it learns a change of the
-  # image and starts as the identity (models/stargan.py input_skip); False is StarGAN as published.
-  c.model.generator_input_skip = False
+  # How the generator's head becomes the image (models/stargan.py generator_output): "tanh" is
+  # StarGAN as published; "residual" a change of the input; "blend" a per-pixel mix of copying
+  # the input and drawing anew.
+  c.model.generator_output = "tanh"
   c.model.discriminator_features = 64
   c.model.discriminator_layers = 6  # data.image_size must be divisible by 2**discriminator_layers
   c.model.fuse = True  # uagan: attention fusion from the translation into the segmentation stream
@@ -147,6 +148,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.model.name not in MODEL_FAMILIES:
     raise UserError(f"config model.name={config.model.name!r}: unknown model family "
                     f"(known: {', '.join(MODEL_FAMILIES)})")
+  from uagan_jax.models.stargan import GENERATOR_OUTPUTS  # pylint: disable=g-import-not-at-top
+  if config.model.generator_output not in GENERATOR_OUTPUTS:
+    raise UserError(f"config model.generator_output={config.model.generator_output!r}: unknown "
+                    f"(known: {', '.join(GENERATOR_OUTPUTS)})")
   if config.model.generator_norm not in GENERATOR_NORMS:
     raise UserError(f"config model.generator_norm={config.model.generator_norm!r}: unknown "
                     f"(known: {', '.join(GENERATOR_NORMS)})")

@@ -60,19 +60,57 @@ class ConditionalInstanceNorm(nn.Module):
     return x * scale.astype(x.dtype) + offset.astype(x.dtype)
 
 
-# Inputs are clipped this far inside (-1, 1) before arctanh, so the skip stays finite.
+# How the generator's last conv becomes the translated image (model.generator_output).
+GENERATOR_OUTPUTS = ("tanh", "residual", "blend")
+# Inputs are clipped this far inside (-1, 1) before arctanh, so the residual output stays finite.
 _SKIP_LIMIT = 0.98
 
 
-def input_skip(image: jax.Array, out_channels: int) -> jax.Array:
-  """The pre-tanh value that reproduces ``image`` (clipped to +-0.98): added to the head's output,
-  the generator predicts a change of its input rather than a new image, so it starts as the
-  identity. MRI modalities share anatomy, and some pairs (T1 and T1ce) differ only inside the
-  tumour, where a generator drawing every pixel anew loses to simply copying its input."""
-  if image.shape[-1] != out_channels:
-    raise ValueError(f"input skip needs as many input channels ({image.shape[-1]}) as output "
-                     f"channels ({out_channels})")
-  return jnp.arctanh(jnp.clip(image, -_SKIP_LIMIT, _SKIP_LIMIT))
+def generator_output(features: jax.Array, image: jax.Array, *, kind: str, out_channels: int,
+                     name: str, dtype) -> jax.Array:
+  """The generator's 7x7 head and how it turns into the translated image, in [-1, 1].
+
+  Call inside a compact module: the convs become that module's children ``name`` (and
+  ``name + "_mask"``), so the ``"tanh"`` parameters are StarGAN's.
+
+  Args:
+    features: [B, H, W, C] last decoder features.
+    image: [B, H, W, out_channels] the generator's input, in [-1, 1].
+    kind: one of GENERATOR_OUTPUTS:
+      ``"tanh"``: ``tanh(head)``, StarGAN as published: every pixel drawn anew.
+      ``"residual"``: ``tanh(head + arctanh(image))``, a change of the input, the head starting
+      at zero, so G starts as the identity (input clipped to +-0.98). MRI modalities share
+      anatomy, and some pairs (T1 and T1ce) differ only inside the tumour.
+      ``"blend"``: ``m * image + (1 - m) * tanh(head)`` with a per-pixel mask
+      ``m = sigmoid(mask_head)`` (GANimation, Pumarola et al. 2018; AttentionGAN, Tang et al.
+      2019): G chooses, pixel by pixel and per target, between copying its input (T1 -> T1ce
+      outside the tumour) and drawing anew (T1 -> T2, whose contrast is inverted, which a
+      residual start holds back). The mask head starts at zero, m = 0.5.
+    out_channels: channels of the translated image.
+    name: the head conv's name.
+    dtype: computation dtype.
+
+  Returns:
+    [B, H, W, out_channels] float32 in [-1, 1].
+  """
+  if kind not in GENERATOR_OUTPUTS:
+    raise ValueError(f"unknown generator output {kind!r} (known: {', '.join(GENERATOR_OUTPUTS)})")
+  if kind != "tanh" and image.shape[-1] != out_channels:
+    raise ValueError(f"generator output {kind!r} needs as many input channels "
+                     f"({image.shape[-1]}) as output channels ({out_channels})")
+  # Bias-free like every StarGAN generator conv, so the "tanh" parameters match the reference.
+  head = nn.Conv(out_channels, (7, 7), padding=((3, 3), (3, 3)), use_bias=False, dtype=dtype,
+                 kernel_init=nn.initializers.zeros if kind == "residual"
+                 else nn.linear.default_kernel_init, name=name)(features).astype(jnp.float32)
+  image = image.astype(jnp.float32)
+  if kind == "tanh":
+    return jnp.tanh(head)
+  if kind == "residual":
+    return jnp.tanh(head + jnp.arctanh(jnp.clip(image, -_SKIP_LIMIT, _SKIP_LIMIT)))
+  mask = nn.sigmoid(nn.Conv(out_channels, (7, 7), padding=((3, 3), (3, 3)), dtype=dtype,
+                            kernel_init=nn.initializers.zeros, name=name + "_mask")(features)
+                    ).astype(jnp.float32)
+  return mask * image + (1.0 - mask) * jnp.tanh(head)
 
 
 def generator_norm(kind: str, modality: jax.Array, *, num_modalities: int, dtype):
@@ -112,8 +150,7 @@ class Generator(nn.Module):
     num_modalities: size of the target-modality one-hot.
     out_channels: channels of the translated image.
     norm: ``"instance"`` (as published) or ``"conditional_instance"`` (see `generator_norm`).
-    input_skip: add the input to the head's output before tanh (see `input_skip`); off in
-      StarGAN as published.
+    output: one of GENERATOR_OUTPUTS (see `generator_output`); ``"tanh"`` is StarGAN.
     dtype: computation dtype (parameters stay float32).
   """
   base_features: int = 64
@@ -121,7 +158,7 @@ class Generator(nn.Module):
   num_modalities: int = 4
   out_channels: int = 1
   norm: str = "instance"
-  input_skip: bool = False
+  output: str = "tanh"
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -171,12 +208,8 @@ class Generator(nn.Module):
       x = nn.ConvTranspose(features, **_UP, use_bias=False, dtype=self.dtype, name=f"up{level}")(x)
       x = nn.relu(instance_norm(f"up{level}_norm")(x))
       decoder_features.append(x.astype(jnp.float32))
-    # Bias-free like every StarGAN generator conv, so the parameter count matches the reference.
-    x = nn.Conv(self.out_channels, (7, 7), padding=((3, 3), (3, 3)), use_bias=False,
-                dtype=self.dtype, name="head")(x)
-    if self.input_skip:
-      x = x + input_skip(image, self.out_channels).astype(x.dtype)
-    translated = jnp.tanh(x).astype(jnp.float32)
+    translated = generator_output(x, image, kind=self.output, out_channels=self.out_channels,
+                                  name="head", dtype=self.dtype)
     if return_features:
       return translated, decoder_features
     return translated

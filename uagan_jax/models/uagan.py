@@ -58,7 +58,7 @@ class UnifiedNet(nn.Module):
     fuse: attention fusion from the translation into the segmentation stream.
     fuse_reverse: also from the segmentation into the translation stream.
     gen_norm: the translation stream's normalisation (`stargan.generator_norm`).
-    gen_input_skip: the translation stream predicts a change of its input (`stargan.input_skip`).
+    gen_output: how the translation stream's head becomes the image (`stargan.generator_output`).
     bn_axis_name: axis for the segmentation stream's BatchNorm statistics (see `Segmentor`).
     dtype: computation dtype.
   """
@@ -70,7 +70,7 @@ class UnifiedNet(nn.Module):
   fuse: bool = True
   fuse_reverse: bool = True
   gen_norm: str = "instance"
-  gen_input_skip: bool = False
+  gen_output: str = "tanh"
   bn_axis_name: str | None = None
   dtype: jnp.dtype = jnp.float32
 
@@ -152,9 +152,7 @@ class UnifiedNet(nn.Module):
       if level == 0 and len(skips) > 0:
         s = jnp.concatenate([s, skips[0]], axis=-1)
 
-    g = nn.Conv(1, (7, 7), padding=((3, 3), (3, 3)), use_bias=False, dtype=dt, name="gen_head")(g)
-    if self.gen_input_skip:
-      g = g + stargan.input_skip(translation_input, 1).astype(dt)
-    translated = jnp.tanh(g).astype(jnp.float32)
+    translated = stargan.generator_output(g, translation_input, kind=self.gen_output,
+                                          out_channels=1, name="gen_head", dtype=dt)
     logits = nn.Conv(self.num_regions, (3, 3), dtype=dt, name="seg_logits")(s).astype(jnp.float32)
     return translated, logits
