@@ -44,6 +44,7 @@ def test_config_is_locked():
     ("--config.model.generator_output=skip", "model.generator_output='skip': unknown"),
     ("--config.data.modalities=('pd',)", "data.modalities"),
     ("--config.train.batch_size=0", "train.batch_size"),
+    ("--config.loss.identity_weight=-1.0", "loss.identity_weight=-1.0: must be >= 0"),
 ])
 def test_bad_overrides_are_user_errors(override, needle):
   with pytest.raises(UserError, match=needle.replace("(", r"\(").replace(")", r"\)")):

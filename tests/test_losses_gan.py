@@ -65,6 +65,15 @@ def test_cycle_loss_hand_computed_and_zero_for_identical():
   assert float(losses.cycle_loss(original=image, reconstructed=image)) == 0.0
 
 
+def test_identity_loss_hand_computed_and_zero_for_a_copy():
+  # |[0.5, -0.5, 0] - [0, 0, 0.3]| = [0.5, 0.5, 0.3], mean 1.3 / 3.
+  original = jnp.array([[0.5, -0.5, 0.0]])
+  assert float(losses.identity_loss(original=original, same_domain=jnp.array([[0.0, 0.0, 0.3]]))) \
+      == pytest.approx(1.3 / 3)
+  image = jnp.asarray(np.random.default_rng(1).standard_normal((2, 8, 8, 1)), jnp.float32)
+  assert float(losses.identity_loss(original=image, same_domain=image)) == 0.0
+
+
 def test_shape_loss_hand_computed():
   # One example, one region, two pixels: logits [0, 0], targets [1, 0].
   #   BCE: log 2 per pixel, mean log 2.

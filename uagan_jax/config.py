@@ -77,6 +77,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.gan_weight = 1.0  # generator's WGAN term
   c.loss.cls_weight = 1.0  # modality classification (D on real, G on fake)
   c.loss.cycle_weight = 10.0
+  # G(x, source) ~ x (CycleGAN's identity loss); 0 is StarGAN, which has none. One more pass of G.
+  c.loss.identity_weight = 0.0
   c.loss.discriminator_gp_weight = 10.0
   # UAGAN shape loss: S(G(x, t), t) must segment like y; its weight ramps up linearly from 0.
   c.loss.shape_weight = 1.0
@@ -184,7 +186,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
               "n_critic"):
     if config.train[key] < 1:
       raise UserError(f"config train.{key}={config.train[key]}: must be >= 1")
-  for key in ("train.validate_every", "eval.val_max_cases", "eval.max_cases", "eval.panels"):
+  for key in ("train.validate_every", "eval.val_max_cases", "eval.max_cases", "eval.panels",
+              "loss.identity_weight"):
     group, name = key.split(".")
     if config[group][name] < 0:
       raise UserError(f"config {key}={config[group][name]}: must be >= 0")

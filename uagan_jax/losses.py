@@ -147,6 +147,17 @@ def cycle_loss(*, original: jax.Array, reconstructed: jax.Array) -> jax.Array:
   return jnp.mean(jnp.abs(original - reconstructed))
 
 
+def identity_loss(*, original: jax.Array, same_domain: jax.Array) -> jax.Array:
+  """CycleGAN's identity-mapping loss ``mean |x - G(x, c_source)|`` (L1, per element).
+
+  Asked for the modality it already is, G should return its input (Zhu et al. 2017, sec. 5.2).
+  Unpaired training has no other term that penalises changing what needs no change, so without it
+  G may redraw the texture and noise of a near-identical pair (T1 to T1ce) and end up further from
+  the truth than the source itself.
+  """
+  return jnp.mean(jnp.abs(original - same_domain))
+
+
 def shape_loss(*, logits_translated: jax.Array, targets: jax.Array) -> jax.Array:
   """UAGAN's shape consistency loss: the translated image must keep the source's tumour.
 

@@ -367,6 +367,7 @@ def _translation_phases(state: TrainState, inputs: _Inputs, *, networks: Network
   unified = networks.unified is not None
   role = "unified" if unified else "generator"
   gen_state = state.nets[role]
+  with_identity = config.loss.identity_weight > 0
 
   def generate(params):
     if unified:
@@ -381,10 +382,19 @@ def _translation_phases(state: TrainState, inputs: _Inputs, *, networks: Network
           mutable=["batch_stats"])
       outputs = {"fake": fake, "reconstructed": reconstructed, "logits": logits,
                  "fake_logits": fake_logits}
+      if with_identity:
+        # Asked for its own modality, G should copy. Only the translation is used, so XLA drops
+        # this pass's segmentation stream (without fuse_reverse the translation does not need it).
+        (outputs["same_domain"], _), _ = networks.unified.apply(
+            variables, inputs.image, source, source, train=True, translation_input=real,
+            mutable=["batch_stats"])
       return outputs, new_vars["batch_stats"]
     fake = networks.generator.apply({"params": params}, real, target)
     reconstructed = networks.generator.apply({"params": params}, fake, source)
-    return {"fake": fake, "reconstructed": reconstructed}, gen_state.batch_stats
+    outputs = {"fake": fake, "reconstructed": reconstructed}
+    if with_identity:
+      outputs["same_domain"] = networks.generator.apply({"params": params}, real, source)
+    return outputs, gen_state.batch_stats
 
   outputs, generate_vjp, gen_batch_stats = jax.vjp(generate, parallel.per_device(gen_state.params),
                                                    has_aux=True)
@@ -430,6 +440,10 @@ def _translation_phases(state: TrainState, inputs: _Inputs, *, networks: Network
              "gen/cycle": losses.cycle_loss(original=real, reconstructed=outputs["reconstructed"])}
     total = (config.loss.gan_weight * terms["gen/wgan"] + config.loss.cls_weight * terms["gen/cls"]
              + config.loss.cycle_weight * terms["gen/cycle"])
+    if with_identity:
+      terms["gen/identity"] = losses.identity_loss(original=real,
+                                                   same_domain=outputs["same_domain"])
+      total = total + config.loss.identity_weight * terms["gen/identity"]
     if unified:
       seg_total, seg_terms = _segmentation_terms(outputs["logits"], inputs, critic_params,
                                                  networks=networks, config=config)
