@@ -23,6 +23,8 @@ from uagan_jax.errors import UserError
 MODEL_FAMILIES = ("unet", "segan", "stargan", "uagan")
 # How the generator's norm layers see the target modality (uagan_jax/models/stargan.py).
 GENERATOR_NORMS = ("instance", "conditional_instance")
+# How the generator's last conv becomes the translated image (stargan.generator_output).
+GENERATOR_OUTPUTS = ("tanh", "residual", "blend")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -150,7 +152,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.model.name not in MODEL_FAMILIES:
     raise UserError(f"config model.name={config.model.name!r}: unknown model family "
                     f"(known: {', '.join(MODEL_FAMILIES)})")
-  from uagan_jax.models.stargan import GENERATOR_OUTPUTS  # pylint: disable=g-import-not-at-top
   if config.model.generator_output not in GENERATOR_OUTPUTS:
     raise UserError(f"config model.generator_output={config.model.generator_output!r}: unknown "
                     f"(known: {', '.join(GENERATOR_OUTPUTS)})")

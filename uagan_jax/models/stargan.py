@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from uagan_jax.config import GENERATOR_NORMS, GENERATOR_OUTPUTS
 from uagan_jax.models.segan import modality_planes
 
 # 4x4 kernels with stride 2 and one pixel of padding halve H and W exactly (StarGAN's down convs).
@@ -60,8 +61,6 @@ class ConditionalInstanceNorm(nn.Module):
     return x * scale.astype(x.dtype) + offset.astype(x.dtype)
 
 
-# How the generator's last conv becomes the translated image (model.generator_output).
-GENERATOR_OUTPUTS = ("tanh", "residual", "blend")
 # Inputs are clipped this far inside (-1, 1) before arctanh, so the residual output stays finite.
 _SKIP_LIMIT = 0.98
 
@@ -129,7 +128,7 @@ def generator_norm(kind: str, modality: jax.Array, *, num_modalities: int, dtype
   if kind == "conditional_instance":
     return lambda name: functools.partial(
         ConditionalInstanceNorm(num_modalities, dtype=dtype, name=name), modality=modality)
-  raise ValueError(f"unknown generator norm {kind!r} (known: instance, conditional_instance)")
+  raise ValueError(f"unknown generator norm {kind!r} (known: {', '.join(GENERATOR_NORMS)})")
 
 
 class Generator(nn.Module):
