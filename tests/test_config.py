@@ -45,6 +45,8 @@ def test_config_is_locked():
     ("--config.data.modalities=('pd',)", "data.modalities"),
     ("--config.train.batch_size=0", "train.batch_size"),
     ("--config.loss.identity_weight=-1.0", "loss.identity_weight=-1.0: must be >= 0"),
+    ("--config.model.generator_pair_heads=true",
+     "generator_pair_heads=true needs model.name='uagan'"),
 ])
 def test_bad_overrides_are_user_errors(override, needle):
   with pytest.raises(UserError, match=needle.replace("(", r"\(").replace(")", r"\)")):

@@ -264,3 +264,22 @@ def test_generator_output_errors():
   with pytest.raises(ValueError, match="unknown generator output 'skip'"):
     _shapes(Generator(base_features=4, num_residual=1, output="skip"), jnp.ones((1, 32, 32, 1)),
             jnp.array([0]))
+
+
+def test_generator_output_head_index_needs_several_heads():
+  features, image = jnp.ones((2, 8, 8, 4)), jnp.zeros((2, 8, 8, 1))
+
+  class Head(nn.Module):
+    num_heads: int
+    with_index: bool
+
+    @nn.compact
+    def __call__(self, x, y):
+      index = jnp.array([0, 1]) if self.with_index else None
+      return stargan.generator_output(x, y, kind="blend", out_channels=1, name="head",
+                                      dtype=jnp.float32, head_index=index,
+                                      num_heads=self.num_heads)
+
+  for num_heads, with_index in ((4, False), (1, True)):
+    with pytest.raises(ValueError, match="head_index must be given exactly when num_heads > 1"):
+      Head(num_heads, with_index).init(jax.random.key(0), features, image)

@@ -114,3 +114,50 @@ def test_translation_output_kinds_start_from_the_input(output):
                           translation_input=translation_input)
   np.testing.assert_allclose(translated, 0.5 * translation_input + 0.5 * drawn, rtol=1e-5,
                              atol=1e-6)
+
+
+@pytest.mark.parametrize("output", ["residual", "blend"])
+def test_pair_heads_give_each_source_target_pair_its_own_head(output):
+  # 16 heads side by side in the head (and mask head) convs; the example of pair (source, target)
+  # uses column source * 4 + target, so it equals a shared-head network holding that column, and
+  # changing another pair's column leaves it unchanged.
+  translation_input = jnp.tanh(_IMAGE)
+  net = _net(gen_output=output, gen_pair_heads=True)
+  variables = jax.jit(functools.partial(net.init, train=False))(
+      jax.random.key(0, impl="rbg"), _IMAGE, _SOURCE, _SOURCE)
+  params = dict(variables["params"])
+  heads = ("gen_head", "gen_head_mask") if output == "blend" else ("gen_head",)
+  rng = np.random.default_rng(1)
+  for name in heads:  # non-zero, distinct heads (they start at zero where that is the identity)
+    params[name] = {key: jnp.asarray(rng.normal(0.0, 0.3, value.shape), jnp.float32)
+                    for key, value in params[name].items()}
+    assert params[name]["kernel"].shape[-1] == 16
+  source, target = jnp.array([0, 2]), jnp.array([1, 3])
+  translated, _ = net.apply({**variables, "params": params}, _IMAGE, source, target, train=False,
+                            translation_input=translation_input)
+  shared = _net(gen_output=output)
+  for example, pair in enumerate((0 * 4 + 1, 2 * 4 + 3)):
+    column = {name: {key: value[..., pair:pair + 1] for key, value in params[name].items()}
+              for name in heads}
+    want, _ = shared.apply({**variables, "params": {**params, **column}}, _IMAGE, source, target,
+                           train=False, translation_input=translation_input)
+    np.testing.assert_allclose(translated[example], want[example], rtol=1e-5, atol=1e-6)
+  # Pair t1 -> t1ce's head (column 1) moved: only example 0 changes.
+  moved = {**params, "gen_head": {**params["gen_head"], "kernel": params["gen_head"]["kernel"].at[
+      ..., 1].add(0.5)}}
+  changed, _ = net.apply({**variables, "params": moved}, _IMAGE, source, target, train=False,
+                         translation_input=translation_input)
+  assert float(jnp.abs(changed[0] - translated[0]).max()) > 1e-3
+  np.testing.assert_array_equal(changed[1], translated[1])
+
+
+def test_pair_heads_residual_starts_as_the_identity_for_every_pair():
+  translation_input = jnp.tanh(_IMAGE)
+  net = _net(gen_output="residual", gen_pair_heads=True)
+  variables = jax.jit(functools.partial(net.init, train=False))(
+      jax.random.key(0, impl="rbg"), _IMAGE, _SOURCE, _SOURCE)
+  for source, target in ((0, 1), (3, 2)):
+    translated, _ = net.apply(variables, _IMAGE, jnp.full((2,), source), jnp.full((2,), target),
+                              train=False, translation_input=translation_input)
+    np.testing.assert_allclose(translated, jnp.clip(translation_input, -0.98, 0.98), rtol=1e-5,
+                               atol=1e-6)

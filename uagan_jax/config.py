@@ -47,6 +47,11 @@ def base_config() -> ml_collections.ConfigDict:
   # StarGAN as published; "residual" a change of the input; "blend" a per-pixel mix of copying
   # the input and drawing anew.
   c.model.generator_output = "tanh"
+  # uagan: one output head (7x7 conv, and blend's mask head) per source->target pair, on shared
+  # decoder features, instead of StarGAN's one head for all. Near-identical pairs (T1 <-> T1ce
+  # differ only in the tumour) then need not share the last layer with contrast-inverting ones
+  # (T1 -> T2): each pair's head learns only from its own translations.
+  c.model.generator_pair_heads = False
   c.model.discriminator_features = 64
   c.model.discriminator_layers = 6  # data.image_size must be divisible by 2**discriminator_layers
   c.model.fuse = True  # uagan: attention fusion from the translation into the segmentation stream
@@ -155,6 +160,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.model.generator_output not in GENERATOR_OUTPUTS:
     raise UserError(f"config model.generator_output={config.model.generator_output!r}: unknown "
                     f"(known: {', '.join(GENERATOR_OUTPUTS)})")
+  if config.model.generator_pair_heads and config.model.name != "uagan":
+    raise UserError(f"config model.generator_pair_heads=true needs model.name='uagan' (got "
+                    f"{config.model.name!r}): only the unified network is told the source modality")
   if config.model.generator_norm not in GENERATOR_NORMS:
     raise UserError(f"config model.generator_norm={config.model.generator_norm!r}: unknown "
                     f"(known: {', '.join(GENERATOR_NORMS)})")

@@ -66,7 +66,8 @@ _SKIP_LIMIT = 0.98
 
 
 def generator_output(features: jax.Array, image: jax.Array, *, kind: str, out_channels: int,
-                     name: str, dtype) -> jax.Array:
+                     name: str, dtype, head_index: jax.Array | None = None,
+                     num_heads: int = 1) -> jax.Array:
   """The generator's 7x7 head and how it turns into the translated image, in [-1, 1].
 
   Call inside a compact module: the convs become that module's children ``name`` (and
@@ -88,6 +89,10 @@ def generator_output(features: jax.Array, image: jax.Array, *, kind: str, out_ch
     out_channels: channels of the translated image.
     name: the head conv's name.
     dtype: computation dtype.
+    head_index: [B] ids in [0, num_heads): each example's own head (and mask head), e.g. its
+      source-target pair; None with ``num_heads=1``: one head for all.
+    num_heads: heads side by side in the convs (``num_heads * out_channels`` outputs each), of
+      which every example uses one: a head receives gradients only from its own examples.
 
   Returns:
     [B, H, W, out_channels] float32 in [-1, 1].
@@ -97,17 +102,30 @@ def generator_output(features: jax.Array, image: jax.Array, *, kind: str, out_ch
   if kind != "tanh" and image.shape[-1] != out_channels:
     raise ValueError(f"generator output {kind!r} needs as many input channels "
                      f"({image.shape[-1]}) as output channels ({out_channels})")
+  if (head_index is None) != (num_heads == 1):
+    raise ValueError(f"head_index must be given exactly when num_heads > 1 (got {num_heads})")
+
+  def own_head(outputs: jax.Array) -> jax.Array:
+    """[B, H, W, num_heads * out_channels] -> each example's [B, H, W, out_channels]."""
+    if head_index is None:
+      return outputs
+    outputs = outputs.reshape(outputs.shape[:-1] + (num_heads, out_channels))
+    return jnp.take_along_axis(outputs, head_index[:, None, None, None, None], axis=3)[:, :, :, 0]
+
   # Bias-free like every StarGAN generator conv, so the "tanh" parameters match the reference.
-  head = nn.Conv(out_channels, (7, 7), padding=((3, 3), (3, 3)), use_bias=False, dtype=dtype,
-                 kernel_init=nn.initializers.zeros if kind == "residual"
-                 else nn.linear.default_kernel_init, name=name)(features).astype(jnp.float32)
+  head = own_head(nn.Conv(num_heads * out_channels, (7, 7), padding=((3, 3), (3, 3)),
+                          use_bias=False, dtype=dtype,
+                          kernel_init=nn.initializers.zeros if kind == "residual"
+                          else nn.linear.default_kernel_init, name=name)(features)
+                  ).astype(jnp.float32)
   image = image.astype(jnp.float32)
   if kind == "tanh":
     return jnp.tanh(head)
   if kind == "residual":
     return jnp.tanh(head + jnp.arctanh(jnp.clip(image, -_SKIP_LIMIT, _SKIP_LIMIT)))
-  mask = nn.sigmoid(nn.Conv(out_channels, (7, 7), padding=((3, 3), (3, 3)), dtype=dtype,
-                            kernel_init=nn.initializers.zeros, name=name + "_mask")(features)
+  mask = nn.sigmoid(own_head(nn.Conv(num_heads * out_channels, (7, 7), padding=((3, 3), (3, 3)),
+                                     dtype=dtype, kernel_init=nn.initializers.zeros,
+                                     name=name + "_mask")(features))
                     ).astype(jnp.float32)
   return mask * image + (1.0 - mask) * jnp.tanh(head)
 

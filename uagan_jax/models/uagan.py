@@ -59,6 +59,8 @@ class UnifiedNet(nn.Module):
     fuse_reverse: also from the segmentation into the translation stream.
     gen_norm: the translation stream's normalisation (`stargan.generator_norm`).
     gen_output: how the translation stream's head becomes the image (`stargan.generator_output`).
+    gen_pair_heads: one output head (and mask head) per source-target pair instead of one shared
+      head, see ``model.generator_pair_heads`` in config.py.
     bn_axis_name: axis for the segmentation stream's BatchNorm statistics (see `Segmentor`).
     dtype: computation dtype.
   """
@@ -71,6 +73,7 @@ class UnifiedNet(nn.Module):
   fuse_reverse: bool = True
   gen_norm: str = "instance"
   gen_output: str = "tanh"
+  gen_pair_heads: bool = False
   bn_axis_name: str | None = None
   dtype: jnp.dtype = jnp.float32
 
@@ -152,7 +155,9 @@ class UnifiedNet(nn.Module):
       if level == 0 and len(skips) > 0:
         s = jnp.concatenate([s, skips[0]], axis=-1)
 
-    translated = stargan.generator_output(g, translation_input, kind=self.gen_output,
-                                          out_channels=1, name="gen_head", dtype=dt)
+    pair = source_modality * self.num_modalities + target_modality if self.gen_pair_heads else None
+    translated = stargan.generator_output(
+        g, translation_input, kind=self.gen_output, out_channels=1, name="gen_head", dtype=dt,
+        head_index=pair, num_heads=self.num_modalities ** 2 if self.gen_pair_heads else 1)
     logits = nn.Conv(self.num_regions, (3, 3), dtype=dt, name="seg_logits")(s).astype(jnp.float32)
     return translated, logits
