@@ -47,6 +47,8 @@ def test_config_is_locked():
     ("--config.loss.identity_weight=-1.0", "loss.identity_weight=-1.0: must be >= 0"),
     ("--config.model.generator_pair_heads=true",
      "generator_pair_heads=true needs model.name='uagan'"),
+    ("--config.model.discriminator_per_modality=true",
+     "discriminator_per_modality=true needs model.name 'stargan' or 'uagan'"),
 ])
 def test_bad_overrides_are_user_errors(override, needle):
   with pytest.raises(UserError, match=needle.replace("(", r"\(").replace(")", r"\)")):

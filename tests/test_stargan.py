@@ -139,6 +139,30 @@ def test_discriminator_rejects_indivisible_size():
     _shapes(Discriminator(base_features=4, num_layers=4), jnp.ones((1, 24, 32, 1)))
 
 
+def test_per_modality_scores_pick_each_images_own_map():
+  model = Discriminator(base_features=4, num_layers=3, num_modalities=4, per_modality_scores=True)
+  variables = model.init(_key(), _IMAGE, jnp.zeros(2, jnp.int32))
+  assert variables["params"]["src"]["kernel"].shape[-1] == 4
+  # Keep only modality 2's map: images scored as 2 see it, the others a zero map.
+  kernel = variables["params"]["src"]["kernel"]
+  variables = {"params": {**variables["params"],
+                          "src": {"kernel": jnp.zeros_like(kernel).at[..., 2].set(kernel[..., 2])}}}
+  src, cls_logits = model.apply(variables, _IMAGE, jnp.array([2, 1]))
+  assert src.shape == (2, 4, 4, 1) and cls_logits.shape == (2, 4)
+  assert np.abs(src[0]).max() > 1e-4 and np.abs(src[1]).max() == 0.0
+  swapped, _ = model.apply(variables, _IMAGE, jnp.array([0, 2]))
+  assert np.abs(swapped[0]).max() == 0.0
+  np.testing.assert_allclose(swapped[1], model.apply(variables, _IMAGE[::-1], jnp.array([2, 0]))[0][0],
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_discriminator_modality_is_given_exactly_with_per_modality_scores():
+  with pytest.raises(ValueError, match="modality must be given exactly"):
+    _shapes(Discriminator(base_features=4, num_layers=3, per_modality_scores=True), _IMAGE)
+  with pytest.raises(ValueError, match="modality must be given exactly"):
+    _shapes(Discriminator(base_features=4, num_layers=3), _IMAGE, jnp.zeros(2, jnp.int32))
+
+
 def test_jit_forward_matches_eager():
   target = jnp.array([2, 3])
 

@@ -54,6 +54,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.generator_pair_heads = False
   c.model.discriminator_features = 64
   c.model.discriminator_layers = 6  # data.image_size must be divisible by 2**discriminator_layers
+  # stargan, uagan: one real/fake score map per modality, each image judged by its own (real) or
+  # its target's (translated) -- StarGAN v2's discriminator -- instead of one real/fake map and a
+  # classifier that cannot tell T1 from T1ce where there is no tumour (models/stargan.py).
+  c.model.discriminator_per_modality = False
   c.model.fuse = True  # uagan: attention fusion from the translation into the segmentation stream
   # uagan: and from the segmentation into the translation stream. Off by default: through it the
   # translation losses (WGAN, classification, cycle) train the segmentation stream's weights, and
@@ -163,6 +167,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.model.generator_pair_heads and config.model.name != "uagan":
     raise UserError(f"config model.generator_pair_heads=true needs model.name='uagan' (got "
                     f"{config.model.name!r}): only the unified network is told the source modality")
+  if config.model.discriminator_per_modality and config.model.name not in ("stargan", "uagan"):
+    raise UserError(f"config model.discriminator_per_modality=true needs model.name 'stargan' or "
+                    f"'uagan' (got {config.model.name!r}): only they have a discriminator")
   if config.model.generator_norm not in GENERATOR_NORMS:
     raise UserError(f"config model.generator_norm={config.model.generator_norm!r}: unknown "
                     f"(known: {', '.join(GENERATOR_NORMS)})")

@@ -95,7 +95,9 @@ def build_networks(config: ml_collections.ConfigDict, *, bn_axis_name: str | Non
   if "discriminator" in roles:
     modules["discriminator"] = stargan.Discriminator(base_features=m.discriminator_features,
                                                      num_layers=m.discriminator_layers,
-                                                     num_modalities=len(MODALITIES), dtype=dtype)
+                                                     num_modalities=len(MODALITIES),
+                                                     per_modality_scores=m.discriminator_per_modality,
+                                                     dtype=dtype)
     optimizers["discriminator"] = _adam(config, config.optim.discriminator_lr)
   if "unified" in roles:
     modules["unified"] = uagan.UnifiedNet(
@@ -165,7 +167,8 @@ def create_train_state(config: ml_collections.ConfigDict, networks: Networks) ->
       "segmentor": lambda: (image, modality),
       "critic": lambda: (jnp.zeros((1, height, width, 3)),),
       "generator": lambda: (image, modality),
-      "discriminator": lambda: (image,),
+      "discriminator": lambda: ((image, modality) if networks.discriminator.per_modality_scores
+                                else (image,)),
       "unified": lambda: (image, modality, modality),
   }
   roles = FAMILY_ROLES[config.model.name]
@@ -403,12 +406,19 @@ def _translation_phases(state: TrainState, inputs: _Inputs, *, networks: Network
 
   # Critics' phase ------------------------------------------------------------------------------
   disc_state = state.nets["discriminator"]
-  discriminate = lambda params, x: networks.discriminator.apply({"params": params}, x)
+  per_modality_scores = networks.discriminator.per_modality_scores
+
+  def discriminate(params, x, modality):
+    """D's (src, cls_logits); with per-modality scores, src judges x as that modality."""
+    return networks.discriminator.apply({"params": params}, x,
+                                        modality if per_modality_scores else None)
 
   def disc_objective(params):
-    real_src, real_cls = discriminate(params, real)
-    fake_src, _ = discriminate(params, jax.lax.stop_gradient(outputs["fake"]))
-    per_example = lambda x: jnp.mean(discriminate(params, x)[0], axis=(1, 2, 3))
+    real_src, real_cls = discriminate(params, real, source)
+    fake_src, _ = discriminate(params, jax.lax.stop_gradient(outputs["fake"]), target)
+    # The interpolates lie between each real image and its translation; with per-modality scores
+    # the penalty is on the score that judges the translation, the target's.
+    per_example = lambda x: jnp.mean(discriminate(params, x, target)[0], axis=(1, 2, 3))
     alpha = jax.vmap(jax.random.uniform)(_stream(inputs.example_keys, _DISC_PENALTY_STREAM))
     terms = {"disc/wgan": losses.wgan_critic_loss(real_scores=real_src, fake_scores=fake_src),
              "disc/gradient_penalty": losses.gradient_penalty(
@@ -435,7 +445,7 @@ def _translation_phases(state: TrainState, inputs: _Inputs, *, networks: Network
 
   # Generators' phase ---------------------------------------------------------------------------
   def objective(outputs):
-    fake_src, fake_cls = discriminate(new_nets["discriminator"].params, outputs["fake"])
+    fake_src, fake_cls = discriminate(new_nets["discriminator"].params, outputs["fake"], target)
     terms = {"gen/wgan": losses.wgan_generator_loss(fake_scores=fake_src),
              "gen/cls": losses.modality_classification_loss(logits=fake_cls, labels=target),
              "gen/cycle": losses.cycle_loss(original=real, reconstructed=outputs["reconstructed"])}

@@ -241,32 +241,47 @@ class Discriminator(nn.Module):
   real/fake score per patch), and ``cls``, a conv whose kernel covers the whole remaining feature
   map (``VALID`` padding), so it collapses to one logit per modality.
 
+  With ``per_modality_scores`` the ``src`` head has one real/fake channel per modality and each
+  image is scored by its modality's (StarGAN v2's multi-task discriminator, Choi et al. 2020): is
+  this a real T1ce, rather than is this real and, separately, which modality is it. Synthetic T1
+  and T1ce differ only in the tumour, as real ones mostly do; on a slice without tumour the
+  classifier cannot tell them apart, and its loss then rewards G for any change that makes the
+  logits confident, rather than for a T1ce that looks real.
+
   Attributes:
     base_features: width of the first conv; each further level doubles it.
     num_layers: stride-2 levels; H and W must be divisible by ``2 ** num_layers`` (6 for 128x128
       images in StarGAN, leaving a 2x2 map).
-    num_modalities: classifier outputs.
+    num_modalities: classifier outputs (and ``src`` channels with ``per_modality_scores``).
+    per_modality_scores: one real/fake score map per modality, chosen by ``modality``.
     dtype: computation dtype (parameters stay float32).
   """
   base_features: int = 64
   num_layers: int = 6
   num_modalities: int = 4
+  per_modality_scores: bool = False
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, image: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, image: jax.Array,
+               modality: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Scores ``image`` as real or fake and classifies its modality.
 
     Args:
       image: [B, H, W, C] images, H and W divisible by ``2 ** num_layers``.
+      modality: [B] modality ids whose score map each image gets; given exactly when
+        ``per_modality_scores``.
 
     Returns:
       ``(src, cls_logits)``: the real/fake map [B, H / 2**L, W / 2**L, 1] and the modality
       logits [B, num_modalities], both float32.
 
     Raises:
-      ValueError: if H or W is not divisible by ``2 ** num_layers``.
+      ValueError: if H or W is not divisible by ``2 ** num_layers``, or ``modality`` is given
+        without ``per_modality_scores`` or missing with it.
     """
+    if (modality is None) == self.per_modality_scores:
+      raise ValueError("modality must be given exactly when per_modality_scores is set")
     _, height, width, _ = image.shape
     factor = 2 ** self.num_layers
     if height % factor or width % factor:
@@ -277,8 +292,10 @@ class Discriminator(nn.Module):
                   name=f"down{level}")(x)
       x = nn.leaky_relu(x, 0.01)
     # Both heads are bias-free in StarGAN; a bias on the WGAN score cancels in the critic loss.
-    src = nn.Conv(1, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=self.dtype,
-                  name="src")(x)
+    src = nn.Conv(self.num_modalities if self.per_modality_scores else 1, (3, 3),
+                  padding=((1, 1), (1, 1)), use_bias=False, dtype=self.dtype, name="src")(x)
+    if self.per_modality_scores:
+      src = jnp.take_along_axis(src, modality[:, None, None, None], axis=-1)
     cls_logits = nn.Conv(self.num_modalities, (height // factor, width // factor), padding="VALID",
                          use_bias=False, dtype=self.dtype, name="cls")(x)
     return src.astype(jnp.float32), cls_logits.reshape(cls_logits.shape[0], -1).astype(jnp.float32)
