@@ -37,6 +37,7 @@ import numpy as np
 
 from uagan_jax import evaluate, volume_io
 from uagan_jax.data import preprocess
+from uagan_jax.errors import UserError
 
 # Model families with a translation network (`evaluate.SliceTranslator` runs either).
 TRANSLATING_FAMILIES = ("stargan", "uagan")
@@ -86,13 +87,8 @@ class VolumeTranslator:
     return volume_io.trained_modalities(self.config)
 
   def check_pair(self, source: str, target: str) -> None:
-    """UserError unless the model was trained on both modalities.
-
-    The source counts too: UAGAN conditions on it, and neither network has ever seen the
-    intensities of a modality outside its training set.
-    """
-    for flag, modality in (("--source", source), ("--target", target)):
-      volume_io.check_trained_modality(self.config, modality, flag=flag, workdir=self.workdir)
+    """UserError unless the model can translate ``source`` into ``target`` (see `check_pair`)."""
+    check_pair(self.config, source, target, workdir=self.workdir)
 
   def translate(self, image: np.ndarray, *, source: str,
                 target: str) -> tuple[np.ndarray, int, int]:
@@ -117,6 +113,24 @@ class VolumeTranslator:
     normalised = preprocess.slices_to_volume(translated, crop_pad)
     outside_view = volume_io.brain_outside_view(image, tuple(config.data.image_size))
     return restore_intensities(normalised, image), int(has_brain.sum()), outside_view
+
+
+def check_pair(config: ml_collections.ConfigDict, source: str, target: str, *,
+               workdir: pathlib.Path) -> None:
+  """UserError unless the model in ``workdir`` (trained with ``config``) can translate the pair.
+
+  Both modalities must be trained ones: UAGAN conditions on the source too, and neither network
+  has ever seen the intensities of a modality outside its training set. With
+  ``model.generator_pair_heads`` a modality into itself has its own head, which only the identity
+  loss trains: without it, that head's output is its initial noise.
+  """
+  for flag, modality in (("--source", source), ("--target", target)):
+    volume_io.check_trained_modality(config, modality, flag=flag, workdir=workdir)
+  if (source == target and config.model.get("generator_pair_heads", False)
+      and not config.loss.get("identity_weight", 0.0)):
+    raise UserError(f"--source and --target are both {source}: the model in {workdir} has one "
+                    f"output head per source -> target pair (model.generator_pair_heads) and "
+                    f"trained no {source} -> {source} head (loss.identity_weight 0)")
 
 
 def load_translator(workdir: str | os.PathLike) -> VolumeTranslator:
