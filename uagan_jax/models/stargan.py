@@ -65,6 +65,16 @@ class ConditionalInstanceNorm(nn.Module):
 _SKIP_LIMIT = 0.98
 
 
+def own_channels(outputs: jax.Array, index: jax.Array, *, channels: int) -> jax.Array:
+  """Each example's own block of channels: [B, H, W, K * channels], [B] ids -> [B, H, W, channels].
+
+  The heads of a multi-head conv lie side by side on the last axis; example b keeps block
+  ``index[b]``, so a head receives gradients only from its own examples.
+  """
+  outputs = outputs.reshape(outputs.shape[:-1] + (outputs.shape[-1] // channels, channels))
+  return jnp.take_along_axis(outputs, index[:, None, None, None, None], axis=3)[:, :, :, 0]
+
+
 def generator_output(features: jax.Array, image: jax.Array, *, kind: str, out_channels: int,
                      name: str, dtype, head_index: jax.Array | None = None,
                      num_heads: int = 1) -> jax.Array:
@@ -106,11 +116,9 @@ def generator_output(features: jax.Array, image: jax.Array, *, kind: str, out_ch
     raise ValueError(f"head_index must be given exactly when num_heads > 1 (got {num_heads})")
 
   def own_head(outputs: jax.Array) -> jax.Array:
-    """[B, H, W, num_heads * out_channels] -> each example's [B, H, W, out_channels]."""
     if head_index is None:
       return outputs
-    outputs = outputs.reshape(outputs.shape[:-1] + (num_heads, out_channels))
-    return jnp.take_along_axis(outputs, head_index[:, None, None, None, None], axis=3)[:, :, :, 0]
+    return own_channels(outputs, head_index, channels=out_channels)
 
   # Bias-free like every StarGAN generator conv, so the "tanh" parameters match the reference.
   head = own_head(nn.Conv(num_heads * out_channels, (7, 7), padding=((3, 3), (3, 3)),
@@ -295,7 +303,7 @@ class Discriminator(nn.Module):
     src = nn.Conv(self.num_modalities if self.per_modality_scores else 1, (3, 3),
                   padding=((1, 1), (1, 1)), use_bias=False, dtype=self.dtype, name="src")(x)
     if self.per_modality_scores:
-      src = jnp.take_along_axis(src, modality[:, None, None, None], axis=-1)
+      src = own_channels(src, modality, channels=1)
     cls_logits = nn.Conv(self.num_modalities, (height // factor, width // factor), padding="VALID",
                          use_bias=False, dtype=self.dtype, name="cls")(x)
     return src.astype(jnp.float32), cls_logits.reshape(cls_logits.shape[0], -1).astype(jnp.float32)
