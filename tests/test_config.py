@@ -49,6 +49,9 @@ def test_config_is_locked():
      "generator_pair_heads=true needs model.name='uagan'"),
     ("--config.model.discriminator_per_modality=true",
      "discriminator_per_modality=true needs model.name 'stargan' or 'uagan'"),
+    ("--config.model.fuse_reverse_stop_gradient=true",
+     "fuse_reverse_stop_gradient=true needs model.name='uagan' with model.fuse=true and "
+     "model.fuse_reverse=true"),
 ])
 def test_bad_overrides_are_user_errors(override, needle):
   with pytest.raises(UserError, match=needle.replace("(", r"\(").replace(")", r"\)")):

@@ -161,3 +161,26 @@ def test_pair_heads_residual_starts_as_the_identity_for_every_pair():
                               train=False, translation_input=translation_input)
     np.testing.assert_allclose(translated, jnp.clip(translation_input, -0.98, 0.98), rtol=1e-5,
                                atol=1e-6)
+
+
+@pytest.mark.parametrize("stop_gradient", [True, False])
+def test_reverse_gate_stop_gradient_keeps_translation_gradients_out_of_the_segmentation(
+    stop_gradient):
+  # The same translation either way; but the gradient of a translation-only loss reaches the
+  # segmentation stream's own weights (its encoder, seg_down0) only without the stop-gradient.
+  # The reverse gate itself still learns from it.
+  variables = _variables()
+  target = jnp.array([2, 3])
+  net = _net(fuse_reverse_stop_gradient=stop_gradient)
+  translated, _ = net.apply(variables, _IMAGE, _SOURCE, target, train=False)
+  np.testing.assert_array_equal(translated, _apply(variables, target)[0])
+
+  def translation_loss(params):
+    out, _ = net.apply({**variables, "params": params}, _IMAGE, _SOURCE, target, train=False)
+    return jnp.mean(out ** 2)
+
+  grads = jax.grad(translation_loss)(variables["params"])
+  seg_encoder = float(jnp.abs(grads["seg_down0"]["kernel"]).max())
+  assert (seg_encoder == 0.0) == stop_gradient
+  assert float(jnp.abs(grads["fuse_seg_to_gen0"]["gate"]["kernel"]).max()) > 0.0
+  assert float(jnp.abs(grads["gen_stem"]["kernel"]).max()) > 0.0

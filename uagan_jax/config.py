@@ -63,6 +63,10 @@ def base_config() -> ml_collections.ConfigDict:
   # translation losses (WGAN, classification, cycle) train the segmentation stream's weights, and
   # at the demo budget that held the segmentation back (README, "One unified model ...").
   c.model.fuse_reverse = False
+  # uagan, with fuse_reverse: the reverse gate reads the segmentation stream's feature behind a
+  # stop-gradient, so the translation still sees where the tumour is but its losses no longer
+  # train the segmentation stream.
+  c.model.fuse_reverse_stop_gradient = False
   c.model.dtype = "float32"  # computation dtype: "float32" or "bfloat16" (params stay float32)
 
   c.data = ml_collections.ConfigDict()
@@ -167,6 +171,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.model.generator_pair_heads and config.model.name != "uagan":
     raise UserError(f"config model.generator_pair_heads=true needs model.name='uagan' (got "
                     f"{config.model.name!r}): only the unified network is told the source modality")
+  if config.model.fuse_reverse_stop_gradient and not (config.model.name == "uagan"
+                                                      and config.model.fuse
+                                                      and config.model.fuse_reverse):
+    raise UserError("config model.fuse_reverse_stop_gradient=true needs model.name='uagan' with "
+                    "model.fuse=true and model.fuse_reverse=true (it changes the reverse gate)")
   if config.model.discriminator_per_modality and config.model.name not in ("stargan", "uagan"):
     raise UserError(f"config model.discriminator_per_modality=true needs model.name 'stargan' or "
                     f"'uagan' (got {config.model.name!r}): only they have a discriminator")

@@ -103,7 +103,8 @@ def build_networks(config: ml_collections.ConfigDict, *, bn_axis_name: str | Non
     modules["unified"] = uagan.UnifiedNet(
         seg_features=tuple(m.segmentor_features), gen_features=m.generator_features,
         num_residual=m.generator_residual_blocks, num_modalities=len(MODALITIES), fuse=m.fuse,
-        fuse_reverse=m.fuse_reverse, gen_norm=m.generator_norm,
+        fuse_reverse=m.fuse_reverse, fuse_reverse_stop_gradient=m.fuse_reverse_stop_gradient,
+        gen_norm=m.generator_norm,
         gen_output=m.generator_output, gen_pair_heads=m.generator_pair_heads,
         bn_axis_name=bn_axis_name, dtype=dtype)
     # One module, two learning rates: the translation stream's parameters (and the gates that

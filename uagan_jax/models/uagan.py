@@ -57,6 +57,9 @@ class UnifiedNet(nn.Module):
     num_modalities: size of the modality one-hots.
     fuse: attention fusion from the translation into the segmentation stream.
     fuse_reverse: also from the segmentation into the translation stream.
+    fuse_reverse_stop_gradient: the reverse gate reads the segmentation stream's feature without
+      passing gradients back into it, so the translation losses train the gate but not the
+      segmentation stream.
     gen_norm: the translation stream's normalisation (`stargan.generator_norm`).
     gen_output: how the translation stream's head becomes the image (`stargan.generator_output`).
     gen_pair_heads: one output head (and mask head) per source-target pair instead of one shared
@@ -71,6 +74,7 @@ class UnifiedNet(nn.Module):
   num_modalities: int = 4
   fuse: bool = True
   fuse_reverse: bool = True
+  fuse_reverse_stop_gradient: bool = False
   gen_norm: str = "instance"
   gen_output: str = "tanh"
   gen_pair_heads: bool = False
@@ -150,7 +154,8 @@ class UnifiedNet(nn.Module):
       if self.fuse:
         fused_s = s + AttentionGate(seg_width, dtype=dt, name=f"fuse_gen_to_seg{level}")(g)
         if self.fuse_reverse:
-          g = g + AttentionGate(width_g, dtype=dt, name=f"fuse_seg_to_gen{level}")(s)
+          seg_view = jax.lax.stop_gradient(s) if self.fuse_reverse_stop_gradient else s
+          g = g + AttentionGate(width_g, dtype=dt, name=f"fuse_seg_to_gen{level}")(seg_view)
         s = fused_s
       if level == 0 and len(skips) > 0:
         s = jnp.concatenate([s, skips[0]], axis=-1)
