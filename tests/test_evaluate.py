@@ -106,3 +106,42 @@ def test_segmentation_panel_and_training_curves_are_pngs(tmp_path):
                                      tmp_path / "f" / "training_curves.png")
   assert_png(curves)
   assert visualize.training_curves(tmp_path / "missing.jsonl", None, tmp_path / "none.png") is None
+
+
+def test_translation_is_scored_per_pair_beside_the_identity_and_drawn_with_the_input_on_the_diagonal(
+    tmp_path):
+  from conftest import load_test_config  # pylint: disable=g-import-not-at-top
+  config = load_test_config()
+  rng = np.random.default_rng(0)
+  brain = np.zeros((32, 32, 6), bool)
+  brain[6:26, 6:26, 1:5] = True
+  images = {m: np.where(brain, rng.normal(100.0 + 10 * i, 20.0, brain.shape), 0.0).astype(np.float32)
+            for i, m in enumerate(("t1", "t1ce", "t2", "flair"))}
+  calls = []
+
+  def translator(slices, source_id, target_id):
+    # A perfect translator for t1 -> t2 only (the true t2 slices); otherwise the input (identity).
+    calls.append((source_id, target_id))
+    return true_t2[has_brain] if (source_id, target_id) == (0, 2) else slices
+
+  from uagan_jax.data import preprocess  # pylint: disable=g-import-not-at-top
+  true_t2, _, has_brain, _ = preprocess.volume_to_slices(images["t2"], None, size=(32, 32),
+                                                         clip=config.data.clip)
+  volume = type("Volume", (), {"images": images})()
+  rows, panel = evaluate._evaluate_translation(  # pylint: disable=protected-access
+      translator, volume, "case0", ("t1", "t1ce", "t2", "flair"), config)
+
+  assert len(rows) == 12 and all(r["source"] != r["target"] for r in rows)
+  assert all(s != t for s, t in calls), "a modality was translated into itself"
+  for row in rows:
+    if (row["source"], row["target"]) == ("t1", "t2"):
+      assert row["psnr"] == np.inf or row["psnr"] > row["identity_psnr"] + 20
+      assert row["mae"] == 0.0 and row["identity_mae"] > 0.1
+    else:  # the identity translator scores exactly as the identity baseline
+      assert row["psnr"] == row["identity_psnr"] and row["mae"] == row["identity_mae"]
+  np.testing.assert_array_equal(panel["translated"][("t1", "t1")], panel["true"]["t1"])
+  np.testing.assert_array_equal(panel["translated"][("t1", "t2")], panel["true"]["t2"])
+  assert panel["true"]["t1"].shape == (32, 32) and np.any(panel["true"]["t1"] != 0)
+  path = visualize.translation_panel(panel, tmp_path / "translation.png", title="case0",
+                                     clip=config.data.clip)
+  assert_png(path)

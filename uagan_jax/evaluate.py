@@ -508,11 +508,14 @@ def _evaluate_translation(translator: SliceTranslator, volume, case_id: str, mod
   for source in modalities:
     source_slices, has_brain = normalised[source]
     for target in modalities:
+      if source == target:
+        # The panel's diagonal shows the row's input: a modality into itself is not a translation
+        # anyone asked for, and with pair heads its head is not even trained (identity_weight 0).
+        panel["translated"][(source, target)] = source_slices[middle]
+        continue
       translated = translate_slices(translator, source_slices, has_brain, source=source,
                                     target=target)
       panel["translated"][(source, target)] = translated[middle]
-      if source == target:
-        continue
       truth = normalised[target][0]
       keep = has_brain & normalised[target][1]
       mask = truth[keep] != 0

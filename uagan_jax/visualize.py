@@ -95,8 +95,8 @@ def segmentation_panel(volume, truth: np.ndarray, predictions: dict[str, np.ndar
 
 def translation_panel(panel: dict, path: pathlib.Path, *, title: str, clip: float) -> pathlib.Path:
   """Top row: the true image of each modality. Row per source: its translation into each column's
-  modality (the diagonal is the source translated into itself). Normalised intensities, one grey
-  scale [-clip, clip] for all, so contrasts compare across panels."""
+  modality, and on the diagonal the source image itself, the row's input. Normalised intensities,
+  one grey scale [-clip, clip] for all, so contrasts compare across panels."""
   modalities = list(panel["true"])
   n = len(modalities)
   fig, axes = plt.subplots(n + 1, n, figsize=(2.1 * n, 2.1 * (n + 1)), squeeze=False)
@@ -106,7 +106,9 @@ def translation_panel(panel: dict, path: pathlib.Path, *, title: str, clip: floa
     for row, source in enumerate(modalities, start=1):
       axes[row, col].imshow(_display(panel["translated"][(source, target)]), cmap="gray",
                             vmin=-clip, vmax=clip)
-      axes[row, col].set_title(f"{source.upper()} -> {target.upper()}", fontsize=8)
+      label = (f"{source.upper()} input" if source == target
+               else f"{source.upper()} -> {target.upper()}")
+      axes[row, col].set_title(label, fontsize=8)
   for ax in axes.flat:
     ax.axis("off")
   fig.suptitle(title, fontsize=10)
