@@ -2,10 +2,12 @@
 segments the tumour from any single modality, trained on unpaired images.
 
 The translation stream (StarGAN's G) and the segmentation stream (SegAN's S) exchange decoder
-features through attention gates (model.fuse; model.fuse_reverse, off by default, adds the
-reverse direction); D (WGAN-GP + modality classifier) and C (SegAN's multi-scale L1 critic) judge
-them; the shape loss asks the segmentation of the translated image to match the source's ground
-truth.
+features through attention gates in both directions (model.fuse, model.fuse_reverse); D (WGAN-GP
++ modality classifier) and C (SegAN's multi-scale L1 critic) judge them; the shape loss asks the
+segmentation of the translated image to match the source's ground truth. Four departures from the
+papers, each measured in README "How it works": G blends copying and drawing, G has one output
+head per source-target pair, D has one real/fake map per modality, and the reverse gate reads the
+segmentation stream behind a stop-gradient; the classification weight is halved.
 
   uagan-jax train --config configs/uagan.py --data /data/BraTS2021 --workdir runs/uagan
   uagan-jax train --config configs/uagan.py:demo --data data_synth --workdir runs/uagan_demo
@@ -32,6 +34,19 @@ def get_config(variant: str = ""):
   # G mixes, pixel by pixel, copying its input and drawing anew (models/stargan.py
   # generator_output): modalities share anatomy, but some pairs invert the contrast.
   c.model.generator_output = "blend"
+  # T1 -> T1ce must copy all but the tumour, T1 -> T2 invert the contrast: each pair gets its own
+  # head on the shared decoder features.
+  c.model.generator_pair_heads = True
+  # D's classifier cannot tell T1 from T1ce where there is no tumour; a real/fake map per modality
+  # judges each image as the modality it claims to be.
+  c.model.discriminator_per_modality = True
+  # G sees where the segmentation stream finds the tumour (the part of T1 -> T1ce that is not a
+  # copy), but the translation losses do not train the segmentation stream through that gate.
+  c.model.fuse_reverse = True
+  c.model.fuse_reverse_stop_gradient = True
+  # The classification loss is what pulls G off its input; at 1 it also pulls T1 <-> T1ce off
+  # the anatomy (README, "How it works").
+  c.loss.cls_weight = 0.5
   c.optim.segmentor_lr = 2e-4
   c.optim.critic_lr = 2e-4
   c.optim.generator_lr = 1e-4

@@ -61,7 +61,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.fuse = True  # uagan: attention fusion from the translation into the segmentation stream
   # uagan: and from the segmentation into the translation stream. Off by default: through it the
   # translation losses (WGAN, classification, cycle) train the segmentation stream's weights, and
-  # at the demo budget that held the segmentation back (README, "One unified model ...").
+  # at the demo budget that cost the tumour core; configs/uagan.py turns it on behind the
+  # stop-gradient below (README, "How it works").
   c.model.fuse_reverse = False
   # uagan, with fuse_reverse: the reverse gate reads the segmentation stream's feature behind a
   # stop-gradient, so the translation still sees where the tumour is but its losses no longer
