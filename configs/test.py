@@ -34,10 +34,13 @@ def get_config(variant: str = ""):
   elif variant in ("stargan", "uagan"):
     c.model.name = variant
     c.loss.shape_ramp_steps = 2
-    # The reverse fusion and the blended generator output too, so the tests (4 devices, resume)
-    # cover them.
+    # The recipe's options too (configs/uagan.py), so the tests (4 devices, resume) cover them.
     c.model.fuse_reverse = True
     c.model.generator_output = "blend"
+    c.model.discriminator_per_modality = True
+    if variant == "uagan":
+      c.model.generator_pair_heads = True
+      c.model.fuse_reverse_stop_gradient = True
   elif variant:
     raise ValueError(f"unknown variant {variant!r} (known: unet, stargan, uagan)")
   return c

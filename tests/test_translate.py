@@ -201,7 +201,7 @@ def test_bad_inputs_end_in_one_line(capsys, workdirs, case_dir, synth_data, tmp_
 
 
 def test_pair_heads_refuse_a_modality_into_itself_unless_the_identity_loss_trained_it(tmp_path):
-  pair_heads = ("--config.model.generator_pair_heads=true",)
+  pair_heads = ("--config.model.generator_pair_heads=true",)  # as in configs/test.py:uagan
   config = load_test_config(*pair_heads, variant="uagan")
   translate.check_pair(config, "t1", "flair", workdir=tmp_path)
   with pytest.raises(UserError, match=r"both t1: .* trained no t1 -> t1 head \(loss.identity_weight 0\)"):
@@ -209,7 +209,8 @@ def test_pair_heads_refuse_a_modality_into_itself_unless_the_identity_loss_train
   # The identity loss trains the X -> X heads; one shared head is trained by every pair.
   translate.check_pair(load_test_config(*pair_heads, "--config.loss.identity_weight=1.0",
                                         variant="uagan"), "t1", "t1", workdir=tmp_path)
-  translate.check_pair(load_test_config(variant="uagan"), "t1", "t1", workdir=tmp_path)
+  translate.check_pair(load_test_config("--config.model.generator_pair_heads=false",
+                                        variant="uagan"), "t1", "t1", workdir=tmp_path)
 
 
 def test_a_failed_write_leaves_no_file(capsys, workdirs, case_dir, tmp_path, monkeypatch):
