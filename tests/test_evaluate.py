@@ -7,7 +7,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from uagan_jax import evaluate, metrics, visualize
-from uagan_jax.data import REGIONS
+from uagan_jax.data import REGIONS, preprocess
+
+from conftest import load_test_config
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -110,7 +112,6 @@ def test_segmentation_panel_and_training_curves_are_pngs(tmp_path):
 
 def test_translation_is_scored_per_pair_beside_the_identity_and_drawn_with_the_input_on_the_diagonal(
     tmp_path):
-  from conftest import load_test_config  # pylint: disable=g-import-not-at-top
   config = load_test_config()
   rng = np.random.default_rng(0)
   brain = np.zeros((32, 32, 6), bool)
@@ -124,7 +125,6 @@ def test_translation_is_scored_per_pair_beside_the_identity_and_drawn_with_the_i
     calls.append((source_id, target_id))
     return true_t2[has_brain] if (source_id, target_id) == (0, 2) else slices
 
-  from uagan_jax.data import preprocess  # pylint: disable=g-import-not-at-top
   true_t2, _, has_brain, _ = preprocess.volume_to_slices(images["t2"], None, size=(32, 32),
                                                          clip=config.data.clip)
   volume = type("Volume", (), {"images": images})()
