@@ -17,10 +17,9 @@ from collections.abc import Sequence
 
 import ml_collections
 
+from uagan_jax import families
 from uagan_jax.errors import UserError
 
-# Model families (DESIGN.md): which networks exist and which losses train them.
-MODEL_FAMILIES = ("unet", "segan", "stargan", "uagan")
 # How the generator's norm layers see the target modality (uagan_jax/models/stargan.py).
 GENERATOR_NORMS = ("instance", "conditional_instance")
 # How the generator's last conv becomes the translated image (stargan.generator_output).
@@ -33,7 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0  # one seed for init, data split, modality assignment, sampling and step keys.
 
   c.model = ml_collections.ConfigDict()
-  c.model.name = "segan"  # one of MODEL_FAMILIES
+  c.model.name = "segan"  # a model family: uagan_jax/families (unet, segan, stargan, uagan)
   c.model.segmentor_features = (64, 128, 256, 512)
   c.model.critic_features = (64, 128, 256)
   c.model.critic_norm = "batch"  # "batch" (SegAN), "layer" or "none" (use with the gradient penalty)
@@ -162,32 +161,24 @@ def apply_demo_sizes(c: ml_collections.ConfigDict) -> None:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Checks that cross several keys; raises UserError naming the key."""
-  if config.model.name not in MODEL_FAMILIES:
-    raise UserError(f"config model.name={config.model.name!r}: unknown model family "
-                    f"(known: {', '.join(MODEL_FAMILIES)})")
+  """Checks that cross several keys; raises UserError naming the key.
+
+  The generic checks are here; those that belong to a model family come from its entry in
+  `uagan_jax.families` (the table imports no JAX, so neither does validation).
+  """
+  family = families.get(config.model.name)
   if config.model.generator_output not in GENERATOR_OUTPUTS:
     raise UserError(f"config model.generator_output={config.model.generator_output!r}: unknown "
                     f"(known: {', '.join(GENERATOR_OUTPUTS)})")
-  if config.model.generator_pair_heads and config.model.name != "uagan":
-    raise UserError(f"config model.generator_pair_heads=true needs model.name='uagan' (got "
-                    f"{config.model.name!r}): only the unified network is told the source modality")
-  if config.model.fuse_reverse_stop_gradient and not (config.model.name == "uagan"
-                                                      and config.model.fuse
-                                                      and config.model.fuse_reverse):
-    raise UserError("config model.fuse_reverse_stop_gradient=true needs model.name='uagan' with "
-                    "model.fuse=true and model.fuse_reverse=true (it changes the reverse gate)")
-  if config.model.discriminator_per_modality and config.model.name not in ("stargan", "uagan"):
-    raise UserError(f"config model.discriminator_per_modality=true needs model.name 'stargan' or "
-                    f"'uagan' (got {config.model.name!r}): only they have a discriminator")
+  families.check_options_of_other_families(config)
   if config.model.generator_norm not in GENERATOR_NORMS:
     raise UserError(f"config model.generator_norm={config.model.generator_norm!r}: unknown "
                     f"(known: {', '.join(GENERATOR_NORMS)})")
+  for check in family.checks:
+    check(config)
   levels = len(config.model.segmentor_features)
-  if config.model.name == "uagan" and levels < 2:
-    raise UserError("config model.segmentor_features: uagan needs at least two levels")
   divisors = {"len(model.segmentor_features)": levels}
-  if config.model.name in ("stargan", "uagan"):
+  if "discriminator" in family.roles:
     divisors["model.discriminator_layers"] = config.model.discriminator_layers
   for what, depth in divisors.items():
     for size in config.data.image_size:
