@@ -2,7 +2,12 @@
 
 G translates an image into a target modality (one-hot planes); D scores real/fake patches and
 classifies the modality; WGAN-GP, classification and cycle losses; D updates every step, G every
-n_critic-th. Training data are unpaired: each patient contributes one modality.
+n_critic-th. Training data are unpaired: each patient contributes one modality. The networks'
+widths, slice size, loss weights and learning rates are the base config's (uagan_jax/config.py).
+
+One departure from StarGAN, from the base config and one key away: G's norms take a scale and offset
+per target modality (model.generator_norm=conditional_instance; `instance` is StarGAN's).
+Measurements: docs/EXPERIMENTS.md.
 
   uagan-jax train --config configs/stargan.py --data /data/BraTS2021 --workdir runs/stargan
   uagan-jax train --config configs/stargan.py:demo --data data_synth --workdir runs/stargan_demo
@@ -15,17 +20,9 @@ from uagan_jax import config as config_lib
 def get_config(variant: str = ""):
   c = config_lib.base_config()
   c.model.name = "stargan"
-  c.model.generator_features = 64
-  c.model.generator_residual_blocks = 6
-  c.model.discriminator_features = 64
-  c.model.discriminator_layers = 6
-  c.data.image_size = (192, 192)
   c.data.tumour_free_fraction = 0.5  # translation learns from every brain slice
-  c.optim.generator_lr = 1e-4
-  c.optim.discriminator_lr = 1e-4
-  c.train.n_critic = 5
+  c.train.n_critic = 5  # StarGAN's
   c.train.steps = 40_000
-  c.train.batch_size = 16
   if variant == "demo":
     config_lib.apply_demo_sizes(c)
     c.train.n_critic = 1  # within a CPU demo's budget G must learn every step

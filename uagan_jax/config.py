@@ -28,6 +28,8 @@ GENERATOR_OUTPUTS = ("tanh", "residual", "blend")
 
 def base_config() -> ml_collections.ConfigDict:
   """Every key the code reads, with its default. Recipes override what differs."""
+  # The comments say why a default is what it is; what the options measured is in
+  # docs/EXPERIMENTS.md.
   c = ml_collections.ConfigDict()
   c.seed = 0  # one seed for init, data split, modality assignment, sampling and step keys.
 
@@ -38,34 +40,27 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.critic_norm = "batch"  # "batch" (SegAN), "layer" or "none" (use with the gradient penalty)
   c.model.generator_features = 64  # StarGAN generator stem width (stargan, uagan)
   c.model.generator_residual_blocks = 6
-  # "conditional_instance": a scale and offset per target modality after every generator norm,
-  # because InstanceNorm cancels StarGAN's constant one-hot input planes away from the border
-  # (models/stargan.py); "instance" is StarGAN as published (the target only in the input).
+  # "conditional_instance": a scale and offset per target modality after every norm of G, as
+  # InstanceNorm cancels the constant one-hot target planes; "instance" is StarGAN as published.
   c.model.generator_norm = "conditional_instance"
-  # How the generator's head becomes the image (models/stargan.py generator_output): "tanh" is
-  # StarGAN as published; "residual" a change of the input; "blend" a per-pixel mix of copying
-  # the input and drawing anew.
+  # G's head to image: "tanh" is StarGAN as published; "residual" a change of the input; "blend" a
+  # per-pixel mix of copying the input and drawing anew, as modalities share the anatomy.
   c.model.generator_output = "tanh"
-  # uagan: one output head (7x7 conv, and blend's mask head) per source->target pair, on shared
-  # decoder features, instead of StarGAN's one head for all. Near-identical pairs (T1 <-> T1ce
-  # differ only in the tumour) then need not share the last layer with contrast-inverting ones
-  # (T1 -> T2): each pair's head learns only from its own translations.
+  # uagan: one output head per source->target pair on shared decoder features, so that copying
+  # pairs (T1 <-> T1ce) need not share G's last layer with contrast-inverting ones (T1 -> T2).
   c.model.generator_pair_heads = False
   c.model.discriminator_features = 64
   c.model.discriminator_layers = 6  # data.image_size must be divisible by 2**discriminator_layers
-  # stargan, uagan: one real/fake score map per modality, each image judged by its own (real) or
-  # its target's (translated) -- StarGAN v2's discriminator -- instead of one real/fake map and a
-  # classifier that cannot tell T1 from T1ce where there is no tumour (models/stargan.py).
+  # stargan, uagan: one real/fake map per modality (StarGAN v2's D), each image judged as the
+  # modality it is or claims to be, as D's classifier cannot tell T1 from T1ce without tumour.
   c.model.discriminator_per_modality = False
   c.model.fuse = True  # uagan: attention fusion from the translation into the segmentation stream
-  # uagan: and from the segmentation into the translation stream. Off by default: through it the
-  # translation losses (WGAN, classification, cycle) train the segmentation stream's weights, and
-  # at the demo budget that cost the tumour core; configs/uagan.py turns it on behind the
-  # stop-gradient below (README, "How it works").
+  # uagan: and from the segmentation into the translation stream. Off by default, as through it the
+  # translation losses (WGAN, classification, cycle) train the segmentation stream's weights.
   c.model.fuse_reverse = False
-  # uagan, with fuse_reverse: the reverse gate reads the segmentation stream's feature behind a
-  # stop-gradient, so the translation still sees where the tumour is but its losses no longer
-  # train the segmentation stream.
+  # uagan, with fuse_reverse: the reverse gate reads the segmentation feature behind a
+  # stop-gradient, so the translation still sees where the tumour is but its losses do not train
+  # that stream.
   c.model.fuse_reverse_stop_gradient = False
   c.model.dtype = "float32"  # computation dtype: "float32" or "bfloat16" (params stay float32)
 
@@ -81,7 +76,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.test_fraction = 0.2
 
   c.loss = ml_collections.ConfigDict()
-  c.loss.adversarial_weight = 1.0  # multi-scale L1 term of S (segan only)
+  # The multi-scale L1 term of S against the critic C: segan, and uagan's segmentation terms.
+  c.loss.adversarial_weight = 1.0
   c.loss.dice_weight = 1.0
   c.loss.bce_weight = 0.0
   c.loss.scale_weights = ()  # per-scale weights of the multi-scale L1; () = all ones
@@ -120,10 +116,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.num_devices = 0  # 0 = all local devices
   c.train.parallel_mode = "shard_map"  # "shard_map" (jit + shard_map) or "pmap"
   c.train.n_critic = 1  # stargan/uagan: generators update every n_critic steps (StarGAN: 5)
-  # Every validate_every steps (and at the last step) the segmentation is scored on the val split
-  # (Dice per region, mean over modalities) into validation.jsonl, and the checkpoint with the
-  # highest mean Dice is kept in checkpoints_best/. 0 = off. Skipped, with a note, when the val
-  # split is empty. Does not change training (same bits with or without). Ignored by stargan.
+  # Every N steps and at the last, Dice on the val split into validation.jsonl, and the best
+  # checkpoint kept in checkpoints_best/, to pick a model without the test split; 0 = off. Changes
+  # no training bits; skipped (with a note) on an empty val split; ignored by stargan.
   c.train.validate_every = 0
 
   c.eval = ml_collections.ConfigDict()
