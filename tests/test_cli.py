@@ -166,3 +166,243 @@ def test_synth_then_train_then_evaluate(capsys, tmp_path):
   assert "Dice WT" in out and "flair" in out
   code, _, err = run_cli(capsys, "evaluate", "--workdir", tmp_path / "nothing", "--data", data)
   assert_one_line_error(code, err, "config.json", "not found")
+
+
+# ------------------------------------------------------------------------------------------------
+# The command line explains itself: --help, --version, no command, the recipes, the families.
+# ------------------------------------------------------------------------------------------------
+
+
+def _help(capsys, *argv):
+  """What ``uagan-jax ARGV --help`` prints; it exits 0 (argparse's SystemExit(0))."""
+  # pylint: disable=g-import-not-at-top
+  from uagan_jax import cli
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main([*argv, "--help"])
+  captured = capsys.readouterr()
+  assert exit_info.value.code == 0
+  assert captured.err == ""
+  return captured.out
+
+
+def _flat(text):
+  """Whitespace collapsed: help is wrapped to the terminal width."""
+  return " ".join(text.split())
+
+
+def _subparsers():
+  from uagan_jax import cli  # pylint: disable=g-import-not-at-top
+  return cli._subcommands(cli._build_parser()).choices  # pylint: disable=protected-access
+
+
+def test_version(capsys):
+  # pylint: disable=g-import-not-at-top
+  import configparser
+  import importlib.metadata
+  import uagan_jax
+  from uagan_jax import cli
+  # pylint: enable=g-import-not-at-top
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(["--version"])
+  assert exit_info.value.code == 0
+  assert capsys.readouterr().out == f"uagan-jax {importlib.metadata.version('uagan_jax')}\n"
+  setup = configparser.ConfigParser()
+  setup.read(ROOT / "setup.cfg")
+  assert uagan_jax.__version__ == setup["metadata"]["version"] == cli.version()
+
+
+def test_no_command_prints_the_usage_and_the_commands_then_one_error_line(capsys):
+  for argv in ([], ["--config.train.steps=3"]):
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2 and out == ""
+    assert "Traceback" not in err
+    assert err.startswith("usage: uagan-jax")
+    for name in _subparsers():
+      assert f"  {name} " in err, name
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert [line for line in lines if line.startswith("error:")] == [lines[-1]]
+    assert "no command given" in lines[-1] and "uagan-jax --help" in lines[-1]
+
+
+def test_usage_errors_are_one_line_and_point_to_help(capsys):
+  code, _, err = run_cli(capsys, "train")
+  assert_one_line_error(code, err, "--config", "--data", "--workdir", "uagan-jax train --help")
+  code, _, err = run_cli(capsys, "frobnicate")
+  assert_one_line_error(code, err, "frobnicate", "uagan-jax --help")
+  code, _, err = run_cli(capsys, "evaluate", "--workdir", "w", "--data", "d", "--split", "dev")
+  assert_one_line_error(code, err, "dev", "uagan-jax evaluate --help")
+
+
+def test_help_says_what_the_tool_does_without_rst(capsys):
+  from uagan_jax import families  # pylint: disable=g-import-not-at-top
+  out = _help(capsys)
+  flat = _flat(out)
+  assert out.startswith("usage: uagan-jax")
+  for words in ("segments brain tumours", "multi-modal MRI", "(WT)", "(TC)", "(ET)",
+                "translates an image from one modality into another", "typical workflow",
+                "uagan-jax synth", "uagan-jax train", "uagan-jax evaluate", "uagan-jax predict",
+                "--version"):
+    assert words in flat, words
+  workflow = out[out.index("typical workflow"):]
+  assert (workflow.index("uagan-jax synth") < workflow.index("uagan-jax train")
+          < workflow.index("uagan-jax evaluate") < workflow.index("uagan-jax predict"))
+  for name in families.names():
+    assert name in out and _flat(families.get(name).summary) in flat, name
+  from uagan_jax import cli  # pylint: disable=g-import-not-at-top
+  for choice in cli._subcommands(cli._build_parser())._choices_actions:  # pylint: disable=protected-access
+    assert _flat(f"{choice.dest} {choice.help}") in flat, choice.dest
+  for argv in ((), *((name,) for name in _subparsers())):
+    assert "``" not in _help(capsys, *argv), argv
+
+
+def test_every_option_of_every_command_has_help_that_states_its_default(capsys):
+  # pylint: disable=g-import-not-at-top,protected-access
+  import argparse
+  from uagan_jax import cli
+  parser = cli._build_parser()
+  subparsers = cli._subcommands(parser)
+  assert [a.dest for a in subparsers._choices_actions] == list(subparsers.choices)
+  for choice in subparsers._choices_actions:
+    assert choice.help and choice.help.strip(), choice.dest
+  for name, sub in [("uagan-jax", parser), *subparsers.choices.items()]:
+    assert sub.description and sub.description.strip(), name
+    formatter = sub._get_formatter()
+    for action in sub._actions:
+      if action is subparsers:
+        continue
+      assert action.help and action.help.strip(), (name, action.option_strings)
+      if isinstance(action, argparse._HelpAction) or action.default is argparse.SUPPRESS:
+        continue
+      text = formatter._expand_help(action)
+      assert ("(required)" in text) == action.required, (name, action.option_strings, text)
+      assert action.required or "default:" in text, (name, action.option_strings, text)
+    for action in sub._actions:  # and the printed help shows each option
+      for option in action.option_strings:
+        assert option in _help(capsys, *([] if sub is parser else [name])), option
+  assert "(default: 24)" in _flat(_help(capsys, "synth"))
+  assert "(default: 128 128 96)" in _flat(_help(capsys, "synth"))
+  assert "(default: latest)" in _flat(_help(capsys, "evaluate"))
+  assert "(default: brats)" in _flat(_help(capsys, "predict"))
+
+
+def _known_variants(text):
+  """The variants a recipe's ValueError names ("known: a, b"): an oracle independent of the CLI."""
+  import re  # pylint: disable=g-import-not-at-top
+  match = re.search(r"known: ([^)\"']*)", text)
+  return [v.strip() for v in match.group(1).split(",")] if match else []
+
+
+def test_train_help_lists_every_recipe_with_its_variants_and_the_overrides(capsys):
+  # pylint: disable=g-import-not-at-top
+  import ast
+  from uagan_jax import cli
+  from uagan_jax import config as config_lib
+  from uagan_jax import families
+  # pylint: enable=g-import-not-at-top
+  folder = ROOT / "configs"
+  assert cli.recipes_folder() == folder
+  out = _help(capsys, "train")
+  flat = _flat(out)
+  recipes = sorted(folder.glob("*.py"))
+  assert recipes
+  starts = [flat.index(f"{path.name} ") for path in recipes]
+  assert starts == sorted(starts)  # one block per recipe, in name order
+  for path, start, end in zip(recipes, starts, starts[1:] + [len(flat)]):
+    block = flat[start:end]
+    text = path.read_text()
+    variants = _known_variants(text)
+    assert variants, path  # every recipe has at least one variant today
+    assert f"variants: {', '.join(variants)}" in block, (path, block)
+    first_line = ast.get_docstring(ast.parse(text)).splitlines()[0]
+    assert _flat(first_line) in block, (path, block)
+    # what the help says is true: each listed variant loads, and the family is the recipe's
+    config = config_lib.load_config(str(path))
+    assert f"model.name {config.model.name}" in block
+    for variant in cli.read_recipe(path).variants:
+      config_lib.load_config(f"{path}:{variant}")
+  for words in ("--config.train.steps=2000 --config.optim.segmentor_lr=1e-4",
+                "--config.GROUP.KEY=VALUE", "[--config.KEY=VALUE ...]",
+                "An unknown key or a value of the wrong type is an error"):
+    assert words in flat, words
+  for name in families.names():
+    assert _flat(families.get(name).summary) in flat
+
+
+def test_recipes_are_read_from_source_text(tmp_path):
+  from uagan_jax import cli  # pylint: disable=g-import-not-at-top
+  (tmp_path / "a.py").write_text(
+      '"""First sentence, with et al. 2019 inside. Second sentence.\n\nMore."""\n'
+      "import jax  # never imported by the help\n"
+      "def get_config(arg=''):\n"
+      "  c = base()\n  c.model.name = 'segan'\n"
+      "  if arg == 'small':\n    c.model.name = 'unet'\n"
+      "  elif arg in ('x', 'y'):\n    pass\n"
+      "  elif arg:\n    raise ValueError(f'unknown variant {arg!r} (known: small, x, y, z)')\n"
+      "  return c\n")
+  (tmp_path / "broken.py").write_text("def get_config(:\n")
+  (tmp_path / "bare.py").write_text("def get_config():\n  return None\n")
+  (tmp_path / "_helper.py").write_text("")
+  found = {r.path.name: r for r in cli.recipes(tmp_path)}
+  assert sorted(found) == ["a.py", "bare.py", "broken.py"]
+  assert found["a.py"] == cli.Recipe(tmp_path / "a.py", "First sentence, with et al. 2019 inside.",
+                                     "segan", ("small", "x", "y", "z"))
+  assert found["bare.py"].variants == () and found["bare.py"].summary == "(no docstring)"
+  assert "cannot be read" in found["broken.py"].summary
+  assert cli.recipes(tmp_path / "missing") == []
+
+
+def test_train_help_without_a_recipes_folder_says_where_they_live(capsys, monkeypatch, tmp_path):
+  from uagan_jax import cli  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(cli, "recipes_folder", lambda: tmp_path / "configs")
+  flat = _flat(_help(capsys, "train"))
+  assert "none found" in flat and "configs/*.py files of the source checkout" in flat
+  assert str(tmp_path / "configs") in flat
+
+
+def test_predict_and_translate_help_name_the_families_from_the_table(capsys):
+  # pylint: disable=g-import-not-at-top
+  import re
+  from uagan_jax import families
+  # pylint: enable=g-import-not-at-top
+  top = _flat(_help(capsys))
+  for command, capable in (("predict", families.with_capability(segments=True)),
+                           ("translate", families.with_capability(translates=True))):
+    text = _flat(_help(capsys, command))
+    for name in families.names():
+      assert bool(re.search(rf"\b{name}\b", text)) == (name in capable), (command, name)
+    line = top[top.index(f" {command} "):]
+    assert f"({', '.join(capable)} models)" in line[:200], (command, line[:200])
+  # The table is the source: a newly registered family shows up without touching the CLI.
+  families.register(families.Family(name="toyseg", roles=("segmentor",), segments=True,
+                                    translates=False, summary="a toy segmentor",
+                                    implementation="uagan_jax.families.unet"))
+  try:
+    assert "toyseg" in _flat(_help(capsys, "predict"))
+    assert "toyseg" not in _flat(_help(capsys, "translate"))
+    assert "a toy segmentor" in _flat(_help(capsys, "train"))
+  finally:
+    families.unregister("toyseg")
+
+
+def test_help_and_version_do_not_import_jax():
+  """The CLI answers --help without loading JAX (the commands import their modules lazily)."""
+  script = (
+      "import sys\n"
+      "from uagan_jax import cli\n"
+      "for argv in (['--help'], ['--version'], ['train', '--help'], ['synth', '--help'],\n"
+      "             ['evaluate', '--help'], ['translate', '--help'], ['predict', '--help']):\n"
+      "  try:\n"
+      "    cli.main(argv)\n"
+      "  except SystemExit as e:\n"
+      "    assert e.code == 0, (argv, e.code)\n"
+      "  else:\n"
+      "    raise AssertionError(argv)\n"
+      "assert cli.main([]) == 2\n"
+      "assert cli.main(['train']) == 2\n"
+      "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'flax', "
+      "'optax', 'numpy', 'matplotlib'))\n"
+      "assert not heavy, heavy\n")
+  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=ROOT, env=dict(os.environ), timeout=120)
+  assert result.returncode == 0, result.stderr
+  assert "uagan-jax train" in result.stdout and "Traceback" not in result.stderr

@@ -7,88 +7,397 @@
   uagan-jax predict  --workdir W --input FILE|CASE|DATA --modality flair --output SEG.nii.gz|DIR
 
 Bad input (a missing or corrupt file, an unknown config key, ...) ends with one line
-``error: <file or key>: <problem>`` on stderr and exit code 2, never a traceback.
+``error: <file or key>: <problem>`` on stderr and exit code 2, never a traceback; so does a
+command line without a command (after the usage and the list of commands). ``--help`` and
+``--version`` print and exit 0 (argparse's SystemExit(0), which ``main`` lets through).
+
+Commands import their modules lazily (inside ``_synth``, ``_train``, ...) so that ``--help``
+answers without loading JAX; the help text itself comes from jax-free sources only: the
+`uagan_jax.families` table and the recipe files' source text (read with `ast`, never imported).
+This docstring is for developers; the printed help is built in `_build_parser`.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
 import pathlib
+import re
+import shutil
 import sys
+import textwrap
 import time
 
+import uagan_jax
+from uagan_jax import families
 from uagan_jax.errors import UserError
+
+_SYNTH_SHAPE = (128, 128, 96)
 
 
 def _log(message: str) -> None:
   print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+def version() -> str:
+  """The installed package's version (setup.cfg), or `uagan_jax.__version__` from a bare tree."""
+  import importlib.metadata  # pylint: disable=g-import-not-at-top
+  try:
+    return importlib.metadata.version("uagan_jax")
+  except importlib.metadata.PackageNotFoundError:
+    return uagan_jax.__version__
+
+
 class _Parser(argparse.ArgumentParser):
   """argparse that reports a usage problem as a UserError (one line, exit 2)."""
 
   def error(self, message):
-    raise UserError(f"{self.prog}: {message}")
+    raise UserError(f"{self.prog}: {message} (see '{self.prog} --help')")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+  """Descriptions and epilogs as written (they are pre-wrapped); every option states its default.
+
+  An option's help gets " (required)" or " (default: ...)" appended unless it already says.
+  """
+
+  def __init__(self, prog, **kwargs):
+    kwargs.setdefault("width", _width())
+    super().__init__(prog, **kwargs)
+
+  def _get_help_string(self, action):
+    text = action.help or ""
+    if action.default is argparse.SUPPRESS or not action.option_strings:
+      return text
+    if "%(default)" in text or "default:" in text or "required" in text:
+      return text
+    if action.required:
+      return f"{text} (required)"
+    if isinstance(action, argparse._StoreTrueAction):  # pylint: disable=protected-access
+      return f"{text} (default: off)"
+    return f"{text} (default: %(default)s)"
+
+
+class _VersionAction(argparse.Action):
+  """``--version``: prints ``uagan-jax <version>`` and exits 0 (looked up only when asked)."""
+
+  def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+               help="print the program's version and exit"):  # pylint: disable=redefined-builtin
+    super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0,
+                     help=help)
+
+  def __call__(self, parser, namespace, values, option_string=None):
+    print(f"{parser.prog} {version()}", flush=True)
+    parser.exit(0)
+
+
+def _width() -> int:
+  """The help's width: terminal columns - 2 (as argparse), kept between 60 and 100."""
+  return max(60, min(100, shutil.get_terminal_size().columns - 2))
+
+
+def _wrap(text: str, indent: str = "  ") -> str:
+  """One paragraph, wrapped to the help width (paths and hyphenated words kept whole)."""
+  return textwrap.fill(" ".join(text.split()), width=_width(), initial_indent=indent,
+                       subsequent_indent=indent, break_on_hyphens=False, break_long_words=False)
+
+
+def _either(names) -> str:
+  """("a", "b", "c") -> "a, b or c"."""
+  names = list(names)
+  return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def _table(rows: list[tuple[str, str]], indent: str = "  ") -> str:
+  """Two columns, the second wrapped under itself (a newline in it starts a new line)."""
+  column = max(len(name) for name, _ in rows) + 2
+  lines = []
+  for name, text in rows:
+    wrapped = [line for part in text.split("\n")
+               for line in textwrap.wrap(" ".join(part.split()), break_on_hyphens=False,
+                                         break_long_words=False,
+                                         width=max(30, _width() - len(indent) - column))]
+    lines.append(f"{indent}{name:<{column}}{wrapped[0] if wrapped else ''}".rstrip())
+    lines.extend(f"{indent}{'':<{column}}{more}" for more in wrapped[1:])
+  return "\n".join(lines)
+
+
+def _families_table() -> str:
+  """One line per model family, from the jax-free `uagan_jax.families` table."""
+  rows = []
+  for name in families.names():
+    family = families.get(name)
+    does = " + ".join(word for word, yes in (("segments", family.segments),
+                                             ("translates", family.translates)) if yes)
+    rows.append((name, f"[{does or 'trains only'}] {family.summary}"))
+  return _table(rows)
+
+
+# ------------------------------------------------------------------------------------------------
+# Recipes: the configs/*.py files next to the package, read as text: importing one would run it
+# (and load ml_collections), and a broken recipe must not break --help.
+# ------------------------------------------------------------------------------------------------
+
+
+def recipes_folder() -> pathlib.Path:
+  """Where the recipes live: ``configs/`` beside the ``uagan_jax`` package (a source checkout)."""
+  return pathlib.Path(uagan_jax.__file__).resolve().parents[1] / "configs"
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """What ``train --help`` says about one recipe file, read from its source text."""
+  path: pathlib.Path
+  summary: str  # the docstring's first sentence
+  family: str  # the first ``c.model.name = "..."`` in get_config ("" if none)
+  variants: tuple[str, ...]  # what may follow the ':' (from get_config's comparisons)
+
+
+def _first_sentence(docstring: str) -> str:
+  paragraph = " ".join(docstring.strip().split("\n\n")[0].split())
+  return re.split(r"(?<=[.!?])\s+(?=[A-Z])", paragraph, maxsplit=1)[0]
+
+
+def _strings(node) -> list[str]:
+  """The string constants of ``"a"`` or of a tuple/list/set of them."""
+  if isinstance(node, ast.Constant) and isinstance(node.value, str):
+    return [node.value]
+  if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+    return [e.value for e in node.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)]
+  return []
+
+
+def read_recipe(path: pathlib.Path) -> Recipe:
+  """A recipe's summary, model family and variants, from its source text (nothing is imported).
+
+  The variants are the strings ``get_config``'s first argument is compared with (``variant ==
+  "demo"``, ``variant in ("stargan", "uagan")``), and any named after "known:" in its
+  ``ValueError`` message. A file that does not parse is reported in the summary, not raised.
+  """
+  path = pathlib.Path(path)
+  try:
+    tree = ast.parse(path.read_text(), filename=str(path))
+  except (OSError, SyntaxError, UnicodeDecodeError, ValueError) as e:
+    return Recipe(path, f"(cannot be read: {type(e).__name__})", "", ())
+  summary = _first_sentence(ast.get_docstring(tree) or "") or "(no docstring)"
+  function = next((node for node in tree.body
+                   if isinstance(node, ast.FunctionDef) and node.name == "get_config"), None)
+  if function is None:
+    return Recipe(path, summary, "", ())
+  arg = function.args.args[0].arg if function.args.args else None
+  variants: list[str] = []
+  family = ""
+  for node in ast.walk(function):
+    if (isinstance(node, ast.Compare) and isinstance(node.left, ast.Name) and node.left.id == arg
+        and len(node.ops) == 1 and isinstance(node.ops[0], (ast.Eq, ast.In))):
+      variants += _strings(node.comparators[0])
+    elif isinstance(node, ast.Constant) and isinstance(node.value, str) and "known:" in node.value:
+      known = node.value.split("known:", 1)[1].split(")", 1)[0]
+      variants += [v.strip() for v in known.split(",") if v.strip()]
+    elif (not family and isinstance(node, ast.Assign) and len(node.targets) == 1
+          and ast.unparse(node.targets[0]).endswith("model.name") and _strings(node.value)):
+      family = _strings(node.value)[0]
+  variants = [v for v in dict.fromkeys(variants) if v]  # in order of appearance, once each
+  return Recipe(path, summary, family, tuple(variants))
+
+
+def recipes(folder: pathlib.Path | None = None) -> list[Recipe]:
+  """Every ``*.py`` recipe in ``folder`` (default `recipes_folder`), by name."""
+  folder = recipes_folder() if folder is None else pathlib.Path(folder)
+  if not folder.is_dir():
+    return []
+  return [read_recipe(p) for p in sorted(folder.glob("*.py")) if not p.name.startswith("_")]
+
+
+def _shown(path: pathlib.Path) -> str:
+  """``path`` relative to the current folder when it is below it (as a user would type it)."""
+  try:
+    return str(path.relative_to(pathlib.Path.cwd()))
+  except ValueError:
+    return str(path)
+
+
+def _train_epilog() -> str:
+  folder = recipes_folder()
+  found = recipes(folder)
+  parts = []
+  if found:
+    rows = []
+    for recipe in found:
+      facts = ([f"model.name {recipe.family}"] if recipe.family else []) + [
+          f"variants: {', '.join(recipe.variants) if recipe.variants else 'none'}"]
+      rows.append((_shown(recipe.path), f"{recipe.summary}\n{'; '.join(facts)}"))
+    parts.append("recipes (pass one as --config FILE or --config FILE:VARIANT):\n" + _table(rows))
+  else:
+    parts.append("recipes:\n" + _wrap(
+        f"none found: the recipes are the configs/*.py files of the source checkout, next to the "
+        f"uagan_jax package (looked in {folder}). Any file with a get_config() works."))
+  parts.append("model families (config key model.name):\n" + _families_table())
+  example = (f"{_shown(folder / 'segan.py')}:demo" if (folder / "segan.py").is_file()
+             else "configs/segan.py:demo")
+  parts.append(
+      "config overrides:\n"
+      + _wrap("Any config key of the recipe can be changed after the options, as "
+              "--config.GROUP.KEY=VALUE or --config.GROUP.KEY VALUE (the keys and their "
+              "defaults are uagan_jax/config.py's base_config, then the recipe's changes). "
+              "An unknown key or a value of the wrong type is an error (exit 2), reported "
+              "before anything is written. For example:")
+      + f"\n    uagan-jax train --config {example} --data data_synth --workdir runs/demo \\"
+        "\n        --config.train.steps=2000 --config.optim.segmentor_lr=1e-4")
+  parts.append(
+      "outputs (in --workdir):\n"
+      + _wrap("config.json, splits.json, metrics.jsonl, checkpoints/, figures/ and, unless "
+              "--no-eval, eval_test/ (metrics.csv, summary.json). Running the same command again "
+              "resumes from the newest checkpoint."))
+  return "\n\n".join(parts)
+
+
+def _top_description() -> str:
+  segments = families.with_capability(segments=True)
+  translates = families.with_capability(translates=True)
+  return "\n\n".join([
+      _wrap("Brain-tumour segmentation and MRI modality translation with GAN-trained models.",
+            indent=""),
+      _wrap("uagan-jax segments brain tumours in multi-modal MRI (T1, T1ce, T2, FLAIR) into whole "
+            "tumour (WT), tumour core (TC) and enhancing tumour (ET) from any single modality "
+            f"({_either(segments)} models), and translates an image from one modality into "
+            f"another ({_either(translates)} models); uagan does both with one network. Models "
+            "train on unpaired data (each patient contributes one modality) in the BraTS "
+            "2018-2023, UPENN-GBM or MSD Task01 layouts.", indent=""),
+      "model families (choose one with a recipe, see 'uagan-jax train --help'):\n"
+      + _families_table(),
+  ])
+
+
+def _top_epilog() -> str:
+  return "\n".join([
+      "typical workflow (synthetic data, a CPU-sized demo):",
+      "  uagan-jax synth    --out data_synth --cases 80 --shape 96 96 64",
+      "  uagan-jax train    --config configs/uagan.py:demo --data data_synth --workdir runs/demo",
+      "  uagan-jax evaluate --workdir runs/demo --data data_synth",
+      "  uagan-jax predict  --workdir runs/demo --input data_synth/SynthBraTS_00000 \\",
+      "                     --modality flair --output seg.nii.gz",
+      "  uagan-jax translate --workdir runs/demo --input data_synth/SynthBraTS_00000 \\",
+      "                     --source t1 --target flair --output flair.nii.gz",
+      "",
+      _wrap("Run 'uagan-jax COMMAND --help' for a command's options; 'uagan-jax train --help' "
+            "lists the recipes and the --config.KEY=VALUE overrides. Bad input ends with one "
+            "line 'error: ...' on stderr and exit code 2.", indent=""),
+  ])
 
 
 def _build_parser() -> argparse.ArgumentParser:
-  parser = _Parser(prog="uagan-jax", description=__doc__.split("\n\n")[0])
-  commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+  segments = families.with_capability(segments=True)
+  translates = families.with_capability(translates=True)
+  parser = _Parser(prog="uagan-jax", usage="%(prog)s [-h] [--version] COMMAND ...",
+                   epilog=_top_epilog(), formatter_class=_HelpFormatter)
+  parser.add_argument("--version", action=_VersionAction)
+  # Listed by _command_list (at the end of the description, and when no command is given).
+  commands = parser.add_subparsers(dest="command", metavar="COMMAND", help=argparse.SUPPRESS,
+                                   prog=parser.prog, parser_class=_Parser)
 
-  synth = commands.add_parser("synth", help="write BraTS-2021-layout synthetic phantom cases")
-  synth.add_argument("--out", required=True, type=pathlib.Path, help="output folder")
-  synth.add_argument("--cases", type=int, default=24)
-  synth.add_argument("--seed", type=int, default=0)
-  synth.add_argument("--shape", type=int, nargs=3, default=(128, 128, 96), metavar=("X", "Y", "Z"))
+  def add(name, help, description, **kwargs):  # pylint: disable=redefined-builtin
+    return commands.add_parser(name, help=help, formatter_class=_HelpFormatter,
+                               description=_wrap(description, indent=""), **kwargs)
 
-  train = commands.add_parser("train", help="train a model; resumes from --workdir's checkpoints")
-  train.add_argument("--config", required=True,
-                     help="config file, optionally with :variant (e.g. configs/segan.py:demo)")
-  train.add_argument("--data", required=True, type=pathlib.Path,
+  synth = add("synth", "write synthetic BraTS-2021-layout phantom cases (a first run without data)",
+              "Writes seeded synthetic phantom cases (four modalities and a tumour label map per "
+              "case) in the BraTS 2021 layout: OUT/SynthBraTS_NNNNN/SynthBraTS_NNNNN_{t1,t1ce,t2,"
+              "flair,seg}.nii.gz. The same arguments write byte-identical files.")
+  synth.add_argument("--out", required=True, type=pathlib.Path, metavar="DIR",
+                     help="output folder (missing, empty or a previous synth output)")
+  synth.add_argument("--cases", type=int, default=24, metavar="N", help="number of cases")
+  synth.add_argument("--seed", type=int, default=0, help="random seed")
+  synth.add_argument("--shape", type=int, nargs=3, default=_SYNTH_SHAPE, metavar=("X", "Y", "Z"),
+                     help=f"volume shape in voxels (default: {' '.join(map(str, _SYNTH_SHAPE))})")
+
+  train = add("train", "train a model from a recipe; resumes from --workdir's checkpoints",
+              "Trains the model of a recipe (a configs/*.py file, listed below) on a data folder, "
+              "writes checkpoints, logs and figures to --workdir (resuming from its newest "
+              "checkpoint), then evaluates the held-out test cases.",
+              usage="%(prog)s [-h] --config FILE[:VARIANT] --data DIR --workdir DIR\n"
+                    "                       [--no-eval] [--config.KEY=VALUE ...]",
+              epilog=_train_epilog())
+  train.add_argument("--config", required=True, metavar="FILE[:VARIANT]",
+                     help="recipe file, optionally with :VARIANT (e.g. configs/segan.py:demo); "
+                          "the recipes and their variants are listed below")
+  train.add_argument("--data", required=True, type=pathlib.Path, metavar="DIR",
                      help="data folder: BraTS 2018-2021, BraTS 2023, UPENN-GBM or MSD Task01")
-  train.add_argument("--workdir", required=True, type=pathlib.Path)
-  train.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
+  train.add_argument("--workdir", required=True, type=pathlib.Path, metavar="DIR",
+                     help="output folder; a previous run's folder resumes it")
+  train.add_argument("--no-eval", action="store_true",
+                     help="skip the held-out evaluation after training")
 
-  evaluate = commands.add_parser(
-      "evaluate", help="BraTS metrics (Dice, HD95, ...) per case, region and modality on a split")
-  evaluate.add_argument("--workdir", required=True, type=pathlib.Path)
-  evaluate.add_argument("--data", required=True, type=pathlib.Path)
-  evaluate.add_argument("--split", default=None, choices=("train", "val", "test"))
+  evaluate = add(
+      "evaluate", "score a trained model on a held-out split (Dice, HD95, PSNR, ...)",
+      "Scores a training workdir's checkpoint on a split of its data: per case, region (WT, TC, "
+      f"ET) and modality Dice, HD95, ... for the models that segment ({_either(segments)}); per "
+      f"modality pair PSNR, SSIM and MAE for the models that translate ({_either(translates)}). "
+      "Writes WORKDIR/eval_SPLIT/ (metrics.csv, summary.json, PNG panels).")
+  evaluate.add_argument("--workdir", required=True, type=pathlib.Path, metavar="DIR",
+                        help="training workdir (holds config.json, splits.json, checkpoints/)")
+  evaluate.add_argument("--data", required=True, type=pathlib.Path, metavar="DIR",
+                        help="the data folder the model was trained on")
+  evaluate.add_argument("--split", default=None, choices=("train", "val", "test"),
+                        help="which cases to score (default: the run's config eval.split, "
+                             "normally test)")
   evaluate.add_argument("--checkpoint", default="latest", choices=("latest", "best"),
                         help="the newest checkpoint, or the best by validation Dice "
                              "(train.validate_every)")
 
-  translate = commands.add_parser(
-      "translate", help="translate a NIfTI volume into another modality (stargan, uagan)")
-  translate.add_argument("--workdir", required=True, type=pathlib.Path,
-                         help="training workdir of a stargan or uagan model")
-  translate.add_argument("--input", required=True, type=pathlib.Path,
+  translate = add(
+      "translate", f"translate a NIfTI volume into another MRI modality ({', '.join(translates)} "
+                   "models)",
+      "Translates one image (or a one-case folder's image of --source) into the --target "
+      "modality with the newest checkpoint of a model that translates "
+      f"({_either(translates)}); writes float32 on the input's grid and header.")
+  translate.add_argument("--workdir", required=True, type=pathlib.Path, metavar="DIR",
+                         help=f"training workdir of a {_either(translates)} model")
+  translate.add_argument("--input", required=True, type=pathlib.Path, metavar="PATH",
                          help="a .nii/.nii.gz image, or a case folder holding one case")
-  translate.add_argument("--source", required=True,
+  translate.add_argument("--source", required=True, metavar="MODALITY",
                          help="the input's modality: t1, t1ce, t2 or flair")
-  translate.add_argument("--target", required=True, help="the modality to translate into")
-  translate.add_argument("--output", required=True, type=pathlib.Path,
+  translate.add_argument("--target", required=True, metavar="MODALITY",
+                         help="the modality to translate into: t1, t1ce, t2 or flair")
+  translate.add_argument("--output", required=True, type=pathlib.Path, metavar="FILE",
                          help="the .nii.gz (or .nii) to write, on the input's grid and header")
 
-  predict = commands.add_parser(
-      "predict", help="segment NIfTI volumes into tumour label maps (segan, unet, uagan)",
-      description="Segments one image, one case folder or a data folder of cases; writes uint8 "
-                  "label maps with the input's shape, affine, qform/sform codes and header.")
-  predict.add_argument("--workdir", required=True, type=pathlib.Path,
-                       help="training workdir of a segan, unet or uagan model")
-  predict.add_argument("--input", required=True, type=pathlib.Path,
+  predict = add(
+      "predict", f"segment tumours in NIfTI volumes into label maps ({', '.join(segments)} "
+                 "models)",
+      "Segments one image, one case folder or a data folder of cases with the newest "
+      f"checkpoint of a model that segments ({_either(segments)}); writes uint8 label maps "
+      "with the input's shape, affine, qform/sform codes and header.")
+  predict.add_argument("--workdir", required=True, type=pathlib.Path, metavar="DIR",
+                       help=f"training workdir of a {_either(segments)} model")
+  predict.add_argument("--input", required=True, type=pathlib.Path, metavar="PATH",
                        help="a .nii/.nii.gz image, a case folder, or a data folder of cases")
   predict.add_argument("--modality", required=True,
                        help="the modality to segment: t1, t1ce, t2 or flair")
-  predict.add_argument("--output", required=True, type=pathlib.Path,
+  predict.add_argument("--output", required=True, type=pathlib.Path, metavar="PATH",
                        help="the .nii.gz (or .nii) to write; for a data folder, the folder "
                             "that receives <case_id>.nii.gz per case")
   predict.add_argument("--labels", default="brats", choices=("brats", "brats2023", "msd"),
-                       help="label values: brats 1 NCR, 2 ED, 4 ET (default); brats2023 1, 2, "
-                            "3; msd (Task01) 1 ED, 2 NCR, 3 ET")
+                       help="label values: brats 1 NCR, 2 ED, 4 ET; brats2023 1, 2, 3; msd "
+                            "(Task01) 1 ED, 2 NCR, 3 ET (default: %(default)s)")
   predict.add_argument("--batch-size", type=int, default=None, metavar="N",
                        help="slices per forward pass (default: the config's eval.batch_size)")
+  parser.description = _top_description() + "\n\n" + _command_list(parser)
   return parser
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:  # pylint: disable=protected-access
+  return next(a for a in parser._actions  # pylint: disable=protected-access
+              if isinstance(a, argparse._SubParsersAction))  # pylint: disable=protected-access
+
+
+def _command_list(parser: argparse.ArgumentParser) -> str:
+  return "commands:\n" + _table([(a.dest, a.help or "")
+                                 for a in _subcommands(parser)._choices_actions])  # pylint: disable=protected-access
+
+
+# Each command imports what it runs here, not at the top: `--help` must answer without JAX.
 
 
 def _synth(args) -> None:
@@ -149,11 +458,19 @@ def _predict(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-  """Runs one command; returns the process exit code."""
+  """Runs one command; returns the process exit code.
+
+  ``--help`` and ``--version`` print to stdout and raise argparse's ``SystemExit(0)``. Without a
+  command, the usage and the commands go to stderr, then one ``error: ...`` line; returns 2.
+  """
   argv = sys.argv[1:] if argv is None else list(argv)
   parser = _build_parser()
   try:
     args, rest = parser.parse_known_args(argv)
+    if args.command is None:
+      print(parser.format_usage() + "\n" + _command_list(parser) + "\n", file=sys.stderr)
+      raise UserError(f"{parser.prog}: no command given; choose one of "
+                      f"{', '.join(_subcommands(parser).choices)} (see '{parser.prog} --help')")
     if args.command == "train":
       _train(args, rest)
     elif rest:

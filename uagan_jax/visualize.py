@@ -1,5 +1,6 @@
 """PNG pictures: segmentation panels (image, ground truth, prediction) per modality, translation
-panels, and training curves (every loss, validation Dice) over steps.
+panels, and training curves (every training loss, among them the Dice loss, and validation Dice)
+over steps.
 
 Colours follow the BraTS figures: oedema (WT minus TC) green, necrotic/non-enhancing core (TC
 minus ET) red, enhancing tumour (ET) yellow.
@@ -133,9 +134,68 @@ def _is_loss(key: str) -> bool:
   return key != "step" and not key.endswith(("norm", "_weight"))
 
 
+VALIDATION_DICE_TITLE = "Dice (validation, mean over modalities)"
+
+
+def train_panel_labels(key: str) -> tuple[str, str]:
+  """(title, y-label) of the subplot of ``metrics.jsonl`` column ``key``: a training-batch loss.
+
+  The Dice term (``seg/dice``) is the soft Dice *loss*, 1 - soft Dice on the training batch
+  (lower is better); it is named so, and kept apart from the validation Dice (higher is better).
+  """
+  if key == "dice" or key.endswith("/dice"):
+    return f"{key}: Dice loss (train)\n= 1 - soft Dice, lower is better", "loss"
+  return f"{key} (train)", "loss" if key.endswith("/total") else ""
+
+
+def training_curves_figure(metrics_path: pathlib.Path, validation_path: pathlib.Path | None):
+  """The figure `training_curves` saves (a matplotlib Figure; close it), or None if empty.
+
+  One subplot per loss of ``metrics.jsonl`` over steps (titled by `train_panel_labels`), and one
+  of validation Dice per region (`VALIDATION_DICE_TITLE`, y from 0 to 1) when there are
+  validation rows.
+  """
+  rows = _read_jsonl(metrics_path)
+  validation = _read_jsonl(validation_path) if validation_path is not None else []
+  keys = sorted({k for row in rows for k in row if _is_loss(k)})
+  panels = len(keys) + (1 if validation else 0)
+  if not panels:
+    return None
+  columns = min(4, panels)
+  grid_rows = math.ceil(panels / columns)
+  fig, axes = plt.subplots(grid_rows, columns, figsize=(3.2 * columns, 2.5 * grid_rows),
+                           squeeze=False)
+  for ax, key in zip(axes.flat, keys):
+    points = [(row["step"], row[key]) for row in rows if key in row]
+    ax.plot(*zip(*points), linewidth=1, marker="." if len(points) < 30 else None)
+    title, ylabel = train_panel_labels(key)
+    ax.set_title(title, fontsize=9)
+    ax.set_ylabel(ylabel, fontsize=8)
+  if validation:
+    ax = axes.flat[len(keys)]
+    steps = [row["step"] for row in validation]
+    for region in REGIONS:
+      ax.plot(steps, [row[f"dice/{region}"] for row in validation], marker="o", markersize=3,
+              linewidth=1, label=region)
+    ax.set_title(VALIDATION_DICE_TITLE, fontsize=9)
+    ax.set_ylabel("Dice, higher is better", fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+  for ax in axes.flat[panels:]:
+    ax.axis("off")
+  for ax in axes.flat[:panels]:
+    ax.set_xlabel("step", fontsize=8)
+    ax.tick_params(labelsize=7)
+  fig.tight_layout()
+  return fig
+
+
 def training_curves(metrics_path: pathlib.Path, validation_path: pathlib.Path | None,
                     path: pathlib.Path) -> pathlib.Path | None:
   """One subplot per loss of ``metrics.jsonl`` over steps, and one of validation Dice per region.
+
+  The training panels are losses on training batches: ``seg/dice`` is the Dice *loss* (1 - soft
+  Dice, lower is better), titled so; the validation panel is Dice itself (higher is better).
 
   Args:
     metrics_path: the trainer's ``metrics.jsonl`` (``{"step": t, "<loss>": value, ...}`` rows).
@@ -146,36 +206,8 @@ def training_curves(metrics_path: pathlib.Path, validation_path: pathlib.Path | 
   Returns:
     ``path``, or None when there is nothing to draw (no logged step).
   """
-  rows = _read_jsonl(metrics_path)
-  validation = _read_jsonl(validation_path) if validation_path is not None else []
-  keys = sorted({k for row in rows for k in row if _is_loss(k)})
-  panels = len(keys) + (1 if validation else 0)
-  if not panels:
-    return None
-  columns = min(4, panels)
-  grid_rows = math.ceil(panels / columns)
-  fig, axes = plt.subplots(grid_rows, columns, figsize=(3.2 * columns, 2.4 * grid_rows),
-                           squeeze=False)
-  for ax, key in zip(axes.flat, keys):
-    points = [(row["step"], row[key]) for row in rows if key in row]
-    ax.plot(*zip(*points), linewidth=1, marker="." if len(points) < 30 else None)
-    ax.set_title(key, fontsize=9)
-  if validation:
-    ax = axes.flat[len(keys)]
-    steps = [row["step"] for row in validation]
-    for region in REGIONS:
-      ax.plot(steps, [row[f"dice/{region}"] for row in validation], marker="o", markersize=3,
-              linewidth=1, label=region)
-    ax.set_title("validation Dice (mean over modalities)", fontsize=9)
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=7)
-  for ax in axes.flat[panels:]:
-    ax.axis("off")
-  for ax in axes.flat[:panels]:
-    ax.set_xlabel("step", fontsize=8)
-    ax.tick_params(labelsize=7)
-  fig.tight_layout()
-  return _save(fig, path, dpi=80)
+  fig = training_curves_figure(metrics_path, validation_path)
+  return None if fig is None else _save(fig, path, dpi=80)
 
 
 def _save(fig, path: pathlib.Path, *, dpi: int) -> pathlib.Path:
