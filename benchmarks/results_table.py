@@ -1,4 +1,5 @@
-"""The README's results table: unet, segan and uagan on held-out synthetic cases, and the real case.
+"""The README's results table: every segmenting family (unet, segan, uagan) on held-out synthetic
+cases, and the real case.
 
 Trains each family's ``:demo`` recipe (same sizes, steps and data; one model for all modalities,
 unpaired), scores the held-out test cases from every modality with the BraTS metrics of
@@ -25,7 +26,10 @@ import time
 
 import numpy as np
 
-FAMILIES = ("unet", "segan", "uagan")
+from uagan_jax import families
+
+# The families that segment, each by its configs/<family>.py:demo recipe.
+FAMILIES = families.with_capability(segments=True)
 
 
 def _mean(rows, key) -> float:
@@ -39,7 +43,7 @@ def score_real_case(config, state, case_dir: pathlib.Path, log) -> list[dict]:
   rounded up to the encoder's multiple instead of being cut to the training crop.
   """
   # pylint: disable=g-import-not-at-top
-  from uagan_jax import evaluate
+  from uagan_jax import evaluate, inference
   from uagan_jax.data import MODALITIES, readers
   # pylint: enable=g-import-not-at-top
   (case,) = readers.find_cases(case_dir)
@@ -48,11 +52,11 @@ def score_real_case(config, state, case_dir: pathlib.Path, log) -> list[dict]:
   multiple = 2 ** len(config.model.segmentor_features)
   whole = config.copy_and_resolve_references()
   whole.data.image_size = tuple(-(-n // multiple) * multiple for n in volume.images["t1"].shape[:2])
-  predictor = evaluate.SlicePredictor(whole, evaluate.segmentation_variables(state),
+  predictor = inference.SlicePredictor(whole, inference.segmentation_variables(state, config),
                                       batch_size=8)
   rows = []
   for modality in (m for m in MODALITIES if m in config.data.modalities):
-    predicted = evaluate.segment_volume(predictor, volume.images[modality], modality=modality,
+    predicted = inference.segment_volume(predictor, volume.images[modality], modality=modality,
                                         config=whole)
     rows.append({"case": case.case_id, "modality": modality,
                  **evaluate.score_case(predicted, truth, spacing=volume.spacing)})

@@ -31,7 +31,7 @@ def main(argv=None) -> int:
 
   # pylint: disable=g-import-not-at-top
   from uagan_jax import config as config_lib
-  from uagan_jax import parallel, train
+  from uagan_jax import parallel, train, train_state
   from uagan_jax.errors import UserError
   # pylint: enable=g-import-not-at-top
   try:
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
            "modality": rng.integers(0, 4, batch_size).astype(np.int32)}
   if config.train.parallel_mode == "shard_map":
     batch = parallel.shard_batch(batch, mesh)
-  state = train.init_state(config, mesh)
+  state = train_state.init_state(config, mesh)
   key = jax.random.key(0)
   step = train.make_step(config, mesh)
 

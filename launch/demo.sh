@@ -4,7 +4,8 @@
 #
 #   bash launch/demo.sh                       # everything, into runs/demo
 #   bash launch/demo.sh --config.train.steps=100   # extra args go to 'uagan-jax train'
-#   MODEL=uagan bash launch/demo.sh           # another recipe's :demo (unet, segan, stargan, uagan),
+#   MODEL=uagan bash launch/demo.sh           # another recipe's :demo (any configs/MODEL.py: unet,
+#                                             # stargan, uagan; 'uagan-jax train --help' lists them),
 #                                             # into runs/demo_uagan; ~20 min on 2 cores for uagan
 #
 # Outputs (WORKDIR, default runs/demo): checkpoints/, config.json, splits.json, metrics.jsonl,

@@ -65,12 +65,12 @@ def write_random_workdir(path, config, *, seed=0):
   import numpy as np
   from uagan_jax import checkpoint
   from uagan_jax import config as config_lib
-  from uagan_jax import train
+  from uagan_jax import train_state
   # pylint: enable=g-import-not-at-top
   path.mkdir(parents=True)
   (path / "config.json").write_text(config_lib.to_json(config))
   abstract = jax.eval_shape(functools.partial(train.create_train_state, config,
-                                              train.build_networks(config)))
+                                              train_state.build_networks(config)))
   rng = np.random.default_rng(seed)
 
   def fill(key_path, leaf):

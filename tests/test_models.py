@@ -67,11 +67,11 @@ def test_mask_image_multiplies_each_channel_by_each_region():
 def test_sizes_come_from_the_config():
   config = load_test_config("--config.model.segmentor_features=(4, 8, 16)",
                             "--config.model.critic_features=(2, 6)")
-  from uagan_jax import train  # pylint: disable=g-import-not-at-top
-  networks = train.build_networks(config, bn_axis_name=None)
-  assert tuple(networks.segmentor.features) == (4, 8, 16)
-  assert tuple(networks.critic.features) == (2, 6)
-  assert train.build_networks(load_test_config("--config.model.name=unet")).critic is None
+  from uagan_jax import train_state  # pylint: disable=g-import-not-at-top
+  networks = train_state.build_networks(config, bn_axis_name=None)
+  assert tuple(networks["segmentor"].features) == (4, 8, 16)
+  assert tuple(networks["critic"].features) == (2, 6)
+  assert "critic" not in train_state.build_networks(load_test_config("--config.model.name=unet"))
 
 
 def test_image_size_must_fit_the_encoder_depth():

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from nibabel import orientations
 
-from uagan_jax import cli, evaluate, predict
+from uagan_jax import cli, evaluate, inference, predict
 from uagan_jax import config as config_lib
 from uagan_jax.data import MODALITIES, readers
 from uagan_jax.errors import UserError
@@ -98,14 +98,14 @@ def test_single_file_equals_segment_volume_on_the_source_grid(capsys, workdirs, 
 
   # What evaluation computes, independently loaded, mapped back to the source voxel order.
   config = config_lib.from_json_file(workdirs["segan"] / "config.json")
-  state, step = evaluate.load_state(config, workdirs["segan"])
+  state, step = inference.load_state(config, workdirs["segan"])
   assert step == 2
-  predictor = evaluate.SlicePredictor(config, evaluate.segmentation_variables(state),
+  predictor = inference.SlicePredictor(config, inference.segmentation_variables(state, config),
                                       batch_size=config.eval.batch_size)
   volume = readers.load_case(
       readers.CaseFiles(case_id="sal", layout="brats2021", images={"flair": source}, label=None),
       modalities=("flair",), with_label=False)
-  regions = evaluate.segment_volume(predictor, volume.images["flair"], modality="flair",
+  regions = inference.segment_volume(predictor, volume.images["flair"], modality="flair",
                                     config=config)
   canonical = readers.regions_to_labels(regions, convention="brats")
   got = _data(output)
@@ -239,7 +239,7 @@ def test_bad_inputs_end_in_one_line(capsys, workdirs, case_dir, synth_data, tmp_
   assert_one_line_error(code, err, "--batch-size 0", "at least 1")
   code, _, err = run(workdir=workdirs["stargan"])
   assert_one_line_error(code, err, workdirs["stargan"], "stargan does not segment",
-                        "segan, unet and uagan")
+                        "unet, segan and uagan")
   code, _, err = run(workdir=workdirs["unet"])
   assert_one_line_error(code, err, "--modality flair", "trained on t1, t2 only")
   code, _, err = run(workdir=tmp_path)

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from uagan_jax import checkpoint, parallel, train
+from uagan_jax import checkpoint, parallel, train, train_state, train_utils
 
 from conftest import ROOT, TEST_CONFIG, load_test_config
 
@@ -56,7 +56,7 @@ def _final_state(workdir: pathlib.Path, step: int, variant=""):
   config = load_test_config(variant=variant)
   checkpoints = checkpoint.Checkpointer(workdir / "checkpoints", every=1, keep=100)
   assert step in checkpoints.all_steps()
-  state = checkpoints.restore(step, train.init_state(config, parallel.make_mesh(1)))
+  state = checkpoints.restore(step, train_state.init_state(config, parallel.make_mesh(1)))
   checkpoints.close()
   return jax.device_get(state)
 
@@ -82,7 +82,7 @@ def test_metrics_log_drops_rows_past_the_checkpoint(tmp_path):
   path = tmp_path / "metrics.jsonl"
   path.write_text("".join(json.dumps({"step": s, "loss": s / 10}) + "\n" for s in range(1, 6))
                   + '{"step": 6, "lo')  # a line cut short by the crash
-  log = train.MetricsLog(path, resume_step=3)
+  log = train_utils.MetricsLog(path, resume_step=3)
   assert [json.loads(r)["step"] for r in path.read_text().splitlines()] == [1, 2, 3]
   log.write({"step": 4, "loss": 0.5})
   assert [json.loads(r)["step"] for r in path.read_text().splitlines()] == [1, 2, 3, 4]

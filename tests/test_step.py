@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from uagan_jax import parallel, train
+from uagan_jax import parallel, train, train_state
 
 from conftest import load_test_config
 
@@ -23,7 +23,7 @@ def _batch(seed=0, size=32):
 def _run(config, devices, steps):
   """``steps`` steps on the same global batch; returns (host state, metrics of every step)."""
   mesh = parallel.make_mesh(devices)
-  state = train.init_state(config, mesh)
+  state = train_state.init_state(config, mesh)
   step = train.make_step(config, mesh, with_gradients=True)
   batch = _batch()
   if config.train.parallel_mode == "shard_map":
@@ -157,7 +157,7 @@ def test_uagan_step_updates_all_four_networks_and_ramps_the_shape_loss():
     assert np.isfinite(history[-1][name]), name
   # configs/test.py:uagan ramps the shape weight over 2 steps: 0, 0.5, 1.
   assert [float(h["seg/shape_weight"]) for h in history] == [0.0, 0.5, 1.0]
-  initial = jax.device_get(train.init_state(load_test_config(variant="uagan"), parallel.make_mesh(1)))
+  initial = jax.device_get(train_state.init_state(load_test_config(variant="uagan"), parallel.make_mesh(1)))
   for role in state.nets:
     before = jax.tree.leaves(initial.nets[role].params)
     after = jax.tree.leaves(state.nets[role].params)
@@ -167,7 +167,7 @@ def test_uagan_step_updates_all_four_networks_and_ramps_the_shape_loss():
 def test_stargan_n_critic_updates_the_generator_every_nth_step():
   config = load_test_config("--config.train.n_critic=2", variant="stargan")
   mesh = parallel.make_mesh(1)
-  state = train.init_state(config, mesh)
+  state = train_state.init_state(config, mesh)
   step = train.make_step(config, mesh, donate=False)
   batch = parallel.shard_batch(_batch(), mesh)
   params = [jax.device_get(state.nets)]
@@ -186,19 +186,19 @@ def test_identity_loss_is_g_of_the_image_for_its_own_modality(variant):
   config = load_test_config("--config.loss.identity_weight=2.0", "--config.data.augment=false",
                             variant=variant)
   mesh = parallel.make_mesh(1)
-  state = train.init_state(config, mesh)
+  state = train_state.init_state(config, mesh)
   initial = jax.device_get(state)
   batch = _batch()
   step = train.make_step(config, mesh, donate=False)
   _, metrics = step(state, parallel.shard_batch(batch, mesh), jax.random.fold_in(state.base_key, 0))
-  networks = train.build_networks(config, bn_axis_name=None)
+  networks = train_state.build_networks(config, bn_axis_name=None)
   real = batch["image"] / config.data.clip
   if variant == "stargan":
-    same = networks.generator.apply({"params": initial.nets["generator"].params}, real,
+    same = networks["generator"].apply({"params": initial.nets["generator"].params}, real,
                                     batch["modality"])
   else:
     net = initial.nets["unified"]
-    (same, _), _ = networks.unified.apply(
+    (same, _), _ = networks["unified"].apply(
         {"params": net.params, "batch_stats": net.batch_stats}, batch["image"], batch["modality"],
         batch["modality"], train=True, translation_input=real, mutable=["batch_stats"])
   expected = float(np.mean(np.abs(real - np.asarray(same))))
@@ -218,16 +218,16 @@ def test_per_modality_discriminator_judges_real_by_source_and_translation_by_tar
                             "--config.data.augment=false", "--config.data.modalities=('t1','t2')",
                             variant="stargan")
   mesh = parallel.make_mesh(1)
-  state = train.init_state(config, mesh)
+  state = train_state.init_state(config, mesh)
   initial = jax.device_get(state)
   batch = dict(_batch(), modality=np.zeros(GLOBAL_BATCH, np.int32))
   step = train.make_step(config, mesh, donate=False)
   _, metrics = step(state, parallel.shard_batch(batch, mesh), jax.random.fold_in(state.base_key, 0))
-  networks = train.build_networks(config, bn_axis_name=None)
+  networks = train_state.build_networks(config, bn_axis_name=None)
   real = batch["image"] / config.data.clip
   t1, t2 = np.zeros(GLOBAL_BATCH, np.int32), np.full(GLOBAL_BATCH, 2, np.int32)
-  fake = networks.generator.apply({"params": initial.nets["generator"].params}, real, t2)
-  disc = lambda x, modality: np.asarray(networks.discriminator.apply(
+  fake = networks["generator"].apply({"params": initial.nets["generator"].params}, real, t2)
+  disc = lambda x, modality: np.asarray(networks["discriminator"].apply(
       {"params": initial.nets["discriminator"].params}, x, modality)[0])
   expected = -disc(real, t1).mean() + disc(fake, t2).mean()
   assert float(metrics["disc/wgan"]) == pytest.approx(expected, rel=1e-4, abs=1e-6)

@@ -1,8 +1,8 @@
 """``uagan-jax translate``: geometry and header of the output, intensities, determinism, errors.
 
 Training even the tiny test models costs about a minute of XLA compilation on two CPU cores
-(most of it `train.init_state`), so the fast tests translate with checkpoints written directly:
-the train state's exact structure (`jax.eval_shape` of `train.create_train_state`) filled with
+(most of it `train_state.init_state`), so the fast tests translate with checkpoints written directly:
+the train state's exact structure (`jax.eval_shape` of `train_state.create_train_state`) filled with
 seeded random weights, saved by the same `Checkpointer` as training. What is checked here (the
 grid, the header, the intensity mapping) does not depend on the weights. The ``slow`` test runs
 the real thing: ``uagan-jax train`` and then ``uagan-jax translate``.
@@ -251,15 +251,15 @@ def test_trained_model_end_to_end(capsys, synth_data, case_dir, tmp_path, varian
   assert "checkpoint step 2" in out
   _assert_same_grid(output, source_file)
   _assert_intensities(output, source_file)
-  # evaluate.load_state restores into an abstract state (eval_shape); the same checkpoint
+  # inference.load_state restores into an abstract state (eval_shape); the same checkpoint
   # restored into an initialised state must give the same arrays.
   # pylint: disable=g-import-not-at-top
-  from uagan_jax import checkpoint, evaluate, parallel, train
+  from uagan_jax import checkpoint, inference, parallel, train_state
   # pylint: enable=g-import-not-at-top
   config = load_test_config("--config.train.steps=2", variant=variant)
-  got, got_step = evaluate.load_state(config, workdir)
+  got, got_step = inference.load_state(config, workdir)
   checkpoints = checkpoint.Checkpointer(workdir / "checkpoints", every=1, keep=100)
-  expected = checkpoints.restore(2, train.init_state(config, parallel.make_mesh(1)))
+  expected = checkpoints.restore(2, train_state.init_state(config, parallel.make_mesh(1)))
   checkpoints.close()
   assert got_step == 2
   for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got), strict=True):

@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from uagan_jax import checkpoint, cli, evaluate, metrics, train
+from uagan_jax import checkpoint, cli, evaluate, inference, metrics, train, train_state
 from uagan_jax.data import MODALITIES, REGIONS, dataset
 
 from conftest import TEST_CONFIG, assert_one_line_error, load_test_config
@@ -118,10 +118,10 @@ def test_best_checkpoint_is_the_best_validation_step_and_restorable(runs):
     assert best.metrics(best_step) == {"dice_mean": max(scores)}
     best.close()
   config = _config("--config.train.validate_every=1")
-  state, step = evaluate.load_state(config, root / "straight", checkpoint="best")
+  state, step = inference.load_state(config, root / "straight", checkpoint="best")
   assert step == best_step and int(state.step) == best_step
   latest = checkpoint.Checkpointer(root / "straight" / "checkpoints", every=1, keep=5)
-  expected = latest.restore(best_step, train.abstract_state(config)) \
+  expected = latest.restore(best_step, train_state.abstract_state(config)) \
       if best_step in latest.all_steps() else None
   latest.close()
   if expected is not None:  # the regular checkpoint of the same step holds the same state

@@ -416,12 +416,13 @@ def _train(args, overrides) -> None:
   # pylint: disable=g-import-not-at-top
   from uagan_jax import config as config_lib
   from uagan_jax import train
+  from uagan_jax.train_utils import TrainingDiverged
   # pylint: enable=g-import-not-at-top
   config = config_lib.load_config(args.config, overrides)
   try:
     train.train_and_evaluate(config, workdir=args.workdir, data_dir=args.data, log=_log,
                              evaluate_after=not args.no_eval)
-  except train.TrainingDiverged as e:
+  except TrainingDiverged as e:
     raise UserError(f"training diverged at {e}") from None
 
 

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import ml_collections
 
 from uagan_jax import families
+from uagan_jax.data import MODALITIES
 from uagan_jax.errors import UserError
 
 # How the generator's norm layers see the target modality (uagan_jax/models/stargan.py).
@@ -180,7 +181,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
       if size % (2 ** depth):
         raise UserError(f"config data.image_size={tuple(config.data.image_size)}: each side must "
                         f"be divisible by 2**{what} = {2 ** depth}")
-  from uagan_jax.data import MODALITIES  # pylint: disable=g-import-not-at-top
   unknown = [m for m in config.data.modalities if m not in MODALITIES]
   if unknown or not config.data.modalities:
     raise UserError(f"config data.modalities={tuple(config.data.modalities)}: "

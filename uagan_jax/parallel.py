@@ -56,10 +56,6 @@ def example_index(local_batch: int) -> jax.Array:
   return jax.lax.axis_index(AXIS) * local_batch + jnp.arange(local_batch)
 
 
-def replicate(tree, mesh: Mesh):
-  return jax.device_put(tree, NamedSharding(mesh, P()))
-
-
 def shard_batch(batch, mesh: Mesh):
   """Puts a host batch on the mesh, split along its first axis."""
   size = mesh.devices.size
@@ -98,6 +94,5 @@ def compile_step(step_fn: Callable, *, mesh: Mesh, mode: str = "shard_map",
       per_device_batch = jax.tree.map(
           lambda x: x.reshape((len(devices), x.shape[0] // len(devices)) + x.shape[1:]), batch)
       return mapped(state, per_device_batch, key)
-    step.mapped = mapped
     return step
   raise UserError(f"config train.parallel_mode={mode!r}: use shard_map or pmap")

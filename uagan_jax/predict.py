@@ -1,7 +1,7 @@
 """Whole-volume segmentation: NIfTI scans in, tumour label maps on the scans' own grids out.
 
 ``uagan-jax predict --workdir W --input PATH --modality flair --output SEG.nii.gz`` segments with
-the newest checkpoint of a trained segan, unet or uagan model (stargan only translates). What
+the newest checkpoint of a trained model whose family segments (`families.with_capability`). What
 ``PATH`` is decides what ``--output`` is:
 
 * one .nii/.nii.gz image of modality ``--modality`` -> ``--output`` is one .nii/.nii.gz file;
@@ -17,7 +17,7 @@ Per image:
 1. It is read like training data (`readers.load_case`: RAS canonical orientation, one-line
    `UserError`s for missing, truncated or NaN files), z-scored over its brain (non-zero) voxels,
    clipped and cut into axial slices centre-cropped/padded to the model's slice size.
-2. The brain slices go through the segmentor in fixed-size batches (`evaluate.segment_volume`,
+2. The brain slices go through the segmentor in fixed-size batches (`inference.segment_volume`,
    the code path of evaluation), are thresholded at 0.5 and put back on the canonical grid: the
    crop/pad undone, voxels outside the model's view are background (a note says how many brain
    voxels that is).
@@ -44,12 +44,10 @@ from collections.abc import Callable
 import ml_collections
 import numpy as np
 
-from uagan_jax import evaluate, volume_io
+from uagan_jax import inference, volume_io
 from uagan_jax.data import readers
 from uagan_jax.errors import UserError
 
-# Model families with a segmentation network (`evaluate.SlicePredictor` runs each).
-SEGMENTING_FAMILIES = ("segan", "unet", "uagan")
 # --labels choices: the label conventions the readers know.
 LABEL_CONVENTIONS = tuple(readers.LABEL_CONVENTIONS)
 OUTPUT_DTYPE = np.uint8
@@ -101,7 +99,7 @@ class VolumeSegmentor:
     self.step = step
     self.workdir = pathlib.Path(workdir)
     self.batch_size = int(batch_size or config.eval.batch_size)
-    self._slices = evaluate.SlicePredictor(config, variables, batch_size=self.batch_size)
+    self._slices = inference.SlicePredictor(config, variables, batch_size=self.batch_size)
 
   @property
   def modalities(self) -> tuple[str, ...]:
@@ -124,7 +122,7 @@ class VolumeSegmentor:
       bool (X, Y, Z, 3) regions WT, TC, ET on the image's grid; background outside the brain
       slices and outside the model's view.
     """
-    return evaluate.segment_volume(self._slices, image, modality=modality, config=self.config)
+    return inference.segment_volume(self._slices, image, modality=modality, config=self.config)
 
 
 def load_segmentor(workdir: str | os.PathLike, *,
@@ -145,9 +143,9 @@ def load_segmentor(workdir: str | os.PathLike, *,
   if batch_size is not None and batch_size < 1:
     raise UserError(f"--batch-size {batch_size}: must be at least 1")
   workdir = pathlib.Path(workdir)
-  config, state, step = volume_io.load_model(workdir, families=SEGMENTING_FAMILIES,
+  config, state, step = inference.load_model(workdir, capability="segments",
                                              task="segment")
-  return VolumeSegmentor(config, evaluate.segmentation_variables(state), step=step,
+  return VolumeSegmentor(config, inference.segmentation_variables(state, config), step=step,
                          workdir=workdir, batch_size=batch_size)
 
 
@@ -217,7 +215,7 @@ def predict(input_path: str | os.PathLike, output_path: str | os.PathLike, *, mo
       the folder that receives ``<case_id>.nii.gz`` per case. Folders are created.
     modality: The modality to segment (case-insensitive; one of `uagan_jax.data.MODALITIES`).
     labels: The label convention to write: "brats" (1, 2, 4), "brats2023" or "msd" (1, 2, 3).
-    workdir: The segan, unet or uagan training workdir whose newest checkpoint segments.
+    workdir: The training workdir of a segmenting model; its newest checkpoint segments.
     segmentor: An already loaded model (from `load_segmentor`), instead of ``workdir``.
     batch_size: With ``workdir``: slices per forward pass (default the config's eval.batch_size).
     log: Where progress goes.

@@ -8,7 +8,7 @@ translation stream) over every axial slice of a volume:
    one-line `UserError`s for missing, truncated or NaN files), z-scored over its brain (non-zero)
    voxels, clipped and centre-cropped/padded to the model's slice size
    (`preprocess.volume_to_slices`).
-2. The brain slices are translated in fixed-size batches (`evaluate.translate_slices`) and put
+2. The brain slices are translated in fixed-size batches (`inference.translate_slices`) and put
    back on the canonical grid (`preprocess.slices_to_volume`).
 3. The translation lives in the normalised space of training, so it is mapped back to the
    *input's* intensities: the z-score is undone with the input's brain mean and standard
@@ -35,12 +35,10 @@ from collections.abc import Callable
 import ml_collections
 import numpy as np
 
-from uagan_jax import evaluate, volume_io
+from uagan_jax import inference, volume_io
 from uagan_jax.data import preprocess
 from uagan_jax.errors import UserError
 
-# Model families with a translation network (`evaluate.SliceTranslator` runs either).
-TRANSLATING_FAMILIES = ("stargan", "uagan")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +77,7 @@ class VolumeTranslator:
     self.config = config
     self.step = step
     self.workdir = pathlib.Path(workdir)
-    self._slices = evaluate.SliceTranslator(config, variables, batch_size=config.eval.batch_size)
+    self._slices = inference.SliceTranslator(config, variables, batch_size=config.eval.batch_size)
 
   @property
   def modalities(self) -> tuple[str, ...]:
@@ -107,7 +105,7 @@ class VolumeTranslator:
     config = self.config
     slices, _, has_brain, crop_pad = preprocess.volume_to_slices(
         image, None, size=tuple(config.data.image_size), clip=config.data.clip)
-    translated = evaluate.translate_slices(self._slices, slices, has_brain, source=source,
+    translated = inference.translate_slices(self._slices, slices, has_brain, source=source,
                                            target=target)
     # Brain voxels the centre crop cut away come back as z-score 0, i.e. the brain's mean.
     normalised = preprocess.slices_to_volume(translated, crop_pad)
@@ -147,9 +145,9 @@ def load_translator(workdir: str | os.PathLike) -> VolumeTranslator:
       (segan, unet).
   """
   workdir = pathlib.Path(workdir)
-  config, state, step = volume_io.load_model(workdir, families=TRANSLATING_FAMILIES,
+  config, state, step = inference.load_model(workdir, capability="translates",
                                              task="translate")
-  return VolumeTranslator(config, evaluate.translation_variables(state), step=step,
+  return VolumeTranslator(config, inference.translation_variables(state, config), step=step,
                           workdir=workdir)
 
 

@@ -1,7 +1,7 @@
-"""What the whole-volume commands (``translate``, ``predict``) share: model, input and output.
+"""What the whole-volume commands (``translate``, ``predict``) share: input and output.
 
-* `load_model`: a training workdir's config and newest checkpoint, refusing a model family that
-  cannot do the command's job before the checkpoint is read.
+The model comes from `uagan_jax.inference.load_model`.
+
 * `check_modality`, `check_trained_modality`: the ``--modality``-style arguments.
 * `case_of_file`, `resolve_input`: ``--input`` as one NIfTI file or a one-case folder.
 * `input_files`, `check_output`: an output is checked before any work is done; it is never one
@@ -23,46 +23,12 @@ import ml_collections
 import nibabel as nib
 import numpy as np
 
-from uagan_jax import evaluate
 from uagan_jax.data import MODALITIES, preprocess, readers
 from uagan_jax.errors import UserError
 
 NIFTI_EXTENSIONS = (".nii.gz", ".nii")
 # gzip level of .nii.gz outputs: nibabel's default, fast; higher levels gain little.
 _GZIP_LEVEL = 1
-
-
-def _join(words: Sequence[str], conjunction: str) -> str:
-  """"a", "a and b", "a, b and c"."""
-  words = list(words)
-  return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} {conjunction} {words[-1]}"
-
-
-def load_model(workdir: str | os.PathLike, *, families: Sequence[str],
-               task: str) -> tuple[ml_collections.ConfigDict, object, int]:
-  """The config, newest train state and its step of a training workdir.
-
-  Args:
-    workdir: A workdir written by ``uagan-jax train`` (``config.json``, ``checkpoints/``).
-    families: The model families that can do the caller's job.
-    task: The job as a verb, for the message, e.g. "translate".
-
-  Returns:
-    (config, train state on one device, checkpoint step).
-
-  Raises:
-    UserError: No config.json or checkpoint, or a model family not in ``families``.
-  """
-  from uagan_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  workdir = pathlib.Path(workdir)
-  config = config_lib.from_json_file(workdir / "config.json")
-  family = config.model.name
-  if family not in families:
-    # Checked before the checkpoint is read: there is nothing in it that could do the job.
-    raise UserError(f"{workdir}: model family {family} does not {task} (only "
-                    f"{_join(families, 'and')} do); use a {_join(families, 'or')} workdir")
-  state, step = evaluate.load_state(config, workdir)
-  return config, state, int(step)
 
 
 def check_modality(name: str, *, flag: str = "--modality") -> str:

@@ -98,8 +98,9 @@ def _needs(config, key: str, families: Sequence[str], why: str) -> None:
   """UserError if the option ``key`` is switched on for a family outside ``families``."""
   group, option = key.split(".")
   if config[group][option] and config.model.name not in families:
-    wanted = " or ".join(repr(f) for f in families)
-    raise UserError(f"config {key}=true needs model.name {wanted} (got "
+    wanted = (f"={families[0]!r}" if len(families) == 1
+              else " " + " or ".join(repr(f) for f in families))
+    raise UserError(f"config {key}=true needs model.name{wanted} (got "
                     f"{config.model.name!r}): {why}")
 
 

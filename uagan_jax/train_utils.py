@@ -1,0 +1,81 @@
+"""What the training loop needs around the step: the metrics log, SIGTERM handling, the
+divergence stop and durations for the ETA."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import signal
+import sys
+import threading
+
+
+class TrainingDiverged(Exception):
+  """A logged loss became NaN or infinite."""
+
+
+def non_finite(values: dict[str, float]) -> list[str]:
+  """The names of the values that are NaN or infinite."""
+  return [k for k, v in values.items() if not math.isfinite(v)]
+
+
+class MetricsLog:
+  """``metrics.jsonl``: one JSON object per logged step, ``{"step": t, "<loss>": value, ...}``
+  (and ``validation.jsonl``, the same way).
+
+  On resume, rows past the restored step (logged after the last checkpoint by the interrupted
+  run) are dropped, so a resumed run's file equals the uninterrupted run's, row for row.
+  """
+
+  def __init__(self, path: pathlib.Path, *, resume_step: int):
+    self.path = path
+    kept = []
+    if path.exists():
+      for line in path.read_text().splitlines():
+        try:
+          row = json.loads(line)
+        except json.JSONDecodeError:
+          break  # a line cut short by a crash ends the usable log
+        if row.get("step", math.inf) > resume_step:
+          break
+        kept.append(line)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+  def write(self, row: dict) -> None:
+    with self.path.open("a") as f:
+      f.write(json.dumps(row, sort_keys=True) + "\n")
+
+
+def format_duration(seconds: float) -> str:
+  """``m:ss``, or ``h:mm:ss`` from an hour on."""
+  seconds = int(round(seconds))
+  hours, rest = divmod(seconds, 3600)
+  minutes, seconds = divmod(rest, 60)
+  return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+
+
+class StopRequested:
+  """SIGTERM/SIGINT set a flag; the loop checkpoints and exits cleanly at the next step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.requested = True
+    print(f"received {signal.Signals(signum).name}: saving a checkpoint and stopping",
+          file=sys.stderr, flush=True)
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)

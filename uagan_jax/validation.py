@@ -1,0 +1,109 @@
+"""Validation during training: Dice on the val split, a log row, and the best checkpoint.
+
+Every ``train.validate_every`` steps (and at the last step) the segmentation of the val cases is
+scored from each trained modality, like `evaluate.evaluate_split` but Dice only and no files, so
+it is cheap enough to run every few hundred steps. The rows go to ``validation.jsonl``; the
+checkpoint with the highest mean Dice is kept in ``checkpoints_best/``, its score stored with it.
+
+It only reads the state, so training takes the same path, bit for bit, with or without it.
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+import time
+from collections.abc import Callable, Sequence
+
+import ml_collections
+import numpy as np
+
+from uagan_jax import checkpoint, evaluate, inference
+from uagan_jax.data import MODALITIES, REGIONS, readers
+from uagan_jax.train_utils import MetricsLog
+
+
+class Validator:
+  """Dice on held-out cases (segmenting models only): a flat log row.
+
+  The predictor is compiled on the first call and reused with each later call's variables.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, cases: Sequence):
+    """``cases``: the `readers.CaseFiles` to validate on (with labels)."""
+    self.config = config
+    self.cases = list(cases)
+    self.modalities = [m for m in MODALITIES if m in config.data.modalities]
+    self._predictor = None
+
+  def __call__(self, state) -> dict[str, float]:
+    """``{"cases": n, "dice/<region>": mean over cases and modalities, "dice/mean": mean over
+    regions, "dice/<modality>/<region>": mean over cases}`` for ``state``."""
+    variables = inference.segmentation_variables(state, self.config)
+    if self._predictor is None:
+      self._predictor = inference.SlicePredictor(self.config, variables,
+                                                 batch_size=self.config.eval.batch_size)
+    else:
+      self._predictor.set_variables(variables)
+    dice = {m: [] for m in self.modalities}
+    for case in self.cases:
+      volume = readers.load_case(case, modalities=self.modalities, with_label=True)
+      truth = evaluate.truth_regions(volume, case)
+      for modality in self.modalities:
+        predicted = inference.segment_volume(self._predictor, volume.images[modality],
+                                             modality=modality, config=self.config)
+        dice[modality].append(evaluate.dice_per_region(predicted, truth))
+    per_modality = {m: np.mean(dice[m], axis=0) for m in self.modalities}
+    row = {"cases": len(self.cases)}
+    for index, region in enumerate(REGIONS):
+      row[f"dice/{region}"] = float(np.mean([per_modality[m][index] for m in self.modalities]))
+    row["dice/mean"] = float(np.mean([row[f"dice/{region}"] for region in REGIONS]))
+    for modality in self.modalities:
+      for index, region in enumerate(REGIONS):
+        row[f"dice/{modality}/{region}"] = float(per_modality[modality][index])
+    return row
+
+
+class Validation:
+  """The trainer's validation: when it is due, the row it writes and the best checkpoint.
+
+  Resuming stays equal to an uninterrupted run: rows past the restored step are dropped (as in
+  `MetricsLog`) and written again by the replayed steps; the best score so far is read from the
+  best checkpoint, which is kept even when it is newer than the restored step (the replayed steps
+  reach the same state and score, and an equal score never replaces it).
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, *, workdir: pathlib.Path, cases,
+               resume_step: int, log: Callable[[str], None]):
+    self.every = config.train.validate_every
+    self.last = config.train.steps
+    self.log = log
+    self.validator = Validator(config, cases)
+    self.rows = MetricsLog(workdir / "validation.jsonl", resume_step=resume_step)
+    self.checkpoints = checkpoint.Checkpointer(workdir / inference.CHECKPOINT_DIRS["best"],
+                                               every=1, keep=1, best_metric="dice_mean")
+    self.best_step = self.checkpoints.latest_step()
+    self.best = -math.inf
+    if self.best_step is not None:
+      self.best = (self.checkpoints.metrics(self.best_step) or {}).get("dice_mean", -math.inf)
+
+  def due(self, step: int) -> bool:
+    return step % self.every == 0 or step == self.last
+
+  def __call__(self, step: int, state) -> float:
+    """Validates ``state`` (after ``step`` steps); returns the seconds it took."""
+    started = time.time()
+    row = {"step": step, **self.validator(state)}
+    score = row["dice/mean"]
+    if score > self.best and step != self.best_step:  # a replayed step's best is there already
+      self.checkpoints.save(step, state, force=True, metrics={"dice_mean": score})
+      self.best, self.best_step = score, step
+    self.rows.write(row)
+    regions = "  ".join(f"{r} {row[f'dice/{r}']:.3f}" for r in REGIONS)
+    self.log(f"validation step {step}: Dice {regions} (mean over modalities, {row['cases']} val "
+             f"cases); mean {score:.3f}, best {self.best:.3f} at step {self.best_step} "
+             f"[{time.time() - started:.1f} s]")
+    return time.time() - started
+
+  def close(self) -> None:
+    self.checkpoints.close()
