@@ -32,6 +32,50 @@ def upsample2x(x: jax.Array) -> jax.Array:
   return jax.image.resize(x, (b, 2 * h, 2 * w, c), method="bilinear")
 
 
+def segmentor_batch_norm(*, train: bool, axis_name: str | None, dtype):
+  """A factory ``() -> BatchNorm`` for the segmentor's norms (auto-named ``BatchNorm_<k>`` in the
+  order they are created): batch statistics in training (averaged over ``axis_name``), the
+  running averages otherwise."""
+  return lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                              axis_name=axis_name if train else None, dtype=dtype)
+
+
+def segmentor_encoder(image: jax.Array, modality: jax.Array, batch_norm, *,
+                      features: Sequence[int], num_modalities: int, prefix: str,
+                      dtype) -> tuple[jax.Array, list[jax.Array]]:
+  """SegAN's encoder, for `Segmentor` and `uagan.UnifiedNet`: the image with its modality planes
+  through one 4x4 stride-2 conv per width, BatchNorm (but on the first) and LeakyReLU(0.2).
+
+  Call inside a compact module: the convs become its children ``prefix + "down<level>"``.
+
+  Returns:
+    ``(bottleneck, skips)``: the last level's output, and every other level's, fine to coarse.
+  """
+  _, height, width, _ = image.shape
+  x = jnp.concatenate(
+      [image.astype(dtype),
+       modality_planes(modality, num_modalities=num_modalities, height=height, width=width,
+                       dtype=dtype)], axis=-1)
+  skips = []
+  for level, width_ in enumerate(features):
+    # A bias before BatchNorm is redundant (BN subtracts the mean): its true gradient is zero and
+    # Adam would turn the rounding noise in it into full-size steps, so it is left out.
+    x = nn.Conv(width_, **_DOWN, use_bias=level == 0, dtype=dtype, name=f"{prefix}down{level}")(x)
+    if level > 0:  # SegAN: no normalisation on the first layer.
+      x = batch_norm()(x)
+    x = nn.leaky_relu(x, 0.2)
+    skips.append(x)
+  skips.pop()  # the bottleneck is x itself
+  return x, skips
+
+
+def segmentor_up(x: jax.Array, features: int, batch_norm, *, name: str, dtype) -> jax.Array:
+  """One level of SegAN's decoder: bilinear resize x2, 3x3 conv ``name``, BatchNorm, ReLU."""
+  x = upsample2x(x)
+  x = nn.Conv(features, (3, 3), use_bias=False, dtype=dtype, name=name)(x)
+  return nn.relu(batch_norm()(x))
+
+
 class Segmentor(nn.Module):
   """SegAN segmentor: 4x4 stride-2 conv encoder, resize-x2 + 3x3 conv decoder, U-Net skips.
 
@@ -57,32 +101,13 @@ class Segmentor(nn.Module):
 
   @nn.compact
   def __call__(self, image: jax.Array, modality: jax.Array, *, train: bool) -> jax.Array:
-    batch_norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                                      axis_name=self.bn_axis_name if train else None,
-                                      dtype=self.dtype)
-    _, height, width, _ = image.shape
-    x = jnp.concatenate(
-        [image.astype(self.dtype),
-         modality_planes(modality, num_modalities=self.num_modalities, height=height,
-                         width=width, dtype=self.dtype)], axis=-1)
-    skips = []
-    for level, width_ in enumerate(self.features):
-      # A bias before BatchNorm is redundant (BN subtracts the mean): its true gradient is zero and
-      # Adam would turn the rounding noise in it into full-size steps, so it is left out.
-      x = nn.Conv(width_, **_DOWN, use_bias=level == 0, dtype=self.dtype, name=f"down{level}")(x)
-      if level > 0:  # SegAN: no normalisation on the first layer.
-        x = batch_norm()(x)
-      x = nn.leaky_relu(x, 0.2)
-      skips.append(x)
-    skips.pop()  # the bottleneck is x itself
+    batch_norm = segmentor_batch_norm(train=train, axis_name=self.bn_axis_name, dtype=self.dtype)
+    x, skips = segmentor_encoder(image, modality, batch_norm, features=self.features,
+                                 num_modalities=self.num_modalities, prefix="", dtype=self.dtype)
     for level in reversed(range(len(self.features) - 1)):
-      x = upsample2x(x)
-      x = nn.Conv(self.features[level], (3, 3), use_bias=False, dtype=self.dtype, name=f"up{level}")(x)
-      x = nn.relu(batch_norm()(x))
+      x = segmentor_up(x, self.features[level], batch_norm, name=f"up{level}", dtype=self.dtype)
       x = jnp.concatenate([x, skips[level]], axis=-1)
-    x = upsample2x(x)
-    x = nn.Conv(self.features[0], (3, 3), use_bias=False, dtype=self.dtype, name="head_conv")(x)
-    x = nn.relu(batch_norm()(x))
+    x = segmentor_up(x, self.features[0], batch_norm, name="head_conv", dtype=self.dtype)
     logits = nn.Conv(self.num_regions, (3, 3), dtype=self.dtype, name="logits")(x)
     return logits.astype(jnp.float32)
 

@@ -157,6 +157,53 @@ def generator_norm(kind: str, modality: jax.Array, *, num_modalities: int, dtype
   raise ValueError(f"unknown generator norm {kind!r} (known: {', '.join(GENERATOR_NORMS)})")
 
 
+def generator_encoder(image: jax.Array, target_modality: jax.Array, norm, *, base_features: int,
+                      num_residual: int, num_modalities: int, prefix: str,
+                      dtype) -> tuple[jax.Array, int]:
+  """StarGAN's encoder and bottleneck, for `Generator` and `uagan.UnifiedNet`.
+
+  The image with the target's one-hot planes through the 7x7 stem, two 4x4 stride-2 downs and
+  ``num_residual`` residual blocks, every conv bias-free and followed by ``norm`` (a
+  `generator_norm` factory) and ReLU. Call inside a compact module: the layers become its children
+  ``"stem"``, ``"stem_norm"``, ``"down<l>"``, ``"down<l>_norm"``, ``"res<b>_conv<i>"`` and
+  ``"res<b>_norm<i>"``, each name preceded by ``prefix``.
+
+  Returns:
+    The bottleneck features [B, H/4, W/4, 4 * base_features] and their width.
+  """
+  # A bias before InstanceNorm is redundant (the norm subtracts each channel's mean), as in
+  # StarGAN, which builds these convs with bias=False.
+  _, height, width, _ = image.shape
+  x = jnp.concatenate(
+      [image.astype(dtype),
+       modality_planes(target_modality, num_modalities=num_modalities, height=height,
+                       width=width, dtype=dtype)], axis=-1)
+  x = nn.Conv(base_features, (7, 7), padding=((3, 3), (3, 3)), use_bias=False, dtype=dtype,
+              name=f"{prefix}stem")(x)
+  x = nn.relu(norm(f"{prefix}stem_norm")(x))
+  features = base_features
+  for level in range(2):
+    features *= 2
+    x = nn.Conv(features, **_DOWN, use_bias=False, dtype=dtype, name=f"{prefix}down{level}")(x)
+    x = nn.relu(norm(f"{prefix}down{level}_norm")(x))
+  for block in range(num_residual):
+    # StarGAN's residual block: no activation after the sum.
+    y = nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=dtype,
+                name=f"{prefix}res{block}_conv0")(x)
+    y = nn.relu(norm(f"{prefix}res{block}_norm0")(y))
+    y = nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=dtype,
+                name=f"{prefix}res{block}_conv1")(y)
+    x = x + norm(f"{prefix}res{block}_norm1")(y)
+  return x, features
+
+
+def generator_up(x: jax.Array, features: int, norm, *, name: str, dtype) -> jax.Array:
+  """One StarGAN up block: 4x4 stride-2 transposed conv ``name`` (bias-free), ``norm``
+  (``name + "_norm"``), ReLU."""
+  x = nn.ConvTranspose(features, **_UP, use_bias=False, dtype=dtype, name=name)(x)
+  return nn.relu(norm(f"{name}_norm")(x))
+
+
 class Generator(nn.Module):
   """StarGAN generator: 7x7 stem, two stride-2 downs, residual blocks, two stride-2 ups, 7x7 head.
 
@@ -187,57 +234,27 @@ class Generator(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, image: jax.Array, target_modality: jax.Array, *,
-               return_features: bool = False) -> jax.Array | tuple[jax.Array, list[jax.Array]]:
+  def __call__(self, image: jax.Array, target_modality: jax.Array) -> jax.Array:
     """Translates ``image`` into ``target_modality``.
 
     Args:
       image: [B, H, W, C] source images, H and W divisible by 4.
       target_modality: [B] integer modality ids to translate into.
-      return_features: also return the decoder features.
 
     Returns:
-      The translated images [B, H, W, out_channels] in [-1, 1] (float32). With
-      ``return_features``, a pair of that and the list of the two up blocks' outputs, coarse to
-      fine: [B, H/2, W/2, 2 * base_features] and [B, H, W, base_features] (float32), where UAGAN
-      attaches its fusion attention.
+      The translated images [B, H, W, out_channels] in [-1, 1] (float32).
     """
-    # A bias before InstanceNorm is redundant (the norm subtracts each channel's mean), as in
-    # StarGAN, which builds these convs with bias=False.
     instance_norm = generator_norm(self.norm, target_modality, num_modalities=self.num_modalities,
                                    dtype=self.dtype)
-    _, height, width, _ = image.shape
-    x = jnp.concatenate(
-        [image.astype(self.dtype),
-         modality_planes(target_modality, num_modalities=self.num_modalities, height=height,
-                         width=width, dtype=self.dtype)], axis=-1)
-    x = nn.Conv(self.base_features, (7, 7), padding=((3, 3), (3, 3)), use_bias=False,
-                dtype=self.dtype, name="stem")(x)
-    x = nn.relu(instance_norm("stem_norm")(x))
-    features = self.base_features
-    for level in range(2):
-      features *= 2
-      x = nn.Conv(features, **_DOWN, use_bias=False, dtype=self.dtype, name=f"down{level}")(x)
-      x = nn.relu(instance_norm(f"down{level}_norm")(x))
-    for block in range(self.num_residual):
-      # StarGAN's residual block: no activation after the sum.
-      y = nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=self.dtype,
-                  name=f"res{block}_conv0")(x)
-      y = nn.relu(instance_norm(f"res{block}_norm0")(y))
-      y = nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=self.dtype,
-                  name=f"res{block}_conv1")(y)
-      x = x + instance_norm(f"res{block}_norm1")(y)
-    decoder_features = []
+    x, features = generator_encoder(image, target_modality, instance_norm,
+                                    base_features=self.base_features,
+                                    num_residual=self.num_residual,
+                                    num_modalities=self.num_modalities, prefix="", dtype=self.dtype)
     for level in range(2):
       features //= 2
-      x = nn.ConvTranspose(features, **_UP, use_bias=False, dtype=self.dtype, name=f"up{level}")(x)
-      x = nn.relu(instance_norm(f"up{level}_norm")(x))
-      decoder_features.append(x.astype(jnp.float32))
-    translated = generator_output(x, image, kind=self.output, out_channels=self.out_channels,
-                                  name="head", dtype=self.dtype)
-    if return_features:
-      return translated, decoder_features
-    return translated
+      x = generator_up(x, features, instance_norm, name=f"up{level}", dtype=self.dtype)
+    return generator_output(x, image, kind=self.output, out_channels=self.out_channels,
+                            name="head", dtype=self.dtype)
 
 
 class Discriminator(nn.Module):

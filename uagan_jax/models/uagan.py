@@ -12,8 +12,11 @@ Both decoders pass through the resolutions H/2 and H. There the segmentation str
 translation stream's feature through an attention gate, ``W_o (f * sigmoid(W_g f))`` added to its
 own feature, and, when ``fuse_reverse`` is set, the translation stream receives the segmentation
 stream's feature the same way. With ``fuse=False`` the two streams are independent (the ablation).
-The layers are the same as in `segan.Segmentor` and `stargan.Generator`; they are written out
-here because the fusion interleaves the two decoders.
+The layers are those of `segan.Segmentor` and `stargan.Generator`, built by the same helpers
+(``segan.segmentor_encoder``, ``segmentor_up``, ``stargan.generator_encoder``, ``generator_up``)
+under names prefixed ``seg_`` and ``gen_``; the two decoders are interleaved here so that the
+gates can exchange their features. With ``fuse=False`` the two streams compute exactly what
+Generator and Segmentor do (tests/test_uagan_model.py).
 """
 
 from __future__ import annotations
@@ -24,8 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from uagan_jax.models import stargan
-from uagan_jax.models.segan import _DOWN, modality_planes, upsample2x
+from uagan_jax.models import segan, stargan
 
 
 class AttentionGate(nn.Module):
@@ -99,58 +101,32 @@ class UnifiedNet(nn.Module):
       ``(translated [B, H, W, 1] in [-1, 1], segmentation logits [B, H, W, num_regions])``.
     """
     dt = self.dtype
-    _, height, width, _ = image.shape
-    planes = lambda m: modality_planes(m, num_modalities=self.num_modalities, height=height,
-                                       width=width, dtype=dt)
-    batch_norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                                      axis_name=self.bn_axis_name if train else None, dtype=dt)
+    batch_norm = segan.segmentor_batch_norm(train=train, axis_name=self.bn_axis_name, dtype=dt)
     instance_norm = stargan.generator_norm(self.gen_norm, target_modality,
                                            num_modalities=self.num_modalities, dtype=dt)
     translation_input = image if translation_input is None else translation_input
 
     # Translation stream: encoder and bottleneck.
-    g = jnp.concatenate([translation_input.astype(dt), planes(target_modality)], axis=-1)
-    g = nn.relu(instance_norm("gen_stem_norm")(
-        nn.Conv(self.gen_features, (7, 7), padding=((3, 3), (3, 3)), use_bias=False, dtype=dt,
-                name="gen_stem")(g)))
-    width_g = self.gen_features
-    for level in range(2):
-      width_g *= 2
-      g = nn.Conv(width_g, **_DOWN, use_bias=False, dtype=dt, name=f"gen_down{level}")(g)
-      g = nn.relu(instance_norm(f"gen_down{level}_norm")(g))
-    for block in range(self.num_residual):
-      y = nn.Conv(width_g, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=dt,
-                  name=f"gen_res{block}_conv0")(g)
-      y = nn.relu(instance_norm(f"gen_res{block}_norm0")(y))
-      y = nn.Conv(width_g, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=dt,
-                  name=f"gen_res{block}_conv1")(y)
-      g = g + instance_norm(f"gen_res{block}_norm1")(y)
+    g, width_g = stargan.generator_encoder(
+        translation_input, target_modality, instance_norm, base_features=self.gen_features,
+        num_residual=self.num_residual, num_modalities=self.num_modalities, prefix="gen_",
+        dtype=dt)
 
     # Segmentation stream: encoder, then decoder down to H/4.
-    s = jnp.concatenate([image.astype(dt), planes(source_modality)], axis=-1)
-    skips = []
-    for level, width_s in enumerate(self.seg_features):
-      s = nn.Conv(width_s, **_DOWN, use_bias=level == 0, dtype=dt, name=f"seg_down{level}")(s)
-      if level > 0:
-        s = batch_norm()(s)
-      s = nn.leaky_relu(s, 0.2)
-      skips.append(s)
-    skips.pop()
+    s, skips = segan.segmentor_encoder(image, source_modality, batch_norm,
+                                       features=self.seg_features,
+                                       num_modalities=self.num_modalities, prefix="seg_", dtype=dt)
     for level in reversed(range(1, len(self.seg_features) - 1)):
-      s = upsample2x(s)
-      s = nn.Conv(self.seg_features[level], (3, 3), use_bias=False, dtype=dt, name=f"seg_up{level}")(s)
-      s = nn.relu(batch_norm()(s))
+      s = segan.segmentor_up(s, self.seg_features[level], batch_norm, name=f"seg_up{level}",
+                             dtype=dt)
       s = jnp.concatenate([s, skips[level]], axis=-1)
 
     # The two decoders side by side at H/2 and H, exchanging features.
     for level, seg_width in ((0, self.seg_features[0]), (1, self.seg_features[0])):
       width_g //= 2
-      g = nn.ConvTranspose(width_g, **stargan._UP, use_bias=False, dtype=dt,  # pylint: disable=protected-access
-                           name=f"gen_up{level}")(g)
-      g = nn.relu(instance_norm(f"gen_up{level}_norm")(g))
-      s = upsample2x(s)
-      name = "seg_up0" if level == 0 else "seg_head_conv"
-      s = nn.relu(batch_norm()(nn.Conv(seg_width, (3, 3), use_bias=False, dtype=dt, name=name)(s)))
+      g = stargan.generator_up(g, width_g, instance_norm, name=f"gen_up{level}", dtype=dt)
+      s = segan.segmentor_up(s, seg_width, batch_norm,
+                             name="seg_up0" if level == 0 else "seg_head_conv", dtype=dt)
       if self.fuse:
         fused_s = s + AttentionGate(seg_width, dtype=dt, name=f"fuse_gen_to_seg{level}")(g)
         if self.fuse_reverse:
