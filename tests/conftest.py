@@ -69,7 +69,7 @@ def write_random_workdir(path, config, *, seed=0):
   # pylint: enable=g-import-not-at-top
   path.mkdir(parents=True)
   (path / "config.json").write_text(config_lib.to_json(config))
-  abstract = jax.eval_shape(functools.partial(train.create_train_state, config,
+  abstract = jax.eval_shape(functools.partial(train_state.create_train_state, config,
                                               train_state.build_networks(config)))
   rng = np.random.default_rng(seed)
 
