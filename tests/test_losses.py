@@ -1,4 +1,6 @@
-"""Each loss against a value computed by hand."""
+"""Each loss of `uagan_jax/losses.py` against a value computed by hand: the segmentation and
+critic losses (SegAN), then the adversarial, classification, cycle, identity and shape losses
+(StarGAN / UAGAN) and the shape-loss ramp."""
 
 import jax
 import jax.numpy as jnp
@@ -6,6 +8,7 @@ import numpy as np
 import pytest
 
 from uagan_jax import losses
+from uagan_jax.models.stargan import Discriminator
 
 
 def test_multiscale_l1_hand_computed():
@@ -90,3 +93,142 @@ def test_gradient_penalty_quadratic_critic_depends_on_interpolate():
   penalty = losses.gradient_penalty(critic_fn=lambda x: 0.5 * jnp.sum(x * x, axis=-1), real=real,
                                     fake=fake, alpha=jnp.array([1.0, 0.5]))
   assert float(penalty) == pytest.approx(9.125, rel=1e-5)
+
+
+# --- StarGAN / UAGAN losses --------------------------------------------------------------------
+
+
+def test_wgan_critic_and_generator_losses_hand_computed():
+  # mean(real) = (1 + 2 + 3) / 3 = 2; mean(fake) = (0.5 + 1.5) / 2 = 1.  Critic: 1 - 2 = -1.
+  real = jnp.array([1.0, 2.0, 3.0])
+  fake = jnp.array([[0.5], [1.5]])
+  assert float(losses.wgan_critic_loss(real_scores=real, fake_scores=fake)) == pytest.approx(-1.0)
+  # Generator: -mean(fake) = -1.
+  assert float(losses.wgan_generator_loss(fake_scores=fake)) == pytest.approx(-1.0)
+  # A PatchGAN map counts every patch: mean of [[1, 2], [3, 6]] = 3, so the generator loss is -3.
+  patches = jnp.array([[1.0, 2.0], [3.0, 6.0]]).reshape(1, 2, 2, 1)
+  assert float(losses.wgan_generator_loss(fake_scores=patches)) == pytest.approx(-3.0)
+  # Equal distributions of scores: the critic loss is 0.
+  assert float(losses.wgan_critic_loss(real_scores=real, fake_scores=real)) == 0.0
+
+
+def test_wgan_critic_loss_gradient_pushes_real_up_and_fake_down():
+  # d/d real_i = -1/3 and d/d fake_j = +1/2: descending raises real scores, lowers fake ones.
+  g_real, g_fake = jax.grad(
+      lambda r, f: losses.wgan_critic_loss(real_scores=r, fake_scores=f), argnums=(0, 1))(
+          jnp.zeros(3), jnp.zeros(2))
+  np.testing.assert_allclose(g_real, [-1 / 3] * 3, rtol=1e-6)
+  np.testing.assert_allclose(g_fake, [0.5] * 2, rtol=1e-6)
+
+
+def test_modality_classification_loss_hand_computed():
+  # Logits [1, 0, 0, 0]: softmax = [e, 1, 1, 1] / (e + 3).
+  #   Label 0: -log(e / (e + 3)) = log(e + 3) - 1.   Label 1: -log(1 / (e + 3)) = log(e + 3).
+  logits = jnp.array([[1.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+  labels = jnp.array([0, 1])
+  expected = (np.log(np.e + 3) - 1 + np.log(np.e + 3)) / 2
+  assert float(losses.modality_classification_loss(logits=logits, labels=labels)) == \
+      pytest.approx(expected, rel=1e-6)
+  # Uniform logits: log(4) whatever the label.
+  assert float(losses.modality_classification_loss(logits=jnp.zeros((3, 4)),
+                                                   labels=jnp.array([0, 2, 3]))) == \
+      pytest.approx(np.log(4.0), rel=1e-6)
+
+
+def test_modality_classification_loss_one_hot_like_logits():
+  # A confident correct logit costs ~0 (log(1 + 3 e^-50)); a confident wrong one costs ~50
+  # (log(e^50 + 3) - 0), and stays finite.
+  logits = jnp.array([[50.0, 0.0, 0.0, 0.0]])
+  right = losses.modality_classification_loss(logits=logits, labels=jnp.array([0]))
+  wrong = losses.modality_classification_loss(logits=logits, labels=jnp.array([2]))
+  assert float(right) == pytest.approx(0.0, abs=1e-6)
+  assert float(wrong) == pytest.approx(50.0, rel=1e-6)
+
+
+def test_cycle_loss_hand_computed_and_zero_for_identical():
+  # |[1, -1] - [0, 1]| = [1, 2], mean 1.5.
+  original = jnp.array([[1.0, -1.0]])
+  assert float(losses.cycle_loss(original=original, reconstructed=jnp.array([[0.0, 1.0]]))) == \
+      pytest.approx(1.5)
+  image = jnp.asarray(np.random.default_rng(0).standard_normal((2, 8, 8, 1)), jnp.float32)
+  assert float(losses.cycle_loss(original=image, reconstructed=image)) == 0.0
+
+
+def test_identity_loss_hand_computed_and_zero_for_a_copy():
+  # |[0.5, -0.5, 0] - [0, 0, 0.3]| = [0.5, 0.5, 0.3], mean 1.3 / 3.
+  original = jnp.array([[0.5, -0.5, 0.0]])
+  assert float(losses.identity_loss(original=original, same_domain=jnp.array([[0.0, 0.0, 0.3]]))) \
+      == pytest.approx(1.3 / 3)
+  image = jnp.asarray(np.random.default_rng(1).standard_normal((2, 8, 8, 1)), jnp.float32)
+  assert float(losses.identity_loss(original=image, same_domain=image)) == 0.0
+
+
+def test_shape_loss_hand_computed():
+  # One example, one region, two pixels: logits [0, 0], targets [1, 0].
+  #   BCE: log 2 per pixel, mean log 2.
+  #   Dice: probs [0.5, 0.5], (2 * 0.5 + 1) / (1 + 1 + 1) = 2/3, loss 1/3.
+  logits = jnp.zeros((1, 1, 2, 1))
+  targets = jnp.array([1.0, 0.0]).reshape(1, 1, 2, 1)
+  assert float(losses.shape_loss(logits_translated=logits, targets=targets)) == \
+      pytest.approx(np.log(2.0) + 1 / 3, rel=1e-6)
+
+
+def test_shape_loss_orders_perfect_uncertain_opposite():
+  targets = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 8, 8, 3)) > 0.5, jnp.float32)
+  score = lambda logits: float(losses.shape_loss(logits_translated=logits, targets=targets))
+  perfect = score(20.0 * (2 * targets - 1))
+  uncertain = score(jnp.zeros_like(targets))
+  opposite = score(-20.0 * (2 * targets - 1))
+  assert perfect == pytest.approx(0.0, abs=1e-6)
+  assert perfect < uncertain < opposite
+  # The opposite prediction: BCE ~20 per pixel, Dice of disjoint maps ~1.
+  assert opposite == pytest.approx(21.0, rel=1e-2)
+
+
+@pytest.mark.parametrize("step,expected", [
+    (0, 0.0),      # start of the ramp
+    (25, 0.5),     # a quarter of 2.0
+    (50, 1.0),     # midway
+    (100, 2.0),    # end
+    (1000, 2.0),   # beyond: held at max
+    (-5, 0.0),     # before the start: never negative
+])
+def test_ramp_weight(step, expected):
+  assert float(losses.ramp_weight(step, max_weight=2.0, ramp_steps=100)) == pytest.approx(expected)
+
+
+def test_ramp_weight_zero_steps_is_max_at_once():
+  assert float(losses.ramp_weight(0, max_weight=3.0, ramp_steps=0)) == 3.0
+  assert float(losses.ramp_weight(jnp.array(7), max_weight=3.0, ramp_steps=0)) == 3.0
+
+
+def test_ramp_weight_under_jit_with_traced_step():
+  ramp = jax.jit(lambda step: losses.ramp_weight(step, max_weight=2.0, ramp_steps=100))
+  for step, expected in [(0, 0.0), (50, 1.0), (100, 2.0), (150, 2.0)]:
+    weight = ramp(jnp.array(step, jnp.int32))
+    assert weight.dtype == jnp.float32 and weight.shape == ()
+    assert float(weight) == pytest.approx(expected)
+
+
+def test_gradient_penalty_on_stargan_discriminator_src_head():
+  model = Discriminator(base_features=4, num_layers=3)
+  rng = np.random.default_rng(0)
+  real, fake = (jnp.asarray(rng.standard_normal((3, 32, 32, 1)), jnp.float32) for _ in range(2))
+  alpha = jnp.asarray(rng.uniform(size=3), jnp.float32)
+  # An "rbg" key: XLA on CPU compiles threefry's rounds for every parameter slowly.
+  variables = jax.jit(model.init)(jax.random.key(0, impl="rbg"), real)
+
+  def critic_fn(x):
+    src, _ = model.apply(variables, x)
+    return jnp.sum(src, axis=(1, 2, 3))  # one score per example, as the penalty requires
+
+  penalty_fn = jax.jit(lambda r, f, a: losses.gradient_penalty(critic_fn=critic_fn, real=r,
+                                                               fake=f, alpha=a))
+  penalty = penalty_fn(real, fake, alpha)
+  assert penalty.shape == ()
+  assert np.isfinite(float(penalty)) and float(penalty) >= 0.0
+  # No normalisation in the discriminator, so examples are independent: the batch penalty is the
+  # mean of the per-example penalties.
+  singles = jax.vmap(lambda r, f, a: penalty_fn(r[None], f[None], a[None]))(real, fake, alpha)
+  assert float(penalty) == pytest.approx(float(jnp.mean(singles)), rel=1e-4)
+  assert not np.allclose(singles, singles[0])  # the examples really differ

@@ -1,0 +1,148 @@
+"""`uagan_jax/data/input_pipeline.py`: the split of a data folder, and the training batches that
+the loop sees (in step order, a pure function of (seed, step), placed, errors passed on)."""
+
+import numpy as np
+import pytest
+
+from uagan_jax.data import MODALITIES, dataset, input_pipeline, readers
+
+from conftest import load_test_config
+
+
+def _assert_batches_equal(a, b):
+  assert set(a) == set(b) == {"image", "regions", "modality"}
+  for name in a:
+    np.testing.assert_array_equal(np.asarray(a[name]), np.asarray(b[name]), err_msg=name)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_find_training_data_splits_and_assigns_with_the_config_seed(synth_data, seed):
+  config = load_test_config(f"--config.seed={seed}")
+  data = input_pipeline.find_training_data(config, synth_data)
+  ids = [c.case_id for c in readers.find_cases(synth_data)]
+  assert [c.case_id for c in data.cases] == ids
+  expected_splits = dataset.split_cases(ids, seed=seed, val_fraction=config.data.val_fraction,
+                                        test_fraction=config.data.test_fraction)
+  assert data.splits == expected_splits
+  assert data.assignment == dataset.assign_modalities(expected_splits["train"], seed=seed,
+                                                      modalities=config.data.modalities)
+  assert sorted(data.assignment) == sorted(data.splits["train"])
+  assert data.data_dir == synth_data
+  assert data.layout == data.cases[0].layout
+  test_ids = data.splits["test"]
+  assert test_ids and [c.case_id for c in data.cases_of(test_ids)] == test_ids
+
+
+def test_find_training_data_depends_on_the_seed(synth_data):
+  first = input_pipeline.find_training_data(load_test_config(), synth_data)
+  other = input_pipeline.find_training_data(load_test_config("--config.seed=1"), synth_data)
+  assert (first.splits, first.assignment) != (other.splits, other.assignment)
+
+
+@pytest.fixture(scope="module")
+def config():
+  return load_test_config()  # train.steps=4, train.batch_size=8, 32x32 slices
+
+
+@pytest.fixture(scope="module")
+def training_data(config, synth_data):
+  return input_pipeline.find_training_data(config, synth_data)
+
+
+@pytest.fixture(scope="module")
+def train_input(config, training_data):
+  return input_pipeline.TrainInput(config, training_data, log=lambda _: None)
+
+
+def test_train_input_logs_its_slice_count(config, training_data):
+  messages = []
+  input_pipeline.TrainInput(config, training_data, log=messages.append)
+  counts = [m for m in messages if m.startswith("training slices: ")]
+  assert len(counts) == 1 and int(counts[0].split()[2]) > 0, messages
+
+
+def test_batch_holds_the_configured_shapes_and_values(config, train_input):
+  batch_size, (height, width) = config.train.batch_size, config.data.image_size
+  for step in range(config.train.steps):
+    batch = train_input.batch(step)
+    assert set(batch) == {"image", "regions", "modality"}
+    assert batch["image"].shape == (batch_size, height, width, 1)
+    assert batch["image"].dtype == np.float32
+    assert np.all(np.isfinite(batch["image"]))
+    assert np.all(np.abs(batch["image"]) <= config.data.clip)
+    assert batch["regions"].shape == (batch_size, height, width, 3)
+    assert set(np.unique(batch["regions"])) <= {0.0, 1.0}
+    assert batch["modality"].shape == (batch_size,)
+    assert batch["modality"].dtype == np.int32
+    assert set(batch["modality"].tolist()) <= {MODALITIES.index(m) for m in config.data.modalities}
+  # Different steps sample different batches, so the equalities below say something.
+  assert not np.array_equal(train_input.batch(0)["image"], train_input.batch(1)["image"])
+
+
+def test_batches_yield_every_step_in_order_each_equal_to_batch(config, train_input):
+  yielded = list(train_input.batches(0))
+  assert [step for step, _ in yielded] == list(range(config.train.steps))
+  for step, batch in yielded:
+    _assert_batches_equal(batch, train_input.batch(step))
+  assert list(train_input.batches(config.train.steps)) == []  # nothing left to do
+
+
+def test_batches_are_a_pure_function_of_seed_and_step(config, training_data, train_input):
+  again = input_pipeline.TrainInput(config, training_data, log=lambda _: None)
+  for (step_a, a), (step_b, b) in zip(train_input.batches(0), again.batches(0), strict=True):
+    assert step_a == step_b
+    _assert_batches_equal(a, b)
+  # Another seed, another sample.
+  other_config = load_test_config("--config.seed=1")
+  other = input_pipeline.TrainInput(other_config, training_data, log=lambda _: None)
+  assert not np.array_equal(other.batch(0)["image"], train_input.batch(0)["image"])
+
+
+def test_resumed_batches_equal_the_uninterrupted_ones(config, train_input):
+  straight = dict(train_input.batches(0))
+  resumed = list(train_input.batches(2))
+  assert [step for step, _ in resumed] == list(range(2, config.train.steps))
+  for step, batch in resumed:
+    _assert_batches_equal(batch, straight[step])
+
+
+def test_place_is_applied_to_every_batch(config, training_data):
+  host_batches = []
+
+  def place(batch):
+    host_batches.append(batch)
+    return {"placed": True, **batch}
+
+  train_input = input_pipeline.TrainInput(config, training_data, place=place,
+                                          log=lambda _: None)
+  yielded = list(train_input.batches(1))
+  assert [step for step, _ in yielded] == list(range(1, config.train.steps))
+  # place saw each step's host batch once (in whatever order batches are produced ahead); the
+  # loop gets what place returned.
+  assert len(host_batches) == len(yielded)
+  for step, batch in yielded:
+    assert batch.pop("placed") is True
+    _assert_batches_equal(batch, train_input.batch(step))
+    assert sum(np.array_equal(h["image"], batch["image"]) for h in host_batches) == 1, step
+
+
+class _PlaceFailed(Exception):
+  pass
+
+
+def test_an_error_while_producing_a_batch_reaches_the_consumer(config, training_data,
+                                                              train_input):
+  step_1 = train_input.batch(1)["image"]  # batches are a pure function of (seed, step)
+
+  def place(batch):
+    if np.array_equal(batch["image"], step_1):
+      raise _PlaceFailed("cannot place step 1")
+    return batch
+
+  failing = input_pipeline.TrainInput(config, training_data, place=place, log=lambda _: None)
+  batches = failing.batches(0)
+  step, batch = next(batches)
+  assert step == 0
+  _assert_batches_equal(batch, train_input.batch(0))
+  with pytest.raises(_PlaceFailed, match="cannot place step 1"):
+    next(batches)
