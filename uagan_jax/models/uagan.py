@@ -16,7 +16,7 @@ The layers are those of `segan.Segmentor` and `stargan.Generator`, built by the 
 (``segan.segmentor_encoder``, ``segmentor_up``, ``stargan.generator_encoder``, ``generator_up``)
 under names prefixed ``seg_`` and ``gen_``; the two decoders are interleaved here so that the
 gates can exchange their features. With ``fuse=False`` the two streams compute exactly what
-Generator and Segmentor do (tests/test_uagan_model.py).
+Generator and Segmentor do (tests/test_models_uagan.py).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ without fusion, exactly StarGAN's Generator beside SegAN's Segmentor; every para
 its stream.
 
 One tiny network (widths 4-8 on 32x32 slices), parameters drawn with "rbg" keys (see
-test_stargan.py: threefry's unrolled rounds compile slowly on CPU and the values do not matter).
+test_models_stargan.py: threefry's unrolled rounds compile slowly on CPU and the values do not matter).
 """
 
 import functools
