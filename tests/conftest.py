@@ -18,6 +18,14 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
+# Training prepares its data into a cache (uagan_jax/data/cache.py); the tests' caches live and
+# die with the test run, never in the user's ~/.cache (inherited by subprocesses too).
+if "UAGAN_JAX_CACHE" not in os.environ:
+  import atexit  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  os.environ["UAGAN_JAX_CACHE"] = tempfile.mkdtemp(prefix="uagan_jax_test_data_cache_")
+  atexit.register(shutil.rmtree, os.environ["UAGAN_JAX_CACHE"], ignore_errors=True)
 
 import pathlib  # pylint: disable=g-import-not-at-top,wrong-import-position
 

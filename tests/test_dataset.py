@@ -1,4 +1,4 @@
-"""Tests for uagan_jax.data.dataset: splits, the unpaired assignment, slice sets, the sampler."""
+"""Tests for uagan_jax.data.dataset: splits, the unpaired assignment, the slice index, the sampler."""
 
 import collections
 import pathlib
@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from uagan_jax.data import MODALITIES
+from uagan_jax.data import cache
 from uagan_jax.data import dataset
+from uagan_jax.data import preprocess
 from uagan_jax.data import readers
 from uagan_jax.errors import UserError
 
@@ -109,63 +111,87 @@ def test_assign_modalities_balanced_and_seeded():
 # The slice set.
 
 
-def test_build_slice_set(cases):
+def _cached(cases, cache_dir):
+  """The cases prepared into ``cache_dir`` (`cache.CachedCase`), in order."""
+  cache.prepare(None, cache_dir, cases=cases, workers=1, log=lambda _: None)
+  return [cache.open_case(cache_dir, c) for c in cases]
+
+
+def test_build_slice_index(cases, tmp_path):
+  cached = _cached(cases, tmp_path / "cache")
   assignment = dataset.assign_modalities([c.case_id for c in cases], seed=0, modalities=MODALITIES)
   calls = []
-  slices = dataset.build_slice_set(cases, assignment=assignment, size=(16, 8), clip=5.0,
-                                   tumour_free_fraction=0.0, seed=0,
-                                   progress=lambda *args: calls.append(args))
+  index = dataset.build_slice_index(cached, assignment=assignment, size=(16, 8),
+                                    tumour_free_fraction=0.0, seed=0,
+                                    progress=lambda *args: calls.append(args))
   assert calls == [(i + 1, 6, case.case_id) for i, case in enumerate(cases)]
   # Fraction 0: exactly the tumour slices, all of them.
-  assert len(slices) == 6 * len(TUMOUR_SLICES)
-  assert slices.images.shape == (18, 16, 8, 1) and slices.images.dtype == np.float32
-  assert slices.regions.shape == (18, 16, 8, 3) and slices.regions.dtype == np.uint8
-  assert slices.modality.dtype == np.int32 and slices.case_index.dtype == np.int32
-  assert slices.case_ids == [c.case_id for c in cases]
-  assert np.all(slices.regions.any(axis=(1, 2, 3)))
-  for index, case_id in enumerate(slices.case_ids):
-    mine = slices.case_index == index
-    assert mine.sum() == len(TUMOUR_SLICES)
-    assert np.all(slices.modality[mine] == MODALITIES.index(assignment[case_id]))
-  # The images are the assigned modality's (z-scored) slices: background stays 0.
-  assert np.all(slices.images[:, 0] == 0)
-  assert slices.regions[..., 0].sum() == 6 * 11 and slices.regions[..., 2].sum() == 6
+  assert len(index) == 6 * len(TUMOUR_SLICES)
+  assert index.z.dtype == index.modality.dtype == index.case_index.dtype == np.int32
+  assert index.case_ids == [c.case_id for c in cases]
+  for number, case_id in enumerate(index.case_ids):
+    mine = index.case_index == number
+    assert index.z[mine].tolist() == list(TUMOUR_SLICES)
+    assert np.all(index.modality[mine] == MODALITIES.index(assignment[case_id]))
 
 
-def test_build_slice_set_tumour_free_fraction(cases):
+def test_build_slice_index_tumour_free_fraction(cases, tmp_path):
+  cached = _cached(cases, tmp_path / "cache")
   assignment = dict.fromkeys((c.case_id for c in cases), "flair")
-  kwargs = dict(assignment=assignment, size=(12, 10), clip=5.0, seed=1)
-  full = dataset.build_slice_set(cases, tumour_free_fraction=1.0, **kwargs)
+  kwargs = dict(assignment=assignment, size=(12, 10), seed=1)
+  full = dataset.build_slice_index(cached, tumour_free_fraction=1.0, **kwargs)
   brain_slices = SHAPE[2] - len(NO_BRAIN_SLICES)
   assert len(full) == 6 * brain_slices  # slices without brain are always dropped
-  half = dataset.build_slice_set(cases, tumour_free_fraction=0.5, **kwargs)
+  assert not set(full.z.tolist()) & set(NO_BRAIN_SLICES)
+  half = dataset.build_slice_index(cached, tumour_free_fraction=0.5, **kwargs)
   tumour_free = brain_slices - len(TUMOUR_SLICES)  # 3 per case -> round(1.5) = 2
-  assert len(half) == 6 * (len(TUMOUR_SLICES) + 2)
-  again = dataset.build_slice_set(cases, tumour_free_fraction=0.5, **kwargs)
-  np.testing.assert_array_equal(half.images, again.images)
-  # A case's choice does not depend on the other cases.
-  alone = dataset.build_slice_set(cases[3:4], tumour_free_fraction=0.5, **kwargs)
-  np.testing.assert_array_equal(alone.images, half.images[half.case_index == 3])
   assert tumour_free == 3
+  assert len(half) == 6 * (len(TUMOUR_SLICES) + 2)
+  again = dataset.build_slice_index(cached, tumour_free_fraction=0.5, **kwargs)
+  np.testing.assert_array_equal(half.z, again.z)
+  # A case's choice does not depend on the other cases.
+  alone = dataset.build_slice_index(cached[3:4], tumour_free_fraction=0.5, **kwargs)
+  np.testing.assert_array_equal(alone.z, half.z[half.case_index == 3])
 
 
-def test_build_slice_set_errors(cases, tmp_path):
+def test_a_tumour_outside_the_crop_is_no_tumour_slice(tmp_path):
+  """What the network sees decides: a crop that cuts the tumour away makes the slice
+  tumour-free, exactly as on the direct read (`preprocess.volume_to_slices`)."""
+  _write_case(tmp_path / "data" / "edge", seed=3)
+  (case,) = readers.find_cases(tmp_path / "data")
+  (cached,) = _cached([case], tmp_path / "cache")
+  volume = readers.load_case(case)
+  regions = readers.labels_to_regions(volume.label, convention=case.label_convention)
+  seen = []
+  for size in ((1, 1), (2, 2), (3, 2), (4, 20), (12, 10), (30, 1)):
+    _, region_slices, _, _ = preprocess.volume_to_slices(volume.images["t1"], regions, size=size,
+                                                         clip=5.0)
+    expected = region_slices.any(axis=(1, 2, 3))
+    np.testing.assert_array_equal(cached.tumour_in_view(size=size), expected)
+    seen.append(expected[list(TUMOUR_SLICES)].tolist())
+  # The tumour lies at x 4..6, y 3..5; a 1x1 centre crop keeps (5, 4): slices 2 and 3 only.
+  assert seen[0] == [True, True, False]
+  assert seen[4] == [True, True, True]
+
+
+def test_build_slice_index_errors(cases, tmp_path):
   _write_case(tmp_path / "unlabelled", seed=9, with_label=False)
-  (unlabelled,) = readers.find_cases(tmp_path / "unlabelled")
-  with pytest.raises(UserError, match="unlabelled"):
-    dataset.build_slice_set([unlabelled], assignment={"unlabelled": "t1"}, size=(8, 8),
-                            clip=5.0, tumour_free_fraction=0.1, seed=0)
+  (unlabelled,) = _cached(readers.find_cases(tmp_path / "unlabelled"), tmp_path / "c1")
+  with pytest.raises(UserError, match="unlabelled has no label volume"):
+    dataset.build_slice_index([unlabelled], assignment={"unlabelled": "t1"}, size=(8, 8),
+                              tumour_free_fraction=0.1, seed=0)
+  cached = _cached(cases, tmp_path / "c2")
   with pytest.raises(UserError, match="no modality assigned"):
-    dataset.build_slice_set(cases, assignment={}, size=(8, 8), clip=5.0,
-                            tumour_free_fraction=0.1, seed=0)
+    dataset.build_slice_index(cached, assignment={}, size=(8, 8), tumour_free_fraction=0.1,
+                              seed=0)
   # No tumour anywhere and no tumour-free slices wanted: nothing left.
   _write_case(tmp_path / "healthy", seed=10, tumour=False)
-  (healthy,) = readers.find_cases(tmp_path / "healthy")
+  healthy = _cached(readers.find_cases(tmp_path / "healthy"), tmp_path / "c3")
   with pytest.raises(UserError, match="no training slices"):
-    dataset.build_slice_set([healthy], assignment={"healthy": "t2"}, size=(8, 8), clip=5.0,
-                            tumour_free_fraction=0.0, seed=0)
-  assert len(dataset.build_slice_set([healthy], assignment={"healthy": "t2"}, size=(8, 8),
-                                     clip=5.0, tumour_free_fraction=1.0, seed=0)) == 6
+    dataset.build_slice_index(healthy, assignment={"healthy": "t2"}, size=(8, 8),
+                              tumour_free_fraction=0.0, seed=0)
+  assert len(dataset.build_slice_index(healthy, assignment={"healthy": "t2"}, size=(8, 8),
+                                       tumour_free_fraction=1.0, seed=0)) == 6
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,17 +224,3 @@ def test_batch_indices_batch_larger_than_dataset():
   np.testing.assert_array_equal(batch, expected[7:14])
   with pytest.raises(ValueError):
     dataset.batch_indices(seed=1, step=-1, batch_size=7, num_examples=3)
-
-
-def test_get_batch(cases):
-  assignment = dataset.assign_modalities([c.case_id for c in cases], seed=0, modalities=MODALITIES)
-  slices = dataset.build_slice_set(cases, assignment=assignment, size=(16, 8), clip=5.0,
-                                   tumour_free_fraction=0.5, seed=0)
-  batch = dataset.get_batch(slices, seed=2, step=4, batch_size=5)
-  assert batch["image"].shape == (5, 16, 8, 1) and batch["image"].dtype == np.float32
-  assert batch["regions"].shape == (5, 16, 8, 3) and batch["regions"].dtype == np.float32
-  assert batch["modality"].shape == (5,) and batch["modality"].dtype == np.int32
-  index = dataset.batch_indices(seed=2, step=4, batch_size=5, num_examples=len(slices))
-  np.testing.assert_array_equal(batch["image"], slices.images[index])
-  np.testing.assert_array_equal(batch["regions"], slices.regions[index])
-  np.testing.assert_array_equal(batch["modality"], slices.modality[index])

@@ -312,12 +312,27 @@ def _build_parser() -> argparse.ArgumentParser:
   synth.add_argument("--shape", type=int, nargs=3, default=_SYNTH_SHAPE, metavar=("X", "Y", "Z"),
                      help=f"volume shape in voxels (default: {' '.join(map(str, _SYNTH_SHAPE))})")
 
+  prepare = add(
+      "prepare", "read a data folder's NIfTI once into a cache that training streams from",
+      "Reads every case of a data folder (any known layout) once and writes it, reoriented and "
+      "cropped to the brain, as per-case arrays that training reads slice by slice (memory does "
+      "not grow with the data set). Cases already prepared and unchanged are kept; a changed "
+      "NIfTI is prepared again; an interrupted run resumes. 'uagan-jax train' does this itself "
+      "into its default cache ($UAGAN_JAX_CACHE, else ~/.cache/uagan_jax) unless --cache names "
+      "the folder.")
+  prepare.add_argument("--data", required=True, type=pathlib.Path, metavar="DIR",
+                       help="data folder: BraTS 2018-2021, BraTS 2023, UPENN-GBM or MSD Task01")
+  prepare.add_argument("--out", default=None, type=pathlib.Path, metavar="CACHE",
+                       help="the cache folder (default: the one 'train --data DIR' uses)")
+  prepare.add_argument("--workers", type=int, default=0, metavar="N",
+                       help="processes reading cases in parallel (default: 0 = one per core)")
+
   train = add("train", "train a model from a recipe; resumes from --workdir's checkpoints",
               "Trains the model of a recipe (a configs/*.py file, listed below) on a data folder, "
               "writes checkpoints, logs and figures to --workdir (resuming from its newest "
               "checkpoint), then evaluates the held-out test cases.",
               usage="%(prog)s [-h] --config FILE[:VARIANT] --data DIR --workdir DIR\n"
-                    "                       [--no-eval] [--config.KEY=VALUE ...]",
+                    "                       [--no-eval] [--cache CACHE] [--config.KEY=VALUE ...]",
               epilog=_train_epilog())
   train.add_argument("--config", required=True, metavar="FILE[:VARIANT]",
                      help="recipe file, optionally with :VARIANT (e.g. configs/segan.py:demo); "
@@ -328,6 +343,9 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="output folder; a previous run's folder resumes it")
   train.add_argument("--no-eval", action="store_true",
                      help="skip the held-out evaluation after training")
+  train.add_argument("--cache", default=None, type=pathlib.Path, metavar="CACHE",
+                     help="the prepared-data cache to read (and build or refresh); default: "
+                          "$UAGAN_JAX_CACHE/<data folder>-<hash>, else under ~/.cache/uagan_jax")
 
   evaluate = add(
       "evaluate", "score a trained model on a held-out split (Dice, HD95, PSNR, ...)",
@@ -400,6 +418,16 @@ def _command_list(parser: argparse.ArgumentParser) -> str:
 # Each command imports what it runs here, not at the top: `--help` must answer without JAX.
 
 
+def _prepare(args) -> None:
+  from uagan_jax.data import cache  # pylint: disable=g-import-not-at-top
+  if args.workers < 0:
+    raise UserError(f"--workers {args.workers}: must be 0 (one per core) or more")
+  started = time.time()
+  out = cache.prepare(args.data, args.out or cache.default_location(args.data),
+                      workers=args.workers, log=_log)
+  _log(f"cache ready in {out} ({time.time() - started:.0f} s); train with --cache {out}")
+
+
 def _synth(args) -> None:
   from uagan_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   started = time.time()
@@ -420,8 +448,8 @@ def _train(args, overrides) -> None:
   # pylint: enable=g-import-not-at-top
   config = config_lib.load_config(args.config, overrides)
   try:
-    train.train_and_evaluate(config, workdir=args.workdir, data_dir=args.data, log=_log,
-                             evaluate_after=not args.no_eval)
+    train.train_and_evaluate(config, workdir=args.workdir, data_dir=args.data,
+                             cache_dir=args.cache, log=_log, evaluate_after=not args.no_eval)
   except TrainingDiverged as e:
     raise UserError(f"training diverged at {e}") from None
 
@@ -476,6 +504,8 @@ def main(argv: list[str] | None = None) -> int:
       _train(args, rest)
     elif rest:
       raise UserError(f"unexpected argument {rest[0]!r}")
+    elif args.command == "prepare":
+      _prepare(args)
     elif args.command == "synth":
       _synth(args)
     elif args.command == "evaluate":

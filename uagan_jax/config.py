@@ -75,6 +75,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.intensity_shift = 0.1
   c.data.val_fraction = 0.1
   c.data.test_fraction = 0.2
+  # Threads that read training batches from the cache ahead of the step (data/input_pipeline.py);
+  # they change how soon a batch is ready, never what it holds.
+  c.data.loader_threads = 4
 
   c.loss = ml_collections.ConfigDict()
   # The multi-scale L1 term of S against the critic C: segan, and uagan's segmentation terms.
@@ -194,10 +197,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise UserError(f"config model.dtype={config.model.dtype!r}: use float32 or bfloat16")
   if config.train.parallel_mode not in ("shard_map", "pmap"):
     raise UserError(f"config train.parallel_mode={config.train.parallel_mode!r}: use shard_map or pmap")
-  for key in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
-              "n_critic"):
-    if config.train[key] < 1:
-      raise UserError(f"config train.{key}={config.train[key]}: must be >= 1")
+  for key in ("train.steps", "train.batch_size", "train.log_every", "train.checkpoint_every",
+              "train.keep_checkpoints", "train.n_critic", "data.loader_threads"):
+    group, name = key.split(".")
+    if config[group][name] < 1:
+      raise UserError(f"config {key}={config[group][name]}: must be >= 1")
   for key in ("train.validate_every", "eval.val_max_cases", "eval.max_cases", "eval.panels",
               "loss.identity_weight"):
     group, name = key.split(".")

@@ -87,10 +87,13 @@ def make_step(config: ml_collections.ConfigDict, mesh, *, donate: bool = True,
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
-                       data_dir: pathlib.Path, log: Callable[[str], None] = print,
+                       data_dir: pathlib.Path, cache_dir: pathlib.Path | None = None,
+                       log: Callable[[str], None] = print,
                        evaluate_after: bool = True) -> TrainState:
   """Trains ``config`` on the data in ``data_dir``, checkpointing and logging into ``workdir``.
 
+  The data folder is prepared into ``cache_dir`` first (default: `cache.default_location`;
+  cases already prepared and unchanged are reused), and training reads its slices from there.
   Resumes from the newest checkpoint in ``workdir`` if there is one. Writes ``config.json`` (the
   resolved config), ``splits.json`` (cases per split, modality per training case),
   ``metrics.jsonl``, ``checkpoints/``, with ``train.validate_every`` also ``validation.jsonl``
@@ -126,7 +129,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, *, workdir: pathlib.Pa
                     f"{devices} devices in use (set train.num_devices or the batch size)")
   place = (functools.partial(parallel.shard_batch, mesh=mesh)
            if config.train.parallel_mode == "shard_map" else lambda batch: batch)
-  train_input = input_pipeline.TrainInput(config, data, place=place, log=log)
+  train_input = input_pipeline.TrainInput(config, data, cache_dir=cache_dir, place=place, log=log)
   state = init_state(config, mesh)
   workdir.mkdir(parents=True, exist_ok=True)
   checkpoints = checkpoint.Checkpointer(workdir / "checkpoints", every=config.train.checkpoint_every,

@@ -12,14 +12,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import pathlib
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
 from uagan_jax.data import MODALITIES
-from uagan_jax.data import preprocess
-from uagan_jax.data import readers
 from uagan_jax.errors import UserError
 
 # Stream tags keep the split, assignment and slice-selection generators independent for the
@@ -121,25 +120,26 @@ def assign_modalities(case_ids: Sequence[str], *, seed: int,
   return {case_id: assignment[case_id] for case_id in ids}
 
 
-@dataclasses.dataclass
-class SliceSet:
-  """Preprocessed axial training slices, one modality per case.
+@dataclasses.dataclass(frozen=True)
+class SliceIndex:
+  """The training slices, one modality per case: which case, which axial slice, which modality.
+
+  The slices themselves stay in the cache (`uagan_jax.data.cache`) and are read per batch, so
+  memory does not grow with the data set.
 
   Attributes:
-    images: float32 (N, H, W, 1) z-scored slices.
-    regions: uint8 (N, H, W, 3) region masks (WT, TC, ET).
+    case_index: int32 (N,) index into case_ids.
+    z: int32 (N,) the axial slice.
     modality: int32 (N,) index into `MODALITIES`.
     case_ids: The cases, in the order they were added.
-    case_index: int32 (N,) index into case_ids.
   """
-  images: np.ndarray
-  regions: np.ndarray
+  case_index: np.ndarray
+  z: np.ndarray
   modality: np.ndarray
   case_ids: list[str]
-  case_index: np.ndarray
 
   def __len__(self) -> int:
-    return int(self.images.shape[0])
+    return int(self.z.shape[0])
 
 
 def _case_rng(seed: int, case_id: str) -> np.random.Generator:
@@ -148,31 +148,41 @@ def _case_rng(seed: int, case_id: str) -> np.random.Generator:
   return np.random.default_rng([seed, _SLICES_STREAM, zlib.crc32(case_id.encode("utf-8"))])
 
 
-def build_slice_set(
-    cases: Sequence[readers.CaseFiles], *, assignment: Mapping[str, str],
-    size: tuple[int, int], clip: float, tumour_free_fraction: float, seed: int,
-    progress: Callable[[int, int, str], None] | None = None,
-) -> SliceSet:
-  """Loads each case's assigned modality and keeps its informative slices.
+def select_slices(case_id: str, has_brain: np.ndarray, tumour: np.ndarray, *,
+                  tumour_free_fraction: float, seed: int) -> np.ndarray:
+  """The axial slices of one case that train: every slice with brain and tumour, plus
+  round(tumour_free_fraction * m) of its m tumour-free brain slices, chosen without replacement
+  by a generator seeded by (seed, case id); sorted."""
+  free = np.flatnonzero(has_brain & ~tumour)
+  n_free = math.floor(tumour_free_fraction * free.size + 0.5)
+  chosen = _case_rng(seed, case_id).choice(free, size=n_free, replace=False)
+  keep = np.flatnonzero(has_brain & tumour)
+  return np.sort(np.concatenate([keep, chosen]))
 
-  Of the slices with brain, all slices with tumour (any region voxel after the crop) are kept,
-  plus round(tumour_free_fraction * m) of the m tumour-free ones, chosen without replacement by
-  a generator seeded by (seed, case id).
+
+def build_slice_index(
+    cases: Sequence, *, assignment: Mapping[str, str], size: tuple[int, int],
+    tumour_free_fraction: float, seed: int,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> SliceIndex:
+  """Each training case's informative slices of its assigned modality (`select_slices`).
+
+  A slice has tumour when a tumour voxel lies inside its centre crop to ``size`` (what the
+  network sees); it has brain when its assigned modality has a non-zero voxel.
 
   Args:
-    cases: Training cases, each with a label.
+    cases: Prepared training cases (`cache.CachedCase`), each with a label.
     assignment: case id -> modality, from `assign_modalities`.
     size: Slice (H, W).
-    clip: Z-score clip.
     tumour_free_fraction: Fraction in [0, 1] of tumour-free brain slices to keep.
     seed: Non-negative integer.
     progress: Called as progress(done, total, case_id) after each case.
 
   Returns:
-    The `SliceSet`, slices in case order then axial order.
+    The `SliceIndex`, slices in case order then axial order.
 
   Raises:
-    UserError: A case lacks a label or an assignment, a file is bad, or no slice is left.
+    UserError: A case lacks a label or an assignment, or no slice is left.
   """
   seed = _check_seed(seed)
   if not 0 <= tumour_free_fraction <= 1:
@@ -180,29 +190,19 @@ def build_slice_set(
                     "[0, 1]")
   if not cases:
     raise UserError("no training cases")
-  images, regions, modality, case_index, case_ids = [], [], [], [], []
+  zs, modality, case_index, case_ids = [], [], [], []
   for number, case in enumerate(cases):
     if case.case_id not in assignment:
       raise UserError(f"case {case.case_id}: no modality assigned")
     name = assignment[case.case_id]
-    if case.label is None:
-      raise UserError(f"{case.images[name].parent}: case {case.case_id} has no label volume; "
-                      "training needs one")
-    volume = readers.load_case(case, modalities=(name,), with_label=True)
-    region_volume = readers.labels_to_regions(volume.label, convention=case.label_convention)
-    slices, region_slices, has_brain, _ = preprocess.volume_to_slices(
-        volume.images[name], region_volume, size=size, clip=clip)
-    del volume, region_volume
-    tumour = region_slices.any(axis=(1, 2, 3))
-    free = np.flatnonzero(has_brain & ~tumour)
-    n_free = math.floor(tumour_free_fraction * free.size + 0.5)
-    chosen = _case_rng(seed, case.case_id).choice(free, size=n_free, replace=False)
-    keep = np.flatnonzero(has_brain & tumour)
-    keep = np.sort(np.concatenate([keep, chosen]))
+    if case.meta["label"] is None:
+      folder = pathlib.Path(case.meta["sources"][name]["path"]).parent
+      raise UserError(f"{folder}: case {case.case_id} has no label volume; training needs one")
+    keep = select_slices(case.case_id, case.has_brain(name), case.tumour_in_view(size=size),
+                         tumour_free_fraction=tumour_free_fraction, seed=seed)
     index = len(case_ids)
     case_ids.append(case.case_id)
-    images.append(slices[keep, ..., None])
-    regions.append(region_slices[keep])
+    zs.append(keep.astype(np.int32))
     modality.append(np.full(keep.size, MODALITIES.index(name), np.int32))
     case_index.append(np.full(keep.size, index, np.int32))
     if progress is not None:
@@ -211,9 +211,8 @@ def build_slice_set(
   if total == 0:
     raise UserError(f"no training slices left from {len(cases)} cases (no slice has brain and "
                     f"tumour, and tumour_free_fraction={tumour_free_fraction} kept none)")
-  return SliceSet(images=np.concatenate(images), regions=np.concatenate(regions),
-                  modality=np.concatenate(modality), case_ids=case_ids,
-                  case_index=np.concatenate(case_index))
+  return SliceIndex(case_index=np.concatenate(case_index), z=np.concatenate(zs),
+                    modality=np.concatenate(modality), case_ids=case_ids)
 
 
 @functools.lru_cache(maxsize=4)
@@ -254,23 +253,3 @@ def batch_indices(*, seed: int, step: int, batch_size: int, num_examples: int) -
     needed -= part.size
     epoch, offset = epoch + 1, 0
   return np.concatenate(parts).astype(np.int64)
-
-
-def get_batch(slices: SliceSet, *, seed: int, step: int, batch_size: int) -> dict[str, np.ndarray]:
-  """The training batch at `step` (see `batch_indices`).
-
-  Args:
-    slices: The training set.
-    seed: Non-negative integer.
-    step: Non-negative step number.
-    batch_size: Examples per batch.
-
-  Returns:
-    {"image": float32 (B, H, W, 1), "regions": float32 (B, H, W, 3), "modality": int32 (B,)}.
-  """
-  index = batch_indices(seed=seed, step=step, batch_size=batch_size, num_examples=len(slices))
-  return {
-      "image": slices.images[index].astype(np.float32, copy=False),
-      "regions": slices.regions[index].astype(np.float32),
-      "modality": slices.modality[index].astype(np.int32, copy=False),
-  }

@@ -2,9 +2,15 @@
 
 One interface for the loop: `TrainInput.batches(start_step)` yields ``(step, batch)`` for every
 step from ``start_step`` on, the batch at step t a pure function of (seed, t), so a resumed run
-sees exactly the batches an uninterrupted one would have. What stands behind it (today: every
-training slice in memory, sampled by `dataset.get_batch`, produced in a thread two steps ahead)
-can change without touching the loop.
+sees exactly the batches an uninterrupted one would have.
+
+Behind it: the data folder is prepared once into a cache (`uagan_jax.data.cache`: per-case,
+slice-major arrays and their metadata), the training slices are an index into it
+(`dataset.build_slice_index`: memory does not grow with the data set), and each batch is read
+slice by slice from the cache by a pool of threads, several steps ahead of the step. Threads,
+not processes: a batch is a few dozen small reads and elementwise numpy work, most of it outside
+the GIL, and threads share the index and need no pickling; the order of the results is the
+order of the steps, whatever thread finishes first.
 
 `find_training_data` reads a data folder and splits it (train/val/test, the modality each
 training case contributes: the unpaired protocol of `dataset`).
@@ -12,17 +18,17 @@ training case contributes: the unpaired protocol of `dataset`).
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
+import itertools
 import pathlib
-import queue
-import threading
-import time
 from collections.abc import Callable, Iterator
 
 import ml_collections
 import numpy as np
 
-from uagan_jax.data import MODALITIES, dataset, readers
+from uagan_jax.data import MODALITIES, cache, dataset, readers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,71 +68,87 @@ def find_training_data(config: ml_collections.ConfigDict, data_dir: pathlib.Path
 
 
 class TrainInput:
-  """Training batches of the unpaired slice set, placed for the step and produced ahead of it."""
+  """Training batches of the unpaired slice index, read from the cache and produced ahead."""
 
   def __init__(self, config: ml_collections.ConfigDict, data: TrainingData, *,
+               cache_dir: pathlib.Path | None = None,
                place: Callable[[dict], dict] = lambda batch: batch,
                log: Callable[[str], None] = print):
-    """Loads the training slices.
+    """Prepares (or reuses) the cache and indexes the training slices.
 
     Args:
       config: the run's config (data.*, seed, train.batch_size, train.steps).
       data: the cases and their split.
+      cache_dir: the cache folder; default `cache.default_location` of the data folder.
       place: puts a host batch where the step wants it (e.g. sharded over the devices).
-      log: where loading progress goes.
+      log: where preparation progress goes.
     """
     self.seed = config.seed
     self.batch_size = config.train.batch_size
     self.steps = config.train.steps
+    self.size = tuple(config.data.image_size)
+    self.clip = config.data.clip
+    self.threads = config.data.loader_threads
     self.place = place
-    started = time.time()
-
-    def progress(done, total, case_id):
-      if done == total or done % max(1, total // 10) == 0:
-        log(f"  loaded {done}/{total} training cases ({case_id}), {time.time() - started:.0f} s")
-
+    self.cache_dir = pathlib.Path(cache_dir or cache.default_location(data.data_dir))
     train_cases = [c for c in data.cases if c.case_id in data.assignment]
-    self.slices = dataset.build_slice_set(
-        train_cases, assignment=data.assignment, size=tuple(config.data.image_size),
-        clip=config.data.clip, tumour_free_fraction=config.data.tumour_free_fraction,
-        seed=config.seed, progress=progress)
-    counts = np.bincount(self.slices.modality, minlength=len(MODALITIES))
-    log(f"training slices: {len(self.slices)} ("
-        + ", ".join(f"{m} {n}" for m, n in zip(MODALITIES, counts) if n) + ")")
+    cache.prepare(data.data_dir, self.cache_dir, cases=data.cases, log=log)
+    self.cases = [cache.open_case(self.cache_dir, c) for c in train_cases]
+    self.index = dataset.build_slice_index(
+        self.cases, assignment=data.assignment, size=self.size,
+        tumour_free_fraction=config.data.tumour_free_fraction, seed=config.seed)
+    counts = np.bincount(self.index.modality, minlength=len(MODALITIES))
+    log(f"training slices: {len(self.index)} ("
+        + ", ".join(f"{m} {n}" for m, n in zip(MODALITIES, counts) if n)
+        + f"), read from the cache {self.cache_dir}")
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
-    """The host batch of ``step``: a pure function of (seed, step)."""
-    return dataset.get_batch(self.slices, seed=self.seed, step=step, batch_size=self.batch_size)
+    """The host batch of ``step``: a pure function of (seed, step).
+
+    ``{"image": float32 (B, H, W, 1), "regions": float32 (B, H, W, 3), "modality": int32 (B,)}``.
+    """
+    chosen = dataset.batch_indices(seed=self.seed, step=step, batch_size=self.batch_size,
+                                   num_examples=len(self.index))
+    images = np.zeros((len(chosen),) + self.size + (1,), np.float32)
+    regions = np.zeros((len(chosen),) + self.size + (3,), np.float32)
+    for b, i in enumerate(chosen):
+      case = self.cases[self.index.case_index[i]]
+      z = int(self.index.z[i])
+      images[b, ..., 0] = case.image_slice(MODALITIES[self.index.modality[i]], z, size=self.size,
+                                           clip=self.clip)
+      regions[b] = readers.labels_to_regions(case.label_slice(z, size=self.size),
+                                             convention=case.meta["label_convention"])
+    return {"image": images, "regions": regions,
+            "modality": self.index.modality[chosen].astype(np.int32)}
 
   def batches(self, start_step: int) -> Iterator[tuple[int, dict]]:
-    """``(step, placed batch)`` for steps ``start_step .. train.steps - 1``, two steps ahead."""
-    return _prefetch(lambda step: self.place(self.batch(step)), range(start_step, self.steps))
+    """``(step, placed batch)`` for steps ``start_step .. train.steps - 1``, produced ahead by
+    ``data.loader_threads`` threads."""
+    return _prefetch(lambda step: self.place(self.batch(step)), range(start_step, self.steps),
+                     threads=self.threads)
 
 
-def _prefetch(produce: Callable[[int], dict], steps: range, depth: int = 2):
-  """Yields ``produce(step)`` for each step, computed ``depth`` steps ahead in a thread.
+def _prefetch(produce: Callable[[int], dict], steps: range, *, threads: int):
+  """Yields ``(step, produce(step))`` in step order, ``2 * threads`` steps computed ahead.
 
-  Batches are a pure function of the step, so running ahead changes nothing but the wait.
+  Batches are a pure function of the step, so running ahead changes nothing but the wait. An
+  error in ``produce`` reaches the consumer at that step.
   """
-  buffer: queue.Queue = queue.Queue(maxsize=depth)
-  stop = threading.Event()
-
-  def worker():
-    try:
-      for step in steps:
-        if stop.is_set():
-          return
-        buffer.put((step, produce(step), None))
-    except BaseException as e:  # pylint: disable=broad-except
-      buffer.put((None, None, e))
-
-  thread = threading.Thread(target=worker, daemon=True)
-  thread.start()
+  pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, threads),
+                                               thread_name_prefix="batches")
+  pending: collections.deque = collections.deque()
+  upcoming = iter(steps)
   try:
-    for _ in steps:
-      step, item, error = buffer.get()
-      if error is not None:
-        raise error
+    for step in itertools.islice(upcoming, 2 * max(1, threads)):
+      pending.append((step, pool.submit(produce, step)))
+    while pending:
+      step, future = pending.popleft()
+      item = future.result()
+      following = next(upcoming, None)
+      if following is not None:
+        pending.append((following, pool.submit(produce, following)))
       yield step, item
   finally:
-    stop.set()
+    for _, future in pending:
+      future.cancel()
+    pool.shutdown(wait=True, cancel_futures=True)

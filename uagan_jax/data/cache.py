@@ -1,0 +1,408 @@
+"""The preprocessed-data cache: each case read from NIfTI once, then read slice by slice.
+
+``uagan-jax prepare --data DIR --out CACHE`` (and ``train``, on its own, see `default_location`)
+writes, per case, a folder ``CACHE/cases/<case_id>/`` holding
+
+* ``<modality>.npy``: the image in RAS canonical orientation, cropped to the case's brain box (the
+  union of every modality's and the label's non-zero voxels: outside it every voxel is 0), stored
+  slice-major as (Z, X', Y') so that one axial slice is one contiguous read, in the most compact
+  dtype that holds the values exactly (int16 for the integer intensities of most scans, else
+  float32): the numbers training sees are exactly those of a direct read;
+* ``label.npy``: the uint8 label, the same way;
+* ``meta.json``: the source files (size, modification time), the canonical shape and the brain
+  box, per modality the float64 mean and standard deviation of the brain voxels (the z-score's
+  statistics, computed as `preprocess.zscore_brain` does on the whole volume), which axial slices
+  have brain, per slice the bounding box of the tumour, and a CRC32 of every stored slice.
+
+The folder is written under a temporary name and renamed when complete, so an interrupted
+``prepare`` leaves only whole cases and resumes where it stopped. ``meta.json``'s sources make a
+changed or replaced NIfTI detectable: such a case is prepared again, case by case, never reused.
+A truncated or corrupt cache file is reported with its name (and a slice whose CRC does not match
+is never returned), so a batch is never built from bad bytes.
+
+`CachedCase.image_slice` gives a slice exactly as `preprocess.volume_to_slices` would: z-scored
+with the stored statistics, clipped, centre-cropped or padded to the training size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+import pathlib
+import shutil
+import time
+import zlib
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from uagan_jax.data import MODALITIES, preprocess, readers
+from uagan_jax.errors import UserError
+
+# Bumped whenever what is stored, or how, changes: a cache of another version is prepared again.
+FORMAT_VERSION = 1
+CASES_DIR = "cases"
+MANIFEST = "manifest.json"
+META = "meta.json"
+# Where `train` keeps the caches it builds itself, unless UAGAN_JAX_CACHE names another folder.
+DEFAULT_ROOT = pathlib.Path.home() / ".cache" / "uagan_jax"
+# Below this standard deviation the brain is constant (as `preprocess.zscore_brain`).
+_MIN_STD = 1e-6
+
+
+def default_location(data_dir: str | os.PathLike) -> pathlib.Path:
+  """The cache `train` uses for ``data_dir`` when none is given.
+
+  ``$UAGAN_JAX_CACHE/<folder name>-<hash of its absolute path>`` (default root
+  ``~/.cache/uagan_jax``): one cache per data folder, outside it (data folders are often
+  read-only), found again by every later run on the same folder.
+  """
+  data_dir = pathlib.Path(data_dir).absolute()
+  root = pathlib.Path(os.environ.get("UAGAN_JAX_CACHE") or DEFAULT_ROOT)
+  digest = hashlib.sha1(str(data_dir).encode()).hexdigest()[:10]
+  return root / f"{data_dir.name}-{digest}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing
+# ------------------------------------------------------------------------------------------------
+
+
+def _sources(case: readers.CaseFiles) -> dict[str, dict]:
+  """Every file of a case with its size and modification time (what staleness is judged by)."""
+  files = {name: path for name, path in case.images.items()}
+  if case.label is not None:
+    files["label"] = case.label
+  out = {}
+  for name, path in files.items():
+    try:
+      stat = path.stat()
+    except OSError as error:
+      raise UserError(f"{path}: cannot read ({error.strerror or error})") from error
+    out[name] = {"path": str(path.absolute()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+  return out
+
+
+def _compact(image: np.ndarray) -> np.ndarray:
+  """The image in int16 where that holds every value exactly, else float32."""
+  if image.size and np.all(image == np.round(image)) and image.min() >= -32768 \
+      and image.max() <= 32767:
+    return image.astype(np.int16)
+  return image.astype(np.float32, copy=False)
+
+
+def _brain_box(arrays: Sequence[np.ndarray]) -> tuple[tuple[int, int], tuple[int, int]]:
+  """The (X, Y) bounding box of the non-zero voxels of any of ``arrays`` (all (X, Y, Z))."""
+  occupied = np.zeros(arrays[0].shape[:2], bool)
+  for array in arrays:
+    occupied |= np.any(array != 0, axis=2)
+  xs, ys = np.flatnonzero(occupied.any(axis=1)), np.flatnonzero(occupied.any(axis=0))
+  if xs.size == 0:
+    return (0, 0), (0, 0)
+  return (int(xs[0]), int(xs[-1]) + 1), (int(ys[0]), int(ys[-1]) + 1)
+
+
+def _tumour_boxes(label: np.ndarray) -> list:
+  """Per axial slice, the [x0, x1, y0, y1] box of its tumour (label > 0) voxels, or None."""
+  boxes = []
+  for z in range(label.shape[2]):
+    tumour = label[:, :, z] > 0
+    if not tumour.any():
+      boxes.append(None)
+      continue
+    xs, ys = np.flatnonzero(tumour.any(axis=1)), np.flatnonzero(tumour.any(axis=0))
+    boxes.append([int(xs[0]), int(xs[-1]) + 1, int(ys[0]), int(ys[-1]) + 1])
+  return boxes
+
+
+def _slice_major(volume: np.ndarray, box) -> np.ndarray:
+  (x0, x1), (y0, y1) = box
+  return np.ascontiguousarray(np.moveaxis(volume[x0:x1, y0:y1, :], 2, 0))
+
+
+def _crcs(stored: np.ndarray) -> list[int]:
+  return [zlib.crc32(stored[z].tobytes()) for z in range(stored.shape[0])]
+
+
+def prepare_case(case: readers.CaseFiles, cases_dir: pathlib.Path) -> str:
+  """Reads one case from NIfTI and writes its cache folder atomically; returns its case id.
+
+  Raises:
+    UserError: a bad NIfTI (naming the file), or a folder that cannot be written (naming it).
+  """
+  sources = _sources(case)
+  volume = readers.load_case(case, modalities=tuple(m for m in MODALITIES if m in case.images),
+                             with_label=True)
+  arrays = list(volume.images.values()) + ([volume.label] if volume.label is not None else [])
+  box = _brain_box(arrays)
+  meta = {"format_version": FORMAT_VERSION, "case_id": case.case_id, "layout": case.layout,
+          "label_convention": case.label_convention, "sources": sources,
+          "shape": [int(n) for n in volume.shape], "spacing": list(volume.spacing),
+          "box": [list(box[0]), list(box[1])], "modalities": {}, "label": None}
+  stored = {}
+  for modality, image in volume.images.items():
+    brain = image != 0
+    values = image[brain].astype(np.float64)  # exactly the statistics of zscore_brain
+    data = _slice_major(_compact(image), box)
+    stored[modality] = data
+    meta["modalities"][modality] = {
+        "dtype": str(data.dtype), "mean": float(values.mean()) if values.size else 0.0,
+        "std": float(values.std()) if values.size else 0.0,
+        "has_brain": [int(z) for z in np.flatnonzero(brain.any(axis=(0, 1)))],
+        "crc32": _crcs(data)}
+  if volume.label is not None:
+    data = _slice_major(volume.label, box)
+    stored["label"] = data
+    meta["label"] = {"dtype": "uint8", "tumour_boxes": _tumour_boxes(volume.label),
+                     "crc32": _crcs(data)}
+  final = cases_dir / case.case_id
+  temporary = cases_dir / f".{case.case_id}.partial-{os.getpid()}"
+  try:
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    for name, data in stored.items():
+      np.save(temporary / f"{name}.npy", data)
+    (temporary / META).write_text(json.dumps(meta))
+    if final.exists():  # a stale version: replaced only now that the new one is complete
+      shutil.rmtree(final)
+    os.replace(temporary, final)
+  except OSError as error:
+    shutil.rmtree(temporary, ignore_errors=True)
+    raise UserError(f"{error.filename or temporary}: cannot write the cache "
+                    f"({error.strerror or error})") from error
+  return case.case_id
+
+
+def _stale_reason(case: readers.CaseFiles, folder: pathlib.Path) -> str | None:
+  """Why a case's cache folder cannot be used as it is (None: it can)."""
+  try:
+    meta = json.loads((folder / META).read_text())
+  except FileNotFoundError:
+    return "not prepared"
+  except (OSError, ValueError) as error:
+    return f"unreadable {META} ({error})"
+  if meta.get("format_version") != FORMAT_VERSION:
+    return f"cache format {meta.get('format_version')}, this code writes {FORMAT_VERSION}"
+  current = _sources(case)
+  if set(current) != set(meta["sources"]):
+    return "its files changed"
+  for name, info in current.items():
+    old = meta["sources"][name]
+    # Size and modification time, not the path: a data folder that moved (or is reached
+    # through another link) holds the same files.
+    if (old["size"], old["mtime_ns"]) != (info["size"], info["mtime_ns"]):
+      return f"{info['path']} changed since it was prepared"
+  return None
+
+
+def _prepare_worker(job) -> tuple[str, str | None]:
+  case, cases_dir = job
+  try:
+    return prepare_case(case, cases_dir), None
+  except UserError as error:
+    return case.case_id, str(error)
+
+
+def prepare(data_dir: str | os.PathLike, cache_dir: str | os.PathLike, *,
+            cases: Sequence[readers.CaseFiles] | None = None, workers: int = 0,
+            log: Callable[[str], None] = print) -> pathlib.Path:
+  """Prepares every case of ``data_dir`` that is not already prepared and up to date.
+
+  Args:
+    data_dir: a data folder of any `readers` layout (None when ``cases`` are given).
+    cache_dir: the cache folder (created).
+    cases: the cases of ``data_dir`` if already found.
+    workers: processes that read and write cases; 0 = the machine's core count; 1 = in this
+      process.
+    log: progress lines, with the count and an ETA.
+
+  Returns:
+    The cache folder.
+
+  Raises:
+    UserError: a bad case (the first one, naming its file) or a folder that cannot be written;
+      every case prepared before it stays.
+  """
+  cache_dir = pathlib.Path(cache_dir)
+  cases = list(cases) if cases is not None else readers.find_cases(data_dir)
+  cases_dir = cache_dir / CASES_DIR
+  try:
+    cases_dir.mkdir(parents=True, exist_ok=True)
+  except OSError as error:
+    raise UserError(f"{cache_dir}: cannot create the cache folder "
+                    f"({error.strerror or error})") from error
+  if not os.access(cases_dir, os.W_OK | os.X_OK):
+    raise UserError(f"{cases_dir}: cannot write the cache (no write permission)")
+  todo, reasons = [], {}
+  for case in cases:
+    reason = _stale_reason(case, cases_dir / case.case_id)
+    if reason is not None:
+      todo.append(case)
+      reasons[reason] = reasons.get(reason, 0) + 1
+  if not todo:
+    log(f"cache {cache_dir}: all {len(cases)} cases prepared and up to date")
+  else:
+    why = "; ".join(f"{n} {reason}" for reason, n in reasons.items())
+    workers = min(workers or os.cpu_count() or 1, len(todo))
+    log(f"preparing {len(todo)} of {len(cases)} cases into {cache_dir} with {workers} "
+        f"worker{'s' if workers > 1 else ''} ({why})")
+    started = time.time()
+    jobs = [(case, cases_dir) for case in todo]
+    if workers == 1:
+      results = map(_prepare_worker, jobs)
+      pool = None
+    else:
+      # Spawned, not forked: the parent may hold JAX's threads, which a fork would not copy.
+      pool = multiprocessing.get_context("spawn").Pool(workers)
+      results = pool.imap(_prepare_worker, jobs)
+    try:
+      for done, (case_id, error) in enumerate(results, 1):
+        if error is not None:
+          raise UserError(error)
+        elapsed = time.time() - started
+        if done == len(todo) or done % max(1, len(todo) // 20) == 0 or len(todo) <= 20:
+          log(f"  prepared {done}/{len(todo)} cases ({case_id}), {elapsed:.0f} s, "
+              f"ETA {elapsed / done * (len(todo) - done):.0f} s")
+    finally:
+      if pool is not None:
+        pool.terminate()
+        pool.join()
+  manifest = {"format_version": FORMAT_VERSION,
+              "data": str(pathlib.Path(data_dir).absolute()) if data_dir is not None else None,
+              "cases": [c.case_id for c in cases]}
+  _write_atomically(cache_dir / MANIFEST, json.dumps(manifest, indent=1))
+  return cache_dir
+
+
+def _write_atomically(path: pathlib.Path, text: str) -> None:
+  temporary = path.with_name(f".{path.name}.partial-{os.getpid()}")
+  try:
+    temporary.write_text(text)
+    os.replace(temporary, path)
+  except OSError as error:
+    temporary.unlink(missing_ok=True)
+    raise UserError(f"{path}: cannot write ({error.strerror or error})") from error
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CachedCase:
+  """One prepared case: its metadata, and its slices read on demand from the cache files."""
+  case_id: str
+  folder: pathlib.Path
+  meta: dict
+
+  @property
+  def shape(self) -> tuple[int, int, int]:
+    return tuple(self.meta["shape"])
+
+  def has_brain(self, modality: str) -> np.ndarray:
+    """bool (Z,): which axial slices of ``modality`` have a non-zero voxel."""
+    flags = np.zeros(self.shape[2], bool)
+    flags[self.meta["modalities"][modality]["has_brain"]] = True
+    return flags
+
+  def _raw_slice(self, name: str, z: int) -> np.ndarray:
+    """Slice z of a stored array (image modality or "label"), its CRC checked."""
+    path = self.folder / f"{name}.npy"
+    try:
+      stored = np.load(path, mmap_mode="r")
+      data = np.array(stored[z])
+      del stored
+    except (OSError, ValueError, IndexError) as error:
+      raise UserError(f"{path}: truncated or corrupt cache file ({error}); delete the case "
+                      f"folder {self.folder} and run again to prepare it anew") from error
+    info = self.meta["label"] if name == "label" else self.meta["modalities"][name]
+    if zlib.crc32(data.tobytes()) != info["crc32"][z]:
+      raise UserError(f"{path}: corrupt cache file (slice {z} fails its checksum); delete the "
+                      f"case folder {self.folder} and run again to prepare it anew")
+    return data
+
+  def _window(self, size: tuple[int, int]):
+    """For the centre crop/pad of the full (X, Y) plane to ``size``: the part of the brain box
+    that lands on the canvas, as (box slices, canvas slices)."""
+    (bx0, bx1), (by0, by1) = self.meta["box"]
+    source, output = [], []
+    for n, s, b0, b1 in zip(self.shape[:2], size, (bx0, by0), (bx1, by1)):
+      crop = max(n - s, 0) // 2
+      pad = max(s - n, 0) // 2
+      lo, hi = max(b0, crop), min(b1, crop + min(n, s))  # full-plane coordinates kept
+      hi = max(hi, lo)
+      source.append(slice(lo - b0, hi - b0))
+      output.append(slice(lo - crop + pad, hi - crop + pad))
+    return tuple(source), tuple(output)
+
+  def image_slice(self, modality: str, z: int, *, size: tuple[int, int],
+                  clip: float) -> np.ndarray:
+    """float32 (H, W): slice z of ``modality`` as `preprocess.volume_to_slices` gives it."""
+    info = self.meta["modalities"][modality]
+    raw = self._raw_slice(modality, z)
+    std = info["std"]
+    scale = 1.0 / std if std > _MIN_STD else 0.0
+    brain = raw != 0
+    normalised = np.zeros(raw.shape, np.float32)
+    # The arithmetic of zscore_brain, voxel by voxel: float64, then float32.
+    normalised[brain] = np.clip((raw[brain].astype(np.float64) - info["mean"]) * scale,
+                                -clip, clip)
+    source, output = self._window(size)
+    out = np.zeros(size, np.float32)
+    out[output] = normalised[source]
+    return out
+
+  def label_slice(self, z: int, *, size: tuple[int, int]) -> np.ndarray:
+    """uint8 (H, W): slice z of the label, centre-cropped or padded like the images."""
+    raw = self._raw_slice("label", z)
+    source, output = self._window(size)
+    out = np.zeros(size, np.uint8)
+    out[output] = raw[source]
+    return out
+
+  def tumour_in_view(self, *, size: tuple[int, int]) -> np.ndarray:
+    """bool (Z,): which slices have a tumour voxel inside the centre crop to ``size``.
+
+    Decided from the stored tumour boxes; only a box that the crop cuts needs the slice itself.
+    """
+    boxes = self.meta["label"]["tumour_boxes"]
+    out = np.zeros(len(boxes), bool)
+    windows = []
+    for n, s in zip(self.shape[:2], size):
+      crop = max(n - s, 0) // 2
+      windows.append((crop, crop + min(n, s)))
+    (wx0, wx1), (wy0, wy1) = windows
+    for z, box in enumerate(boxes):
+      if box is None:
+        continue
+      x0, x1, y0, y1 = box
+      if x0 >= wx0 and x1 <= wx1 and y0 >= wy0 and y1 <= wy1:
+        out[z] = True
+      elif x1 > wx0 and x0 < wx1 and y1 > wy0 and y0 < wy1:
+        out[z] = bool(self.label_slice(z, size=size).any())
+    return out
+
+
+def open_case(cache_dir: pathlib.Path, case: readers.CaseFiles) -> CachedCase:
+  """The prepared ``case`` in ``cache_dir``; UserError if it is missing or stale."""
+  folder = pathlib.Path(cache_dir) / CASES_DIR / case.case_id
+  reason = _stale_reason(case, folder)
+  if reason is not None:
+    raise UserError(f"{folder}: cannot use the cache of case {case.case_id} ({reason}); run "
+                    f"'uagan-jax prepare' again")
+  meta = json.loads((folder / META).read_text())
+  for name in list(meta["modalities"]) + (["label"] if meta["label"] else []):
+    path = folder / f"{name}.npy"
+    if not path.is_file():
+      raise UserError(f"{path}: missing from the cache; delete {folder} and run again")
+  # Per-slice lists as numpy arrays: a few kB per case in memory instead of tens, since a
+  # training process holds the metadata of every training case.
+  for info in list(meta["modalities"].values()) + ([meta["label"]] if meta["label"] else []):
+    info["crc32"] = np.asarray(info["crc32"], np.uint32)
+  for info in meta["modalities"].values():
+    info["has_brain"] = np.asarray(info["has_brain"], np.int32)
+  return CachedCase(case_id=case.case_id, folder=folder, meta=meta)
