@@ -268,3 +268,23 @@ def test_train_builds_its_cache_then_reuses_it(synth_data, tmp_path, capsys):
   assert "all 8 cases prepared and up to date" in out
   assert (tmp_path / "w1" / "metrics.jsonl").read_text() == (
       tmp_path / "w2" / "metrics.jsonl").read_text()
+
+
+def test_train_on_a_corrupt_cache_stops_with_one_line_naming_the_file(synth_data, tmp_path,
+                                                                      capsys):
+  cache.prepare(synth_data, tmp_path / "cache", workers=1, log=lambda _: None)
+  for path in sorted((tmp_path / "cache" / "cases").glob("*/*.npy")):
+    if path.name == "label.npy":
+      continue
+    stored = np.load(path, mmap_mode="r")
+    header, per_slice, count = path.stat().st_size - stored.nbytes, stored[0].nbytes, len(stored)
+    del stored
+    raw = bytearray(path.read_bytes())
+    for z in range(count):  # one flipped bit in every slice: every batch would be wrong
+      raw[header + z * per_slice + per_slice // 2] ^= 0x01
+    path.write_bytes(bytes(raw))
+  code, _, err = run_cli(capsys, "train", "--config", TEST_CONFIG, "--data", synth_data,
+                         "--cache", tmp_path / "cache", "--workdir", tmp_path / "w", "--no-eval")
+  assert_one_line_error(code, err, str(tmp_path / "cache" / "cases"), "corrupt cache file",
+                        "fails its checksum")
+  assert not (tmp_path / "w" / "metrics.jsonl").read_text()  # no step ran on a wrong batch
