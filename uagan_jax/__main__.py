@@ -4,4 +4,5 @@ import sys
 
 from uagan_jax.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # not when a spawned worker process imports its parent's main module
+  sys.exit(main())
