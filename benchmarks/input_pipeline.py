@@ -30,7 +30,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHAPE = ("240", "240", "155")
 
 
-def _uagan(*argv, **kwargs):
+def _uagan(*argv):
   return [sys.executable, "-m", "uagan_jax", *map(str, argv)]
 
 

@@ -176,14 +176,21 @@ def prepare_case(case: readers.CaseFiles, cases_dir: pathlib.Path) -> str:
   return case.case_id
 
 
-def _stale_reason(case: readers.CaseFiles, folder: pathlib.Path) -> str | None:
-  """Why a case's cache folder cannot be used as it is (None: it can)."""
+def _read_meta(folder: pathlib.Path) -> tuple[dict | None, str | None]:
+  """(a case folder's meta.json, None), or (None, why it cannot be read)."""
   try:
-    meta = json.loads((folder / META).read_text())
+    return json.loads((folder / META).read_text()), None
   except FileNotFoundError:
-    return "not prepared"
+    return None, "not prepared"
   except (OSError, ValueError) as error:
-    return f"unreadable {META} ({error})"
+    return None, f"unreadable {META} ({error})"
+
+
+def _stale_reason(case: readers.CaseFiles, meta: dict | None, unreadable: str | None = None
+                  ) -> str | None:
+  """Why a case's cache folder (its `_read_meta` result) cannot be used as it is (None: it can)."""
+  if meta is None:
+    return unreadable
   if meta.get("format_version") != FORMAT_VERSION:
     return f"cache format {meta.get('format_version')}, this code writes {FORMAT_VERSION}"
   current = _sources(case)
@@ -238,7 +245,7 @@ def prepare(data_dir: str | os.PathLike, cache_dir: str | os.PathLike, *,
     raise UserError(f"{cases_dir}: cannot write the cache (no write permission)")
   todo, reasons = [], {}
   for case in cases:
-    reason = _stale_reason(case, cases_dir / case.case_id)
+    reason = _stale_reason(case, *_read_meta(cases_dir / case.case_id))
     if reason is not None:
       todo.append(case)
       reasons[reason] = reasons.get(reason, 0) + 1
@@ -326,13 +333,12 @@ class CachedCase:
     return data
 
   def _window(self, size: tuple[int, int]):
-    """For the centre crop/pad of the full (X, Y) plane to ``size``: the part of the brain box
-    that lands on the canvas, as (box slices, canvas slices)."""
-    (bx0, bx1), (by0, by1) = self.meta["box"]
+    """For the centre crop/pad of the full (X, Y) plane to ``size`` (`preprocess.centred`): the
+    part of the brain box that lands on the canvas, as (box slices, canvas slices)."""
+    crop_pad = preprocess.centred(self.shape[:2], size=size)
     source, output = [], []
-    for n, s, b0, b1 in zip(self.shape[:2], size, (bx0, by0), (bx1, by1)):
-      crop = max(n - s, 0) // 2
-      pad = max(s - n, 0) // 2
+    for n, s, crop, pad, (b0, b1) in zip(crop_pad.original, crop_pad.size, crop_pad.crop_start,
+                                         crop_pad.pad_before, self.meta["box"]):
       lo, hi = max(b0, crop), min(b1, crop + min(n, s))  # full-plane coordinates kept
       hi = max(hi, lo)
       source.append(slice(lo - b0, hi - b0))
@@ -371,11 +377,9 @@ class CachedCase:
     """
     boxes = self.meta["label"]["tumour_boxes"]
     out = np.zeros(len(boxes), bool)
-    windows = []
-    for n, s in zip(self.shape[:2], size):
-      crop = max(n - s, 0) // 2
-      windows.append((crop, crop + min(n, s)))
-    (wx0, wx1), (wy0, wy1) = windows
+    crop_pad = preprocess.centred(self.shape[:2], size=size)
+    (wx0, wx1), (wy0, wy1) = [(crop, crop + min(n, s)) for n, s, crop in
+                              zip(crop_pad.original, crop_pad.size, crop_pad.crop_start)]
     for z, box in enumerate(boxes):
       if box is None:
         continue
@@ -390,11 +394,11 @@ class CachedCase:
 def open_case(cache_dir: pathlib.Path, case: readers.CaseFiles) -> CachedCase:
   """The prepared ``case`` in ``cache_dir``; UserError if it is missing or stale."""
   folder = pathlib.Path(cache_dir) / CASES_DIR / case.case_id
-  reason = _stale_reason(case, folder)
+  meta, unreadable = _read_meta(folder)
+  reason = _stale_reason(case, meta, unreadable)
   if reason is not None:
     raise UserError(f"{folder}: cannot use the cache of case {case.case_id} ({reason}); run "
                     f"'uagan-jax prepare' again")
-  meta = json.loads((folder / META).read_text())
   for name in list(meta["modalities"]) + (["label"] if meta["label"] else []):
     path = folder / f"{name}.npy"
     if not path.is_file():

@@ -80,6 +80,17 @@ def _check_size(size) -> tuple[int, int]:
   return size
 
 
+def centred(original, *, size) -> CropPad:
+  """The `CropPad` that centres an (X, Y) extent ``original`` on a ``size`` canvas: a longer axis
+  cropped symmetrically (the extra voxel of an odd difference cut from the end), a shorter one
+  padded the same way."""
+  original = (int(original[0]), int(original[1]))
+  size = _check_size(size)
+  crop = tuple(max(n - s, 0) // 2 for n, s in zip(original, size))
+  pad = tuple(max(s - n, 0) // 2 for n, s in zip(original, size))
+  return CropPad(original=original, size=size, crop_start=crop, pad_before=pad)
+
+
 def center_crop_or_pad(array: np.ndarray, *, size: tuple[int, int],
                        fill: float = 0) -> tuple[np.ndarray, CropPad]:
   """Centres axes 0 and 1 of an (X, Y, ...) array on a (size[0], size[1], ...) canvas.
@@ -99,10 +110,7 @@ def center_crop_or_pad(array: np.ndarray, *, size: tuple[int, int],
   size = _check_size(size)
   if array.ndim < 2:
     raise ValueError(f"need an (X, Y, ...) array, got shape {array.shape}")
-  original = (int(array.shape[0]), int(array.shape[1]))
-  crop = tuple(max(n - s, 0) // 2 for n, s in zip(original, size))
-  pad = tuple(max(s - n, 0) // 2 for n, s in zip(original, size))
-  crop_pad = CropPad(original=original, size=size, crop_start=crop, pad_before=pad)
+  crop_pad = centred(array.shape[:2], size=size)
   source, output = crop_pad._slices()
   out = np.full(size + array.shape[2:], fill, array.dtype)
   out[output] = array[source]

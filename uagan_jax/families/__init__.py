@@ -104,11 +104,6 @@ def _needs(config, key: str, families: Sequence[str], why: str) -> None:
                     f"{config.model.name!r}): {why}")
 
 
-def _check_translation_options(config) -> None:
-  _needs(config, "model.discriminator_per_modality", ("stargan", "uagan"),
-         "only they have a discriminator")
-
-
 def _check_uagan(config) -> None:
   if len(config.model.segmentor_features) < 2:
     raise UserError("config model.segmentor_features: uagan needs at least two levels")
@@ -123,7 +118,8 @@ def check_options_of_other_families(config) -> None:
                                                       and config.model.fuse_reverse):
     raise UserError("config model.fuse_reverse_stop_gradient=true needs model.name='uagan' with "
                     "model.fuse=true and model.fuse_reverse=true (it changes the reverse gate)")
-  _check_translation_options(config)
+  _needs(config, "model.discriminator_per_modality", ("stargan", "uagan"),
+         "only they have a discriminator")
 
 
 register(Family(

@@ -261,14 +261,13 @@ def update_discriminator(disc_state: NetState, inputs: StepInputs, real: jax.Arr
   return new_state, metrics, disc_grads
 
 
-def translation_terms(outputs: dict, real: jax.Array, source: jax.Array, target: jax.Array,
-                      disc_params, *, networks, config) -> tuple[jax.Array, dict]:
+def translation_terms(outputs: dict, real: jax.Array, target: jax.Array, disc_params, *,
+                      networks, config) -> tuple[jax.Array, dict]:
   """G's objective: WGAN against the updated D, classification as the target, cycle (+ identity).
 
   ``outputs`` holds ``fake`` (G(real, target)), ``reconstructed`` (G(fake, source)) and, with
   ``loss.identity_weight``, ``same_domain`` (G(real, source)).
   """
-  del source  # the cycle's target is implicit in ``reconstructed``
   fake_src, fake_cls = discriminate_fn(networks)(disc_params, outputs["fake"], target)
   terms = {"gen/wgan": losses.wgan_generator_loss(fake_scores=fake_src),
            "gen/cls": losses.modality_classification_loss(logits=fake_cls, labels=target),
@@ -353,9 +352,8 @@ def translation_phases(state: TrainState, inputs: StepInputs, *, role: str, gene
 
   # Generators' phase ---------------------------------------------------------------------------
   def objective(outputs):
-    total, terms = translation_terms(outputs, real, source, target,
-                                     new_nets["discriminator"].params, networks=networks,
-                                     config=config)
+    total, terms = translation_terms(outputs, real, target, new_nets["discriminator"].params,
+                                     networks=networks, config=config)
     if extend_objective is not None:
       total = extend_objective(outputs, total, terms, new_nets)
     return total, {**terms, "gen/total": total}
