@@ -32,8 +32,12 @@ from uagan_jax.errors import UserError
 # Metrics
 # --------------------------------------------------------------------------------------------
 
-# Per region, in this order, the CSV columns ``<metric>_<region>``.
-SEGMENTATION_METRICS = ("dice", "hd95", "sensitivity", "specificity", "predicted_ml", "true_ml")
+# Per region, in this order, the CSV columns ``<metric>_<region>``: the global (whole-region)
+# metrics of `metrics.region_metrics`, then the BraTS 2023+ lesion-wise ones of
+# `metrics.lesion_metrics`.
+GLOBAL_METRICS = ("dice", "hd95", "sensitivity", "specificity", "predicted_ml", "true_ml")
+LESION_METRICS = ("lesion_dice", "lesion_hd95")
+SEGMENTATION_METRICS = GLOBAL_METRICS + LESION_METRICS
 # The summary's statistics over cases (std is the population standard deviation, ddof=0).
 STATISTICS = {"mean": np.mean, "std": np.std, "median": np.median}
 
@@ -54,6 +58,15 @@ def definitions() -> dict[str, str]:
       "specificity": "|~P & ~T| / |~T| over the whole volume, background included",
       "predicted_ml": "|P| times the voxel volume, in millilitres",
       "true_ml": "|T| times the voxel volume, in millilitres",
+      "lesion_dice": "BraTS 2023+ lesion-wise Dice (brats-evaluation 0.0.10): lesions = connected "
+                     "components (26-connectivity) of P and T, matched one-to-one maximising the "
+                     "summed Dice; the mean over the true lesions of at least "
+                     f"{metrics_lib.MIN_LESION_VOLUME_MM3:g} mm^3 (matched: the pair's Dice; missed: "
+                     "0) and the unmatched predicted lesions (0); none of either: 1",
+      "lesion_hd95": "the same mean of each lesion's HD95 in mm (matched: the pair's HD95, "
+                     "Panoptica's definition: one 95th percentile of both directions' surface "
+                     f"distances pooled; missed or false positive: "
+                     f"{metrics_lib.LESION_HD95_PENALTY_MM:g} mm); none of either: 0",
       "empty_masks": f"BraTS rules: P and T both empty: Dice 1, HD95 0 mm; exactly one empty: "
                      f"Dice 0, HD95 {penalty:g} mm",
       "statistics": "mean, std (population, ddof=0) and median over the cases of the split",
@@ -70,6 +83,9 @@ def score_case(predicted: np.ndarray, truth: np.ndarray, *,
                spacing: Sequence[float]) -> dict[str, float]:
   """Every metric of every region of one prediction: ``{"<metric>_<region>": value}``.
 
+  The global metrics (`metrics.region_metrics`) and the lesion-wise ones (`metrics.lesion_metrics`)
+  of each region, in the order of `SEGMENTATION_METRICS`.
+
   Args:
     predicted: boolean (X, Y, Z, 3) predicted WT/TC/ET.
     truth: boolean (X, Y, Z, 3) true WT/TC/ET on the same grid.
@@ -79,6 +95,8 @@ def score_case(predicted: np.ndarray, truth: np.ndarray, *,
   for index, region in enumerate(REGIONS):
     values = metrics_lib.region_metrics(predicted[..., index], truth[..., index],
                                         spacing=tuple(spacing))
+    values.update(metrics_lib.lesion_metrics(predicted[..., index], truth[..., index],
+                                             spacing=tuple(spacing)))
     row.update({f"{metric}_{region}": float(values[metric]) for metric in SEGMENTATION_METRICS})
   return row
 
