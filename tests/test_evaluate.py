@@ -5,6 +5,7 @@ import json
 
 import matplotlib.pyplot as plt
 import numpy as np
+import pytest
 
 from uagan_jax import evaluate, metrics, visualize
 from uagan_jax.data import REGIONS, preprocess
@@ -49,6 +50,30 @@ def test_score_case_columns_and_brats_empty_rules():
   assert row["sensitivity_TC"] == 0.0 and row["true_ml_TC"] == 0.0
   assert row["dice_ET"] == 1.0 and row["hd95_ET"] == 0.0 and row["sensitivity_ET"] == 1.0
   assert row["specificity_ET"] == 1.0
+  # Lesion-wise (BraTS 2023+): WT's one lesion matched exactly; TC's predicted lesion is a false
+  # positive (Dice 0, the toolkit's 373 mm); ET has no lesion on either side (Dice 1, HD95 0).
+  assert (row["lesion_dice_WT"], row["lesion_hd95_WT"]) == (1.0, 0.0)
+  assert (row["lesion_dice_TC"], row["lesion_hd95_TC"]) == (0.0, metrics.LESION_HD95_PENALTY_MM)
+  assert (row["lesion_dice_ET"], row["lesion_hd95_ET"]) == (1.0, 0.0)
+
+
+def test_score_case_lesion_columns_penalise_a_missed_lesion():
+  truth = np.zeros((16, 16, 8, 3), bool)
+  truth[1:5, 1:5, 1:5, 0] = True  # two WT lesions of 64 voxels
+  truth[10:14, 10:14, 2:6, 0] = True
+  predicted = truth.copy()
+  predicted[10:14, 10:14, 2:6, 0] = False  # the second one missed
+  row = evaluate.score_case(predicted, truth, spacing=(1.0, 1.0, 1.0))
+  assert row["dice_WT"] == pytest.approx(2 * 64 / (64 + 128))  # global: half the voxels found
+  assert row["lesion_dice_WT"] == 0.5  # lesion-wise: (1 + 0) / 2
+  assert row["lesion_hd95_WT"] == metrics.LESION_HD95_PENALTY_MM / 2
+
+
+def test_definitions_cover_every_column():
+  definitions = evaluate.definitions()
+  assert set(evaluate.SEGMENTATION_METRICS) <= set(definitions)
+  assert evaluate.SEGMENTATION_METRICS[:len(evaluate.GLOBAL_METRICS)] == evaluate.GLOBAL_METRICS
+  assert "373" in definitions["lesion_hd95"] and "26-connectivity" in definitions["lesion_dice"]
 
 
 def _rows():
