@@ -120,6 +120,9 @@ def real_pairs(case_dir: pathlib.Path) -> dict:
   (path,) = [p for p in case_dir.iterdir() if p.name.endswith(("_seg.nii.gz", "_segm.nii.gz"))]
   image = nib.load(path)
   raw = np.asarray(image.dataobj).astype(np.int64)
+  if not np.isin(raw, (0, 1, 2, 4)).all():
+    raise SystemExit(f"{path}: labels {np.unique(raw).tolist()}, expected BraTS 2021 / UPENN-GBM "
+                     "labels 0, 1, 2, 4")
   truth = np.select([raw == 1, raw == 2, raw == 4], [1, 2, 3], 0).astype(np.uint8)
   spacing = tuple(float(z) for z in image.header.get_zooms()[:3])
   tumour = np.argwhere(truth > 0)

@@ -8,7 +8,9 @@ slices.
 
 Segmentation (Dice, HD95, sensitivity, specificity, volumes) compares one binary tumour region
 (e.g. whole tumour, tumour core, enhancing tumour) of a prediction with the truth, following the
-BraTS conventions for empty regions; see ``region_metrics``.
+BraTS conventions for empty regions; see ``region_metrics``. Lesion-wise Dice and HD95 (BraTS
+2023+: connected components matched one-to-one, missed and false-positive lesions penalised) are
+``lesion_metrics``, as the official toolkit computes them.
 """
 
 from __future__ import annotations
