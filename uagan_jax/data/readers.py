@@ -521,6 +521,12 @@ def _decompressed_size(path: pathlib.Path, *, limit: int) -> int:
         if not chunk:
           break
         total += len(chunk)
+  except gzip.BadGzipFile as error:
+    # The file began as gzip (its header was read), so this comes after a complete member.
+    if "Not a gzipped file" in str(error):
+      raise UserError(f"{path}: bytes after the end of the gzip data are no gzip data "
+                      f"({_one_line(error)}); the file is corrupt") from error
+    raise _gzip_problem(path, error) from error
   except (OSError, EOFError, zlib.error) as error:
     raise _gzip_problem(path, error) from error
   return total
