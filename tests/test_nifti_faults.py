@@ -423,7 +423,7 @@ def unet_workdir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ["dim3_one_short", "vox_offset_0", "gz_claims_30000_cubed",
-                                  "datatype_unknown"])
+                                  "datatype_unknown", "dim_zero"])
 def test_predict_on_a_bad_file_prints_one_error_line(capsys, unet_workdir, tmp_path, name):
   role, ext, change, outcome = VARIANTS[name]
   assert role == "t1"

@@ -33,12 +33,12 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
-import os
 import math
+import os
 import pathlib
 import struct
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -79,9 +79,10 @@ _MSD_MODALITY_NAMES = {
     "t1gd": "t1ce", "t1ce": "t1ce", "t1c": "t1ce", "t2w": "t2", "t2": "t2",
 }
 # Everything nibabel raises on a truncated, corrupt or unreadable file (OSError covers
-# gzip.BadGzipFile; MemoryError a header that claims more than fits).
+# gzip.BadGzipFile; MemoryError a header that claims more than fits; KeyError an unknown code in
+# nibabel's code tables).
 _READ_ERRORS = (EOFError, zlib.error, OSError, ImageFileError, HeaderDataError, ValueError,
-                OverflowError, MemoryError, struct.error, KeyError, IndexError)
+                OverflowError, MemoryError, struct.error, KeyError)
 
 # The NIfTI data types a scan or a label map may be stored in: real scalars. Complex, RGB and
 # float128 voxels are no MRI intensities this code can train on.
@@ -488,8 +489,9 @@ def _check_modalities(modalities: Sequence[str]) -> tuple[str, ...]:
   return modalities
 
 
-def _shape_text(shape: Sequence[int]) -> str:
-  return "x".join(str(n) for n in shape)
+def _shape_text(sizes: Iterable[object]) -> str:
+  """12x10x6: a shape or voxel sizes, as messages write them."""
+  return "x".join(str(n) for n in sizes)
 
 
 def _gzip_problem(path: pathlib.Path, error: BaseException) -> UserError:
