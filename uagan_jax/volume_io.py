@@ -171,7 +171,8 @@ def load_brain_image(case: readers.CaseFiles, modality: str, *, verb: str,
   volume = readers.load_case(case, modalities=(modality,), with_label=False)
   image = volume.images[modality]
   if not np.any(image):
-    raise UserError(f"{image_file}: every voxel is 0; there is no brain to {verb}")
+    raise UserError(f"{image_file}: every voxel is 0 (empty or a failed conversion); there is "
+                    f"no brain to {verb}")
   return volume, int(np.count_nonzero(np.any(image != 0, axis=(0, 1))))
 
 

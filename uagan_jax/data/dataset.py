@@ -164,6 +164,7 @@ def build_slice_index(
     cases: Sequence, *, assignment: Mapping[str, str], size: tuple[int, int],
     tumour_free_fraction: float, seed: int,
     progress: Callable[[int, int, str], None] | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> SliceIndex:
   """Each training case's informative slices of its assigned modality (`select_slices`).
 
@@ -177,6 +178,7 @@ def build_slice_index(
     tumour_free_fraction: Fraction in [0, 1] of tumour-free brain slices to keep.
     seed: Non-negative integer.
     progress: Called as progress(done, total, case_id) after each case.
+    warn: Called with one line for each case that contributes no slice, naming it and why.
 
   Returns:
     The `SliceIndex`, slices in case order then axial order.
@@ -198,8 +200,15 @@ def build_slice_index(
     if case.meta["label"] is None:
       folder = pathlib.Path(case.meta["sources"][name]["path"]).parent
       raise UserError(f"{folder}: case {case.case_id} has no label volume; training needs one")
-    keep = select_slices(case.case_id, case.has_brain(name), case.tumour_in_view(size=size),
+    has_brain = case.has_brain(name)
+    keep = select_slices(case.case_id, has_brain, case.tumour_in_view(size=size),
                          tumour_free_fraction=tumour_free_fraction, seed=seed)
+    if keep.size == 0 and warn is not None:
+      why = (f"{case.meta['sources'][name]['path']}: every voxel is 0 (empty or a failed "
+             "conversion)" if not has_brain.any() else
+             f"no {name} slice has both brain and tumour inside the {size[0]}x{size[1]} view, "
+             f"and tumour_free_fraction={tumour_free_fraction} keeps none of the tumour-free ones")
+      warn(f"case {case.case_id} contributes no training slice: {why}")
     index = len(case_ids)
     case_ids.append(case.case_id)
     zs.append(keep.astype(np.int32))

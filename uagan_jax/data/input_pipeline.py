@@ -96,7 +96,8 @@ class TrainInput:
     self.cases = [cache.open_case(self.cache_dir, c) for c in train_cases]
     self.index = dataset.build_slice_index(
         self.cases, assignment=data.assignment, size=self.size,
-        tumour_free_fraction=config.data.tumour_free_fraction, seed=config.seed)
+        tumour_free_fraction=config.data.tumour_free_fraction, seed=config.seed,
+        warn=lambda message: log(f"warning: {message}"))
     counts = np.bincount(self.index.modality, minlength=len(MODALITIES))
     log(f"training slices: {len(self.index)} ("
         + ", ".join(f"{m} {n}" for m, n in zip(MODALITIES, counts) if n)

@@ -21,6 +21,11 @@ Loaded volumes are reoriented to the closest RAS canonical orientation (the sema
 prediction can be written with the input file's shape, affine, qform/sform codes and header.
 
 Every problem with the user's files is a `UserError` whose one-line message starts with the path.
+Before any voxel is read, each file's header is checked against itself and against the file
+(`_check_header`: a known data type, a sane vox_offset, dims and pixdim, and exactly the bytes the
+dims and data type promise); after opening, its affine (`_check_affine`), and across a case's
+files, the same grid (`_check_same_grid`). A file that passes is read as what its header says; one
+that does not is refused in one line, never read as something else.
 """
 
 from __future__ import annotations
@@ -28,15 +33,18 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+import math
 import os
 import pathlib
+import struct
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
 from nibabel import orientations
 from nibabel.filebasedimages import ImageFileError
+from nibabel.spatialimages import HeaderDataError
 
 from uagan_jax.data import MODALITIES
 from uagan_jax.errors import UserError
@@ -70,8 +78,33 @@ _MSD_MODALITY_NAMES = {
     "flair": "flair", "t2f": "flair", "t1w": "t1", "t1": "t1", "t1n": "t1",
     "t1gd": "t1ce", "t1ce": "t1ce", "t1c": "t1ce", "t2w": "t2", "t2": "t2",
 }
-# Everything nibabel raises on a truncated, corrupt or unreadable file.
-_READ_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile, OSError, ImageFileError, ValueError)
+# Everything nibabel raises on a truncated, corrupt or unreadable file (OSError covers
+# gzip.BadGzipFile; MemoryError a header that claims more than fits; KeyError an unknown code in
+# nibabel's code tables).
+_READ_ERRORS = (EOFError, zlib.error, OSError, ImageFileError, HeaderDataError, ValueError,
+                OverflowError, MemoryError, struct.error, KeyError)
+
+# The NIfTI data types a scan or a label map may be stored in: real scalars. Complex, RGB and
+# float128 voxels are no MRI intensities this code can train on.
+_SUPPORTED_DATATYPES = {
+    2: np.uint8, 4: np.int16, 8: np.int32, 16: np.float32, 64: np.float64, 256: np.int8,
+    512: np.uint16, 768: np.uint32, 1024: np.int64, 1280: np.uint64,
+}
+# A header claiming more than this is refused before anything is allocated: a 1 mm whole body
+# is ~1e8 voxels, an MSD 4D volume 3.6e7.
+_MAX_VOXELS = 2**31
+_MAX_DATA_BYTES = 2**33
+# Spatial voxel sizes of the affine and pixdim[1:4] must agree to this relative tolerance
+# (float32 rounding is ~1e-7; a corrupted field is off by far more).
+_PIXDIM_RTOL = 1e-3
+# The affine's axes must span a volume: |det| / (product of the axis lengths) above this
+# (1 for orthogonal axes; 0 for a flat, singular grid).
+_MIN_AXIS_INDEPENDENCE = 1e-3
+# A case's files are on the same grid when their affines put every voxel of the grid within this
+# fraction of the smallest voxel size of each other.
+_SAME_GRID_VOXELS = 0.01
+# gzip is decompressed in chunks of this size when counting a .nii.gz's bytes.
+_COUNT_CHUNK = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -456,8 +489,204 @@ def _check_modalities(modalities: Sequence[str]) -> tuple[str, ...]:
   return modalities
 
 
+def _shape_text(sizes: Iterable[object]) -> str:
+  """12x10x6: a shape or voxel sizes, as messages write them."""
+  return "x".join(str(n) for n in sizes)
+
+
+def _gzip_problem(path: pathlib.Path, error: BaseException) -> UserError:
+  if isinstance(error, gzip.BadGzipFile) and "Not a gzipped file" in str(error):
+    return UserError(f"{path}: not gzip-compressed ({_one_line(error)}); a .nii.gz must be gzip "
+                     "data (an uncompressed file should be named .nii)")
+  return UserError(f"{path}: truncated or corrupt NIfTI ({_one_line(error)})")
+
+
+def _read_head(path: pathlib.Path, compressed: bool) -> bytes:
+  """The first bytes of the (decompressed) file: room for a NIfTI-2 header and its extender."""
+  try:
+    with (gzip.open(path, "rb") if compressed else open(path, "rb")) as f:
+      return f.read(nib.nifti2.header_dtype.itemsize + 4)
+  except FileNotFoundError as error:
+    raise UserError(f"{path}: file not found") from error
+  except (OSError, EOFError, zlib.error) as error:
+    raise _gzip_problem(path, error) from error
+
+
+def _decompressed_size(path: pathlib.Path, *, limit: int) -> int:
+  """The decompressed size of a gzip file, counted in chunks (never held whole); stops counting
+  once it exceeds ``limit``. gzip checks each member's CRC32 and length as it ends."""
+  total = 0
+  try:
+    with gzip.open(path, "rb") as f:
+      while total <= limit:
+        chunk = f.read(_COUNT_CHUNK)
+        if not chunk:
+          break
+        total += len(chunk)
+  except gzip.BadGzipFile as error:
+    # The file began as gzip (its header was read), so this comes after a complete member.
+    if "Not a gzipped file" in str(error):
+      raise UserError(f"{path}: bytes after the end of the gzip data are no gzip data "
+                      f"({_one_line(error)}); the file is corrupt") from error
+    raise _gzip_problem(path, error) from error
+  except (OSError, EOFError, zlib.error) as error:
+    raise _gzip_problem(path, error) from error
+  return total
+
+
+def _check_header(path: pathlib.Path, *, ndim: int) -> tuple[np.void, tuple[int, ...]]:
+  """UserError unless a file's NIfTI header is self-consistent and matches the file's size.
+
+  Runs before nibabel reads anything, on the raw header: a file that passes holds exactly the
+  voxels its header describes, in a data type this code reads, so nibabel cannot read it as
+  something else (header bytes as voxels, a slice dropped, int16 bytes as uint8).
+
+  Returns:
+    The raw header record (fields as in nibabel's header dtype) and the image's shape.
+  """
+  compressed = path.name.lower().endswith(".gz")
+  head = _read_head(path, compressed)
+  if len(head) < 4:
+    raise UserError(f"{path}: {len(head)} bytes; too short for a NIfTI header (348 bytes)")
+  for endian in "<>":
+    sizeof_hdr = int(np.frombuffer(head[:4], f"{endian}i4")[0])
+    if sizeof_hdr in (348, 540):
+      break
+  else:
+    if head[:2] == b"\x1f\x8b":
+      raise UserError(f"{path}: gzip-compressed data in a .nii file; name it .nii.gz")
+    raise UserError(f"{path}: not a NIfTI file (sizeof_hdr is {sizeof_hdr}, expected 348 for "
+                    "NIfTI-1 or 540 for NIfTI-2)")
+  version = 1 if sizeof_hdr == 348 else 2
+  header_dtype = (nib.nifti1 if version == 1 else nib.nifti2).header_dtype.newbyteorder(endian)
+  if len(head) < header_dtype.itemsize:
+    raise UserError(f"{path}: the file ends inside its {sizeof_hdr}-byte NIfTI-{version} header")
+  header = np.frombuffer(head[:header_dtype.itemsize], header_dtype)[0]
+
+  magic = bytes(header["magic"])
+  if magic == b"ni1":
+    raise UserError(f"{path}: magic 'ni1' marks the header of a .hdr/.img pair; expected a "
+                    "single-file NIfTI (magic 'n+1')")
+  if not magic.startswith(b"n+1" if version == 1 else b"n+2"):
+    raise UserError(f"{path}: not a single-file NIfTI-{version} (magic {magic!r}, expected "
+                    f"'n+{version}')")
+
+  dim = [int(d) for d in header["dim"]]
+  if not 1 <= dim[0] <= 7:
+    raise UserError(f"{path}: dim[0] is {dim[0]}; a NIfTI image has 1 to 7 dimensions")
+  shape = tuple(dim[1:dim[0] + 1])
+  for axis, n in enumerate(shape, 1):
+    if n == 0:
+      raise UserError(f"{path}: dim[{axis}] is 0: axis {axis} of the image is empty (no voxels)")
+    if n < 0:
+      raise UserError(f"{path}: dim[{axis}] is {n}, negative; the header is corrupt")
+  if len(shape) != ndim:
+    raise UserError(f"{path}: expected a {ndim}D image, got shape {shape}")
+  voxels = math.prod(shape)
+  if voxels > _MAX_VOXELS:
+    raise UserError(f"{path}: header claims {_shape_text(shape)} = {voxels} voxels, more than "
+                    f"the {_MAX_VOXELS} of any MRI volume; the header is corrupt")
+
+  code, bitpix = int(header["datatype"]), int(header["bitpix"])
+  if code not in _SUPPORTED_DATATYPES:
+    known = nib.nifti1.data_type_codes
+    if code in known.code:
+      raise UserError(f"{path}: data type {known.label[code]} (code {code}) is not supported; "
+                      "expected integer or real voxels")
+    raise UserError(f"{path}: datatype code {code} is no NIfTI data type; the header is corrupt")
+  dtype = np.dtype(_SUPPORTED_DATATYPES[code])
+  if bitpix != dtype.itemsize * 8:
+    raise UserError(f"{path}: bitpix {bitpix} disagrees with datatype {dtype.name} "
+                    f"({dtype.itemsize * 8} bits); the header is corrupt")
+  data_bytes = voxels * dtype.itemsize
+  if data_bytes > _MAX_DATA_BYTES:
+    raise UserError(f"{path}: header claims {_shape_text(shape)} {dtype.name} = {data_bytes} "
+                    f"bytes of data, more than {_MAX_DATA_BYTES}; the header is corrupt")
+
+  offset = float(header["vox_offset"])
+  minimum = sizeof_hdr + 4  # the header, then the 4-byte extension flag
+  if not math.isfinite(offset) or offset != int(offset):
+    raise UserError(f"{path}: vox_offset {offset} is not a whole number of bytes")
+  offset = int(offset)
+  if offset < minimum:
+    raise UserError(f"{path}: vox_offset {offset} is below {minimum}: the voxels would start "
+                    "inside the header")
+  if offset % 16:
+    raise UserError(f"{path}: vox_offset {offset} is not a multiple of 16 as NIfTI requires")
+
+  for axis in range(1, min(len(shape), 3) + 1):
+    size = float(header["pixdim"][axis])
+    if not (math.isfinite(size) and size > 0):
+      raise UserError(f"{path}: pixdim[{axis}] is {size:g}; a voxel size must be finite and "
+                      "positive")
+  slope, inter = float(header["scl_slope"]), float(header["scl_inter"])
+  # Slope 0 (the standard) or NaN (nibabel's writer) means "no scaling"; inf means nothing.
+  if math.isinf(slope):
+    raise UserError(f"{path}: scl_slope is {slope:g}; the intensity scaling is corrupt")
+  if slope != 0 and math.isfinite(slope) and not math.isfinite(inter):
+    raise UserError(f"{path}: scl_inter is {inter:g} with scl_slope {slope:g}; the intensity "
+                    "scaling is corrupt")
+  for field in ("qform_code", "sform_code"):
+    if int(header[field]) not in nib.nifti1.xform_codes.code:
+      raise UserError(f"{path}: {field} {int(header[field])} is no NIfTI transform code (0-5)")
+
+  if compressed:
+    file_bytes = _decompressed_size(path, limit=offset + data_bytes)
+  else:
+    file_bytes = path.stat().st_size
+  held = file_bytes - offset
+  if held != data_bytes:
+    if compressed and held > data_bytes:  # counting stopped past the claim: not exact
+      what = f"more after vox_offset {offset}"
+    elif held >= 0:
+      what = f"{held} after vox_offset {offset}"
+    else:
+      what = f"only {file_bytes} in all, less than vox_offset {offset}"
+    why = "truncated or a wrong dim" if held < data_bytes else "trailing bytes or a wrong dim"
+    raise UserError(f"{path}: header says {_shape_text(shape)} {dtype.name} = {data_bytes} "
+                    f"bytes of data but the {'decompressed ' if compressed else ''}file holds "
+                    f"{what}: {why} or datatype")
+  return header, shape
+
+
+def _check_affine(path: pathlib.Path, image, header: np.void) -> None:
+  """UserError unless the affine nibabel picked (sform, else qform, else pixdim) is finite and
+  non-singular, its voxel sizes are pixdim's, and a set qform and sform agree on orientation."""
+  try:
+    affine = np.asarray(image.affine, np.float64)
+    forms = {"sform": image.header.get_sform(), "qform": image.header.get_qform()}
+  except _READ_ERRORS as error:
+    raise UserError(f"{path}: corrupt qform/sform ({_one_line(error)})") from error
+  source = ("sform" if int(header["sform_code"]) else "qform" if int(header["qform_code"])
+            else "pixdim")
+  if not np.all(np.isfinite(affine)):
+    raise UserError(f"{path}: the affine ({source}) has non-finite entries; the header is "
+                    "corrupt")
+  linear = affine[:3, :3]
+  sizes = np.linalg.norm(linear, axis=0)
+  if not np.all(sizes > 0) or (abs(np.linalg.det(linear)) / np.prod(sizes)
+                               < _MIN_AXIS_INDEPENDENCE):
+    raise UserError(f"{path}: the affine ({source}) is singular (its voxel axes do not span a "
+                    "volume); the header is corrupt")
+  pixdim = np.asarray(header["pixdim"][1:4], np.float64)
+  if not np.allclose(sizes, pixdim, rtol=_PIXDIM_RTOL, atol=0):
+    raise UserError(f"{path}: the affine ({source}) has voxel sizes "
+                    f"{_shape_text(f'{s:.4g}' for s in sizes)} mm but pixdim says "
+                    f"{_shape_text(f'{s:.4g}' for s in pixdim)}; one of them is corrupt")
+  if int(header["sform_code"]) and int(header["qform_code"]):
+    codes = {}
+    for name, form in forms.items():
+      ornt = orientations.io_orientation(form) if np.all(np.isfinite(form)) else None
+      codes[name] = ("?" if ornt is None or np.isnan(ornt).any()
+                     else "".join(orientations.ornt2axcodes(ornt)))
+    if codes["sform"] != codes["qform"]:
+      raise UserError(f"{path}: sform says orientation {codes['sform']} but qform says "
+                      f"{codes['qform']}; one of them is corrupt")
+
+
 def _open(path: pathlib.Path, *, ndim: int) -> nib.spatialimages.SpatialImage:
-  """Opens a NIfTI header (no voxel data yet) and checks its dimensionality."""
+  """Checks a NIfTI file (`_check_header`, `_check_affine`) and opens it (no voxel data yet)."""
+  header, _ = _check_header(path, ndim=ndim)
   try:
     image = nib.load(path)
   except FileNotFoundError as error:
@@ -466,6 +695,7 @@ def _open(path: pathlib.Path, *, ndim: int) -> nib.spatialimages.SpatialImage:
     raise UserError(f"{path}: truncated or corrupt NIfTI ({_one_line(error)})") from error
   if len(image.shape) != ndim:
     raise UserError(f"{path}: expected a {ndim}D image, got shape {tuple(image.shape)}")
+  _check_affine(path, image, header)
   return image
 
 
@@ -559,14 +789,13 @@ def load_case(case: CaseFiles, *, modalities: Sequence[str] = MODALITIES,
       if reference is None:
         reference = (path, image, tuple(image.shape), ornt)
       else:
-        _check_same_grid(reference, path, tuple(image.shape), ornt)
+        _check_same_grid(reference, path, image, ornt)
       raw[m] = _to_float_image(path, _read(path, image))
 
   label = None
   if with_label and case.label is not None:
     image = _open(case.label, ndim=3)
-    _check_same_grid(reference, case.label, tuple(image.shape),
-                     _orientation(case.label, image))
+    _check_same_grid(reference, case.label, image, _orientation(case.label, image))
     label = _to_label(case.label, _read(case.label, image), convention=case.label_convention)
 
   ref_path, ref_image, ref_shape, ref_ornt = reference
@@ -584,10 +813,12 @@ def load_case(case: CaseFiles, *, modalities: Sequence[str] = MODALITIES,
                 spacing=spacing, source=source)
 
 
-def _check_same_grid(reference, path: pathlib.Path, shape: tuple[int, ...],
-                     ornt: np.ndarray) -> None:
-  """UserError unless a file has the reference file's spatial shape and voxel orientation."""
-  ref_path, _, ref_shape, ref_ornt = reference
+def _check_same_grid(reference, path: pathlib.Path, image, ornt: np.ndarray) -> None:
+  """UserError unless a file has the reference file's spatial shape, voxel orientation and
+  affine (every voxel of the grid within `_SAME_GRID_VOXELS` of a voxel size of its place in the
+  reference)."""
+  ref_path, ref_image, ref_shape, ref_ornt = reference
+  shape = tuple(image.shape[:3])
   if shape != ref_shape:
     raise UserError(f"{path}: shape {shape} differs from {ref_path} shape {ref_shape}")
   if not np.array_equal(ornt, ref_ornt):
@@ -595,6 +826,16 @@ def _check_same_grid(reference, path: pathlib.Path, shape: tuple[int, ...],
     ref_codes = "".join(orientations.ornt2axcodes(ref_ornt))
     raise UserError(f"{path}: voxel orientation {codes} differs from {ref_path} orientation "
                     f"{ref_codes}; the volumes would not line up")
+  # The grid's corners bound how far any voxel moves between two affines (affine maps).
+  corners = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1)
+                      for k in (0, shape[2] - 1)]).T
+  ref_affine = np.asarray(ref_image.affine, np.float64)
+  apart = float(np.max(np.linalg.norm(
+      (np.asarray(image.affine, np.float64) @ corners - ref_affine @ corners)[:3], axis=0)))
+  tolerance = _SAME_GRID_VOXELS * float(np.min(np.linalg.norm(ref_affine[:3, :3], axis=0)))
+  if apart > tolerance:
+    raise UserError(f"{path}: affine differs from {ref_path}'s: voxels up to {apart:.3g} mm "
+                    f"apart (tolerance {tolerance:.3g} mm); the volumes would not line up")
 
 
 def _convention(convention: str) -> dict:
