@@ -25,7 +25,7 @@ import numpy as np
 
 from uagan_jax import families, inference, visualize
 from uagan_jax import metrics as metrics_lib
-from uagan_jax.data import MODALITIES, REGIONS, preprocess, readers
+from uagan_jax.data import MODALITIES, REGIONS, checks, preprocess, readers
 from uagan_jax.errors import UserError
 
 # --------------------------------------------------------------------------------------------
@@ -135,7 +135,8 @@ def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
     state: a train state to evaluate; default: the ``checkpoint`` in ``workdir``.
     checkpoint: without ``state``: "latest" or "best" (see `load_state`).
     curves: also draw ``figures/training_curves.png`` from the workdir's logs.
-    log: where progress and the table go.
+    log: where progress, the table and a ``warning: ...`` per image file that does not look
+      skull-stripped (`checks`) go.
 
   Returns:
     ``{"rows": [...per case and modality...], "translation_rows": [...], "summary":
@@ -180,6 +181,11 @@ def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
   started = time.time()
   for number, case_id in enumerate(case_ids, 1):
     volume = readers.load_case(cases[case_id], modalities=modalities, with_label=segments)
+    for modality in modalities:
+      warning = checks.skull_strip_warning(volume.images[modality],
+                                           path=checks.image_name(cases[case_id], modality))
+      if warning is not None:
+        log(f"warning: {warning}")
     if segments:
       truth = truth_regions(volume, cases[case_id])
       predictions, scores = {}, {}

@@ -45,7 +45,7 @@ import ml_collections
 import numpy as np
 
 from uagan_jax import inference, volume_io
-from uagan_jax.data import readers
+from uagan_jax.data import checks, readers
 from uagan_jax.errors import UserError
 
 # --labels choices: the label conventions the readers know.
@@ -267,6 +267,9 @@ def _predict_case(segmentor: VolumeSegmentor, case: readers.CaseFiles, output: p
   image_file = case.images[modality]
   volume, slices = volume_io.load_brain_image(case, modality, verb="segment", log=step_log)
   image = volume.images[modality]
+  warning = checks.skull_strip_warning(image, path=checks.image_name(case, modality))
+  if warning is not None:
+    log(f"warning: {warning}")
   height, width = segmentor.config.data.image_size
   step_log(f"segmenting {slices} slices (volume {'x'.join(map(str, image.shape))} canonical, "
            f"slices {height}x{width})")

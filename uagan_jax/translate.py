@@ -36,7 +36,7 @@ import ml_collections
 import numpy as np
 
 from uagan_jax import inference, volume_io
-from uagan_jax.data import preprocess
+from uagan_jax.data import checks, preprocess
 from uagan_jax.errors import UserError
 
 
@@ -221,6 +221,9 @@ def translate_file(input_path: str | os.PathLike, output_path: str | os.PathLike
 
   volume, slices = volume_io.load_brain_image(case, source, verb="translate", log=log)
   image = volume.images[source]
+  warning = checks.skull_strip_warning(image, path=checks.image_name(case, source))
+  if warning is not None:
+    log(f"warning: {warning}")
   height, width = translator.config.data.image_size
   log(f"translating {slices} slices {source} -> {target} (volume {'x'.join(map(str, image.shape))}"
       f" canonical, slices {height}x{width})")

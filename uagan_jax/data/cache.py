@@ -12,7 +12,8 @@ writes, per case, a folder ``CACHE/cases/<case_id>/`` holding
 * ``meta.json``: the source files (size, modification time), the canonical shape and the brain
   box, per modality the float64 mean and standard deviation of the brain voxels (the z-score's
   statistics, computed as `preprocess.zscore_brain` does on the whole volume), which axial slices
-  have brain, per slice the bounding box of the tumour, and a CRC32 of every stored slice.
+  have brain, its `checks.Occupancy` (the skull-strip check's measurements), per slice the
+  bounding box of the tumour, and a CRC32 of every stored slice.
 
 The folder is written under a temporary name and renamed when complete, so an interrupted
 ``prepare`` leaves only whole cases and resumes where it stopped. ``meta.json``'s sources make a
@@ -39,11 +40,11 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from uagan_jax.data import MODALITIES, preprocess, readers
+from uagan_jax.data import MODALITIES, checks, preprocess, readers
 from uagan_jax.errors import UserError
 
 # Bumped whenever what is stored, or how, changes: a cache of another version is prepared again.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CASES_DIR = "cases"
 MANIFEST = "manifest.json"
 META = "meta.json"
@@ -152,6 +153,7 @@ def prepare_case(case: readers.CaseFiles, cases_dir: pathlib.Path) -> str:
         "dtype": str(data.dtype), "mean": float(values.mean()) if values.size else 0.0,
         "std": float(values.std()) if values.size else 0.0,
         "has_brain": [int(z) for z in np.flatnonzero(brain.any(axis=(0, 1)))],
+        "occupancy": dataclasses.asdict(checks.occupancy(image)),
         "crc32": _crcs(data)}
   if volume.label is not None:
     data = _slice_major(volume.label, box)
@@ -205,12 +207,29 @@ def _stale_reason(case: readers.CaseFiles, meta: dict | None, unreadable: str | 
   return None
 
 
-def _prepare_worker(job) -> tuple[str, str | None]:
+def input_warnings(case: readers.CaseFiles, meta: dict) -> list[str]:
+  """The skull-strip warnings (`checks.warning_for`) of a prepared case's image files, from the
+  measurements its meta.json holds (no image is read)."""
+  warnings = []
+  for modality, info in meta["modalities"].items():
+    warning = checks.warning_for(checks.Occupancy(**info["occupancy"]),
+                                 path=checks.image_name(case, modality))
+    if warning is not None:
+      warnings.append(warning)
+  return warnings
+
+
+def _prepare_worker(job) -> tuple[str, str | None, list[str]]:
+  """(case id, None, its input warnings) or (case id, the error, [])."""
   case, cases_dir = job
   try:
-    return prepare_case(case, cases_dir), None
+    case_id = prepare_case(case, cases_dir)
   except UserError as error:
-    return case.case_id, str(error)
+    return case.case_id, str(error), []
+  meta, unreadable = _read_meta(cases_dir / case_id)
+  if meta is None:
+    return case_id, f"{cases_dir / case_id / META}: {unreadable} right after it was written", []
+  return case_id, None, input_warnings(case, meta)
 
 
 def prepare(data_dir: str | os.PathLike, cache_dir: str | os.PathLike, *,
@@ -224,7 +243,8 @@ def prepare(data_dir: str | os.PathLike, cache_dir: str | os.PathLike, *,
     cases: the cases of ``data_dir`` if already found.
     workers: processes that read and write cases; 0 = the machine's core count; 1 = in this
       process.
-    log: progress lines, with the count and an ETA.
+    log: progress lines, with the count and an ETA, and once per image file that does not look
+      skull-stripped a ``warning: ...`` line (`checks`), for reused cases too (from meta.json).
 
   Returns:
     The cache folder.
@@ -245,10 +265,14 @@ def prepare(data_dir: str | os.PathLike, cache_dir: str | os.PathLike, *,
     raise UserError(f"{cases_dir}: cannot write the cache (no write permission)")
   todo, reasons = [], {}
   for case in cases:
-    reason = _stale_reason(case, *_read_meta(cases_dir / case.case_id))
+    meta, unreadable = _read_meta(cases_dir / case.case_id)
+    reason = _stale_reason(case, meta, unreadable)
     if reason is not None:
       todo.append(case)
       reasons[reason] = reasons.get(reason, 0) + 1
+    else:  # reused: its warnings are logged now, those of the cases to prepare when prepared
+      for warning in input_warnings(case, meta):
+        log(f"warning: {warning}")
   if not todo:
     log(f"cache {cache_dir}: all {len(cases)} cases prepared and up to date")
   else:
@@ -266,9 +290,11 @@ def prepare(data_dir: str | os.PathLike, cache_dir: str | os.PathLike, *,
       pool = multiprocessing.get_context("spawn").Pool(workers)
       results = pool.imap(_prepare_worker, jobs)
     try:
-      for done, (case_id, error) in enumerate(results, 1):
+      for done, (case_id, error, warnings) in enumerate(results, 1):
         if error is not None:
           raise UserError(error)
+        for warning in warnings:
+          log(f"warning: {warning}")
         elapsed = time.time() - started
         if done == len(todo) or done % max(1, len(todo) // 20) == 0 or len(todo) <= 20:
           log(f"  prepared {done}/{len(todo)} cases ({case_id}), {elapsed:.0f} s, "
