@@ -96,7 +96,7 @@ def get_config(variant: str = ""):
     c.loss.ce_class_weights = (0.02, 0.98)  # train_uagan.py:179 (--use_weight 1 at :382)
     c.loss.dice_weight = 0.0  # train_uagan.py:158-167: seg_loss is the cross-entropy alone
     c.loss.bce_weight = 0.0
-    c.loss.adversarial_weight = 0.0  # the official code has no SegAN critic
+    c.loss.adversarial_weight = 0.0  # train_uagan.py:101-102: G and D alone, no SegAN critic
     c.loss.region_weights = (1.0, 0.0, 0.0)  # utils/tsfm.py:98: label != 0, the whole tumour
     # Shape: the same weighted cross-entropy on the translation, ramped from 0 to 100.
     c.loss.shape_loss = "weighted_ce"  # train_uagan.py:264 g_loss_shape = seg_loss(y_rec, ...)
@@ -126,7 +126,7 @@ def get_config(variant: str = ""):
     c.model.generator_pair_heads = False  # net/uagan.py: one score conv
     c.model.generator_norm = "instance"  # train_uagan.py:357 --norm_type instance
     c.model.generator_features = 64  # train_uagan.py:355 --feature_maps 64
-    c.model.segmentor_features = (64, 128, 256, 512)  # :355-356 64 maps, 4 levels, doubling
+    c.model.segmentor_features = (64, 128, 256, 512)  # train_uagan.py:355-356 64 maps, 4 levels, doubling
     c.model.discriminator_features = 64  # train_uagan.py:359 --d_conv_dim 64
     c.model.discriminator_layers = 6  # train_uagan.py:360 --d_repeat_num 6
     c.model.discriminator_per_modality = False  # net/uagan.py Discriminator: one out_src map
