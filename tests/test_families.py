@@ -217,3 +217,41 @@ def test_the_unified_optimizer_gives_each_parameter_its_streams_learning_rate():
       np.testing.assert_allclose(np.asarray(leaf), -lr[stream], rtol=1e-5)
     seen.add(prefixes[0])
   assert seen == set(EXPECTED_STREAM)  # the test config has both gates
+
+
+# ------------------------------------------------------------------------------------------------
+# The papers' keys (configs/*.py:paper) leave today's step alone at their defaults.
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["", "uagan"])
+def test_recipe_keys_at_their_defaults_leave_the_step_bit_identical(variant):
+  """A step of configs/test.py with the keys' defaults equals one where each new key is set to a
+  value that must not matter: the weighted cross-entropy at weight 0 (with other class weights),
+  the linear schedule's bounds unused by the staircase, region weights () and the shape loss's
+  and the L1's default forms named explicitly."""
+  from uagan_jax import train  # pylint: disable=g-import-not-at-top
+  neutral = ("--config.loss.ce_weight=0", "--config.loss.ce_class_weights=(0.02, 0.98)",
+             "--config.optim.schedule=staircase", "--config.optim.decay_start=1",
+             "--config.optim.decay_end=2", "--config.optim.decay_final_fraction=0.5",
+             "--config.loss.region_weights=()", "--config.loss.shape_loss=bce_dice",
+             "--config.loss.scale_pooling=per_scale")
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.normal(size=(8, 32, 32, 1)).astype(np.float32),
+           "regions": (rng.random((8, 32, 32, 3)) > 0.7).astype(np.float32),
+           "modality": rng.integers(0, 4, 8).astype(np.int32)}
+  results = []
+  for overrides in ((), neutral):
+    config = load_test_config("--config.data.augment=false", *overrides, variant=variant)
+    mesh = parallel.make_mesh(1)
+    state = train_state.init_state(config, mesh)
+    step = train.make_step(config, mesh, donate=False)
+    state, metrics = step(state, parallel.shard_batch(batch, mesh),
+                          jax.random.fold_in(state.base_key, 0))
+    results.append(jax.device_get((state.nets, metrics)))
+  (nets_a, metrics_a), (nets_b, metrics_b) = results
+  assert set(metrics_a) == set(metrics_b)
+  for name in metrics_a:
+    np.testing.assert_array_equal(metrics_a[name], metrics_b[name], err_msg=name)
+  for a, b in zip(jax.tree.leaves(nets_a), jax.tree.leaves(nets_b)):
+    np.testing.assert_array_equal(a, b)

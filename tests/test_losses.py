@@ -232,3 +232,113 @@ def test_gradient_penalty_on_stargan_discriminator_src_head():
   singles = jax.vmap(lambda r, f, a: penalty_fn(r[None], f[None], a[None]))(real, fake, alpha)
   assert float(penalty) == pytest.approx(float(jnp.mean(singles)), rel=1e-4)
   assert not np.allclose(singles, singles[0])  # the examples really differ
+
+
+# ------------------------------------------------------------------------------------------------
+# The papers' recipes (configs/*.py:paper): SegAN's concatenated L1, UAGAN's weighted cross-entropy,
+# per-region weights, the learning-rate schedules.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_multiscale_l1_concatenated_pools_every_element_as_segans_code():
+  # Scale 0: |[1,1] - [0,0]| sums to 2 over 2 elements; scale 1: |[3] - [0]| = 3 over 1 element.
+  # Weights (1, 2): concatenated (1 * 2 + 2 * 3) / 3 = 8/3; per scale (1 * 1 + 2 * 3) / 2 = 3.5.
+  a = [jnp.array([[1.0, 1.0]]), jnp.array([[3.0]])]
+  b = [jnp.zeros((1, 2)), jnp.zeros((1, 1))]
+  assert float(losses.multiscale_l1(features_a=a, features_b=b, scale_weights=(1.0, 2.0),
+                                    pooling="concatenated")) == pytest.approx(8 / 3)
+  assert float(losses.multiscale_l1(features_a=a, features_b=b, scale_weights=(1.0, 2.0))) == \
+      pytest.approx(3.5)
+  with pytest.raises(ValueError, match="pooling"):
+    losses.multiscale_l1(features_a=a, features_b=b, pooling="sum")
+
+
+def test_class_weighted_cross_entropy_hand_computed():
+  # Two pixels with logit ln 3 (p = 0.75): a tumour one (nll -ln 0.75) and a background one
+  # (nll -ln 0.25 = ln 4). Weights (0.02, 0.98) sum to 1 over the two: 0.98 * -ln 0.75 + 0.02 ln 4.
+  logits = _maps([np.log(3.0), np.log(3.0)])
+  targets = _maps([1.0, 0.0])
+  expected = 0.98 * -np.log(0.75) + 0.02 * np.log(4.0)
+  value = losses.class_weighted_cross_entropy(logits=logits, targets=targets,
+                                              class_weights=(0.02, 0.98))
+  assert float(value) == pytest.approx(expected, rel=1e-6)
+  # Equal class weights: the plain mean binary cross-entropy.
+  assert float(losses.class_weighted_cross_entropy(
+      logits=logits, targets=targets, class_weights=(1.0, 1.0))) == pytest.approx(
+          float(losses.binary_cross_entropy(logits=logits, targets=targets)), rel=1e-6)
+
+
+def test_class_weighted_cross_entropy_equals_two_class_softmax_cross_entropy():
+  # UAGAN's code: F.cross_entropy(outputs [B,2,H,W], targets, weight) = sum w_y nll / sum w_y.
+  # A sigmoid of z is the softmax of (0, z), so the two agree.
+  rng = np.random.default_rng(0)
+  z = rng.normal(size=(2, 3, 3, 1)).astype(np.float32)
+  t = (rng.random((2, 3, 3, 1)) > 0.5).astype(np.float32)
+  w = np.array([0.02, 0.98])
+  two_class = np.concatenate([np.zeros_like(z), z], axis=-1)
+  log_softmax = two_class - np.log(np.exp(two_class).sum(-1, keepdims=True))
+  labels = t[..., 0].astype(int)
+  nll = -np.take_along_axis(log_softmax, labels[..., None], -1)[..., 0]
+  expected = (w[labels] * nll).sum() / w[labels].sum()
+  value = losses.class_weighted_cross_entropy(logits=jnp.asarray(z), targets=jnp.asarray(t),
+                                              class_weights=tuple(w))
+  assert float(value) == pytest.approx(expected, rel=1e-5)
+
+
+def test_region_weights_train_only_the_weighted_regions():
+  # Three regions, one pixel each: WT perfect, TC and ET wrong.
+  probs = jnp.asarray([1.0, 1.0, 0.0]).reshape(1, 1, 1, 3)
+  targets = jnp.asarray([1.0, 0.0, 1.0]).reshape(1, 1, 1, 3)
+  # Dice per region: WT (2 + 1) / (2 + 1) = 1, TC 1 / (1 + 1) = 0.5, ET 1 / (1 + 1) = 0.5.
+  assert float(losses.soft_dice_loss(probs=probs, targets=targets)) == pytest.approx(1 - 2 / 3)
+  assert float(losses.soft_dice_loss(probs=probs, targets=targets,
+                                     region_weights=(1.0, 0.0, 0.0))) == pytest.approx(0.0)
+  assert float(losses.soft_dice_loss(probs=probs, targets=targets,
+                                     region_weights=(1.0, 1.0, 0.0))) == pytest.approx(0.25)
+  logits = jnp.asarray([0.0, 2.0, -1.0]).reshape(1, 1, 1, 3)
+  per_region = [np.log(2.0), np.log1p(np.exp(2.0)), np.log1p(np.exp(1.0))]
+  assert float(losses.binary_cross_entropy(logits=logits, targets=targets,
+                                           region_weights=(1.0, 0.0, 0.0))) == \
+      pytest.approx(per_region[0], rel=1e-6)
+  assert float(losses.binary_cross_entropy(logits=logits, targets=targets,
+                                           region_weights=(1.0, 0.0, 3.0))) == \
+      pytest.approx((per_region[0] + 3 * per_region[2]) / 4, rel=1e-6)
+  # Gradients reach only the weighted region.
+  grads = jax.grad(lambda x: losses.class_weighted_cross_entropy(
+      logits=x, targets=targets, class_weights=(0.02, 0.98), region_weights=(1.0, 0.0, 0.0)))(logits)
+  assert float(grads[..., 0].squeeze()) != 0.0
+  assert np.all(np.asarray(grads[..., 1:]) == 0.0)
+  # The shape loss takes them too: BCE + Dice of WT alone.
+  assert float(losses.shape_loss(logits_translated=logits, targets=targets,
+                                 region_weights=(1.0, 0.0, 0.0))) == pytest.approx(
+      per_region[0] + 1 - (2 * 0.5 + 1) / (0.5 + 1 + 1), rel=1e-6)
+
+
+def test_staircase_schedule_is_todays_decay():
+  from uagan_jax.families import shared  # pylint: disable=g-import-not-at-top
+  from conftest import load_test_config  # pylint: disable=g-import-not-at-top
+  config = load_test_config("--config.optim.decay_every=10", "--config.optim.decay_rate=0.5")
+  assert config.optim.schedule == "staircase"  # the default
+  schedule = shared.learning_rate(config, 2e-4)
+  for step in (0, 9, 10, 11, 25, 1000):
+    assert float(schedule(step)) == pytest.approx(2e-4 * 0.5 ** (step // 10), rel=1e-6)
+  # The optax function the trainer built before the schedule key existed, bit for bit.
+  before = __import__("optax").exponential_decay(2e-4, transition_steps=10, decay_rate=0.5,
+                                                 staircase=True)
+  for step in (0, 9, 10, 11, 25, 1000):
+    assert float(schedule(step)) == float(before(step))
+  # decay_every 0: the constant itself, as before.
+  assert shared.learning_rate(load_test_config(), 2e-4) == 2e-4
+
+
+def test_linear_schedule_hand_computed():
+  from uagan_jax.families import shared  # pylint: disable=g-import-not-at-top
+  from conftest import load_test_config  # pylint: disable=g-import-not-at-top
+  config = load_test_config("--config.optim.schedule=linear", "--config.optim.decay_start=60",
+                            "--config.optim.decay_end=100",
+                            "--config.optim.decay_final_fraction=0.01")
+  schedule = shared.learning_rate(config, 1e-4)
+  # Constant to step 60, then down by (1e-4 - 1e-6) / 40 a step, 1e-6 from step 100 on.
+  for step, expected in ((0, 1e-4), (60, 1e-4), (70, 1e-4 - 10 * 99e-6 / 40),
+                         (80, (1e-4 + 1e-6) / 2), (100, 1e-6), (500, 1e-6)):
+    assert float(schedule(step)) == pytest.approx(expected, rel=1e-5)

@@ -84,7 +84,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.adversarial_weight = 1.0
   c.loss.dice_weight = 1.0
   c.loss.bce_weight = 0.0
-  c.loss.scale_weights = ()  # per-scale weights of the multi-scale L1; () = all ones
+  c.loss.scale_weights = ()  # per-scale weights of the multi-scale L1 (input, then each block); () = all ones
+  # How the multi-scale L1 pools its scales: "per_scale" (a mean per scale, then over scales) or
+  # "concatenated" (SegAN's code: one mean over every scale's elements; losses.multiscale_l1).
+  c.loss.scale_pooling = "per_scale"
+  # S's class-weighted cross-entropy (UAGAN's segmentation loss; losses.class_weighted_cross_entropy)
+  # and its (background, tumour) weights; 0 = off.
+  c.loss.ce_weight = 0.0
+  c.loss.ce_class_weights = (1.0, 1.0)
+  # Weights of the regions (WT, TC, ET) in S's Dice, BCE and weighted cross-entropy and in the
+  # shape loss (not in the critic's multi-scale L1); () = every region alike. (1, 0, 0) trains the
+  # whole tumour only: the network still has three output maps, TC and ET untrained.
+  c.loss.region_weights = ()
   c.loss.critic_constraint = "clip"  # "clip" (SegAN's weight clipping) or "gradient_penalty"
   c.loss.clip_limit = 0.05
   c.loss.gp_weight = 10.0
@@ -98,6 +109,9 @@ def base_config() -> ml_collections.ConfigDict:
   # UAGAN shape loss: S(G(x, t), t) must segment like y; its weight ramps up linearly from 0.
   c.loss.shape_weight = 1.0
   c.loss.shape_ramp_steps = 1000
+  # The shape loss's form: "bce_dice" (losses.shape_loss) or "weighted_ce" (UAGAN's code: the same
+  # class-weighted cross-entropy as S's, with loss.ce_class_weights).
+  c.loss.shape_loss = "bce_dice"
 
   c.optim = ml_collections.ConfigDict()
   c.optim.segmentor_lr = 2e-4
@@ -106,10 +120,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.discriminator_lr = 1e-4
   c.optim.b1 = 0.5  # SegAN / DCGAN Adam betas
   c.optim.b2 = 0.999
-  # Staircase decay on the absolute step (never on train.steps, so that extending a finished run
-  # or resuming one follows the same trajectory): lr * decay_rate ** (step // decay_every).
+  # The learning-rate schedule, always on the absolute step (never on train.steps, so that
+  # extending a finished run or resuming one follows the same trajectory):
+  # "staircase": lr * decay_rate ** (step // decay_every) (decay_every 0 = constant);
+  # "linear": lr until decay_start, then linearly to lr * decay_final_fraction at decay_end, then
+  # constant (UAGAN's and StarGAN's code).
+  c.optim.schedule = "staircase"
   c.optim.decay_every = 0  # 0 = constant learning rate
   c.optim.decay_rate = 0.5
+  c.optim.decay_start = 0
+  c.optim.decay_end = 0
+  c.optim.decay_final_fraction = 0.0
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 20_000
@@ -197,6 +218,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise UserError(f"config model.dtype={config.model.dtype!r}: use float32 or bfloat16")
   if config.train.parallel_mode not in ("shard_map", "pmap"):
     raise UserError(f"config train.parallel_mode={config.train.parallel_mode!r}: use shard_map or pmap")
+  _validate_recipe_keys(config)
   for key in ("train.steps", "train.batch_size", "train.log_every", "train.checkpoint_every",
               "train.keep_checkpoints", "train.n_critic", "data.loader_threads"):
     group, name = key.split(".")
@@ -207,6 +229,39 @@ def validate(config: ml_collections.ConfigDict) -> None:
     group, name = key.split(".")
     if config[group][name] < 0:
       raise UserError(f"config {key}={config[group][name]}: must be >= 0")
+
+
+def _validate_recipe_keys(config: ml_collections.ConfigDict) -> None:
+  """The loss and schedule keys the papers' recipes set (configs/*.py:paper)."""
+  loss, optim = config.loss, config.optim
+  choices = {"loss.scale_pooling": ("per_scale", "concatenated"),
+             "loss.shape_loss": ("bce_dice", "weighted_ce"),
+             "optim.schedule": ("staircase", "linear")}
+  for key, known in choices.items():
+    group, name = key.split(".")
+    if config[group][name] not in known:
+      raise UserError(f"config {key}={config[group][name]!r}: use {' or '.join(known)}")
+  scales = len(config.model.critic_features) + 1  # the critic's input, then each block
+  if loss.scale_weights and len(loss.scale_weights) != scales:
+    raise UserError(f"config loss.scale_weights={tuple(loss.scale_weights)}: give {scales} "
+                    f"weights (the critic's input and each of its {scales - 1} blocks) or ()")
+  if len(loss.ce_class_weights) != 2 or min(loss.ce_class_weights) < 0 or \
+      sum(loss.ce_class_weights) <= 0:
+    raise UserError(f"config loss.ce_class_weights={tuple(loss.ce_class_weights)}: give two "
+                    "non-negative weights (background, tumour), not both 0")
+  if loss.region_weights and (len(loss.region_weights) != 3 or min(loss.region_weights) < 0
+                              or sum(loss.region_weights) <= 0):
+    raise UserError(f"config loss.region_weights={tuple(loss.region_weights)}: give three "
+                    "non-negative weights (WT, TC, ET), not all 0, or ()")
+  if loss.ce_weight < 0:
+    raise UserError(f"config loss.ce_weight={loss.ce_weight}: must be >= 0")
+  if optim.schedule == "linear":
+    if not 0 <= optim.decay_start < optim.decay_end:
+      raise UserError(f"config optim.decay_start={optim.decay_start}, optim.decay_end="
+                      f"{optim.decay_end}: the linear schedule needs 0 <= decay_start < decay_end")
+    if not 0 <= optim.decay_final_fraction <= 1:
+      raise UserError(f"config optim.decay_final_fraction={optim.decay_final_fraction}: must be "
+                      "in [0, 1]")
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:

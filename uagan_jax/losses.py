@@ -20,22 +20,31 @@ import optax
 
 
 def multiscale_l1(*, features_a: Sequence[jax.Array], features_b: Sequence[jax.Array],
-                  scale_weights: Sequence[float] | None = None) -> jax.Array:
+                  scale_weights: Sequence[float] | None = None,
+                  pooling: str = "per_scale") -> jax.Array:
   """SegAN's multi-scale L1 loss (Xue et al. 2018, eq. 2-3).
 
   ``l_mae(f(x), f(x')) = 1/L * sum_i w_i * mean |f_i(x) - f_i(x')|``, where ``f_i`` is the critic's
   feature map at scale ``i``. The first "scale" is the critic's input itself (the image masked by
   the predicted or the true region maps), so pixel-level differences count as well as the
-  hierarchical ones. Each scale is a mean over its elements (and the batch), so a scale with many
-  elements does not drown the others; ``scale_weights`` (default all 1) reweights them.
+  hierarchical ones. With ``pooling="per_scale"`` each scale is a mean over its elements (and the
+  batch), so a scale with many elements does not drown the others; ``scale_weights`` (default
+  all 1) reweights them.
+
+  ``pooling="concatenated"`` is SegAN's code instead (YuanXue1993/SegAN net.py, ``NetC.forward``
+  and train.py's ``torch.mean(torch.abs(result - target_G))``): every scale, times its weight, is
+  flattened into one vector and the loss is the mean over all its elements,
+  ``sum_i w_i * sum |f_i(x) - f_i(x')| / sum_i n_i``, so each scale counts by its element count.
 
   Args:
     features_a: per-scale arrays [B, ...] from the critic applied to ``image * predicted_map``.
     features_b: the same scales from the critic applied to ``image * true_map``.
     scale_weights: optional weight per scale.
+    pooling: ``"per_scale"`` (mean per scale, then over scales) or ``"concatenated"`` (one mean
+      over the elements of every scale).
 
   Returns:
-    The scalar loss, averaged over scales and batch.
+    The scalar loss.
   """
   if len(features_a) != len(features_b):
     raise ValueError(f"{len(features_a)} scales against {len(features_b)}")
@@ -43,11 +52,24 @@ def multiscale_l1(*, features_a: Sequence[jax.Array], features_b: Sequence[jax.A
     scale_weights = (1.0,) * len(features_a)
   if len(scale_weights) != len(features_a):
     raise ValueError(f"{len(scale_weights)} scale weights for {len(features_a)} scales")
+  if pooling == "concatenated":
+    total = sum(w * jnp.sum(jnp.abs(a - b)) for w, a, b in zip(scale_weights, features_a, features_b))
+    return total / sum(a.size for a in features_a)
+  if pooling != "per_scale":
+    raise ValueError(f"unknown pooling {pooling!r}")
   per_scale = [w * jnp.mean(jnp.abs(a - b)) for w, a, b in zip(scale_weights, features_a, features_b)]
   return sum(per_scale) / len(per_scale)
 
 
-def soft_dice_loss(*, probs: jax.Array, targets: jax.Array, smooth: float = 1.0) -> jax.Array:
+def _region_mean(per_region: jax.Array, region_weights: Sequence[float]) -> jax.Array:
+  """The mean over the leading axes of ``per_region`` [..., R], weighted over its last axis."""
+  weights = jnp.asarray(region_weights, per_region.dtype)
+  per_region = jnp.mean(per_region.reshape(-1, per_region.shape[-1]), axis=0)
+  return jnp.sum(weights * per_region) / jnp.sum(weights)
+
+
+def soft_dice_loss(*, probs: jax.Array, targets: jax.Array, smooth: float = 1.0,
+                   region_weights: Sequence[float] | None = None) -> jax.Array:
   """1 - soft Dice, per example and region, averaged.
 
   ``dice = (2 * sum(p * t) + smooth) / (sum(p) + sum(t) + smooth)`` over the spatial axes. The
@@ -58,6 +80,9 @@ def soft_dice_loss(*, probs: jax.Array, targets: jax.Array, smooth: float = 1.0)
     probs: [B, H, W, R] predicted probabilities in [0, 1].
     targets: [B, H, W, R] binary maps.
     smooth: additive smoothing, in voxels.
+    region_weights: optional weight per region R: the loss is the weighted mean over regions of
+      the per-region mean over examples (a weight 0 leaves that region untrained). None: the
+      plain mean over examples and regions.
 
   Returns:
     Scalar loss in [0, 1].
@@ -66,12 +91,55 @@ def soft_dice_loss(*, probs: jax.Array, targets: jax.Array, smooth: float = 1.0)
   intersection = jnp.sum(probs * targets, axis=axes)
   total = jnp.sum(probs, axis=axes) + jnp.sum(targets, axis=axes)
   dice = (2.0 * intersection + smooth) / (total + smooth)
+  if region_weights is not None:
+    return 1.0 - _region_mean(dice, region_weights)
   return 1.0 - jnp.mean(dice)
 
 
-def binary_cross_entropy(*, logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """Mean sigmoid binary cross-entropy, from logits for numerical stability."""
-  return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, targets))
+def binary_cross_entropy(*, logits: jax.Array, targets: jax.Array,
+                         region_weights: Sequence[float] | None = None) -> jax.Array:
+  """Mean sigmoid binary cross-entropy, from logits for numerical stability.
+
+  ``region_weights`` (optional, one per region on the last axis): the weighted mean over regions
+  of the per-region mean; None: the plain mean over every element.
+  """
+  per_element = optax.sigmoid_binary_cross_entropy(logits, targets)
+  if region_weights is not None:
+    return _region_mean(per_element, region_weights)
+  return jnp.mean(per_element)
+
+
+def class_weighted_cross_entropy(*, logits: jax.Array, targets: jax.Array,
+                                 class_weights: Sequence[float],
+                                 region_weights: Sequence[float] | None = None) -> jax.Array:
+  """Class-weighted cross-entropy of binary maps, normalised by the total weight (UAGAN's S loss).
+
+  Each element's negative log-likelihood ``-log p(t)`` (sigmoid of its logit) is weighted by
+  ``class_weights[1]`` where the target is 1 (tumour) and ``class_weights[0]`` where it is 0
+  (background), times its region's weight; the loss is ``sum(w * nll) / sum(w)``. A sigmoid of
+  logit z is the two-class softmax of (0, z), so on one region this is exactly PyTorch's
+  ``F.cross_entropy(outputs, targets, weight=class_weights)`` with mean reduction, which UAGAN's
+  code trains with (mangoyuan/UAGAN train_uagan.py:164, weights [0.02, 0.98] at :179).
+
+  Unlike the other losses here it is a ratio of sums: inside the data-parallel step each device
+  normalises by its own shard's weight, so with several devices the step's mean of the shards'
+  ratios is not exactly the global-batch ratio (it is with one device).
+
+  Args:
+    logits: [B, H, W, R] logits, one binary map per region.
+    targets: [B, H, W, R] binary maps.
+    class_weights: (background weight, tumour weight), non-negative.
+    region_weights: optional weight per region R (None: every region 1).
+
+  Returns:
+    Scalar loss.
+  """
+  background, tumour = class_weights
+  weights = background + (tumour - background) * targets
+  if region_weights is not None:
+    weights = weights * jnp.asarray(region_weights, weights.dtype)
+  nll = optax.sigmoid_binary_cross_entropy(logits, targets)
+  return jnp.sum(weights * nll) / jnp.sum(weights)
 
 
 def clip_weights(params, *, limit: float):
@@ -158,7 +226,8 @@ def identity_loss(*, original: jax.Array, same_domain: jax.Array) -> jax.Array:
   return jnp.mean(jnp.abs(original - same_domain))
 
 
-def shape_loss(*, logits_translated: jax.Array, targets: jax.Array) -> jax.Array:
+def shape_loss(*, logits_translated: jax.Array, targets: jax.Array,
+               region_weights: Sequence[float] | None = None) -> jax.Array:
   """UAGAN's shape consistency loss: the translated image must keep the source's tumour.
 
   The segmentor's output on ``G(x, c_target)`` is compared with the ground truth of the *source*
@@ -169,12 +238,15 @@ def shape_loss(*, logits_translated: jax.Array, targets: jax.Array) -> jax.Array
   Args:
     logits_translated: [B, H, W, R] segmentor logits on the translated images.
     targets: [B, H, W, R] binary region maps of the source images.
+    region_weights: optional weight per region, as for `soft_dice_loss`.
 
   Returns:
     Scalar loss: `binary_cross_entropy` + `soft_dice_loss`.
   """
-  return (binary_cross_entropy(logits=logits_translated, targets=targets)
-          + soft_dice_loss(probs=jax.nn.sigmoid(logits_translated), targets=targets))
+  return (binary_cross_entropy(logits=logits_translated, targets=targets,
+                               region_weights=region_weights)
+          + soft_dice_loss(probs=jax.nn.sigmoid(logits_translated), targets=targets,
+                           region_weights=region_weights))
 
 
 def ramp_weight(step: jax.Array | int, *, max_weight: float, ramp_steps: int) -> jax.Array:

@@ -34,12 +34,29 @@ from uagan_jax.train_state import (DISC_PENALTY_STREAM, PENALTY_STREAM, TARGET_S
 # ------------------------------------------------------------------------------------------------
 
 
+def learning_rate(config: ml_collections.ConfigDict, lr: float) -> float | optax.Schedule:
+  """``lr`` under the config's schedule (``optim.schedule``), on the absolute step.
+
+  "staircase": ``lr * decay_rate ** (step // decay_every)``, the constant ``lr`` itself when
+  ``decay_every`` is 0. "linear": ``lr`` until ``decay_start``, then linearly down to
+  ``lr * decay_final_fraction`` at ``decay_end``, constant after (UAGAN's code, mangoyuan/UAGAN
+  train_uagan.py:297-303, lowers it once an epoch over the last ``decay_epoch`` epochs; this
+  lowers it every step).
+  """
+  o = config.optim
+  if o.schedule == "linear":
+    return optax.linear_schedule(init_value=lr, end_value=lr * o.decay_final_fraction,
+                                 transition_steps=o.decay_end - o.decay_start,
+                                 transition_begin=o.decay_start)
+  if o.decay_every:
+    return optax.exponential_decay(lr, transition_steps=o.decay_every, decay_rate=o.decay_rate,
+                                   staircase=True)
+  return lr
+
+
 def adam(config: ml_collections.ConfigDict, lr: float) -> optax.GradientTransformation:
-  """Adam with the config's betas and optional staircase decay on the absolute step."""
-  if config.optim.decay_every:
-    lr = optax.exponential_decay(lr, transition_steps=config.optim.decay_every,
-                                 decay_rate=config.optim.decay_rate, staircase=True)
-  return optax.adam(lr, b1=config.optim.b1, b2=config.optim.b2)
+  """Adam with the config's betas and learning-rate schedule (`learning_rate`)."""
+  return optax.adam(learning_rate(config, lr), b1=config.optim.b1, b2=config.optim.b2)
 
 
 def segmentor(config, *, bn_axis_name) -> Segmentor:
@@ -122,7 +139,7 @@ def update_critic(critic_state: NetState, inputs: StepInputs, probs: jax.Array, 
   def objective(params):
     l1 = losses.multiscale_l1(features_a=critic_features(critic_module, params, masked_pred),
                               features_b=critic_features(critic_module, params, masked_true),
-                              scale_weights=scale_weights)
+                              scale_weights=scale_weights, pooling=config.loss.scale_pooling)
     value, aux = -l1, {"critic/l1": l1}  # the critic maximises the distance
     if config.loss.critic_constraint == "gradient_penalty":
       alpha = jax.vmap(jax.random.uniform)(stream(inputs.example_keys, PENALTY_STREAM))
@@ -148,18 +165,28 @@ def update_critic(critic_state: NetState, inputs: StepInputs, probs: jax.Array, 
 
 def segmentation_terms(logits: jax.Array, inputs: StepInputs, critic_params, *, networks,
                        config) -> tuple[jax.Array, dict]:
-  """The segmentor's objective: Dice + BCE (+ multi-scale L1 against the critic, if any)."""
+  """The segmentor's objective: Dice + BCE (+ class-weighted cross-entropy, with
+  ``loss.ce_weight``) (+ multi-scale L1 against the critic, if any); ``loss.region_weights``
+  weights the regions in all but the multi-scale L1."""
   probs = jax.nn.sigmoid(logits)
-  terms = {"seg/dice": losses.soft_dice_loss(probs=probs, targets=inputs.regions),
-           "seg/bce": losses.binary_cross_entropy(logits=logits, targets=inputs.regions)}
+  region_weights = tuple(config.loss.region_weights) or None
+  terms = {"seg/dice": losses.soft_dice_loss(probs=probs, targets=inputs.regions,
+                                             region_weights=region_weights),
+           "seg/bce": losses.binary_cross_entropy(logits=logits, targets=inputs.regions,
+                                                  region_weights=region_weights)}
   total = config.loss.dice_weight * terms["seg/dice"] + config.loss.bce_weight * terms["seg/bce"]
+  if config.loss.ce_weight > 0:
+    terms["seg/weighted_ce"] = losses.class_weighted_cross_entropy(
+        logits=logits, targets=inputs.regions, class_weights=tuple(config.loss.ce_class_weights),
+        region_weights=region_weights)
+    total = total + config.loss.ce_weight * terms["seg/weighted_ce"]
   if critic_params is not None:
     critic_module = networks["critic"]
     terms["seg/adversarial"] = losses.multiscale_l1(
         features_a=critic_features(critic_module, critic_params, mask_image(inputs.image, probs)),
         features_b=critic_features(critic_module, critic_params,
                                    mask_image(inputs.image, inputs.regions)),
-        scale_weights=tuple(config.loss.scale_weights) or None)
+        scale_weights=tuple(config.loss.scale_weights) or None, pooling=config.loss.scale_pooling)
     total = total + config.loss.adversarial_weight * terms["seg/adversarial"]
   return total, terms
 

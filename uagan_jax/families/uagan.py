@@ -107,8 +107,14 @@ def train_phases(state, inputs, *, networks, config):
     seg_total, seg_terms = shared.segmentation_terms(
         outputs["logits"], inputs, new_nets["critic"].params, networks=networks, config=config)
     terms.update(seg_terms)
-    terms["seg/shape"] = losses.shape_loss(logits_translated=outputs["fake_logits"],
-                                           targets=inputs.regions)
+    region_weights = tuple(config.loss.region_weights) or None
+    if config.loss.shape_loss == "weighted_ce":  # UAGAN's code: S's own loss on the translation
+      terms["seg/shape"] = losses.class_weighted_cross_entropy(
+          logits=outputs["fake_logits"], targets=inputs.regions,
+          class_weights=tuple(config.loss.ce_class_weights), region_weights=region_weights)
+    else:
+      terms["seg/shape"] = losses.shape_loss(logits_translated=outputs["fake_logits"],
+                                             targets=inputs.regions, region_weights=region_weights)
     terms["seg/shape_weight"] = losses.ramp_weight(
         state.step, max_weight=config.loss.shape_weight, ramp_steps=config.loss.shape_ramp_steps)
     return total + seg_total + terms["seg/shape_weight"] * terms["seg/shape"]
