@@ -1,5 +1,7 @@
 """Config files, variants and command-line overrides."""
 
+import re
+
 import pytest
 
 from uagan_jax import config as config_lib
@@ -65,3 +67,20 @@ def test_resolved_config_round_trips_through_json(tmp_path):
   path.write_text(config_lib.to_json(config))
   loaded = config_lib.from_json_file(path)
   assert loaded.to_dict() == config.to_dict()
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("--config.optim.segmentor_lr=nan", "optim.segmentor_lr=nan: must be finite and > 0"),
+    ("--config.optim.critic_lr=0.0", "optim.critic_lr=0.0: must be finite and > 0"),
+    ("--config.optim.generator_lr=inf", "optim.generator_lr=inf: must be finite and > 0"),
+    ("--config.loss.dice_weight=-1.0", "loss.dice_weight=-1.0: must be finite and >= 0"),
+    ("--config.loss.cycle_weight=nan", "loss.cycle_weight=nan: must be finite and >= 0"),
+    ("--config.loss.clip_limit=0.0", "loss.clip_limit=0.0: must be finite and > 0"),
+    ("--config.data.val_fraction=1.0", "data.val_fraction=1.0: must be in [0, 1)"),
+    ("--config.optim.b2=1.0", "optim.b2=1.0: must be in [0, 1)"),
+    ("--config.data.test_fraction=0.9", "must be < 1, to leave cases to train on"),
+])
+def test_impossible_numbers_are_rejected(override, needle):
+  with pytest.raises(UserError, match=re.escape(needle)):
+    load_test_config(override, "--config.data.val_fraction=0.2" if "test_fraction" in override
+                     else "--config.seed=0")

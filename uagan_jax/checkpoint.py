@@ -7,16 +7,65 @@ keys an uninterrupted run would have used.
 
 The same class keeps the best checkpoint by a validation score (``best_metric``): the score is
 stored with the checkpoint, so a resumed run knows the best so far.
+
+Trust: a state is saved only if all of it is finite (`all_finite`, one jitted reduction fetched
+only on steps that save), so a diverged run never rotates good checkpoints out. Each checkpoint
+carries a SHA-256 digest of the host copy of its state (the ``digest`` item, written in the same
+atomic commit); `Checkpointer.restore` recomputes it, so a bit flipped in a data file that
+TensorStore still decodes is caught as well as the files it cannot read. `restore_newest` falls
+back from an unreadable checkpoint to the newest readable one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import pathlib
+from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
+from uagan_jax import workdir as workdir_lib
 from uagan_jax.errors import UserError
+from uagan_jax.train_utils import TrainingDiverged
+
+
+class NonFiniteState(TrainingDiverged):
+  """A state due to be saved holds NaN or infinity; it is not saved."""
+
+
+class CheckpointUnreadable(Exception):
+  """A checkpoint on disk cannot be restored (missing or damaged files, a wrong digest)."""
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+  """One boolean: whether every floating-point leaf of ``tree`` is free of NaN and infinity."""
+  flags = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)
+           if jnp.issubdtype(leaf.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
+
+
+def first_non_finite(tree) -> str | None:
+  """The path of the first leaf of ``tree`` holding NaN or infinity (read on the host; only
+  called once `all_finite` said there is one), e.g. ``nets/segmentor/batch_stats/.../var``."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    value = np.asarray(jax.device_get(leaf))
+    if np.issubdtype(value.dtype, np.inexact) and not np.isfinite(value).all():
+      return _path_name(path)
+  return None
+
+
+def state_digest(tree) -> str:
+  """SHA-256 over every leaf's path, dtype, shape and bytes (of the host copy)."""
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    value = np.ascontiguousarray(jax.device_get(leaf))
+    digest.update(f"{_path_name(path)}|{value.dtype.str}|{value.shape}|".encode())
+    digest.update(value.tobytes())
+  return digest.hexdigest()
 
 
 class Checkpointer:
@@ -45,7 +94,8 @@ class Checkpointer:
         self.directory,
         # Naming the item's handler up front lets a new process read the metadata of checkpoints
         # it has not written (needed to check them before restoring).
-        item_handlers={"state": ocp.StandardCheckpointHandler()},
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "digest": ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every,
                                              create=True, **best))
 
@@ -60,9 +110,35 @@ class Checkpointer:
 
     ``metrics`` (a flat dict of floats) is stored with the checkpoint; required when the
     checkpointer keeps the best checkpoints.
+
+    Raises:
+      NonFiniteState: the state holds NaN or infinity (named leaf); nothing is saved, so the
+        newest checkpoint stays the last good one.
+      UserError: the disk is full or read-only (the previous checkpoint is left intact).
     """
-    return self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
-                              force=force, metrics=metrics)
+    if not (force or self._manager.should_save(step)):
+      return False
+    if not bool(all_finite(state)):  # the one host round trip, on saving steps only
+      raise NonFiniteState(f"step {step}: non-finite {first_non_finite(state)}")
+    digest = state_digest(state)
+    try:
+      # force: the decision is taken above, so that only a checked state is ever saved.
+      return self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), digest=ocp.args.JsonSave({"sha256": digest})),
+                                force=True, metrics=metrics)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._write_error(e) from None
+
+  def _write_error(self, error: Exception) -> UserError:
+    """A failed (possibly asynchronous) write as one line naming the folder and the problem."""
+    cause = error
+    while cause is not None and not isinstance(cause, OSError):
+      cause = cause.__cause__ or cause.__context__
+    if cause is not None:
+      return workdir_lib.disk_error(self.directory, cause, doing="saving a checkpoint")
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    return UserError(f"{self.directory}: saving a checkpoint failed ({first_line}); the previous "
+                     "checkpoint is intact, run the same command to resume")
 
   def metrics(self, step: int) -> dict | None:
     """The metrics saved with ``step`` (None if none were)."""
@@ -75,9 +151,15 @@ class Checkpointer:
       UserError: the checkpoint's arrays do not match ``like`` (usually: the config changed the
         networks since the checkpoint was written). Checked on the metadata first, so a mismatch
         never starts Orbax's asynchronous reads.
+      CheckpointUnreadable: files missing or damaged, or the restored state does not match the
+        digest saved with it.
     """
-    stored = {_path_name(path): tuple(meta.shape) for path, meta in
-              jax.tree_util.tree_leaves_with_path(self._manager.item_metadata(step)["state"])}
+    try:
+      items = self._manager.item_metadata(step)
+      stored = {_path_name(path): tuple(meta.shape) for path, meta in
+                jax.tree_util.tree_leaves_with_path(items["state"])}
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointUnreadable(f"its files cannot be read: {_first_line(e)}") from None
     expected = {_path_name(path): tuple(leaf.shape) for path, leaf in
                 jax.tree_util.tree_leaves_with_path(like)}
     for name in sorted(set(stored) | set(expected)):
@@ -87,13 +169,72 @@ class Checkpointer:
             f"is {_describe(stored.get(name))} there but {_describe(expected.get(name))} now; "
             "use the config the run was started with, or a new --workdir")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-    restored = self._manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+    has_digest = _has_item(items, "digest")
+    args = {"state": ocp.args.StandardRestore(abstract)}
+    if has_digest:
+      args["digest"] = ocp.args.JsonRestore()
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointUnreadable(f"its data cannot be read: {_first_line(e)}") from None
+    if has_digest and state_digest(restored.state) != (restored.digest or {}).get("sha256"):
+      raise CheckpointUnreadable("its data does not match the digest saved with it (changed on "
+                                 "disk since it was written)")
     return restored.state
 
+  def restore_newest(self, like, *, log: Callable[[str], None], set_aside: bool = False):
+    """The newest checkpoint that can be restored: ``(state, step)``, or None if there is none.
+
+    Each unreadable checkpoint newer than it is reported in one line through ``log``.
+
+    Args:
+      like: as in `restore`.
+      log: where the notes go.
+      set_aside: move unreadable checkpoints out of the folder (into ``<folder>_unreadable/``),
+        so that training can save those steps again (training does; read-only commands do not).
+
+    Raises:
+      UserError: checkpoints exist but none can be restored (naming the folder), or none fits
+        the current config.
+    """
+    problems = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        state = self.restore(step, like)
+      except (CheckpointUnreadable, UserError) as e:
+        problems.append((step, e))
+        continue
+      for bad_step, problem in problems:
+        where = self.directory / str(bad_step)
+        if set_aside:
+          aside = self.directory.parent / f"{self.directory.name}_unreadable" / str(bad_step)
+          aside.parent.mkdir(exist_ok=True)
+          where.rename(aside)
+          self._manager.reload()
+        log(f"{where}: checkpoint unreadable ({problem}); "
+            f"{'moved to ' + str(aside) + ', ' if set_aside else ''}"
+            f"using the one of step {step} instead")
+      return state, step
+    if not problems:
+      return None
+    if all(isinstance(e, UserError) for _, e in problems):
+      raise problems[0][1]  # every one is of another config: say so, not "unreadable"
+    raise UserError(f"{self.directory}: no readable checkpoint ("
+                    + "; ".join(f"step {s}: {e}" for s, e in problems) + ")")
+
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for the last save to finish (only then is it on disk) and releases the manager.
+
+    Raises:
+      UserError: the last asynchronous save failed (disk full, read-only, ...).
+    """
+    try:
+      self._manager.wait_until_finished()
+      self._manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._write_error(e) from None
+    finally:
+      self._manager.close()
 
 
 def _path_name(path) -> str:
@@ -108,3 +249,15 @@ def _path_name(path) -> str:
 
 def _describe(shape) -> str:
   return "absent" if shape is None else f"shape {shape}"
+
+
+def _first_line(error: Exception) -> str:
+  text = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {text[0][:160]}" if text else type(error).__name__
+
+
+def _has_item(items, name: str) -> bool:
+  try:
+    return items[name] is not None
+  except (KeyError, AttributeError):
+    return False

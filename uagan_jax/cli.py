@@ -440,11 +440,13 @@ def _synth(args) -> None:
   _log(f"{len(folders)} synthetic cases in {args.out}")
 
 
-def _train(args, overrides) -> None:
+def _train(args, overrides) -> int:
+  """Trains; returns the exit code: 0, or 128 + the signal (143 SIGTERM, 130 SIGINT) when a
+  signal stopped the run after its checkpoint, so that a scheduler requeues it."""
   # pylint: disable=g-import-not-at-top
   from uagan_jax import config as config_lib
   from uagan_jax import train
-  from uagan_jax.train_utils import TrainingDiverged
+  from uagan_jax.train_utils import Interrupted, TrainingDiverged
   # pylint: enable=g-import-not-at-top
   config = config_lib.load_config(args.config, overrides)
   try:
@@ -452,6 +454,11 @@ def _train(args, overrides) -> None:
                              cache_dir=args.cache, log=_log, evaluate_after=not args.no_eval)
   except TrainingDiverged as e:
     raise UserError(f"training diverged at {e}") from None
+  except Interrupted as e:
+    print(f"{e}; exit code {e.exit_code}: run the same command to resume", file=sys.stderr,
+          flush=True)
+    return e.exit_code
+  return 0
 
 
 def _evaluate(args) -> None:
@@ -491,6 +498,9 @@ def main(argv: list[str] | None = None) -> int:
 
   ``--help`` and ``--version`` print to stdout and raise argparse's ``SystemExit(0)``. Without a
   command, the usage and the commands go to stderr, then one ``error: ...`` line; returns 2.
+  Exit codes: 0 done; 2 bad input, disk full or read-only, diverged, workdir in use (one
+  ``error:`` line); 143 (SIGTERM) or 130 (SIGINT, Ctrl-C) stopped by a signal, checkpoint saved:
+  run the same command to resume.
   """
   argv = sys.argv[1:] if argv is None else list(argv)
   parser = _build_parser()
@@ -501,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
       raise UserError(f"{parser.prog}: no command given; choose one of "
                       f"{', '.join(_subcommands(parser).choices)} (see '{parser.prog} --help')")
     if args.command == "train":
-      _train(args, rest)
+      return _train(args, rest)
     elif rest:
       raise UserError(f"unexpected argument {rest[0]!r}")
     elif args.command == "prepare":

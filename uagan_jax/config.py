@@ -12,6 +12,7 @@ import ast
 import difflib
 import importlib.util
 import json
+import math
 import pathlib
 from collections.abc import Sequence
 
@@ -229,6 +230,39 @@ def validate(config: ml_collections.ConfigDict) -> None:
     group, name = key.split(".")
     if config[group][name] < 0:
       raise UserError(f"config {key}={config[group][name]}: must be >= 0")
+  _check_numbers(config)
+
+
+def _check_numbers(config: ml_collections.ConfigDict) -> None:
+  """Rejects numbers no run can use: a NaN or non-positive learning rate trains nothing (or
+  diverges at once), a negative loss weight turns a loss into a reward, a fraction of 1 leaves no
+  training data."""
+  def value(key):
+    group, name = key.split(".")
+    return config[group][name]
+
+  def check(key, ok, requirement, number=None):
+    number = value(key) if number is None else number
+    if not (math.isfinite(number) and ok(number)):
+      raise UserError(f"config {key}={number}: must be {requirement}")
+
+  for key in ("optim.segmentor_lr", "optim.critic_lr", "optim.generator_lr",
+              "optim.discriminator_lr", "optim.decay_rate", "loss.clip_limit", "data.clip"):
+    check(key, lambda x: x > 0, "finite and > 0")
+  for key in ("loss.adversarial_weight", "loss.dice_weight", "loss.bce_weight", "loss.gp_weight",
+              "loss.gan_weight", "loss.cls_weight", "loss.cycle_weight",
+              "loss.identity_weight", "loss.discriminator_gp_weight", "loss.shape_weight",
+              "data.intensity_scale", "data.intensity_shift", "loss.shape_ramp_steps",
+              "optim.decay_every"):
+    check(key, lambda x: x >= 0, "finite and >= 0")
+  for weight in config.loss.scale_weights:
+    check("loss.scale_weights", lambda x: x >= 0, "finite and >= 0 each", number=weight)
+  for key in ("optim.b1", "optim.b2", "data.val_fraction", "data.test_fraction"):
+    check(key, lambda x: 0 <= x < 1, "in [0, 1)")
+  check("data.tumour_free_fraction", lambda x: 0 <= x <= 1, "in [0, 1]")
+  if config.data.val_fraction + config.data.test_fraction >= 1:
+    raise UserError(f"config data.val_fraction={config.data.val_fraction} + data.test_fraction="
+                    f"{config.data.test_fraction}: must be < 1, to leave cases to train on")
 
 
 def _validate_recipe_keys(config: ml_collections.ConfigDict) -> None:

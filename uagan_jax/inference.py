@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import sys
 from collections.abc import Callable, Sequence
 
 import jax
@@ -128,15 +129,25 @@ def segment_volume(predictor: SlicePredictor, image: np.ndarray, *, modality: st
 
 
 def load_state(config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
-               checkpoint: str = "latest"):
+               checkpoint: str = "latest", log: Callable[[str], None] | None = None):
   """A checkpoint's train state (on one device) and its step.
+
+  An unreadable checkpoint (damaged or missing files, a wrong digest) is reported in one line
+  through ``log`` (default: stderr) and the newest readable one before it is used instead; the
+  workdir is left as it is.
 
   Args:
     config: the run's config.
     workdir: the training workdir.
     checkpoint: "latest" (the newest checkpoint in ``checkpoints/``) or "best" (the one kept in
       ``checkpoints_best/`` for the highest validation Dice, see ``train.validate_every``).
+    log: where the note on an unreadable checkpoint goes.
+
+  Raises:
+    UserError: no checkpoint, or none readable (naming the folder).
   """
+  if log is None:
+    log = lambda message: print(f"warning: {message}", file=sys.stderr, flush=True)
   if checkpoint not in CHECKPOINT_DIRS:
     raise UserError(f"--checkpoint {checkpoint}: use {' or '.join(CHECKPOINT_DIRS)}")
   directory = pathlib.Path(workdir) / CHECKPOINT_DIRS[checkpoint]
@@ -152,7 +163,7 @@ def load_state(config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
                       "(--config.train.validate_every=N with a val split, data.val_fraction > 0)")
     raise UserError(f"{directory}: no checkpoints; train first with 'uagan-jax train'")
   try:
-    state = checkpoints.restore(step, train_state.abstract_state(config))
+    state, step = checkpoints.restore_newest(train_state.abstract_state(config), log=log)
   finally:
     checkpoints.close()
   return state, step

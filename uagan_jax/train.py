@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import pathlib
+import signal
 import time
 from collections.abc import Callable
 
@@ -19,13 +20,14 @@ import jax
 import ml_collections
 
 from uagan_jax import checkpoint, evaluate, families, parallel, visualize
+from uagan_jax import workdir as workdir_lib
 from uagan_jax import config as config_lib
 from uagan_jax.data import augment, input_pipeline
 from uagan_jax.errors import UserError
 from uagan_jax.train_state import (AUGMENT_STREAM, Networks, StepInputs, TrainState,
                                    build_networks, init_state, stream)
-from uagan_jax.train_utils import (MetricsLog, StopRequested, TrainingDiverged, format_duration,
-                                   non_finite)
+from uagan_jax.train_utils import (Interrupted, MetricsLog, StopRequested, TrainingDiverged,
+                                   format_duration, non_finite)
 from uagan_jax.validation import Validation
 
 # ------------------------------------------------------------------------------------------------
@@ -100,10 +102,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, *, workdir: pathlib.Pa
   and ``checkpoints_best/``, and at the end ``figures/training_curves.png``; then evaluates the
   held-out split (see `uagan_jax.evaluate`).
 
+  Holds ``<workdir>/.lock`` throughout (`workdir.WorkdirLock`): a second run on the same workdir
+  is refused while this one lives.
+
   Returns:
     The final train state.
+
+  Raises:
+    Interrupted: SIGTERM or SIGINT stopped the run (after saving a checkpoint).
+    TrainingDiverged: a logged loss or the state due to be saved is not finite (nothing
+      non-finite is saved).
   """
   workdir = pathlib.Path(workdir)
+  with workdir_lib.WorkdirLock(workdir, log=log):
+    return _train_locked(config, workdir=workdir, data_dir=data_dir, cache_dir=cache_dir,
+                         log=log, evaluate_after=evaluate_after)
+
+
+def _train_locked(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
+                  data_dir: pathlib.Path, cache_dir: pathlib.Path | None,
+                  log: Callable[[str], None], evaluate_after: bool) -> TrainState:
+  """`train_and_evaluate` with the workdir's lock held."""
   family = families.get(config.model.name)
 
   # Data ------------------------------------------------------------------------------------------
@@ -134,14 +153,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, *, workdir: pathlib.Pa
   workdir.mkdir(parents=True, exist_ok=True)
   checkpoints = checkpoint.Checkpointer(workdir / "checkpoints", every=config.train.checkpoint_every,
                                         keep=config.train.keep_checkpoints)
-  latest = checkpoints.latest_step()
-  if latest is not None:
-    state = checkpoints.restore(latest, state)
+  # Unreadable checkpoints newer than the newest readable one are moved aside, so that the
+  # replayed steps can be saved again.
+  restored = checkpoints.restore_newest(state, log=log, set_aside=True)
+  if restored is not None:
+    state, latest = restored
     log(f"resumed from {checkpoints.directory / str(latest)}")
   # Written only now: a run that cannot resume (say, a changed config) must not overwrite the
   # record of the run whose checkpoints are in this workdir.
-  (workdir / "config.json").write_text(config_lib.to_json(config))
-  (workdir / "splits.json").write_text(json.dumps(
+  workdir_lib.atomic_write_text(workdir / "config.json", config_lib.to_json(config))
+  workdir_lib.atomic_write_text(workdir / "splits.json", json.dumps(
       {"data": str(pathlib.Path(data_dir).absolute()), "layout": data.layout, **splits,
        "train_modality": data.assignment}, indent=2))
   start = int(jax.device_get(state.step))
@@ -186,7 +207,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, *, workdir: pathlib.Pa
         metrics_log.write({"step": done, **values})
         losses_text = "  ".join(f"{k} {v:.4f}" for k, v in values.items() if "norm" not in k)
         log(f"step {done}/{total}  {losses_text}  [{rate_text}]")
-      checkpoints.save(done, state, force=done == total)
+      try:  # the state is checked finite on every step that saves, whatever log_every is
+        checkpoints.save(done, state, force=done == total)
+      except checkpoint.NonFiniteState as e:
+        checkpoints.close()
+        if validation is not None:
+          validation.close()
+        raise TrainingDiverged(f"{e} in the state due to be checkpointed (not saved); last "
+                               f"checkpoint: {checkpoints.latest_step()} in "
+                               f"{checkpoints.directory}") from None
       if validation is not None and validation.due(done):
         seconds = validation(done, state)
         if window_start is not None:  # steps/s and the ETA count training steps only
@@ -198,7 +227,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, *, workdir: pathlib.Pa
         if validation is not None:
           validation.close()
         log(f"stopped at step {done}; checkpoint saved, run the same command to resume")
-        return state
+        raise Interrupted(stop.signum, f"stopped by {signal.Signals(stop.signum).name} at step "
+                          f"{done}; checkpoint saved")
   if total <= start:
     log(f"nothing to train: the checkpoint is at step {start} and train.steps is {total}")
   checkpoints.close()

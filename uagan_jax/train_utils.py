@@ -10,9 +10,28 @@ import signal
 import sys
 import threading
 
+from uagan_jax import workdir as workdir_lib
+
 
 class TrainingDiverged(Exception):
-  """A logged loss became NaN or infinite."""
+  """A logged loss, or the state due to be checkpointed, became NaN or infinite."""
+
+
+class Interrupted(Exception):
+  """SIGTERM or SIGINT stopped the run after its checkpoint was saved.
+
+  The command line exits with ``128 + signal`` (143 for SIGTERM, 130 for SIGINT), as a shell
+  reports a process killed by that signal, so that a scheduler can tell "preempted, requeue"
+  from "finished" (0) and from "bad input" (2).
+  """
+
+  def __init__(self, signum: int, message: str):
+    super().__init__(message)
+    self.signum = signum
+
+  @property
+  def exit_code(self) -> int:
+    return 128 + self.signum
 
 
 def non_finite(values: dict[str, float]) -> list[str]:
@@ -25,11 +44,15 @@ class MetricsLog:
   (and ``validation.jsonl``, the same way).
 
   On resume, rows past the restored step (logged after the last checkpoint by the interrupted
-  run) are dropped, so a resumed run's file equals the uninterrupted run's, row for row.
+  run) are dropped, so a resumed run's file equals the uninterrupted run's, row for row. The kept
+  rows are rewritten atomically (`workdir.atomic_write_text`); each new row is one fsync'ed
+  append, and a row whose step is not past the last one is refused, so the file's steps only
+  increase. A crash mid-append leaves at worst a cut-short last line, dropped on resume.
   """
 
   def __init__(self, path: pathlib.Path, *, resume_step: int):
     self.path = path
+    self.last_step = -math.inf
     kept = []
     if path.exists():
       for line in path.read_text().splitlines():
@@ -37,16 +60,19 @@ class MetricsLog:
           row = json.loads(line)
         except json.JSONDecodeError:
           break  # a line cut short by a crash ends the usable log
-        if row.get("step", math.inf) > resume_step:
+        if row.get("step", math.inf) > resume_step or row["step"] <= self.last_step:
           break
         kept.append(line)
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+        self.last_step = row["step"]
+    workdir_lib.atomic_write_text(path, "".join(line + "\n" for line in kept))
 
   def write(self, row: dict) -> None:
-    with self.path.open("a") as f:
-      f.write(json.dumps(row, sort_keys=True) + "\n")
+    """Appends ``row``, whose ``step`` must be past the last row's."""
+    if row["step"] <= self.last_step:
+      raise ValueError(f"{self.path}: step {row['step']} is not past the last row's "
+                       f"{self.last_step}")
+    workdir_lib.append_line(self.path, json.dumps(row, sort_keys=True))
+    self.last_step = row["step"]
 
 
 def format_duration(seconds: float) -> str:
@@ -58,10 +84,11 @@ def format_duration(seconds: float) -> str:
 
 
 class StopRequested:
-  """SIGTERM/SIGINT set a flag; the loop checkpoints and exits cleanly at the next step."""
+  """SIGTERM/SIGINT set a flag (and ``signum``); the loop checkpoints and stops at the next step."""
 
   def __init__(self):
     self.requested = False
+    self.signum = None
     self._previous = {}
 
   def __enter__(self):
@@ -73,6 +100,7 @@ class StopRequested:
   def _handle(self, signum, frame):
     del frame
     self.requested = True
+    self.signum = signum
     print(f"received {signal.Signals(signum).name}: saving a checkpoint and stopping",
           file=sys.stderr, flush=True)
 

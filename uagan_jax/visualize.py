@@ -212,7 +212,12 @@ def training_curves(metrics_path: pathlib.Path, validation_path: pathlib.Path | 
 
 def _save(fig, path: pathlib.Path, *, dpi: int) -> pathlib.Path:
   path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=dpi)
-  plt.close(fig)
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+  except OSError as e:  # disk full or read-only: one line, not matplotlib's traceback
+    from uagan_jax import workdir  # pylint: disable=g-import-not-at-top
+    raise workdir.disk_error(path, e, doing="drawing it") from None
+  finally:
+    plt.close(fig)
   return path
