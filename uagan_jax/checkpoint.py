@@ -169,7 +169,9 @@ class Checkpointer:
             f"is {_describe(stored.get(name))} there but {_describe(expected.get(name))} now; "
             "use the config the run was started with, or a new --workdir")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-    has_digest = _has_item(items, "digest")
+    # Orbax's item metadata of a JSON item is None whether it exists or not: look at the folder
+    # (checkpoints written before the digest existed have none and are restored unchecked).
+    has_digest = (self.directory / str(step) / "digest").is_dir()
     args = {"state": ocp.args.StandardRestore(abstract)}
     if has_digest:
       args["digest"] = ocp.args.JsonRestore()
@@ -255,9 +257,3 @@ def _first_line(error: Exception) -> str:
   text = str(error).strip().splitlines()
   return f"{type(error).__name__}: {text[0][:160]}" if text else type(error).__name__
 
-
-def _has_item(items, name: str) -> bool:
-  try:
-    return items[name] is not None
-  except (KeyError, AttributeError):
-    return False
