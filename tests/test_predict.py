@@ -324,3 +324,21 @@ def test_predict_help_lists_the_options(capsys):
                  "brats,brats2023,msd"):
     assert option in out
   assert tuple(predict.LABEL_CONVENTIONS) == ("brats", "brats2023", "msd")
+
+
+def test_a_modality_training_never_saw_is_refused(capsys, case_dir, tmp_path):
+  """One training case under the unpaired protocol trains one modality (splits.json
+  trained_modalities); predict refuses the others, though config data.modalities lists them."""
+  workdir = write_random_workdir(tmp_path / "w", load_test_config(variant="unet"))
+  (workdir / "splits.json").write_text(json.dumps(
+      {"train": ["a"], "val": [], "test": [], "protocol": "unpaired", "train_modality": {"a": "t2"},
+       "trained_modalities": ["t2"]}))
+  assert predict.load_segmentor(workdir).modalities == ("t2",)
+  output = tmp_path / "seg.nii.gz"
+  code, _, err = run_cli(capsys, "predict", "--workdir", workdir, "--input", case_dir,
+                         "--modality", "flair", "--output", output)
+  assert_one_line_error(code, err, "--modality flair", "trained on t2 only", "splits.json",
+                        "each of its 1 training case(s) contributed one modality")
+  assert not output.exists()
+  _predict(capsys, workdir, case_dir, output, modality="t2")
+  assert output.is_file()

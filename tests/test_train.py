@@ -339,3 +339,35 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(synth_data, tmp_path):
   assert rows == list(range(1, step + 1))
   log = _cli_train(synth_data, workdir, step + 2)
   assert f"steps {step}..{step + 2}" in log
+
+
+# --- Modalities without training slices -------------------------------------------------------
+
+
+def _training_data(protocol, train_modalities):
+  from uagan_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  return input_pipeline.TrainingData(
+      data_dir=pathlib.Path("data"), cases=[],
+      splits={"train": sorted(train_modalities), "val": [], "test": []}, protocol=protocol,
+      train_modalities=train_modalities)
+
+
+def test_the_untrained_modalities_warning_names_them_and_why():
+  config = load_test_config()
+  every = {"t1": 5, "t1ce": 3, "t2": 1, "flair": 2}
+  data = _training_data("unpaired", {"a": ("t2",), "b": ("t1",)})
+  assert train._untrained_modalities_warning(config, data, every) is None
+  # Unpaired, two cases: two modalities have no case at all.
+  warning = train._untrained_modalities_warning(config, data, {**every, "t1ce": 0, "flair": 0})
+  assert warning == (
+      "warning: no training slices of t1ce, flair (no training case contributes t1ce, flair: "
+      "data.protocol unpaired gives each of the 2 training case(s) one modality, and "
+      "data.protocol=all trains every modality of every case); the model is untrained on them, "
+      "and predict and translate refuse them")
+  # All: a modality whose cases gave no slice (no tumour in view, none tumour-free kept).
+  data = _training_data("all", {"a": ("t1", "t1ce", "t2", "flair")})
+  warning = train._untrained_modalities_warning(config, data, {**every, "t2": 0})
+  assert warning.startswith("warning: no training slices of t2 (the training cases of t2 have no "
+                            "slice with brain and tumour in view, and data.tumour_free_fraction="
+                            f"{config.data.tumour_free_fraction} kept none)")
+  assert "\n" not in warning

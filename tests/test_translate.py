@@ -8,6 +8,7 @@ grid, the header, the intensity mapping) does not depend on the weights. The ``s
 the real thing: ``uagan-jax train`` and then ``uagan-jax translate``.
 """
 
+import json
 import os
 import shutil
 
@@ -277,3 +278,38 @@ def test_trained_segan_does_not_translate(capsys, synth_data, case_dir, tmp_path
                           "flair", "--output", tmp_path / "out.nii.gz")
   assert_one_line_error(code, err, "segan does not translate")
   shutil.rmtree(workdir)
+
+
+def _write_splits(workdir, **record):
+  (workdir / "splits.json").write_text(json.dumps({"train": ["a", "b"], "val": [], "test": [],
+                                                   **record}))
+
+
+def test_a_modality_training_never_saw_is_refused_as_source_and_as_target(capsys, case_dir,
+                                                                          tmp_path):
+  """What training saw (splits.json trained_modalities) decides, not config data.modalities: a
+  target the discriminator never saw as real is as untrained as an unseen source."""
+  workdir = write_random_workdir(tmp_path / "w", load_test_config(variant="uagan"))
+  _write_splits(workdir, protocol="unpaired", train_modality={"a": "t1", "b": "t2"},
+                trained_modalities=["t1", "t2"])
+  assert translate.load_translator(workdir).modalities == ("t1", "t2")
+  t1 = case_dir / f"{case_dir.name}_t1.nii.gz"
+  code, _, err = run_cli(capsys, "translate", "--workdir", workdir, "--input", t1, "--source",
+                         "t1", "--target", "flair", "--output", tmp_path / "o.nii.gz")
+  assert_one_line_error(code, err, "--target flair", "trained on t1, t2 only", "splits.json",
+                        "unpaired", "discriminator never saw a real flair image")
+  flair = case_dir / f"{case_dir.name}_flair.nii.gz"
+  code, _, err = run_cli(capsys, "translate", "--workdir", workdir, "--input", flair, "--source",
+                         "flair", "--target", "t1", "--output", tmp_path / "o.nii.gz")
+  assert_one_line_error(code, err, "--source flair", "trained on t1, t2 only")
+  assert "discriminator" not in err
+  assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_trained_modalities_of_a_workdir_older_than_the_record(tmp_path):
+  """splits.json without trained_modalities: the modalities its train_modality assigned;
+  without splits.json: config data.modalities."""
+  workdir = write_random_workdir(tmp_path / "w", load_test_config(variant="stargan"))
+  assert translate.load_translator(workdir).modalities == MODALITIES
+  _write_splits(workdir, train_modality={"a": "t2", "b": "t1ce"})
+  assert translate.load_translator(workdir).modalities == ("t1ce", "t2")

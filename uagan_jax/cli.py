@@ -2,7 +2,7 @@
 
   uagan-jax synth    --out DIR --cases N --seed S [--shape X Y Z]
   uagan-jax train    --config configs/segan.py[:variant] --data DIR --workdir W [--config.a.b=v ...]
-  uagan-jax evaluate --workdir W --data DIR [--split test] [--checkpoint latest|best]
+  uagan-jax evaluate --workdir W --data DIR [--split test|all] [--checkpoint latest|best]
   uagan-jax translate --workdir W --input FILE --source t1 --target flair --output OUT.nii.gz
   uagan-jax predict  --workdir W --input FILE|CASE|DATA --modality flair --output SEG.nii.gz|DIR
 
@@ -348,18 +348,26 @@ def _build_parser() -> argparse.ArgumentParser:
                           "$UAGAN_JAX_CACHE/<data folder>-<hash>, else under ~/.cache/uagan_jax")
 
   evaluate = add(
-      "evaluate", "score a trained model on a held-out split (Dice, HD95, PSNR, ...)",
-      "Scores a training workdir's checkpoint on a split of its data: per case, region (WT, TC, "
+      "evaluate", "score a trained model on a held-out split or an external test set "
+                  "(Dice, HD95, PSNR, ...)",
+      "Scores a training workdir's checkpoint on a split of its data, or on every case of "
+      "another data folder (an external test set): per case, region (WT, TC, "
       f"ET) and modality Dice, HD95, ... for the models that segment ({_either(segments)}); per "
       f"modality pair PSNR, SSIM and MAE for the models that translate ({_either(translates)}). "
-      "Writes WORKDIR/eval_SPLIT/ (metrics.csv, summary.json, PNG panels).")
+      "Writes WORKDIR/eval_SPLIT/, or WORKDIR/eval_data_FOLDER/ for an external test set "
+      "(metrics.csv, summary.json, PNG panels).")
   evaluate.add_argument("--workdir", required=True, type=pathlib.Path, metavar="DIR",
                         help="training workdir (holds config.json, splits.json, checkpoints/)")
   evaluate.add_argument("--data", required=True, type=pathlib.Path, metavar="DIR",
-                        help="the data folder the model was trained on")
-  evaluate.add_argument("--split", default=None, choices=("train", "val", "test"),
-                        help="which cases to score (default: the run's config eval.split, "
-                             "normally test)")
+                        help="the data folder the model was trained on (its --split is "
+                             "scored), or any other folder of cases: an external test set, "
+                             "every case scored (refused if it holds a case the run trained "
+                             "or validated on)")
+  evaluate.add_argument("--split", default=None, choices=("train", "val", "test", "all"),
+                        help="which cases to score: a split of the run's data (its data folder "
+                             "moved or copied too), or all: every case of --data as an external "
+                             "test set (default: the run's config eval.split, normally test, "
+                             "for the run's data folder; all for any other folder)")
   evaluate.add_argument("--checkpoint", default="latest", choices=("latest", "best"),
                         help="the newest checkpoint, or the best by validation Dice "
                              "(train.validate_every)")

@@ -20,6 +20,7 @@ import ml_collections
 
 from uagan_jax import families
 from uagan_jax.data import MODALITIES
+from uagan_jax.data.dataset import PROTOCOLS
 from uagan_jax.errors import UserError
 
 # How the generator's norm layers see the target modality (uagan_jax/models/stargan.py).
@@ -68,7 +69,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.image_size = (192, 192)  # axial slices are centre-cropped or zero-padded to this
-  c.data.modalities = ("t1", "t1ce", "t2", "flair")  # modalities the unpaired protocol draws from
+  c.data.modalities = ("t1", "t1ce", "t2", "flair")  # modalities training draws from
+  # Which modalities of a training case train (uagan_jax/data/dataset.py): "unpaired", UAGAN's
+  # protocol (each case contributes one, seeded round-robin; the paper's claim is about it), or
+  # "all" (every modality of every case: the most from complete data, no longer unpaired).
+  c.data.protocol = "unpaired"
   c.data.clip = 5.0  # z-scores are clipped to [-clip, clip]
   c.data.tumour_free_fraction = 0.1  # seeded fraction of tumour-free brain slices kept for training
   c.data.augment = True  # random in-plane flips and intensity jitter, on device, per example
@@ -210,6 +215,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if unknown or not config.data.modalities:
     raise UserError(f"config data.modalities={tuple(config.data.modalities)}: "
                     f"choose from {', '.join(MODALITIES)}")
+  if config.data.protocol not in PROTOCOLS:
+    raise UserError(f"config data.protocol={config.data.protocol!r}: use "
+                    f"{' or '.join(PROTOCOLS)}")
   if config.loss.critic_constraint not in ("clip", "gradient_penalty"):
     raise UserError(f"config loss.critic_constraint={config.loss.critic_constraint!r}: "
                     "use 'clip' or 'gradient_penalty'")

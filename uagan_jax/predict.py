@@ -104,7 +104,7 @@ class VolumeSegmentor:
   @property
   def modalities(self) -> tuple[str, ...]:
     """The modalities the model was trained on, in canonical order."""
-    return volume_io.trained_modalities(self.config)
+    return volume_io.trained_modalities(self.config, workdir=self.workdir)
 
   def check_modality(self, modality: str) -> None:
     """UserError unless the model was trained on ``modality``."""

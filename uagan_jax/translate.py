@@ -82,7 +82,7 @@ class VolumeTranslator:
   @property
   def modalities(self) -> tuple[str, ...]:
     """The modalities the model was trained on, in canonical order."""
-    return volume_io.trained_modalities(self.config)
+    return volume_io.trained_modalities(self.config, workdir=self.workdir)
 
   def check_pair(self, source: str, target: str) -> None:
     """UserError unless the model can translate ``source`` into ``target`` (see `check_pair`)."""
@@ -123,7 +123,8 @@ def check_pair(config: ml_collections.ConfigDict, source: str, target: str, *,
   loss trains: without it, that head's output is its initial noise.
   """
   for flag, modality in (("--source", source), ("--target", target)):
-    volume_io.check_trained_modality(config, modality, flag=flag, workdir=workdir)
+    volume_io.check_trained_modality(config, modality, flag=flag, workdir=workdir,
+                                     as_target=flag == "--target")
   if (source == target and config.model.get("generator_pair_heads", False)
       and not config.loss.get("identity_weight", 0.0)):
     raise UserError(f"--source and --target are both {source}: the model in {workdir} has one "
