@@ -25,7 +25,7 @@ import numpy as np
 
 from uagan_jax import families, inference, visualize
 from uagan_jax import metrics as metrics_lib
-from uagan_jax.data import MODALITIES, REGIONS, preprocess, readers
+from uagan_jax.data import MODALITIES, REGIONS, readers, resample
 from uagan_jax.errors import UserError
 
 # --------------------------------------------------------------------------------------------
@@ -167,7 +167,8 @@ def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
       predictions, scores = {}, {}
       for modality in modalities:
         predictions[modality] = inference.segment_volume(predictor, volume.images[modality],
-                                               modality=modality, config=config)
+                                               modality=modality, config=config,
+                                               spacing=volume.spacing)
         scores[modality] = score_case(predictions[modality], truth, spacing=volume.spacing)
         rows.append({"case": case_id, "modality": modality, **scores[modality]})
       if number <= config.eval.panels:
@@ -243,14 +244,19 @@ def _evaluate_translation(translator: inference.SliceTranslator, volume, case_id
   """Every source->target pair of one case against the true target image (held out in training:
   no patient's modalities are ever paired), with the identity baseline beside it.
 
+  The case's modalities are resampled to ``data.spacing`` where its spacing differs by more than
+  1%, and compared there, in the normalised space of training, on the axial slices of one window
+  that holds the brain of every modality (`inference.whole_brain_slices`).
+
   Returns the rows and, for the picture, the true and translated slices at the middle of the brain.
   """
-  size, clip = tuple(config.data.image_size), config.data.clip
-  normalised = {}
-  for modality in modalities:
-    slices, _, has_brain, _ = preprocess.volume_to_slices(volume.images[modality], None, size=size,
-                                                          clip=clip)
-    normalised[modality] = (slices, has_brain)
+  clip = config.data.clip
+  images = [volume.images[m] for m in modalities]
+  if resample.needs_resampling(volume.spacing, tuple(config.data.spacing)):
+    images = [resample.image_to_spacing(image, volume.spacing, tuple(config.data.spacing))
+              for image in images]
+  slices, has_brain, _ = inference.whole_brain_slices(images, config)
+  normalised = {m: (slices[i], has_brain[i]) for i, m in enumerate(modalities)}
   brain_slices = np.flatnonzero(normalised[modalities[0]][1])
   middle = int(brain_slices[len(brain_slices) // 2]) if len(brain_slices) else 0
   panel = {"true": {m: normalised[m][0][middle] for m in modalities}, "translated": {}}
