@@ -432,10 +432,9 @@ def make_phantom(
 
 def _check_spacing(spacing: float | Sequence[float]) -> tuple[float, float, float]:
   values = (spacing,) * 3 if np.isscalar(spacing) else tuple(spacing)
-  try:
-    values = tuple(float(v) for v in values)
-  except (TypeError, ValueError):
+  if not all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in values):
     values = ()
+  values = tuple(float(v) for v in values)
   if len(values) != 3 or not all(np.isfinite(v) and v > 0 for v in values):
     raise UserError(f"spacing must be one or three positive numbers (mm), got {spacing!r}")
   return values
