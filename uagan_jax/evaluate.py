@@ -176,7 +176,8 @@ def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
                                      figures / f"{split}_{case_id}_step{step}.png",
                                      title=f"{case_id} ({split}), step {step}", scores=scores)
     if translates:
-      case_rows, panel = _evaluate_translation(translator, volume, case_id, modalities, config)
+      case_rows, panel = _evaluate_translation(translator, volume, case_id, modalities, config,
+                                                 spacing=volume.spacing)
       translation_rows.extend(case_rows)
       if number <= config.eval.panels:
         visualize.translation_panel(panel, figures / f"{split}_{case_id}_translation_step{step}.png",
@@ -240,20 +241,21 @@ def _write_csv(path: pathlib.Path, rows: list[dict]) -> None:
 
 
 def _evaluate_translation(translator: inference.SliceTranslator, volume, case_id: str, modalities,
-                          config) -> tuple[list[dict], dict]:
+                          config, *, spacing: Sequence[float] | None = None
+                          ) -> tuple[list[dict], dict]:
   """Every source->target pair of one case against the true target image (held out in training:
   no patient's modalities are ever paired), with the identity baseline beside it.
 
-  The case's modalities are resampled to ``data.spacing`` where its spacing differs by more than
-  1%, and compared there, in the normalised space of training, on the axial slices of one window
+  The case's modalities are resampled to ``data.spacing`` where ``spacing`` (the case's voxel
+  size in mm; None: taken to be ``data.spacing``) differs by more than 1%, and compared there, in the normalised space of training, on the axial slices of one window
   that holds the brain of every modality (`inference.whole_brain_slices`).
 
   Returns the rows and, for the picture, the true and translated slices at the middle of the brain.
   """
   clip = config.data.clip
   images = [volume.images[m] for m in modalities]
-  if resample.needs_resampling(volume.spacing, tuple(config.data.spacing)):
-    images = [resample.image_to_spacing(image, volume.spacing, tuple(config.data.spacing))
+  if spacing is not None and resample.needs_resampling(spacing, tuple(config.data.spacing)):
+    images = [resample.image_to_spacing(image, spacing, tuple(config.data.spacing))
               for image in images]
   slices, has_brain, _ = inference.whole_brain_slices(images, config)
   normalised = {m: (slices[i], has_brain[i]) for i, m in enumerate(modalities)}
