@@ -247,8 +247,9 @@ def _evaluate_translation(translator: inference.SliceTranslator, volume, case_id
   no patient's modalities are ever paired), with the identity baseline beside it.
 
   The case's modalities are resampled to ``data.spacing`` where ``spacing`` (the case's voxel
-  size in mm; None: taken to be ``data.spacing``) differs by more than 1%, and compared there, in the normalised space of training, on the axial slices of one window
-  that holds the brain of every modality (`inference.whole_brain_slices`).
+  size in mm; None: taken to be ``data.spacing``) differs by more than 1%, and compared there,
+  in the normalised space of training, on the axial slices of one window that holds the brain of
+  every modality (`inference.whole_brain_slices`).
 
   Returns the rows and, for the picture, the true and translated slices at the middle of the brain.
   """

@@ -40,7 +40,8 @@ def _spacing(spacing: Sequence[float], name: str) -> np.ndarray:
 
 def needs_resampling(spacing: Sequence[float], target: Sequence[float], *,
                      tolerance: float = TOLERANCE) -> bool:
-  """Whether ``spacing`` differs from ``target`` by more than ``tolerance`` (relative) on an axis."""
+  """Whether ``spacing`` differs from ``target`` by more than ``tolerance`` (relative) on an
+  axis."""
   spacing, target = _spacing(spacing, "spacing"), _spacing(target, "target")
   return bool(np.any(np.abs(spacing - target) > tolerance * target))
 
