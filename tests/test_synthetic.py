@@ -201,6 +201,9 @@ def test_progress_and_rewriting_previous_output(tmp_path):
     (dict(shape=(64, 64)), "three integers"),
     (dict(shape=(64.0, 64, 64)), "three integers"),
     (dict(shape=64), "three integers"),
+    (dict(spacing=0.0), "spacing"),
+    (dict(spacing=(1.0, 2.0)), "spacing"),
+    (dict(spacing="2"), "spacing"),
 ])
 def test_bad_arguments(tmp_path, kwargs, message):
   args = dict(cases=1, seed=0, shape=(32, 32, 32)) | kwargs
@@ -246,3 +249,30 @@ def test_refuses_foreign_data(tmp_path):
   (other / "README.txt").write_text("BraTS 2021 training data\n")
   with pytest.raises(UserError, match="refusing to overwrite"):
     write_dataset(other, cases=1, seed=0, shape=(32, 32, 32))
+
+
+def test_spacing_is_in_the_headers_and_the_arrays_do_not_change(dataset, tmp_path):
+  out, folders = dataset
+  write_dataset(tmp_path / "two", cases=1, seed=SEED, shape=SHAPE, spacing=synthetic.DEMO_SPACING)
+  write_dataset(tmp_path / "aniso", cases=1, seed=SEED, shape=SHAPE, spacing=(1.0, 1.0, 3.0))
+  name = folders[0].name
+  for folder, zooms in ((out, (1.0, 1.0, 1.0)), (tmp_path / "two", (2.0, 2.0, 2.0)),
+                        (tmp_path / "aniso", (1.0, 1.0, 3.0))):
+    for suffix in SUFFIXES:
+      image = nib.load(folder / name / f"{name}_{suffix}.nii.gz")
+      assert image.header.get_zooms() == zooms
+      np.testing.assert_array_equal(image.affine, synthetic.brats_affine(SHAPE, zooms))
+      assert nib.aff2axcodes(image.affine) == ("L", "P", "S")
+      np.testing.assert_array_equal(np.asanyarray(image.dataobj), np.asanyarray(
+          nib.load(out / name / f"{name}_{suffix}.nii.gz").dataobj))
+  assert "Geometry: 2 x 2 x 2 mm voxels" in (tmp_path / "two" / "README.txt").read_text()
+  assert "Geometry: 1 x 1 x 3 mm voxels" in (tmp_path / "aniso" / "README.txt").read_text()
+
+
+def test_at_the_demo_spacing_the_brain_has_a_heads_size():
+  """The issue's numbers: a real brain is about 135 x 175 mm (left-right x front-back)."""
+  images, _ = make_phantom(seed=0, case_index=0, shape=(96, 96, 64))
+  brain = images["t1"] != 0
+  extent = [np.flatnonzero(brain.any(axis=tuple(a for a in range(3) if a != axis))).size
+            * synthetic.DEMO_SPACING for axis in range(2)]
+  assert 120 <= extent[0] <= 160 and 155 <= extent[1] <= 195, extent

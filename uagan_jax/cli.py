@@ -34,6 +34,9 @@ from uagan_jax import families
 from uagan_jax.errors import UserError
 
 _SYNTH_SHAPE = (128, 128, 96)
+# = synthetic.DEMO_SPACING (not imported: --help loads nothing heavy): the phantoms' brain then
+# has a head's size, and the :demo recipes train at it.
+_SYNTH_SPACING = 2.0
 
 
 def _log(message: str) -> None:
@@ -311,6 +314,11 @@ def _build_parser() -> argparse.ArgumentParser:
   synth.add_argument("--seed", type=int, default=0, help="random seed")
   synth.add_argument("--shape", type=int, nargs=3, default=_SYNTH_SHAPE, metavar=("X", "Y", "Z"),
                      help=f"volume shape in voxels (default: {' '.join(map(str, _SYNTH_SHAPE))})")
+  synth.add_argument("--spacing", type=float, nargs="+", default=[_SYNTH_SPACING], metavar="MM",
+                     help="voxel size in mm written in the headers, one number or X Y Z; the "
+                          "arrays are the same at any spacing. At the default the phantom brain "
+                          "has a real head's size, and the :demo recipes train at it (default: "
+                          f"{_SYNTH_SPACING:g})")
 
   prepare = add(
       "prepare", "read a data folder's NIfTI once into a cache that training streams from",
@@ -444,7 +452,9 @@ def _synth(args) -> None:
     _log(f"wrote {done}/{total} cases, ETA {(time.time() - started) / done * (total - done):.0f} s")
 
   folders = synthetic.write_dataset(args.out, cases=args.cases, seed=args.seed,
-                                    shape=tuple(args.shape), progress=progress)
+                                    shape=tuple(args.shape),
+                                    spacing=args.spacing[0] if len(args.spacing) == 1
+                                    else tuple(args.spacing), progress=progress)
   _log(f"{len(folders)} synthetic cases in {args.out}")
 
 

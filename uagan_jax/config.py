@@ -69,6 +69,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.image_size = (192, 192)  # axial slices are centre-cropped or zero-padded to this
+  # The voxel size (mm, X Y Z) the model is trained at: BraTS's 1 mm. prepare resamples cases of
+  # another spacing to it; predict, translate and evaluate resample their inputs to it and the
+  # result back (more than 1% apart, uagan_jax/data/resample.py).
+  c.data.spacing = (1.0, 1.0, 1.0)
   c.data.modalities = ("t1", "t1ce", "t2", "flair")  # modalities training draws from
   # Which modalities of a training case train (uagan_jax/data/dataset.py): "unpaired", UAGAN's
   # protocol (each case contributes one, seeded round-robin; the paper's claim is about it), or
@@ -163,7 +167,9 @@ def base_config() -> ml_collections.ConfigDict:
 
 def apply_demo_sizes(c: ml_collections.ConfigDict) -> None:
   """The CPU demo's sizes, shared by every recipe's ``:demo`` variant so they compare fairly:
-  96x96 slices, narrow networks, 600 steps of 16 slices (a few minutes on 2 cores for segan)."""
+  96x96 slices, narrow networks, 600 steps of 16 slices (a few minutes on 2 cores for segan),
+  at 2 mm voxels: the spacing ``uagan-jax synth`` writes its phantoms at, where their brain has a
+  real head's size (about 144 x 178 mm), so the demo model segments real 1 mm scans (resampled)."""
   c.model.segmentor_features = (16, 32, 64, 128)
   c.model.critic_features = (16, 32, 64)
   c.model.generator_features = 8  # the generator runs at full resolution twice (cycle): keep it lean
@@ -171,6 +177,7 @@ def apply_demo_sizes(c: ml_collections.ConfigDict) -> None:
   c.model.discriminator_features = 16
   c.model.discriminator_layers = 5  # 96 / 2**5 = 3: a 3x3 patch map
   c.data.image_size = (96, 96)
+  c.data.spacing = (2.0, 2.0, 2.0)  # = synthetic.DEMO_SPACING
   c.data.tumour_free_fraction = 0.2
   c.optim.segmentor_lr = 1e-3
   c.optim.critic_lr = 1e-3
@@ -211,6 +218,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
       if size % (2 ** depth):
         raise UserError(f"config data.image_size={tuple(config.data.image_size)}: each side must "
                         f"be divisible by 2**{what} = {2 ** depth}")
+  spacing = tuple(config.data.spacing)
+  if len(spacing) != 3 or not all(isinstance(v, (int, float)) and v > 0 for v in spacing):
+    raise UserError(f"config data.spacing={spacing}: must be three positive numbers (mm, X Y Z)")
   unknown = [m for m in config.data.modalities if m not in MODALITIES]
   if unknown or not config.data.modalities:
     raise UserError(f"config data.modalities={tuple(config.data.modalities)}: "

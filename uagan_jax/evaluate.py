@@ -26,7 +26,7 @@ import numpy as np
 
 from uagan_jax import families, inference, visualize
 from uagan_jax import metrics as metrics_lib
-from uagan_jax.data import MODALITIES, REGIONS, checks, preprocess, readers
+from uagan_jax.data import MODALITIES, REGIONS, checks, readers, resample
 from uagan_jax.errors import UserError
 
 # --------------------------------------------------------------------------------------------
@@ -211,7 +211,8 @@ def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
       predictions, scores = {}, {}
       for modality in modalities:
         predictions[modality] = inference.segment_volume(predictor, volume.images[modality],
-                                               modality=modality, config=config)
+                                               modality=modality, config=config,
+                                               spacing=volume.spacing)
         scores[modality] = score_case(predictions[modality], truth, spacing=volume.spacing)
         rows.append({"case": case_id, "modality": modality, **scores[modality]})
       if number <= config.eval.panels:
@@ -219,7 +220,8 @@ def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
                                      figures / f"{split}_{case_id}_step{step}.png",
                                      title=f"{case_id} ({split}), step {step}", scores=scores)
     if translates:
-      case_rows, panel = _evaluate_translation(translator, volume, case_id, modalities, config)
+      case_rows, panel = _evaluate_translation(translator, volume, case_id, modalities, config,
+                                                 spacing=volume.spacing)
       translation_rows.extend(case_rows)
       if number <= config.eval.panels:
         visualize.translation_panel(panel, figures / f"{split}_{case_id}_translation_step{step}.png",
@@ -305,18 +307,25 @@ def _write_csv(path: pathlib.Path, rows: list[dict]) -> None:
 
 
 def _evaluate_translation(translator: inference.SliceTranslator, volume, case_id: str, modalities,
-                          config) -> tuple[list[dict], dict]:
+                          config, *, spacing: Sequence[float] | None = None
+                          ) -> tuple[list[dict], dict]:
   """Every source->target pair of one case against the true target image (held out in training:
   no patient's modalities are ever paired), with the identity baseline beside it.
 
+  The case's modalities are resampled to ``data.spacing`` where ``spacing`` (the case's voxel
+  size in mm; None: taken to be ``data.spacing``) differs by more than 1%, and compared there,
+  in the normalised space of training, on the axial slices of one window that holds the brain of
+  every modality (`inference.whole_brain_slices`).
+
   Returns the rows and, for the picture, the true and translated slices at the middle of the brain.
   """
-  size, clip = tuple(config.data.image_size), config.data.clip
-  normalised = {}
-  for modality in modalities:
-    slices, _, has_brain, _ = preprocess.volume_to_slices(volume.images[modality], None, size=size,
-                                                          clip=clip)
-    normalised[modality] = (slices, has_brain)
+  clip = config.data.clip
+  images = [volume.images[m] for m in modalities]
+  if spacing is not None and resample.needs_resampling(spacing, tuple(config.data.spacing)):
+    images = [resample.image_to_spacing(image, spacing, tuple(config.data.spacing))
+              for image in images]
+  slices, has_brain, _ = inference.whole_brain_slices(images, config)
+  normalised = {m: (slices[i], has_brain[i]) for i, m in enumerate(modalities)}
   brain_slices = np.flatnonzero(normalised[modalities[0]][1])
   middle = int(brain_slices[len(brain_slices) // 2]) if len(brain_slices) else 0
   panel = {"true": {m: normalised[m][0][middle] for m in modalities}, "translated": {}}

@@ -28,6 +28,12 @@ from uagan_jax.data import MODALITIES
 from uagan_jax.errors import UserError
 
 DEFAULT_SHAPE = (128, 128, 96)
+# Voxel size (mm) `write_dataset` writes by default: BraTS's 1 mm, which the tests' tiny models
+# assume. The phantom brain spans about 75% x 93% of X and Y, i.e. 72 x 89 voxels at a 96x96
+# plane: at 1 mm a 7 cm brain, at DEMO_SPACING a real one's 144 x 178 mm (real: ~135 x 175 mm).
+DEFAULT_SPACING = 1.0
+# What ``uagan-jax synth`` writes and the ``:demo`` recipes train at (config.apply_demo_sizes).
+DEMO_SPACING = 2.0
 MIN_DIM = 32
 CASE_PREFIX = "SynthBraTS"
 # First line of README.txt; its presence marks a folder as ours, so it may be overwritten.
@@ -424,16 +430,29 @@ def make_phantom(
   return images, label
 
 
-def brats_affine(shape: Sequence[int]) -> np.ndarray:
-  """BraTS-like voxel-to-world affine: 1 mm voxels, LPS axes, volume centre near the origin.
+def _check_spacing(spacing: float | Sequence[float]) -> tuple[float, float, float]:
+  values = (spacing,) * 3 if np.isscalar(spacing) else tuple(spacing)
+  if not all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in values):
+    values = ()
+  values = tuple(float(v) for v in values)
+  if len(values) != 3 or not all(np.isfinite(v) and v > 0 for v in values):
+    raise UserError(f"spacing must be one or three positive numbers (mm), got {spacing!r}")
+  return values
+
+
+def brats_affine(shape: Sequence[int], spacing: float | Sequence[float] = DEFAULT_SPACING
+                 ) -> np.ndarray:
+  """BraTS-like voxel-to-world affine: LPS axes, volume centre near the origin.
 
   Args:
     shape: volume shape (X, Y, Z).
+    spacing: voxel size in mm, one number (isotropic) or (X, Y, Z).
 
   Returns:
     4x4 float64 affine.
   """
-  affine = np.diag([-1.0, -1.0, 1.0, 1.0])
+  sx, sy, sz = _check_spacing(spacing)
+  affine = np.diag([-sx, -sy, sz, 1.0])
   affine[:3, 3] = -affine[:3, :3] @ ((np.asarray(shape, dtype=np.float64) - 1) / 2)
   return affine
 
@@ -497,7 +516,8 @@ def _previous_cases(out: Path) -> list[Path]:
   return cases
 
 
-def _readme(seed: int, shape: tuple[int, int, int], cases: int) -> str:
+def _readme(seed: int, shape: tuple[int, int, int], cases: int,
+            spacing: tuple[float, float, float]) -> str:
   """README.txt text; deterministic (no dates) so reruns are byte-identical."""
   stem = case_name(0)
   return "\n".join([
@@ -512,7 +532,8 @@ def _readme(seed: int, shape: tuple[int, int, int], cases: int) -> str:
       "Layout (BraTS 2021):",
       f"  {stem}/{stem}_{{t1,t1ce,t2,flair}}.nii.gz  int16 images, 0 outside the head",
       f"  {stem}/{stem}_seg.nii.gz                  uint8 labels",
-      "Geometry: 1 mm isotropic voxels, LPS orientation (affine diag(-1, -1, 1)), volume",
+      f"Geometry: {' x '.join(f'{v:g}' for v in spacing)} mm voxels, LPS orientation (affine "
+      f"diag({-spacing[0]:g}, {-spacing[1]:g}, {spacing[2]:g})), volume",
       "centre near world origin, qform/sform code 1 (scanner). Axial slices run along axis 2.",
       "",
       "Labels (BraTS convention):",
@@ -527,6 +548,7 @@ def _readme(seed: int, shape: tuple[int, int, int], cases: int) -> str:
 
 def write_dataset(out: str | Path, *, cases: int, seed: int,
                   shape: Sequence[int] = DEFAULT_SHAPE,
+                  spacing: float | Sequence[float] = DEFAULT_SPACING,
                   progress: Callable[[int, int], None] | None = None) -> list[Path]:
   """Writes synthetic cases in the BraTS 2021 layout.
 
@@ -540,6 +562,8 @@ def write_dataset(out: str | Path, *, cases: int, seed: int,
     cases: number of cases (>= 1).
     seed: dataset seed (non-negative).
     shape: volume shape (X, Y, Z), each dimension >= 32.
+    spacing: voxel size in mm written in the headers, one number or (X, Y, Z); the arrays do not
+      depend on it (DEMO_SPACING gives the brain a real head's size).
     progress: optional callback, called as ``progress(done, cases)`` after each case.
 
   Returns:
@@ -553,6 +577,7 @@ def write_dataset(out: str | Path, *, cases: int, seed: int,
   cases = int(cases)
   seed = _check_nonneg_int("seed", seed)
   shape = _check_shape(shape)
+  spacing = _check_spacing(spacing)
   out = Path(out)
   if out.exists() and not out.is_dir():
     raise UserError(f"{out}: exists and is not a folder")
@@ -568,8 +593,8 @@ def write_dataset(out: str | Path, *, cases: int, seed: int,
       folder.rmdir()
 
   # README first: it marks the folder as ours, so an interrupted run can simply be rerun.
-  (out / "README.txt").write_text(_readme(seed, shape, cases), encoding="utf-8")
-  affine = brats_affine(shape)
+  (out / "README.txt").write_text(_readme(seed, shape, cases, spacing), encoding="utf-8")
+  affine = brats_affine(shape, spacing)
   folders = []
   for i in range(cases):
     images, label = make_phantom(seed=seed, case_index=i, shape=shape)
