@@ -34,6 +34,7 @@ import multiprocessing
 import os
 import pathlib
 import shutil
+import threading
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -324,6 +325,12 @@ def _write_atomically(path: pathlib.Path, text: str) -> None:
 # Reading
 # ------------------------------------------------------------------------------------------------
 
+# np.load parses a .npy header with ast.literal_eval, which CPython 3.11 does not make safe to
+# call from several threads at once (the loader's threads raised "SystemError: AST constructor
+# recursion depth mismatch" in a demo run); opening the memmap is short, reading the slice is not
+# and stays outside the lock.
+_NPY_HEADER_LOCK = threading.Lock()
+
 
 @dataclasses.dataclass(frozen=True)
 class CachedCase:
@@ -346,8 +353,9 @@ class CachedCase:
     """Slice z of a stored array (image modality or "label"), its CRC checked."""
     path = self.folder / f"{name}.npy"
     try:
-      stored = np.load(path, mmap_mode="r")
-      data = np.array(stored[z])
+      with _NPY_HEADER_LOCK:
+        stored = np.load(path, mmap_mode="r")
+      data = np.array(stored[z])  # the read itself, outside the lock
       del stored
     except (OSError, ValueError, IndexError) as error:
       raise UserError(f"{path}: truncated or corrupt cache file ({error}); delete the case "
