@@ -334,6 +334,11 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="the cache folder (default: the one 'train --data DIR' uses)")
   prepare.add_argument("--workers", type=int, default=0, metavar="N",
                        help="processes reading cases in parallel (default: 0 = one per core)")
+  prepare.add_argument("--spacing", type=float, nargs="+", default=None, metavar="MM",
+                       help="resample cases of another voxel size to this one (one number or X Y "
+                            "Z, mm), as 'train' does to the recipe's data.spacing (1 mm in the "
+                            "full recipes, 2 in the :demo ones); default: keep each case's own, "
+                            "and 'train' prepares again the cases it needs at another spacing")
 
   train = add("train", "train a model from a recipe; resumes from --workdir's checkpoints",
               "Trains the model of a recipe (a configs/*.py file, listed below) on a data folder, "
@@ -438,9 +443,15 @@ def _prepare(args) -> None:
   from uagan_jax.data import cache  # pylint: disable=g-import-not-at-top
   if args.workers < 0:
     raise UserError(f"--workers {args.workers}: must be 0 (one per core) or more")
+  spacing = args.spacing
+  if spacing is not None:
+    if len(spacing) not in (1, 3) or not all(s > 0 for s in spacing):
+      raise UserError(f"--spacing {' '.join(map(str, spacing))}: give one or three positive "
+                      "numbers (mm)")
+    spacing = tuple(spacing) * 3 if len(spacing) == 1 else tuple(spacing)
   started = time.time()
   out = cache.prepare(args.data, args.out or cache.default_location(args.data),
-                      workers=args.workers, log=_log)
+                      workers=args.workers, spacing=spacing, log=_log)
   _log(f"cache ready in {out} ({time.time() - started:.0f} s); train with --cache {out}")
 
 

@@ -111,7 +111,8 @@ class TrainInput:
     self.place = place
     self.cache_dir = pathlib.Path(cache_dir or cache.default_location(data.data_dir))
     train_cases = [c for c in data.cases if c.case_id in data.train_modalities]
-    cache.prepare(data.data_dir, self.cache_dir, cases=data.cases, log=log)
+    cache.prepare(data.data_dir, self.cache_dir, cases=data.cases,
+                  spacing=tuple(config.data.spacing), log=log)
     self.cases = [cache.open_case(self.cache_dir, c) for c in train_cases]
     self.index = dataset.build_slice_index(
         self.cases, assignment=data.train_modalities, size=self.size,
