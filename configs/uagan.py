@@ -47,6 +47,7 @@ def get_config(variant: str = ""):
   # the anatomy.
   c.loss.cls_weight = 0.5
   c.train.steps = 40_000
+  config_lib.apply_full_recipe_augmentations(c)  # nnU-Net-like; off in :demo
   if variant == "demo":
     config_lib.apply_demo_sizes(c)
     # The shape loss asks S to segment G's images; ramp it over the whole short run, as G only

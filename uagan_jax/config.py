@@ -162,6 +162,24 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+# The full recipes' scanner-shift augmentation (configs/*.py; data/augment.py). Probabilities and
+# ranges are nnU-Net's 2D defaults (nnUNetTrainer.get_training_transforms, nnU-Net v2) where it
+# has the transform, per example of one channel (its per-channel probability folded in: blur 0.2
+# x 0.5, low resolution 0.25 x 0.5), with two departures: rotation +-15 degrees, not +-180, as
+# BraTS-like scans are registered to an atlas; gamma never inverted (nnU-Net also inverts with
+# p 0.1). nnU-Net has neither an elastic deformation (off in its defaults) nor a bias field; theirs
+# follow TorchIO (RandomElasticDeformation: 7 control points; RandomBiasField), at p 0.2 and 0.3.
+# Measured on the demo: docs/EXPERIMENTS.md, "Augmentation across scanners".
+FULL_RECIPE_AUGMENTATIONS = dict(
+    rotation_p=0.2, scale_p=0.2, elastic_p=0.2, bias_p=0.3, noise_p=0.1, blur_p=0.1,
+    brightness_p=0.15, contrast_p=0.15, low_resolution_p=0.125, gamma_p=0.3)
+
+
+def apply_full_recipe_augmentations(c: ml_collections.ConfigDict) -> None:
+  """Turns on the scanner-shift augmentation at `FULL_RECIPE_AUGMENTATIONS`' probabilities."""
+  c.data.augmentations.update(FULL_RECIPE_AUGMENTATIONS)
+
+
 def apply_demo_sizes(c: ml_collections.ConfigDict) -> None:
   """The CPU demo's sizes, shared by every recipe's ``:demo`` variant so they compare fairly:
   96x96 slices, narrow networks, 600 steps of 16 slices (a few minutes on 2 cores for segan)."""
@@ -185,6 +203,9 @@ def apply_demo_sizes(c: ml_collections.ConfigDict) -> None:
   c.train.validate_every = 200
   c.eval.batch_size = 64
   c.eval.val_max_cases = 4
+  # The demo keeps the base's augmentation (flips and jitter only), whatever the full recipe
+  # turned on: docs/EXPERIMENTS.md, "Augmentation across scanners", measured both.
+  c.data.augmentations = base_config().data.augmentations
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
