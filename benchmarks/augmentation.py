@@ -71,11 +71,19 @@ def main(argv=None) -> int:
   parser.add_argument("--out", type=pathlib.Path, required=True)
   parser.add_argument("--config", default=str(ROOT / "configs" / "segan.py") + ":demo")
   parser.add_argument("--steps", type=int, default=0, help="default: the recipe's")
+  parser.add_argument("--score-step", type=int, default=0,
+                      help="score the checkpoint of this step (default: the newest); the learning "
+                           "rate of the :demo recipes is constant, so step N of a longer run is "
+                           "what an N-step run gives")
+  parser.add_argument("--no-train", action="store_true", help="only score existing workdirs")
+  parser.add_argument("--only", choices=("off", "on"), default=None,
+                      help="train and score one setting (two processes may train both at once, "
+                           "into the same --out); a last run without it prints the table")
   args = parser.parse_args(argv)
 
   # pylint: disable=g-import-not-at-top
   from uagan_jax import config as config_lib
-  from uagan_jax import inference, train
+  from uagan_jax import checkpoint, inference, train, train_state
   from uagan_jax.errors import UserError
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
   from results_table import score_real_case
@@ -84,18 +92,29 @@ def main(argv=None) -> int:
   steps = [f"--config.train.steps={args.steps}"] if args.steps else []
   full_recipe = args.config.partition(":")[0]
   settings = {"off": [], "on": augmentation_overrides(full_recipe)}
+  if args.only:
+    settings = {args.only: settings[args.only]}
   table, real_rows = {}, {}
   try:
     for name, overrides in settings.items():
       config = config_lib.load_config(args.config, overrides + steps)
       workdir = args.out / name
-      log(f"=== {name}: {config.train.steps} steps into {workdir}")
-      started = time.time()
-      train.train_and_evaluate(config, workdir=workdir, data_dir=args.data, log=lambda _: None,
-                               evaluate_after=False)
-      log(f"trained in {time.time() - started:.0f} s (0 if it had finished before)")
+      if not args.no_train:
+        log(f"=== {name}: {config.train.steps} steps into {workdir}")
+        started = time.time()
+        train.train_and_evaluate(config, workdir=workdir, data_dir=args.data, log=lambda _: None,
+                                 evaluate_after=False)
+        log(f"trained in {time.time() - started:.0f} s (0 if it had finished before)")
       # Scored from the checkpoint, as `uagan-jax evaluate` would.
       config, state, step = inference.load_model(workdir, capability="segments", task="segment")
+      if args.score_step:
+        checkpoints = checkpoint.Checkpointer(workdir / "checkpoints", every=1, keep=1_000_000)
+        if args.score_step not in checkpoints.all_steps():
+          raise UserError(f"{workdir / 'checkpoints'}: no checkpoint of step {args.score_step} "
+                          f"(have {checkpoints.all_steps()})")
+        state, step = checkpoints.restore(args.score_step, train_state.abstract_state(config)), \
+            args.score_step
+        checkpoints.close()
       test_ids = json.loads((workdir / "splits.json").read_text())["test"]
       table[name] = {"held-out phantoms": dice_of_folder(config, state, args.data, test_ids),
                      "shifted phantoms": dice_of_folder(config, state, args.shifted)}
@@ -109,8 +128,7 @@ def main(argv=None) -> int:
     return 2
 
   sets = list(next(iter(table.values())))
-  print(f"\nDice WT/TC/ET, mean over cases and modalities ({args.config}, "
-        f"{config.train.steps} steps):\n")
+  print(f"\nDice WT/TC/ET, mean over cases and modalities ({args.config}, step {step}):\n")
   print("| augmentation | " + " | ".join(sets) + " |")
   print("|---|" + "---|" * len(sets))
   for name, scores in table.items():
@@ -125,7 +143,7 @@ def main(argv=None) -> int:
       print(f"| {name} | " + " | ".join("/".join(f"{r[f'dice_{k}']:.3f}" for k in REGIONS)
                                        for r in rows) + " |")
   report = {name: {s: scores[s].tolist() for s in scores} for name, scores in table.items()}
-  (args.out / "augmentation.json").write_text(json.dumps(
+  (args.out / f"augmentation{'_' + args.only if args.only else ''}.json").write_text(json.dumps(
       {"config": args.config, "dice_rows_WT_TC_ET": report, "real": real_rows}, indent=2))
   return 0
 
