@@ -76,13 +76,21 @@ def _relative_error(a, b):
   return np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-30)
 
 
+# Every scanner-shift transform on every example (data/augment.py): the 1-vs-4-device check
+# then also covers the per-example keys of each transform.
+AUGMENTATIONS_ON = tuple(f"--config.data.augmentations.{name}_p=1.0" for name in (
+    "rotation", "scale", "elastic", "bias", "noise", "blur", "brightness", "contrast",
+    "low_resolution", "gamma"))
+
+
 @pytest.mark.parametrize("overrides", [
     (),
     ("--config.train.parallel_mode=pmap",),
     ("--config.loss.critic_constraint=gradient_penalty", "--config.model.critic_norm=none"),
     ("variant=uagan",),
     ("variant=uagan", "--config.train.parallel_mode=pmap"),
-], ids=["shard_map", "pmap", "gradient_penalty", "uagan", "uagan_pmap"])
+    AUGMENTATIONS_ON,
+], ids=["shard_map", "pmap", "gradient_penalty", "uagan", "uagan_pmap", "augmentations"])
 def test_four_devices_match_one_device(overrides):
   """Same global batch on 1 and 4 devices: same losses and gradients, same parameters.
 
@@ -140,6 +148,13 @@ def test_four_devices_match_one_device(overrides):
     moments_one = [np.ravel(x) for x in jax.tree.leaves(one_net.opt_state) if x.dtype.kind == "f"]
     moments_four = [np.ravel(x) for x in jax.tree.leaves(four_net.opt_state) if x.dtype.kind == "f"]
     assert _relative_error(np.concatenate(moments_one), np.concatenate(moments_four)) < 1e-2, role
+
+
+def test_augmentations_reach_the_step():
+  """The step trains on the augmented batch: other losses than without the transforms."""
+  _, plain = _cached_run((), 1)
+  _, augmented = _cached_run(AUGMENTATIONS_ON, 1)
+  assert plain[0]["seg/dice"] != augmented[0]["seg/dice"]
 
 
 def test_both_modes_give_the_same_numbers():

@@ -319,6 +319,15 @@ def _build_parser() -> argparse.ArgumentParser:
                           "arrays are the same at any spacing. At the default the phantom brain "
                           "has a real head's size, and the :demo recipes train at it (default: "
                           f"{_SYNTH_SPACING:g})")
+  # A scanner shift of the images (anatomy and labels unchanged): a test set unlike the phantoms
+  # a model trained on. The defaults write today's files.
+  synth.add_argument("--contrast-jitter", type=float, default=0.0, metavar="J",
+                     help="also multiply each tissue's mean per case and modality by "
+                          "1 + U(-J, J), J < 1 (default 0: none)")
+  synth.add_argument("--noise", type=float, default=1.0, metavar="F",
+                     help="multiply the noise level by F (default 1)")
+  synth.add_argument("--bias", type=float, default=1.0, metavar="F",
+                     help="multiply the bias field's deviation from 1 by F (default 1)")
 
   prepare = add(
       "prepare", "read a data folder's NIfTI once into a cache that training streams from",
@@ -462,10 +471,12 @@ def _synth(args) -> None:
   def progress(done, total, *_):
     _log(f"wrote {done}/{total} cases, ETA {(time.time() - started) / done * (total - done):.0f} s")
 
+  shift = synthetic.ScannerShift(contrast_jitter=args.contrast_jitter, noise=args.noise,
+                                 bias=args.bias)
   folders = synthetic.write_dataset(args.out, cases=args.cases, seed=args.seed,
                                     shape=tuple(args.shape),
                                     spacing=args.spacing[0] if len(args.spacing) == 1
-                                    else tuple(args.spacing), progress=progress)
+                                    else tuple(args.spacing), progress=progress, shift=shift)
   _log(f"{len(folders)} synthetic cases in {args.out}")
 
 

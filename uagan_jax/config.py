@@ -83,6 +83,34 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.augment = True  # random in-plane flips and intensity jitter, on device, per example
   c.data.intensity_scale = 0.1
   c.data.intensity_shift = 0.1
+  # Scanner-shift augmentation (data/augment.py), with data.augment: each transform hits an
+  # example with probability *_p and draws its strength from the range beside it. All off here, so
+  # the base keeps its numbers; the full recipes turn them on (configs/*.py, nnU-Net's values).
+  c.data.augmentations = ml_collections.ConfigDict()
+  a = c.data.augmentations
+  a.rotation_p = 0.0
+  a.rotation_degrees = 15.0  # in-plane angle drawn from U(-d, d)
+  a.scale_p = 0.0
+  a.scale_range = (0.7, 1.4)  # > 1 enlarges the content
+  a.scale_per_axis = False  # True: rows and columns scaled independently (anisotropic)
+  a.elastic_p = 0.0
+  a.elastic_magnitude = 0.03  # largest control-point displacement, a fraction of the slice side
+  a.elastic_control_points = 7  # per side; displacements are interpolated cubically between them
+  # Intensity, inside the brain only (background stays 0).
+  a.bias_p = 0.0
+  a.bias_coefficient = 0.3  # exp of a quadratic whose coefficients are drawn from U(-c, c)
+  a.noise_p = 0.0
+  a.noise_variance = (0.0, 0.1)  # Gaussian noise variance, on the z-scored image
+  a.blur_p = 0.0
+  a.blur_sigma = (0.5, 1.0)  # Gaussian blur sigma in pixels
+  a.brightness_p = 0.0
+  a.brightness_range = (0.75, 1.25)  # multiplier
+  a.contrast_p = 0.0
+  a.contrast_range = (0.75, 1.25)  # stretch about the brain mean, clipped to the former range
+  a.low_resolution_p = 0.0
+  a.low_resolution_zoom = (0.5, 1.0)  # downsampling factor per side, then back up
+  a.gamma_p = 0.0
+  a.gamma_range = (0.7, 1.5)  # half the draws below 1, half above; mean and std kept
   c.data.val_fraction = 0.1
   c.data.test_fraction = 0.2
   # Threads that read training batches from the cache ahead of the step (data/input_pipeline.py);
@@ -165,6 +193,24 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+# The full recipes' scanner-shift augmentation (configs/*.py; data/augment.py). Probabilities and
+# ranges are nnU-Net's 2D defaults (nnUNetTrainer.get_training_transforms, nnU-Net v2) where it
+# has the transform, per example of one channel (its per-channel probability folded in: blur 0.2
+# x 0.5, low resolution 0.25 x 0.5), with two departures: rotation +-15 degrees, not +-180, as
+# BraTS-like scans are registered to an atlas; gamma never inverted (nnU-Net also inverts with
+# p 0.1). nnU-Net has neither an elastic deformation (off in its defaults) nor a bias field; theirs
+# follow TorchIO (RandomElasticDeformation: 7 control points; RandomBiasField), at p 0.2 and 0.3.
+# Measured on the demo: docs/EXPERIMENTS.md, "Augmentation across scanners".
+FULL_RECIPE_AUGMENTATIONS = dict(
+    rotation_p=0.2, scale_p=0.2, elastic_p=0.2, bias_p=0.3, noise_p=0.1, blur_p=0.1,
+    brightness_p=0.15, contrast_p=0.15, low_resolution_p=0.125, gamma_p=0.3)
+
+
+def apply_full_recipe_augmentations(c: ml_collections.ConfigDict) -> None:
+  """Turns on the scanner-shift augmentation at `FULL_RECIPE_AUGMENTATIONS`' probabilities."""
+  c.data.augmentations.update(FULL_RECIPE_AUGMENTATIONS)
+
+
 def apply_demo_sizes(c: ml_collections.ConfigDict) -> None:
   """The CPU demo's sizes, shared by every recipe's ``:demo`` variant so they compare fairly:
   96x96 slices, narrow networks, 600 steps of 16 slices (a few minutes on 2 cores for segan),
@@ -191,6 +237,9 @@ def apply_demo_sizes(c: ml_collections.ConfigDict) -> None:
   c.train.validate_every = 200
   c.eval.batch_size = 64
   c.eval.val_max_cases = 4
+  # The demo keeps the base's augmentation (flips and jitter only), whatever the full recipe
+  # turned on: docs/EXPERIMENTS.md, "Augmentation across scanners", measured both.
+  c.data.augmentations = base_config().data.augmentations
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -243,6 +292,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     group, name = key.split(".")
     if config[group][name] < 1:
       raise UserError(f"config {key}={config[group][name]}: must be >= 1")
+  _validate_augmentations(config.data.augmentations)
   for key in ("train.validate_every", "eval.val_max_cases", "eval.max_cases", "eval.panels",
               "loss.identity_weight"):
     group, name = key.split(".")
@@ -314,6 +364,29 @@ def _validate_recipe_keys(config: ml_collections.ConfigDict) -> None:
     if not 0 <= optim.decay_final_fraction <= 1:
       raise UserError(f"config optim.decay_final_fraction={optim.decay_final_fraction}: must be "
                       "in [0, 1]")
+
+
+def _validate_augmentations(augmentations: ml_collections.ConfigDict) -> None:
+  """Probabilities in [0, 1], ranges (low, high) with low <= high, sizes in their domains."""
+  for key, value in augmentations.items():
+    where = f"config data.augmentations.{key}={value!r}"
+    if key.endswith("_p") and not 0.0 <= value <= 1.0:
+      raise UserError(f"{where}: a probability must be in [0, 1]")
+    if isinstance(value, tuple) and (len(value) != 2 or value[0] > value[1]):
+      raise UserError(f"{where}: must be a range (low, high) with low <= high")
+  lowest = {"scale_range": 1e-3, "noise_variance": 0.0, "blur_sigma": 1e-3,
+            "brightness_range": 0.0, "contrast_range": 0.0, "low_resolution_zoom": 1e-3,
+            "gamma_range": 1e-3}
+  for key, low in lowest.items():
+    if augmentations[key][0] < low:
+      raise UserError(f"config data.augmentations.{key}={augmentations[key]!r}: values must be "
+                      f">= {low:g}")
+  if augmentations.low_resolution_zoom[1] > 1.0:
+    raise UserError(f"config data.augmentations.low_resolution_zoom="
+                    f"{augmentations.low_resolution_zoom!r}: a downsampling factor is at most 1")
+  if augmentations.elastic_control_points < 2:
+    raise UserError(f"config data.augmentations.elastic_control_points="
+                    f"{augmentations.elastic_control_points}: must be >= 2")
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:

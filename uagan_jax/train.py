@@ -63,7 +63,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *
   if config.data.augment:
     image, regions = augment.augment_batch(
         image, regions, stream(example_keys, AUGMENT_STREAM),
-        intensity_scale=config.data.intensity_scale, intensity_shift=config.data.intensity_shift)
+        intensity_scale=config.data.intensity_scale, intensity_shift=config.data.intensity_shift,
+        augmentations=config.data.augmentations.to_dict())
   inputs = StepInputs(image=image, regions=regions, modality=modality, example_keys=example_keys)
   family = families.implementation(config.model.name)
   new_nets, metrics, gradients = family.train_phases(state, inputs, networks=networks,
