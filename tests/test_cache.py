@@ -95,10 +95,10 @@ def test_an_interrupted_prepare_resumes_where_it_stopped(data, tmp_path, monkeyp
   real_prepare_case = cache.prepare_case
   done = []
 
-  def dies_after_three(case, cases_dir):
+  def dies_after_three(case, cases_dir, **kwargs):
     if len(done) == 3:
       raise KeyboardInterrupt  # as if killed between cases
-    done.append(real_prepare_case(case, cases_dir))
+    done.append(real_prepare_case(case, cases_dir, **kwargs))
     return done[-1]
 
   monkeypatch.setattr(cache, "prepare_case", dies_after_three)

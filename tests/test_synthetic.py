@@ -359,6 +359,7 @@ def test_synth_command_flags_write_the_shift(capsys, tmp_path):
                        "--bias", "2.5")
   assert code == 0
   write_dataset(tmp_path / "library", cases=1, seed=4, shape=(32, 32, 32),
+                spacing=synthetic.DEMO_SPACING,  # the command's default
                 shift=synthetic.ScannerShift(contrast_jitter=0.2, noise=3.0, bias=2.5))
   assert _files(tmp_path / "cli") == _files(tmp_path / "library")
   code, _, err = run_cli(capsys, "synth", "--out", tmp_path / "bad", "--noise", "-1")
