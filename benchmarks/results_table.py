@@ -4,12 +4,16 @@ cases, and the real case.
 Trains each family's ``:demo`` recipe (same sizes, steps and data; one model for all modalities,
 unpaired), scores the held-out test cases from every modality with the BraTS metrics of
 ``uagan-jax evaluate``, and prints Dice and HD95 per region (mean over cases and modalities), then
-per modality. With ``--real CASE_DIR`` the same models, trained on synthetic data only, also
-segment that case (every modality its folder has) and are scored against its label.
+per modality. With ``--shifted DIR`` (phantoms from another "scanner") and ``--real CASE_DIR``
+the same models, trained on the phantoms only, also segment those cases from every modality, as
+``uagan-jax evaluate --data DIR`` scores an external test set, and are scored against their
+labels.
 
   uagan-jax synth --out data_synth --cases 80 --seed 0 --shape 96 96 64
+  uagan-jax synth --out data_shifted --cases 12 --seed 1 --shape 96 96 64 \
+      --contrast-jitter 0.2 --noise 3 --bias 2.5
   python benchmarks/results_table.py --data data_synth --out runs/results \
-      --real ../shared/data/upenn_gbm_00003_11
+      --shifted data_shifted --real ../shared/data/upenn_gbm_00003_11
 
 Runs resume: a finished run is only evaluated again. ``--out`` may be shared with
 ``benchmarks/unified_vs_single.py``, whose ``uagan`` run is the same.
@@ -36,32 +40,13 @@ def _mean(rows, key) -> float:
   return float(np.mean([row[key] for row in rows]))
 
 
-def score_real_case(config, state, case_dir: pathlib.Path, log) -> list[dict]:
-  """Rows (one per modality) of the BraTS metrics of ``state`` on the case in ``case_dir``.
-
-  The networks are fully convolutional, so the slices are taken whole: the in-plane size is
-  rounded up to the encoder's multiple instead of being cut to the training crop.
-  """
-  # pylint: disable=g-import-not-at-top
-  from uagan_jax import evaluate, inference
-  from uagan_jax.data import MODALITIES, readers
-  # pylint: enable=g-import-not-at-top
-  (case,) = readers.find_cases(case_dir)
-  volume = readers.load_case(case, with_label=True)
-  truth = readers.labels_to_regions(volume.label, convention=case.label_convention)
-  multiple = 2 ** len(config.model.segmentor_features)
-  whole = config.copy_and_resolve_references()
-  whole.data.image_size = tuple(-(-n // multiple) * multiple for n in volume.images["t1"].shape[:2])
-  predictor = inference.SlicePredictor(whole, inference.segmentation_variables(state, config),
-                                      batch_size=8)
-  rows = []
-  for modality in (m for m in MODALITIES if m in config.data.modalities):
-    predicted = inference.segment_volume(predictor, volume.images[modality], modality=modality,
-                                        config=whole)
-    rows.append({"case": case.case_id, "modality": modality,
-                 **evaluate.score_case(predicted, truth, spacing=volume.spacing)})
-    log(f"  real case {case.case_id} from {modality}: Dice WT {rows[-1]['dice_WT']:.3f}")
-  return rows
+def score_external(config, state, workdir: pathlib.Path, data_dir: pathlib.Path, log) -> list[dict]:
+  """Rows (one per case and modality) of the BraTS metrics of ``state`` on every case of
+  ``data_dir``, scored as ``uagan-jax evaluate --data DIR`` scores an external test set: the
+  whole brain of each slice, resampled to the recipe's spacing and back."""
+  from uagan_jax import evaluate  # pylint: disable=g-import-not-at-top
+  return evaluate.evaluate_split(config, workdir=workdir, data_dir=data_dir, split="all",
+                                 state=state, curves=False, log=log)["rows"]
 
 
 def main(argv=None) -> int:
@@ -70,6 +55,9 @@ def main(argv=None) -> int:
   parser.add_argument("--out", type=pathlib.Path, required=True)
   parser.add_argument("--real", type=pathlib.Path, default=None,
                       help="a labelled case folder scored by the synthetic-trained models")
+  parser.add_argument("--shifted", type=pathlib.Path, default=None,
+                      help="a phantom set from another 'scanner' (synth --contrast-jitter, "
+                           "--noise, --bias, another seed), scored by the same models")
   parser.add_argument("--steps", type=int, default=0, help="default: the demo recipes' steps")
   args = parser.parse_args(argv)
 
@@ -82,7 +70,7 @@ def main(argv=None) -> int:
   root = pathlib.Path(__file__).resolve().parents[1]
   steps = [f"--config.train.steps={args.steps}"] if args.steps else []
   log = lambda message: print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-  held_out, real = {}, {}
+  held_out, real, shifted = {}, {}, {}
   try:
     for family in FAMILIES:
       config = config_lib.load_config(f"{root / 'configs' / family}.py:demo", steps)
@@ -92,8 +80,10 @@ def main(argv=None) -> int:
                                        log=lambda m: None, evaluate_after=False)
       held_out[family] = evaluate.evaluate_split(config, workdir=workdir, data_dir=args.data,
                                                  state=state, log=log)["rows"]
+      if args.shifted is not None:
+        shifted[family] = score_external(config, state, workdir, args.shifted, log)
       if args.real is not None:
-        real[family] = score_real_case(config, state, args.real, log)
+        real[family] = score_external(config, state, workdir, args.real, log)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -117,12 +107,16 @@ def main(argv=None) -> int:
       rows = [row for row in held_out[family] if row["modality"] == modality]
       cells.append("/".join(f"{_mean(rows, f'dice_{r}'):.2f}" for r in REGIONS))
     out.append(f"| {family} | " + " | ".join(cells) + " |")
+  if shifted:
+    out += ["", f"Shifted phantoms ({len({r['case'] for r in shifted[FAMILIES[0]]})} cases of "
+            f"{args.shifted.name}, another scanner; never trained on; mean over cases and "
+            "modalities):", header, rule] + [line(f, shifted[f]) for f in FAMILIES]
   if real:
     case_id = real[FAMILIES[0]][0]["case"]
     out += ["", f"Real case {case_id} (trained on synthetic data only; mean over modalities):",
             header, rule] + [line(f, real[f]) for f in FAMILIES]
   print("\n".join(out))
-  report = {"held_out": held_out, "real": real, "cases": cases}
+  report = {"held_out": held_out, "shifted": shifted, "real": real, "cases": cases}
   (args.out / "results_table.json").write_text(json.dumps(
       report, indent=2, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v))
   (args.out / "results_table.md").write_text("\n".join(out) + "\n")

@@ -49,10 +49,13 @@ def get_config(variant: str = ""):
   c.loss.bce_weight = 1.0  # the departure above, with the base's Dice
   c.optim.decay_every = 10_000
   c.train.steps = 40_000
+  config_lib.apply_full_recipe_augmentations(c)  # nnU-Net-like; off in :demo
 
   if variant == "demo":
     config_lib.apply_demo_sizes(c)
   elif variant == "paper":
+    # The papers' runs had no scanner-shift augmentation: the full recipe's is off again.
+    c.data.augmentations = config_lib.base_config().data.augmentations
     # SegAN's code (see the docstring): YuanXue1993/SegAN train.py:N (aa892a6), net.py (bbcf3f3).
     steps_per_epoch = 1_509  # 876 cases x 62 slices / batch 36 (the docstring's arithmetic)
     c.loss.dice_weight = 1.0  # train.py:157 loss_G_joint = L1 + dice_loss

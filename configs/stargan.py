@@ -23,6 +23,7 @@ def get_config(variant: str = ""):
   c.data.tumour_free_fraction = 0.5  # translation learns from every brain slice
   c.train.n_critic = 5  # StarGAN's
   c.train.steps = 40_000
+  config_lib.apply_full_recipe_augmentations(c)  # nnU-Net-like; off in :demo
   if variant == "demo":
     config_lib.apply_demo_sizes(c)
     c.train.n_critic = 1  # within a CPU demo's budget G must learn every step

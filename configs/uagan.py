@@ -77,12 +77,15 @@ def get_config(variant: str = ""):
   # the anatomy.
   c.loss.cls_weight = 0.5
   c.train.steps = 40_000
+  config_lib.apply_full_recipe_augmentations(c)  # nnU-Net-like; off in :demo
   if variant == "demo":
     config_lib.apply_demo_sizes(c)
     # The shape loss asks S to segment G's images; ramp it over the whole short run, as G only
     # learns to translate during it.
     c.loss.shape_ramp_steps = 600
   elif variant == "paper":
+    # The papers' runs had no scanner-shift augmentation: the full recipe's is off again.
+    c.data.augmentations = config_lib.base_config().data.augmentations
     # The official run (see the docstring): mangoyuan/UAGAN uagan.sh:N and train_uagan.py:N.
     steps_per_epoch = 16_097  # 876 cases x 147 slices / batch 8 (the docstring's arithmetic)
     c.data.image_size = (128, 128)  # train_uagan.py:349 --image_size 128

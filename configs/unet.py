@@ -17,6 +17,7 @@ def get_config(variant: str = ""):
   c.loss.bce_weight = 1.0  # with the base's Dice
   c.optim.decay_every = 10_000
   c.train.steps = 40_000
+  config_lib.apply_full_recipe_augmentations(c)  # nnU-Net-like; off in :demo
   if variant == "demo":
     config_lib.apply_demo_sizes(c)
   elif variant:

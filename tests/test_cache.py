@@ -95,10 +95,10 @@ def test_an_interrupted_prepare_resumes_where_it_stopped(data, tmp_path, monkeyp
   real_prepare_case = cache.prepare_case
   done = []
 
-  def dies_after_three(case, cases_dir):
+  def dies_after_three(case, cases_dir, **kwargs):
     if len(done) == 3:
       raise KeyboardInterrupt  # as if killed between cases
-    done.append(real_prepare_case(case, cases_dir))
+    done.append(real_prepare_case(case, cases_dir, **kwargs))
     return done[-1]
 
   monkeypatch.setattr(cache, "prepare_case", dies_after_three)
@@ -288,3 +288,69 @@ def test_train_on_a_corrupt_cache_stops_with_one_line_naming_the_file(synth_data
   assert_one_line_error(code, err, str(tmp_path / "cache" / "cases"), "corrupt cache file",
                         "fails its checksum")
   assert not (tmp_path / "w" / "metrics.jsonl").read_text()  # no step ran on a wrong batch
+
+
+def _meta(cache_dir, case):
+  return json.loads((cache_dir / "cases" / case.case_id / "meta.json").read_text())
+
+
+def test_a_case_at_another_spacing_is_resampled_to_the_training_spacing(tmp_path):
+  from uagan_jax.data import resample, synthetic  # pylint: disable=g-import-not-at-top
+  synthetic.write_dataset(tmp_path / "data", cases=1, seed=3, shape=(32, 32, 32), spacing=2.0)
+  case = readers.find_cases(tmp_path / "data")[0]
+  lines = _prepared(tmp_path / "data", tmp_path / "cache", spacing=(1.0, 1.0, 1.0))
+  assert any("resampled 1 of the 1 cases to the training spacing 1x1x1 mm" in line
+             for line in lines), lines
+  meta = _meta(tmp_path / "cache", case)
+  assert meta["spacing"] == [1.0, 1.0, 1.0] and meta["source_spacing"] == [2.0, 2.0, 2.0]
+  assert meta["shape"] == [64, 64, 64]
+  # What the cache holds is the resampler's result for the images and the label, bit for bit.
+  volume = readers.load_case(case)
+  cached = cache.open_case(tmp_path / "cache", case)
+  size = (64, 64)
+  label = resample.labels_to_shape(volume.label, (64, 64, 64))
+  regions = readers.labels_to_regions(label, convention=case.label_convention)
+  for modality in MODALITIES:
+    expected = resample.image_to_spacing(volume.images[modality], (2.0,) * 3, (1.0,) * 3)
+    slices, region_slices, _, _ = preprocess.volume_to_slices(expected, regions, size=size,
+                                                              clip=5.0)
+    for z in range(0, 64, 3):
+      np.testing.assert_array_equal(cached.image_slice(modality, z, size=size, clip=5.0),
+                                    slices[z])
+      np.testing.assert_array_equal(
+          readers.labels_to_regions(cached.label_slice(z, size=size),
+                                    convention=case.label_convention),
+          region_slices[z].astype(bool))
+
+
+def test_the_training_spacing_decides_whether_a_prepared_case_is_reused(tmp_path):
+  from uagan_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  synthetic.write_dataset(tmp_path / "data", cases=1, seed=3, shape=(32, 32, 32), spacing=2.0)
+  case = readers.find_cases(tmp_path / "data")[0]
+  cache_dir = tmp_path / "cache"
+  _prepared(tmp_path / "data", cache_dir)  # its own spacing
+  assert _meta(cache_dir, case)["spacing"] == [2.0, 2.0, 2.0]
+  # At its own spacing (within the tolerance) it is reused, at another it is prepared again.
+  assert any("all 1 cases prepared and up to date" in line
+             for line in _prepared(tmp_path / "data", cache_dir, spacing=(2.01, 2.0, 2.0)))
+  lines = _prepared(tmp_path / "data", cache_dir, spacing=(1.0, 1.0, 1.0))
+  assert any("prepared at another voxel spacing" in line for line in lines), lines
+  assert _meta(cache_dir, case)["spacing"] == [1.0, 1.0, 1.0]
+  assert any("all 1 cases prepared and up to date" in line
+             for line in _prepared(tmp_path / "data", cache_dir, spacing=(1.0, 1.0, 1.0)))
+  lines = _prepared(tmp_path / "data", cache_dir, spacing=(2.0, 2.0, 2.0))
+  assert any("prepared at another voxel spacing" in line for line in lines), lines
+  assert _meta(cache_dir, case)["spacing"] == [2.0, 2.0, 2.0]
+
+
+def test_prepare_spacing_flag(tmp_path, capsys):
+  from uagan_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  synthetic.write_dataset(tmp_path / "data", cases=1, seed=3, shape=(32, 32, 32), spacing=2.0)
+  code, _, err = run_cli(capsys, "prepare", "--data", tmp_path / "data", "--out",
+                         tmp_path / "c", "--workers", "1", "--spacing", "1")
+  assert code == 0, err
+  case = readers.find_cases(tmp_path / "data")[0]
+  assert _meta(tmp_path / "c", case)["spacing"] == [1.0, 1.0, 1.0]
+  code, _, err = run_cli(capsys, "prepare", "--data", tmp_path / "data", "--out", tmp_path / "c",
+                         "--spacing", "1", "2")
+  assert_one_line_error(code, err, "--spacing 1.0 2.0: give one or three positive numbers")

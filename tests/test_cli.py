@@ -1,5 +1,6 @@
 """The command line: every kind of bad input ends in one line naming the file or key, exit 2."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -9,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from uagan_jax.data import dataset
+from uagan_jax.data import MODALITIES, dataset
 
 from conftest import ROOT, TEST_CONFIG, assert_one_line_error, load_test_config, run_cli
 
@@ -406,3 +407,91 @@ def test_help_and_version_do_not_import_jax():
                           cwd=ROOT, env=dict(os.environ), timeout=120)
   assert result.returncode == 0, result.stderr
   assert "uagan-jax train" in result.stdout and "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# Small data honestly: one training case, an empty test split, an external test set.
+# ------------------------------------------------------------------------------------------------
+
+
+def _copy_case(source_case, data_dir, new_id):
+  """A synthetic (BraTS 2021 layout) case copied into ``data_dir`` under the id ``new_id``."""
+  folder = data_dir / new_id
+  folder.mkdir(parents=True)
+  for path in source_case.iterdir():
+    shutil.copy(path, folder / path.name.replace(source_case.name, new_id))
+
+
+def test_one_case_trains_names_its_untrained_modalities_and_scores_an_external_test_set(
+    capsys, synth_data, tmp_path):
+  cases = sorted(p for p in synth_data.iterdir() if p.is_dir())
+  one = tmp_path / "one"
+  _copy_case(cases[0], one, "OnlyCase")
+  work = tmp_path / "work"
+  code, out, err = run_cli(capsys, "train", "--config", TEST_CONFIG, "--data", one, "--workdir",
+                           work, "--config.train.steps=2")
+  # A run that trained exits 0, though there is nothing held out to evaluate.
+  assert code == 0, err
+  assert "1 train, 0 val, 0 test; each training case contributes one modality (data.protocol " \
+         "unpaired)" in out
+  splits = json.loads((work / "splits.json").read_text())
+  assert splits["protocol"] == "unpaired"
+  (trained,) = splits["trained_modalities"]
+  assert splits["train_modality"] == {"OnlyCase": trained}
+  untrained = [m for m in MODALITIES if m != trained]
+  warnings = [line for line in out.splitlines() if "warning: no training slices" in line]
+  assert len(warnings) == 1, out
+  assert f"of {', '.join(untrained)} (no training case contributes {', '.join(untrained)}: " \
+         "data.protocol unpaired gives each of the 1 training case(s) one modality" in warnings[0]
+  notes = [line for line in out.splitlines() if "evaluation skipped" in line]
+  assert len(notes) == 1 and "the test split has no cases" in notes[0], out
+  assert not (work / "eval_test").exists()
+  # predict from a modality training never saw: refused, one line, the reason.
+  code, _, err = run_cli(capsys, "predict", "--workdir", work, "--input", one / "OnlyCase",
+                         "--modality", untrained[0], "--output", tmp_path / "seg.nii.gz")
+  assert_one_line_error(code, err, f"--modality {untrained[0]}", f"trained on {trained} only",
+                        "data.protocol unpaired")
+  # The default split is empty: asking for it is asking for nothing.
+  code, _, err = run_cli(capsys, "evaluate", "--workdir", work, "--data", one)
+  assert_one_line_error(code, err, "splits.json", "the test split has no cases")
+  # Another folder is an external test set: every case, into eval_data_<folder>/.
+  external = tmp_path / "external"
+  for number, case in enumerate(cases[1:3]):
+    _copy_case(case, external, f"External_{number}")
+  code, out, err = run_cli(capsys, "evaluate", "--workdir", work, "--data", external)
+  assert code == 0, err
+  assert "Segmentation of 2 data_external cases" in out
+  rows = (work / "eval_data_external" / "metrics.csv").read_text().splitlines()
+  assert rows[0].startswith("case,modality,dice_WT,")
+  assert sorted({tuple(r.split(",")[:2]) for r in rows[1:]}) == sorted(
+      (f"External_{n}", m) for n in range(2) for m in MODALITIES)
+  summary = json.loads((work / "eval_data_external" / "summary.json").read_text())
+  assert summary["case_ids"] == ["External_0", "External_1"]
+  assert summary["split"] == "data_external" and summary["data"] == str(external)
+  assert set(summary["segmentation"]) == set(MODALITIES)
+  # --split all names the same thing; a folder holding the training case is no test set.
+  code, out, err = run_cli(capsys, "evaluate", "--workdir", work, "--data", external, "--split",
+                           "all", "--checkpoint", "latest")
+  assert code == 0 and (work / "eval_data_external" / "summary.json").is_file(), err
+  code, _, err = run_cli(capsys, "evaluate", "--workdir", work, "--data", one, "--split", "all")
+  assert_one_line_error(code, err, str(one), "1 case(s) the run trained or validated on",
+                        "OnlyCase", "--split test")
+
+
+def test_all_protocol_trains_every_modality_of_one_case(capsys, synth_data, tmp_path):
+  one = tmp_path / "one"
+  _copy_case(sorted(p for p in synth_data.iterdir() if p.is_dir())[0], one, "OnlyCase")
+  work = tmp_path / "work"
+  code, out, err = run_cli(capsys, "train", "--config", TEST_CONFIG, "--data", one, "--workdir",
+                           work, "--config.train.steps=1", "--config.data.protocol=all",
+                           "--no-eval")
+  assert code == 0, err
+  assert "each training case contributes every modality (data.protocol all)" in out
+  assert "warning" not in out
+  splits = json.loads((work / "splits.json").read_text())
+  assert splits["protocol"] == "all" and "train_modality" not in splits
+  assert splits["train_modalities"] == {"OnlyCase": list(MODALITIES)}
+  assert splits["trained_modalities"] == list(MODALITIES)
+  code, _, err = run_cli(capsys, "train", "--config", TEST_CONFIG, "--data", one, "--workdir",
+                         tmp_path / "w2", "--config.data.protocol=paired")
+  assert_one_line_error(code, err, "data.protocol='paired'", "unpaired or all")

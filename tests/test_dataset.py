@@ -107,6 +107,27 @@ def test_assign_modalities_balanced_and_seeded():
     dataset.assign_modalities(ids, seed=7, modalities=("t1", "dwi"))
 
 
+def test_training_modalities_unpaired_is_the_one_assigned_modality():
+  ids = [f"case_{i:03d}" for i in range(9)]
+  has = {case_id: MODALITIES for case_id in ids}
+  chosen = dataset.training_modalities(has, seed=7, modalities=MODALITIES, protocol="unpaired")
+  assignment = dataset.assign_modalities(ids, seed=7, modalities=MODALITIES)
+  assert chosen == {case_id: (assignment[case_id],) for case_id in ids}
+  assert list(chosen) == ids
+
+
+def test_training_modalities_all_is_every_modality_the_case_has_in_canonical_order():
+  has = {"b": ("flair", "t1", "t2", "t1ce"), "a": ("t2", "flair"), "c": ("t1",)}
+  everything = dataset.training_modalities(has, seed=3, modalities=MODALITIES, protocol="all")
+  assert everything == {"a": ("t2", "flair"), "b": MODALITIES, "c": ("t1",)}
+  assert list(everything) == ["a", "b", "c"]  # sorted case order, whatever the input order
+  # Only data.modalities train; the seed changes nothing (there is nothing to draw).
+  subset = dataset.training_modalities(has, seed=4, modalities=("flair", "t1"), protocol="all")
+  assert subset == {"a": ("flair",), "b": ("t1", "flair"), "c": ("t1",)}
+  with pytest.raises(UserError, match="data.protocol='paired'"):
+    dataset.training_modalities(has, seed=3, modalities=MODALITIES, protocol="paired")
+
+
 # ---------------------------------------------------------------------------------------------
 # The slice set.
 
@@ -152,6 +173,41 @@ def test_build_slice_index_tumour_free_fraction(cases, tmp_path):
   # A case's choice does not depend on the other cases.
   alone = dataset.build_slice_index(cached[3:4], tumour_free_fraction=0.5, **kwargs)
   np.testing.assert_array_equal(alone.z, half.z[half.case_index == 3])
+
+
+def test_build_slice_index_with_every_modality_is_the_union_of_the_single_modality_indexes(
+    cases, tmp_path):
+  """Under data.protocol all a case contributes each modality's slices, exactly the slices it
+  would contribute with that modality alone (the same tumour-free choice), case by case, in
+  modality order."""
+  cached = _cached(cases, tmp_path / "cache")
+  ids = [c.case_id for c in cases]
+  every = dataset.training_modalities({i: MODALITIES for i in ids}, seed=2, modalities=MODALITIES,
+                                      protocol="all")
+  kwargs = dict(size=(12, 10), tumour_free_fraction=0.5, seed=2)
+  index = dataset.build_slice_index(cached, assignment=every, **kwargs)
+  assert index.case_ids == ids
+  single = {m: dataset.build_slice_index(cached, assignment=dict.fromkeys(ids, m), **kwargs)
+            for m in MODALITIES}
+  assert len(index) == sum(len(one) for one in single.values())
+  for number in range(len(ids)):
+    mine = index.case_index == number
+    # Modality after modality, each in axial order.
+    assert index.modality[mine].tolist() == sorted(index.modality[mine].tolist())
+    for m in MODALITIES:
+      of_m = mine & (index.modality == MODALITIES.index(m))
+      np.testing.assert_array_equal(index.z[of_m],
+                                    single[m].z[single[m].case_index == number])
+  # Which (case, modality) pairs entered: all 6 x 4.
+  assert {(int(c), int(m)) for c, m in zip(index.case_index, index.modality)} == {
+      (c, m) for c in range(len(ids)) for m in range(len(MODALITIES))}
+  # A string is one modality, as a one-element tuple is.
+  one = dataset.assign_modalities(ids, seed=2, modalities=MODALITIES)
+  as_str = dataset.build_slice_index(cached, assignment=one, **kwargs)
+  as_tuple = dataset.build_slice_index(cached, assignment={i: (m,) for i, m in one.items()},
+                                       **kwargs)
+  for name in ("case_index", "z", "modality"):
+    np.testing.assert_array_equal(getattr(as_str, name), getattr(as_tuple, name))
 
 
 def test_a_tumour_outside_the_crop_is_no_tumour_slice(tmp_path):

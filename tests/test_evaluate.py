@@ -2,6 +2,7 @@
 statistics, the printed table, and the figures (segmentation panel, training curves)."""
 
 import json
+import shutil
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -9,8 +10,9 @@ import pytest
 
 from uagan_jax import evaluate, metrics, visualize
 from uagan_jax.data import REGIONS, preprocess
+from uagan_jax.errors import UserError
 
-from conftest import load_test_config
+from conftest import load_test_config, write_random_workdir
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -170,3 +172,44 @@ def test_translation_is_scored_per_pair_beside_the_identity_and_drawn_with_the_i
   path = visualize.translation_panel(panel, tmp_path / "translation.png", title="case0",
                                      clip=config.data.clip)
   assert_png(path)
+
+
+def test_evaluate_split_scores_the_runs_split_or_every_case_of_an_external_folder(synth_data,
+                                                                                  tmp_path):
+  """The run's data folder (splits.json "data"): its split, as always. The same data moved:
+  refused without --split (it holds training cases), its split with one. Any other folder: every
+  case, into eval_data_<folder>/, which a folder named like a split does not confuse with it."""
+  config = load_test_config(variant="unet")
+  workdir = write_random_workdir(tmp_path / "w", config)
+  ids = sorted(p.name for p in synth_data.iterdir() if p.is_dir())
+  (workdir / "splits.json").write_text(json.dumps(
+      {"data": str(synth_data), "train": ids[:6], "val": [], "test": ids[6:]}))
+  quiet = dict(curves=False, log=lambda _: None)
+  own = evaluate.evaluate_split(config, workdir=workdir, data_dir=synth_data, **quiet)
+  assert own["report"]["case_ids"] == ids[6:] and own["report"]["split"] == "test"
+  assert (workdir / "eval_test" / "summary.json").is_file()
+
+  moved = tmp_path / "moved"
+  shutil.copytree(synth_data, moved)
+  with pytest.raises(UserError, match=r"holds 6 case\(s\) the run trained.*--split test"):
+    evaluate.evaluate_split(config, workdir=workdir, data_dir=moved, **quiet)
+  again = evaluate.evaluate_split(config, workdir=workdir, data_dir=moved, split="test", **quiet)
+  assert again["rows"] == own["rows"]
+
+  external = tmp_path / "test"  # named like the split
+  for number, case_id in enumerate(ids[6:]):
+    folder = external / f"Other_{number}"
+    folder.mkdir(parents=True)
+    for path in (synth_data / case_id).iterdir():
+      shutil.copy(path, folder / path.name.replace(case_id, f"Other_{number}"))
+  scored = evaluate.evaluate_split(config, workdir=workdir, data_dir=external, **quiet)
+  assert scored["report"]["case_ids"] == ["Other_0", "Other_1"]
+  assert scored["report"]["split"] == "data_test"
+  # The same scans under other names: the same numbers, in their own folder.
+  assert [{**r, "case": None} for r in scored["rows"]] == [{**r, "case": None}
+                                                          for r in own["rows"]]
+  assert json.loads((workdir / "eval_data_test" / "summary.json").read_text())["case_ids"] == [
+      "Other_0", "Other_1"]
+  assert json.loads((workdir / "eval_test" / "summary.json").read_text())["case_ids"] == ids[6:]
+  with pytest.raises(UserError, match="--split every: use train, val, test or all"):
+    evaluate.evaluate_split(config, workdir=workdir, data_dir=external, split="every", **quiet)

@@ -107,3 +107,47 @@ def test_volume_to_slices():
   no_regions = preprocess.volume_to_slices(image, None, size=(16, 18), clip=5.0)
   assert no_regions[1] is None
   np.testing.assert_array_equal(no_regions[0], slices)
+
+
+def _brain(shape, xs, ys):
+  brain = np.zeros(shape, bool)
+  brain[xs[0]:xs[1], ys[0]:ys[1]] = True
+  return brain
+
+
+@pytest.mark.parametrize("shape", [(240, 240), (96, 96), (60, 50), (33, 47)])
+def test_brain_window_is_the_centred_crop_where_that_holds_the_brain(shape):
+  brain = _brain(shape, (shape[0] // 2 - 10, shape[0] // 2 + 10), (shape[1] // 2 - 12,
+                                                                   shape[1] // 2 + 12))
+  assert preprocess.brain_window(brain, size=(32, 32), stride=16) == \
+      preprocess.centred(shape, size=(32, 32))
+
+
+@pytest.mark.parametrize("shape,xs,ys", [
+    ((240, 240), (40, 190), (30, 205)),   # a real brain against 96x96 slices: larger canvas
+    ((240, 240), (2, 60), (180, 238)),    # a small brain off-centre: the window moves
+    ((100, 70), (0, 100), (5, 66)),       # brain as long as the axis: padded to the stride
+    ((97, 130), (10, 90), (0, 130))])
+def test_brain_window_holds_every_brain_voxel_at_the_stride(shape, xs, ys):
+  brain = _brain(shape, xs, ys)
+  window = preprocess.brain_window(brain, size=(96, 96), stride=16)
+  assert all(s % 16 == 0 and s >= 96 for s in window.size)
+  canvas = preprocess.apply_crop_pad(brain, window)
+  assert canvas.shape == window.size
+  assert canvas.sum() == brain.sum()  # nothing of the brain cut away
+  # The canvas is no larger than the brain (rounded up to the stride) or the training size.
+  for axis, (first, last) in enumerate((xs, ys)):
+    assert window.size[axis] == max(96, -(-(last - first) // 16) * 16)
+  np.testing.assert_array_equal(preprocess.undo_center_crop_or_pad(canvas, window), brain)
+
+
+def test_volume_to_slices_through_a_window():
+  rng = np.random.default_rng(0)
+  image = np.zeros((70, 64, 5), np.float32)
+  image[3:67, 10:60] = rng.uniform(1, 2, (64, 50, 5))
+  window = preprocess.brain_window(np.any(image != 0, axis=2), size=(32, 32), stride=8)
+  slices, _, has_brain, crop_pad = preprocess.volume_to_slices(image, None, size=(32, 32),
+                                                               clip=5.0, window=window)
+  assert crop_pad == window and slices.shape == (5, 64, 56) and has_brain.all()
+  np.testing.assert_array_equal(preprocess.slices_to_volume(slices, crop_pad),
+                                preprocess.zscore_brain(image, clip=5.0))

@@ -201,6 +201,9 @@ def test_progress_and_rewriting_previous_output(tmp_path):
     (dict(shape=(64, 64)), "three integers"),
     (dict(shape=(64.0, 64, 64)), "three integers"),
     (dict(shape=64), "three integers"),
+    (dict(spacing=0.0), "spacing"),
+    (dict(spacing=(1.0, 2.0)), "spacing"),
+    (dict(spacing="2"), "spacing"),
 ])
 def test_bad_arguments(tmp_path, kwargs, message):
   args = dict(cases=1, seed=0, shape=(32, 32, 32)) | kwargs
@@ -246,3 +249,118 @@ def test_refuses_foreign_data(tmp_path):
   (other / "README.txt").write_text("BraTS 2021 training data\n")
   with pytest.raises(UserError, match="refusing to overwrite"):
     write_dataset(other, cases=1, seed=0, shape=(32, 32, 32))
+
+
+def test_spacing_is_in_the_headers_and_the_arrays_do_not_change(dataset, tmp_path):
+  out, folders = dataset
+  write_dataset(tmp_path / "two", cases=1, seed=SEED, shape=SHAPE, spacing=synthetic.DEMO_SPACING)
+  write_dataset(tmp_path / "aniso", cases=1, seed=SEED, shape=SHAPE, spacing=(1.0, 1.0, 3.0))
+  name = folders[0].name
+  for folder, zooms in ((out, (1.0, 1.0, 1.0)), (tmp_path / "two", (2.0, 2.0, 2.0)),
+                        (tmp_path / "aniso", (1.0, 1.0, 3.0))):
+    for suffix in SUFFIXES:
+      image = nib.load(folder / name / f"{name}_{suffix}.nii.gz")
+      assert image.header.get_zooms() == zooms
+      np.testing.assert_array_equal(image.affine, synthetic.brats_affine(SHAPE, zooms))
+      assert nib.aff2axcodes(image.affine) == ("L", "P", "S")
+      np.testing.assert_array_equal(np.asanyarray(image.dataobj), np.asanyarray(
+          nib.load(out / name / f"{name}_{suffix}.nii.gz").dataobj))
+  assert "Geometry: 2 x 2 x 2 mm voxels" in (tmp_path / "two" / "README.txt").read_text()
+  assert "Geometry: 1 x 1 x 3 mm voxels" in (tmp_path / "aniso" / "README.txt").read_text()
+
+
+def test_at_the_demo_spacing_the_brain_has_a_heads_size():
+  """The issue's numbers: a real brain is about 135 x 175 mm (left-right x front-back)."""
+  images, _ = make_phantom(seed=0, case_index=0, shape=(96, 96, 64))
+  brain = images["t1"] != 0
+  extent = [np.flatnonzero(brain.any(axis=tuple(a for a in range(3) if a != axis))).size
+            * synthetic.DEMO_SPACING for axis in range(2)]
+  assert 120 <= extent[0] <= 160 and 155 <= extent[1] <= 195, extent
+
+
+# --- A scanner shift of the images (a test set unlike the training phantoms) -------------------
+
+
+SHIFTS = {"contrast": dict(contrast_jitter=0.2), "noise": dict(noise=3.0),
+          "bias": dict(bias=2.5)}
+
+
+def test_default_shift_is_no_shift():
+  plain = make_phantom(seed=SEED, case_index=0, shape=SHAPE)
+  explicit = make_phantom(seed=SEED, case_index=0, shape=SHAPE,
+                          shift=synthetic.ScannerShift(contrast_jitter=0.0, noise=1.0, bias=1.0))
+  for name in MODALITIES:
+    np.testing.assert_array_equal(plain[0][name], explicit[0][name])
+  np.testing.assert_array_equal(plain[1], explicit[1])
+
+
+def test_default_shift_writes_the_same_files(dataset, tmp_path):
+  out, _ = dataset
+  write_dataset(tmp_path / "default", cases=3, seed=SEED, shape=SHAPE,
+                shift=synthetic.ScannerShift())
+  assert _files(tmp_path / "default") == _files(out)
+  assert "Scanner shift" not in (out / "README.txt").read_text()
+
+
+@pytest.mark.parametrize("shift", SHIFTS.values(), ids=SHIFTS.keys())
+def test_shift_changes_intensities_only(phantoms, shift):
+  images, label, tissues = phantoms[0]
+  shifted_images, shifted_label, shifted_tissues = make_phantom(
+      seed=SEED, case_index=0, shape=SHAPE, return_tissues=True,
+      shift=synthetic.ScannerShift(**shift))
+  np.testing.assert_array_equal(shifted_label, label)
+  np.testing.assert_array_equal(shifted_tissues, tissues)
+  for name in MODALITIES:
+    # The same head (non-zero voxels), other values inside it.
+    np.testing.assert_array_equal(shifted_images[name] != 0, images[name] != 0)
+    assert not np.array_equal(shifted_images[name], images[name])
+
+
+def test_each_shift_does_what_it_says(phantoms):
+  images, _, tissues = phantoms[0]
+  shifted = {name: make_phantom(seed=SEED, case_index=0, shape=SHAPE,
+                                shift=synthetic.ScannerShift(**kwargs))[0]
+             for name, kwargs in SHIFTS.items()}
+  wm = tissues == synthetic.WM
+  # Noise x3: white matter's voxel-to-voxel differences (noise; the texture is smooth) triple.
+  def roughness(volume):
+    return np.std(np.diff(volume.astype(np.float64), axis=0)[(wm & np.roll(wm, -1, 0))[:-1]])
+  assert roughness(shifted["noise"]["t1"]) > 2.0 * roughness(images["t1"])
+  # Bias x2.5: the same noise draws, so shifted / default is the smooth field ratio
+  # (1 + 2.5 d) / (1 + d) for the default field's deviation d of +-8..15%: it varies by several
+  # percent over white matter, smoothly (it barely changes from a voxel to the next).
+  ratio = shifted["bias"]["t1"].astype(np.float64) / np.maximum(images["t1"], 1)
+  assert np.std(ratio[wm]) > 0.02
+  assert roughness(shifted["bias"]["t1"]) < 1.5 * roughness(images["t1"])
+  # Contrast jitter: the ratio of two tissues' means moves by more than the default jitter's 8%.
+  gm = tissues == synthetic.GM
+  ratio = lambda volume: volume[wm].mean() / volume[gm].mean()
+  moved = [abs(ratio(shifted["contrast"][m]) / ratio(images[m]) - 1) for m in MODALITIES]
+  assert max(moved) > 0.05
+
+
+def test_shift_is_written_in_the_readme_and_checked(tmp_path):
+  write_dataset(tmp_path / "shifted", cases=1, seed=0, shape=(32, 32, 32),
+                shift=synthetic.ScannerShift(contrast_jitter=0.2, noise=3.0, bias=2.5))
+  assert ("Scanner shift: contrast jitter 0.2, noise x3, bias x2.5" in
+          (tmp_path / "shifted" / "README.txt").read_text())
+  for kwargs, message in [(dict(noise=-1.0), "noise must be"), (dict(bias=float("nan")), "bias"),
+                          (dict(contrast_jitter=1.0), "contrast_jitter must be < 1")]:
+    with pytest.raises(UserError, match=message):
+      write_dataset(tmp_path / "bad", cases=1, seed=0, shape=(32, 32, 32),
+                    shift=synthetic.ScannerShift(**kwargs))
+  assert not (tmp_path / "bad").exists()
+
+
+def test_synth_command_flags_write_the_shift(capsys, tmp_path):
+  from conftest import run_cli  # pylint: disable=g-import-not-at-top
+  code, _, _ = run_cli(capsys, "synth", "--out", tmp_path / "cli", "--cases", "1", "--seed", "4",
+                       "--shape", "32", "32", "32", "--contrast-jitter", "0.2", "--noise", "3",
+                       "--bias", "2.5")
+  assert code == 0
+  write_dataset(tmp_path / "library", cases=1, seed=4, shape=(32, 32, 32),
+                spacing=synthetic.DEMO_SPACING,  # the command's default
+                shift=synthetic.ScannerShift(contrast_jitter=0.2, noise=3.0, bias=2.5))
+  assert _files(tmp_path / "cli") == _files(tmp_path / "library")
+  code, _, err = run_cli(capsys, "synth", "--out", tmp_path / "bad", "--noise", "-1")
+  assert code == 2 and err.strip() == "error: noise must be a finite number >= 0, got -1.0"

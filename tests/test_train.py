@@ -76,13 +76,21 @@ def _relative_error(a, b):
   return np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-30)
 
 
+# Every scanner-shift transform on every example (data/augment.py): the 1-vs-4-device check
+# then also covers the per-example keys of each transform.
+AUGMENTATIONS_ON = tuple(f"--config.data.augmentations.{name}_p=1.0" for name in (
+    "rotation", "scale", "elastic", "bias", "noise", "blur", "brightness", "contrast",
+    "low_resolution", "gamma"))
+
+
 @pytest.mark.parametrize("overrides", [
     (),
     ("--config.train.parallel_mode=pmap",),
     ("--config.loss.critic_constraint=gradient_penalty", "--config.model.critic_norm=none"),
     ("variant=uagan",),
     ("variant=uagan", "--config.train.parallel_mode=pmap"),
-], ids=["shard_map", "pmap", "gradient_penalty", "uagan", "uagan_pmap"])
+    AUGMENTATIONS_ON,
+], ids=["shard_map", "pmap", "gradient_penalty", "uagan", "uagan_pmap", "augmentations"])
 def test_four_devices_match_one_device(overrides):
   """Same global batch on 1 and 4 devices: same losses and gradients, same parameters.
 
@@ -140,6 +148,13 @@ def test_four_devices_match_one_device(overrides):
     moments_one = [np.ravel(x) for x in jax.tree.leaves(one_net.opt_state) if x.dtype.kind == "f"]
     moments_four = [np.ravel(x) for x in jax.tree.leaves(four_net.opt_state) if x.dtype.kind == "f"]
     assert _relative_error(np.concatenate(moments_one), np.concatenate(moments_four)) < 1e-2, role
+
+
+def test_augmentations_reach_the_step():
+  """The step trains on the augmented batch: other losses than without the transforms."""
+  _, plain = _cached_run((), 1)
+  _, augmented = _cached_run(AUGMENTATIONS_ON, 1)
+  assert plain[0]["seg/dice"] != augmented[0]["seg/dice"]
 
 
 def test_both_modes_give_the_same_numbers():
@@ -339,3 +354,35 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(synth_data, tmp_path):
   assert rows == list(range(1, step + 1))
   log = _cli_train(synth_data, workdir, step + 2)
   assert f"steps {step}..{step + 2}" in log
+
+
+# --- Modalities without training slices -------------------------------------------------------
+
+
+def _training_data(protocol, train_modalities):
+  from uagan_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  return input_pipeline.TrainingData(
+      data_dir=pathlib.Path("data"), cases=[],
+      splits={"train": sorted(train_modalities), "val": [], "test": []}, protocol=protocol,
+      train_modalities=train_modalities)
+
+
+def test_the_untrained_modalities_warning_names_them_and_why():
+  config = load_test_config()
+  every = {"t1": 5, "t1ce": 3, "t2": 1, "flair": 2}
+  data = _training_data("unpaired", {"a": ("t2",), "b": ("t1",)})
+  assert train._untrained_modalities_warning(config, data, every) is None
+  # Unpaired, two cases: two modalities have no case at all.
+  warning = train._untrained_modalities_warning(config, data, {**every, "t1ce": 0, "flair": 0})
+  assert warning == (
+      "warning: no training slices of t1ce, flair (no training case contributes t1ce, flair: "
+      "data.protocol unpaired gives each of the 2 training case(s) one modality, and "
+      "data.protocol=all trains every modality of every case); the model is untrained on them, "
+      "and predict and translate refuse them")
+  # All: a modality whose cases gave no slice (no tumour in view, none tumour-free kept).
+  data = _training_data("all", {"a": ("t1", "t1ce", "t2", "flair")})
+  warning = train._untrained_modalities_warning(config, data, {**every, "t2": 0})
+  assert warning.startswith("warning: no training slices of t2 (the training cases of t2 have no "
+                            "slice with brain and tumour in view, and data.tumour_free_fraction="
+                            f"{config.data.tumour_free_fraction} kept none)")
+  assert "\n" not in warning

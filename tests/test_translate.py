@@ -8,6 +8,7 @@ grid, the header, the intensity mapping) does not depend on the weights. The ``s
 the real thing: ``uagan-jax train`` and then ``uagan-jax translate``.
 """
 
+import json
 import os
 import shutil
 
@@ -149,8 +150,7 @@ def test_output_is_written_on_the_grid_of_a_reoriented_input(capsys, workdirs, c
 def test_real_upenn_case_keeps_its_geometry(capsys, workdirs, tmp_path):
   output = tmp_path / "UPENN-GBM-00003_11_FLAIR_from_T1.nii.gz"
   out = _translate(capsys, workdirs["uagan"], REAL_T1, output)
-  # The 32x32 test model sees only the centre of the 240x240 slices; the rest gets the mean.
-  assert "outside the model's 32x32 slices" in out
+  assert "resampling" not in out  # 1 mm, as the model
   ref, got = nib.load(REAL_T1), nib.load(output)
   assert got.shape == ref.shape == (240, 240, 155)
   np.testing.assert_array_equal(got.affine, ref.affine)
@@ -234,7 +234,54 @@ def test_one_loaded_model_translates_many_files(workdirs, case_dir, tmp_path):
                                       tmp_path / f"{modality}_to_t1ce.nii.gz", source=modality,
                                       target="t1ce", translator=translator, log=lambda _: None)
     assert result.output.is_file() and result.target == "t1ce" and result.slices > 0
-    assert result.outside_view == 0
+    assert not result.resampled
+
+
+def _replace_the_network(monkeypatch, translation):
+  """Every SliceTranslator answers ``translation(slices)``: the geometry is then checked against a
+  known answer."""
+  monkeypatch.setattr(translate.inference.SliceTranslator, "__call__",
+                      lambda self, slices, source_id, target_id: translation(slices))
+
+
+@pytest.mark.skipif(not REAL_T1.is_file(), reason=f"real UPENN-GBM case absent ({REAL_T1})")
+def test_every_brain_voxel_of_the_real_case_is_translated(capsys, workdirs, tmp_path,
+                                                          monkeypatch):
+  """The 240x240 slices' whole brain goes through a 32x32 model (a translation to z = 1 marks
+  what the network saw; a voxel it did not see would keep z = 0, the brain's mean)."""
+  _replace_the_network(monkeypatch, lambda slices: np.ones_like(slices))
+  _translate(capsys, workdirs["uagan"], REAL_T1, tmp_path / "out.nii.gz")
+  image = np.asanyarray(nib.load(REAL_T1).dataobj).astype(np.float64)
+  brain = image != 0
+  mean_plus_std = image[brain].mean() + image[brain].std()
+  got = np.asanyarray(nib.load(tmp_path / "out.nii.gz").dataobj)
+  np.testing.assert_allclose(got[brain], mean_plus_std, rtol=1e-5)
+  assert not np.any(got[~brain])
+
+
+@pytest.mark.parametrize("spacing", [(0.9, 0.9, 0.9), (1.0, 1.0, 3.0)])
+def test_another_spacing_is_resampled_to_the_models_and_back(capsys, workdirs, case_dir, tmp_path,
+                                                              monkeypatch, spacing):
+  """A 1 mm model on a case resampled to ``spacing``: an identity network gives the input back,
+  on its grid, up to the blur of two linear resamplings."""
+  from uagan_jax.data import resample, synthetic  # pylint: disable=g-import-not-at-top
+  t1 = np.asanyarray(nib.load(case_dir / f"{case_dir.name}_t1.nii.gz").dataobj)
+  image = resample.image_to_spacing(t1, (1.0, 1.0, 1.0), spacing)
+  affine = synthetic.brats_affine(image.shape, spacing)
+  nifti = nib.Nifti1Image(image, affine)
+  nifti.set_qform(affine, code=1)
+  nifti.set_sform(affine, code=1)
+  nib.save(nifti, tmp_path / "t1.nii.gz")
+  _replace_the_network(monkeypatch, lambda slices: slices)
+  out = _translate(capsys, workdirs["uagan"], tmp_path / "t1.nii.gz", tmp_path / "out.nii.gz")
+  assert f"resampling from {'x'.join(f'{v:g}' for v in spacing)} mm to the model's 1x1x1 mm" in out
+  _assert_same_grid(tmp_path / "out.nii.gz", tmp_path / "t1.nii.gz")
+  got = np.asanyarray(nib.load(tmp_path / "out.nii.gz").dataobj)
+  brain = image != 0
+  assert not np.any(got[~brain])
+  assert np.corrcoef(got[brain], image[brain])[0, 1] > 0.9
+  # Shifted by two voxels, the input agrees less: the threshold above can fail.
+  assert np.corrcoef(np.roll(got, 2, axis=0)[brain], image[brain])[0, 1] < 0.9
 
 
 @pytest.mark.slow
@@ -277,3 +324,38 @@ def test_trained_segan_does_not_translate(capsys, synth_data, case_dir, tmp_path
                           "flair", "--output", tmp_path / "out.nii.gz")
   assert_one_line_error(code, err, "segan does not translate")
   shutil.rmtree(workdir)
+
+
+def _write_splits(workdir, **record):
+  (workdir / "splits.json").write_text(json.dumps({"train": ["a", "b"], "val": [], "test": [],
+                                                   **record}))
+
+
+def test_a_modality_training_never_saw_is_refused_as_source_and_as_target(capsys, case_dir,
+                                                                          tmp_path):
+  """What training saw (splits.json trained_modalities) decides, not config data.modalities: a
+  target the discriminator never saw as real is as untrained as an unseen source."""
+  workdir = write_random_workdir(tmp_path / "w", load_test_config(variant="uagan"))
+  _write_splits(workdir, protocol="unpaired", train_modality={"a": "t1", "b": "t2"},
+                trained_modalities=["t1", "t2"])
+  assert translate.load_translator(workdir).modalities == ("t1", "t2")
+  t1 = case_dir / f"{case_dir.name}_t1.nii.gz"
+  code, _, err = run_cli(capsys, "translate", "--workdir", workdir, "--input", t1, "--source",
+                         "t1", "--target", "flair", "--output", tmp_path / "o.nii.gz")
+  assert_one_line_error(code, err, "--target flair", "trained on t1, t2 only", "splits.json",
+                        "unpaired", "discriminator never saw a real flair image")
+  flair = case_dir / f"{case_dir.name}_flair.nii.gz"
+  code, _, err = run_cli(capsys, "translate", "--workdir", workdir, "--input", flair, "--source",
+                         "flair", "--target", "t1", "--output", tmp_path / "o.nii.gz")
+  assert_one_line_error(code, err, "--source flair", "trained on t1, t2 only")
+  assert "discriminator" not in err
+  assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_trained_modalities_of_a_workdir_older_than_the_record(tmp_path):
+  """splits.json without trained_modalities: the modalities its train_modality assigned;
+  without splits.json: config data.modalities."""
+  workdir = write_random_workdir(tmp_path / "w", load_test_config(variant="stargan"))
+  assert translate.load_translator(workdir).modalities == MODALITIES
+  _write_splits(workdir, train_modality={"a": "t2", "b": "t1ce"})
+  assert translate.load_translator(workdir).modalities == ("t1ce", "t2")

@@ -2,7 +2,7 @@
 
   uagan-jax synth    --out DIR --cases N --seed S [--shape X Y Z]
   uagan-jax train    --config configs/segan.py[:variant] --data DIR --workdir W [--config.a.b=v ...]
-  uagan-jax evaluate --workdir W --data DIR [--split test] [--checkpoint latest|best]
+  uagan-jax evaluate --workdir W --data DIR [--split test|all] [--checkpoint latest|best]
   uagan-jax translate --workdir W --input FILE --source t1 --target flair --output OUT.nii.gz
   uagan-jax predict  --workdir W --input FILE|CASE|DATA --modality flair --output SEG.nii.gz|DIR
 
@@ -34,6 +34,9 @@ from uagan_jax import families
 from uagan_jax.errors import UserError
 
 _SYNTH_SHAPE = (128, 128, 96)
+# = synthetic.DEMO_SPACING (not imported: --help loads nothing heavy): the phantoms' brain then
+# has a head's size, and the :demo recipes train at it.
+_SYNTH_SPACING = 2.0
 
 
 def _log(message: str) -> None:
@@ -311,6 +314,20 @@ def _build_parser() -> argparse.ArgumentParser:
   synth.add_argument("--seed", type=int, default=0, help="random seed")
   synth.add_argument("--shape", type=int, nargs=3, default=_SYNTH_SHAPE, metavar=("X", "Y", "Z"),
                      help=f"volume shape in voxels (default: {' '.join(map(str, _SYNTH_SHAPE))})")
+  synth.add_argument("--spacing", type=float, nargs="+", default=[_SYNTH_SPACING], metavar="MM",
+                     help="voxel size in mm written in the headers, one number or X Y Z; the "
+                          "arrays are the same at any spacing. At the default the phantom brain "
+                          "has a real head's size, and the :demo recipes train at it (default: "
+                          f"{_SYNTH_SPACING:g})")
+  # A scanner shift of the images (anatomy and labels unchanged): a test set unlike the phantoms
+  # a model trained on. The defaults write today's files.
+  synth.add_argument("--contrast-jitter", type=float, default=0.0, metavar="J",
+                     help="also multiply each tissue's mean per case and modality by "
+                          "1 + U(-J, J), J < 1 (default 0: none)")
+  synth.add_argument("--noise", type=float, default=1.0, metavar="F",
+                     help="multiply the noise level by F (default 1)")
+  synth.add_argument("--bias", type=float, default=1.0, metavar="F",
+                     help="multiply the bias field's deviation from 1 by F (default 1)")
 
   prepare = add(
       "prepare", "read a data folder's NIfTI once into a cache that training streams from",
@@ -326,6 +343,11 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="the cache folder (default: the one 'train --data DIR' uses)")
   prepare.add_argument("--workers", type=int, default=0, metavar="N",
                        help="processes reading cases in parallel (default: 0 = one per core)")
+  prepare.add_argument("--spacing", type=float, nargs="+", default=None, metavar="MM",
+                       help="resample cases of another voxel size to this one (one number or X Y "
+                            "Z, mm), as 'train' does to the recipe's data.spacing (1 mm in the "
+                            "full recipes, 2 in the :demo ones); default: keep each case's own, "
+                            "and 'train' prepares again the cases it needs at another spacing")
 
   train = add("train", "train a model from a recipe; resumes from --workdir's checkpoints",
               "Trains the model of a recipe (a configs/*.py file, listed below) on a data folder, "
@@ -348,18 +370,26 @@ def _build_parser() -> argparse.ArgumentParser:
                           "$UAGAN_JAX_CACHE/<data folder>-<hash>, else under ~/.cache/uagan_jax")
 
   evaluate = add(
-      "evaluate", "score a trained model on a held-out split (Dice, HD95, PSNR, ...)",
-      "Scores a training workdir's checkpoint on a split of its data: per case, region (WT, TC, "
+      "evaluate", "score a trained model on a held-out split or an external test set "
+                  "(Dice, HD95, PSNR, ...)",
+      "Scores a training workdir's checkpoint on a split of its data, or on every case of "
+      "another data folder (an external test set): per case, region (WT, TC, "
       f"ET) and modality Dice, HD95, ... for the models that segment ({_either(segments)}); per "
       f"modality pair PSNR, SSIM and MAE for the models that translate ({_either(translates)}). "
-      "Writes WORKDIR/eval_SPLIT/ (metrics.csv, summary.json, PNG panels).")
+      "Writes WORKDIR/eval_SPLIT/, or WORKDIR/eval_data_FOLDER/ for an external test set "
+      "(metrics.csv, summary.json, PNG panels).")
   evaluate.add_argument("--workdir", required=True, type=pathlib.Path, metavar="DIR",
                         help="training workdir (holds config.json, splits.json, checkpoints/)")
   evaluate.add_argument("--data", required=True, type=pathlib.Path, metavar="DIR",
-                        help="the data folder the model was trained on")
-  evaluate.add_argument("--split", default=None, choices=("train", "val", "test"),
-                        help="which cases to score (default: the run's config eval.split, "
-                             "normally test)")
+                        help="the data folder the model was trained on (its --split is "
+                             "scored), or any other folder of cases: an external test set, "
+                             "every case scored (refused if it holds a case the run trained "
+                             "or validated on)")
+  evaluate.add_argument("--split", default=None, choices=("train", "val", "test", "all"),
+                        help="which cases to score: a split of the run's data (its data folder "
+                             "moved or copied too), or all: every case of --data as an external "
+                             "test set (default: the run's config eval.split, normally test, "
+                             "for the run's data folder; all for any other folder)")
   evaluate.add_argument("--checkpoint", default="latest", choices=("latest", "best"),
                         help="the newest checkpoint, or the best by validation Dice "
                              "(train.validate_every)")
@@ -422,9 +452,15 @@ def _prepare(args) -> None:
   from uagan_jax.data import cache  # pylint: disable=g-import-not-at-top
   if args.workers < 0:
     raise UserError(f"--workers {args.workers}: must be 0 (one per core) or more")
+  spacing = args.spacing
+  if spacing is not None:
+    if len(spacing) not in (1, 3) or not all(s > 0 for s in spacing):
+      raise UserError(f"--spacing {' '.join(map(str, spacing))}: give one or three positive "
+                      "numbers (mm)")
+    spacing = tuple(spacing) * 3 if len(spacing) == 1 else tuple(spacing)
   started = time.time()
   out = cache.prepare(args.data, args.out or cache.default_location(args.data),
-                      workers=args.workers, log=_log)
+                      workers=args.workers, spacing=spacing, log=_log)
   _log(f"cache ready in {out} ({time.time() - started:.0f} s); train with --cache {out}")
 
 
@@ -435,8 +471,12 @@ def _synth(args) -> None:
   def progress(done, total, *_):
     _log(f"wrote {done}/{total} cases, ETA {(time.time() - started) / done * (total - done):.0f} s")
 
+  shift = synthetic.ScannerShift(contrast_jitter=args.contrast_jitter, noise=args.noise,
+                                 bias=args.bias)
   folders = synthetic.write_dataset(args.out, cases=args.cases, seed=args.seed,
-                                    shape=tuple(args.shape), progress=progress)
+                                    shape=tuple(args.shape),
+                                    spacing=args.spacing[0] if len(args.spacing) == 1
+                                    else tuple(args.spacing), progress=progress, shift=shift)
   _log(f"{len(folders)} synthetic cases in {args.out}")
 
 

@@ -20,6 +20,7 @@ import ml_collections
 
 from uagan_jax import families
 from uagan_jax.data import MODALITIES
+from uagan_jax.data.dataset import PROTOCOLS
 from uagan_jax.errors import UserError
 
 # How the generator's norm layers see the target modality (uagan_jax/models/stargan.py).
@@ -68,12 +69,48 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.image_size = (192, 192)  # axial slices are centre-cropped or zero-padded to this
-  c.data.modalities = ("t1", "t1ce", "t2", "flair")  # modalities the unpaired protocol draws from
+  # The voxel size (mm, X Y Z) the model is trained at: BraTS's 1 mm. prepare resamples cases of
+  # another spacing to it; predict, translate and evaluate resample their inputs to it and the
+  # result back (more than 1% apart, uagan_jax/data/resample.py).
+  c.data.spacing = (1.0, 1.0, 1.0)
+  c.data.modalities = ("t1", "t1ce", "t2", "flair")  # modalities training draws from
+  # Which modalities of a training case train (uagan_jax/data/dataset.py): "unpaired", UAGAN's
+  # protocol (each case contributes one, seeded round-robin; the paper's claim is about it), or
+  # "all" (every modality of every case: the most from complete data, no longer unpaired).
+  c.data.protocol = "unpaired"
   c.data.clip = 5.0  # z-scores are clipped to [-clip, clip]
   c.data.tumour_free_fraction = 0.1  # seeded fraction of tumour-free brain slices kept for training
   c.data.augment = True  # random in-plane flips and intensity jitter, on device, per example
   c.data.intensity_scale = 0.1
   c.data.intensity_shift = 0.1
+  # Scanner-shift augmentation (data/augment.py), with data.augment: each transform hits an
+  # example with probability *_p and draws its strength from the range beside it. All off here, so
+  # the base keeps its numbers; the full recipes turn them on (configs/*.py, nnU-Net's values).
+  c.data.augmentations = ml_collections.ConfigDict()
+  a = c.data.augmentations
+  a.rotation_p = 0.0
+  a.rotation_degrees = 15.0  # in-plane angle drawn from U(-d, d)
+  a.scale_p = 0.0
+  a.scale_range = (0.7, 1.4)  # > 1 enlarges the content
+  a.scale_per_axis = False  # True: rows and columns scaled independently (anisotropic)
+  a.elastic_p = 0.0
+  a.elastic_magnitude = 0.03  # largest control-point displacement, a fraction of the slice side
+  a.elastic_control_points = 7  # per side; displacements are interpolated cubically between them
+  # Intensity, inside the brain only (background stays 0).
+  a.bias_p = 0.0
+  a.bias_coefficient = 0.3  # exp of a quadratic whose coefficients are drawn from U(-c, c)
+  a.noise_p = 0.0
+  a.noise_variance = (0.0, 0.1)  # Gaussian noise variance, on the z-scored image
+  a.blur_p = 0.0
+  a.blur_sigma = (0.5, 1.0)  # Gaussian blur sigma in pixels
+  a.brightness_p = 0.0
+  a.brightness_range = (0.75, 1.25)  # multiplier
+  a.contrast_p = 0.0
+  a.contrast_range = (0.75, 1.25)  # stretch about the brain mean, clipped to the former range
+  a.low_resolution_p = 0.0
+  a.low_resolution_zoom = (0.5, 1.0)  # downsampling factor per side, then back up
+  a.gamma_p = 0.0
+  a.gamma_range = (0.7, 1.5)  # half the draws below 1, half above; mean and std kept
   c.data.val_fraction = 0.1
   c.data.test_fraction = 0.2
   # Threads that read training batches from the cache ahead of the step (data/input_pipeline.py);
@@ -156,9 +193,29 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+# The full recipes' scanner-shift augmentation (configs/*.py; data/augment.py). Probabilities and
+# ranges are nnU-Net's 2D defaults (nnUNetTrainer.get_training_transforms, nnU-Net v2) where it
+# has the transform, per example of one channel (its per-channel probability folded in: blur 0.2
+# x 0.5, low resolution 0.25 x 0.5), with two departures: rotation +-15 degrees, not +-180, as
+# BraTS-like scans are registered to an atlas; gamma never inverted (nnU-Net also inverts with
+# p 0.1). nnU-Net has neither an elastic deformation (off in its defaults) nor a bias field; theirs
+# follow TorchIO (RandomElasticDeformation: 7 control points; RandomBiasField), at p 0.2 and 0.3.
+# Measured on the demo: docs/EXPERIMENTS.md, "Augmentation across scanners".
+FULL_RECIPE_AUGMENTATIONS = dict(
+    rotation_p=0.2, scale_p=0.2, elastic_p=0.2, bias_p=0.3, noise_p=0.1, blur_p=0.1,
+    brightness_p=0.15, contrast_p=0.15, low_resolution_p=0.125, gamma_p=0.3)
+
+
+def apply_full_recipe_augmentations(c: ml_collections.ConfigDict) -> None:
+  """Turns on the scanner-shift augmentation at `FULL_RECIPE_AUGMENTATIONS`' probabilities."""
+  c.data.augmentations.update(FULL_RECIPE_AUGMENTATIONS)
+
+
 def apply_demo_sizes(c: ml_collections.ConfigDict) -> None:
   """The CPU demo's sizes, shared by every recipe's ``:demo`` variant so they compare fairly:
-  96x96 slices, narrow networks, 600 steps of 16 slices (a few minutes on 2 cores for segan)."""
+  96x96 slices, narrow networks, 600 steps of 16 slices (a few minutes on 2 cores for segan),
+  at 2 mm voxels: the spacing ``uagan-jax synth`` writes its phantoms at, where their brain has a
+  real head's size (about 144 x 178 mm), so the demo model segments real 1 mm scans (resampled)."""
   c.model.segmentor_features = (16, 32, 64, 128)
   c.model.critic_features = (16, 32, 64)
   c.model.generator_features = 8  # the generator runs at full resolution twice (cycle): keep it lean
@@ -166,6 +223,7 @@ def apply_demo_sizes(c: ml_collections.ConfigDict) -> None:
   c.model.discriminator_features = 16
   c.model.discriminator_layers = 5  # 96 / 2**5 = 3: a 3x3 patch map
   c.data.image_size = (96, 96)
+  c.data.spacing = (2.0, 2.0, 2.0)  # = synthetic.DEMO_SPACING
   c.data.tumour_free_fraction = 0.2
   c.optim.segmentor_lr = 1e-3
   c.optim.critic_lr = 1e-3
@@ -179,6 +237,9 @@ def apply_demo_sizes(c: ml_collections.ConfigDict) -> None:
   c.train.validate_every = 200
   c.eval.batch_size = 64
   c.eval.val_max_cases = 4
+  # The demo keeps the base's augmentation (flips and jitter only), whatever the full recipe
+  # turned on: docs/EXPERIMENTS.md, "Augmentation across scanners", measured both.
+  c.data.augmentations = base_config().data.augmentations
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -206,10 +267,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
       if size % (2 ** depth):
         raise UserError(f"config data.image_size={tuple(config.data.image_size)}: each side must "
                         f"be divisible by 2**{what} = {2 ** depth}")
+  spacing = tuple(config.data.spacing)
+  if len(spacing) != 3 or not all(isinstance(v, (int, float)) and v > 0 for v in spacing):
+    raise UserError(f"config data.spacing={spacing}: must be three positive numbers (mm, X Y Z)")
   unknown = [m for m in config.data.modalities if m not in MODALITIES]
   if unknown or not config.data.modalities:
     raise UserError(f"config data.modalities={tuple(config.data.modalities)}: "
                     f"choose from {', '.join(MODALITIES)}")
+  if config.data.protocol not in PROTOCOLS:
+    raise UserError(f"config data.protocol={config.data.protocol!r}: use "
+                    f"{' or '.join(PROTOCOLS)}")
   if config.loss.critic_constraint not in ("clip", "gradient_penalty"):
     raise UserError(f"config loss.critic_constraint={config.loss.critic_constraint!r}: "
                     "use 'clip' or 'gradient_penalty'")
@@ -225,6 +292,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     group, name = key.split(".")
     if config[group][name] < 1:
       raise UserError(f"config {key}={config[group][name]}: must be >= 1")
+  _validate_augmentations(config.data.augmentations)
   for key in ("train.validate_every", "eval.val_max_cases", "eval.max_cases", "eval.panels",
               "loss.identity_weight"):
     group, name = key.split(".")
@@ -296,6 +364,29 @@ def _validate_recipe_keys(config: ml_collections.ConfigDict) -> None:
     if not 0 <= optim.decay_final_fraction <= 1:
       raise UserError(f"config optim.decay_final_fraction={optim.decay_final_fraction}: must be "
                       "in [0, 1]")
+
+
+def _validate_augmentations(augmentations: ml_collections.ConfigDict) -> None:
+  """Probabilities in [0, 1], ranges (low, high) with low <= high, sizes in their domains."""
+  for key, value in augmentations.items():
+    where = f"config data.augmentations.{key}={value!r}"
+    if key.endswith("_p") and not 0.0 <= value <= 1.0:
+      raise UserError(f"{where}: a probability must be in [0, 1]")
+    if isinstance(value, tuple) and (len(value) != 2 or value[0] > value[1]):
+      raise UserError(f"{where}: must be a range (low, high) with low <= high")
+  lowest = {"scale_range": 1e-3, "noise_variance": 0.0, "blur_sigma": 1e-3,
+            "brightness_range": 0.0, "contrast_range": 0.0, "low_resolution_zoom": 1e-3,
+            "gamma_range": 1e-3}
+  for key, low in lowest.items():
+    if augmentations[key][0] < low:
+      raise UserError(f"config data.augmentations.{key}={augmentations[key]!r}: values must be "
+                      f">= {low:g}")
+  if augmentations.low_resolution_zoom[1] > 1.0:
+    raise UserError(f"config data.augmentations.low_resolution_zoom="
+                    f"{augmentations.low_resolution_zoom!r}: a downsampling factor is at most 1")
+  if augmentations.elastic_control_points < 2:
+    raise UserError(f"config data.augmentations.elastic_control_points="
+                    f"{augmentations.elastic_control_points}: must be >= 2")
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:

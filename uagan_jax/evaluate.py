@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import pathlib
 import time
 from collections.abc import Callable, Sequence
@@ -25,13 +26,15 @@ import numpy as np
 
 from uagan_jax import families, inference, visualize
 from uagan_jax import metrics as metrics_lib
-from uagan_jax.data import MODALITIES, REGIONS, checks, preprocess, readers
+from uagan_jax.data import MODALITIES, REGIONS, checks, readers, resample
 from uagan_jax.errors import UserError
 
 # --------------------------------------------------------------------------------------------
 # Metrics
 # --------------------------------------------------------------------------------------------
 
+# The run's splits (splits.json); ``--split all`` scores every case of another folder instead.
+SPLITS = ("train", "val", "test")
 # Per region, in this order, the CSV columns ``<metric>_<region>``: the global (whole-region)
 # metrics of `metrics.region_metrics`, then the BraTS 2023+ lesion-wise ones of
 # `metrics.lesion_metrics`.
@@ -124,14 +127,20 @@ def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
                    data_dir: pathlib.Path, split: str | None = None, state=None,
                    checkpoint: str = "latest", curves: bool = True,
                    log: Callable[[str], None] = print) -> dict:
-  """Scores every case of ``split`` from each modality; writes CSV, JSON, PNG panels.
+  """Scores every case of ``split`` (or of an external test set) from each modality; writes CSV,
+  JSON, PNG panels.
 
   Args:
     config: the run's config.
     workdir: the training workdir (its ``splits.json`` names the cases; outputs go to
-      ``workdir/eval_<split>/``, or ``eval_<split>_best/`` for the best checkpoint).
-    data_dir: the data folder the run was trained on.
-    split: "test", "val" or "train"; default ``config.eval.split``.
+      ``workdir/eval_<split>/``, or ``eval_<split>_best/`` for the best checkpoint; for an
+      external test set ``eval_data_<folder name>/``).
+    data_dir: the data folder the run was trained on (``splits.json`` "data"), or any other
+      folder of cases: an external test set, scored whole unless ``split`` names a split (the
+      run's data moved or copied).
+    split: "test", "val" or "train"; "all": every case of ``data_dir`` as an external test set
+      (refused if it holds a case the run trained or validated on); default
+      ``config.eval.split``, or "all" where ``data_dir`` is not the run's data folder.
     state: a train state to evaluate; default: the ``checkpoint`` in ``workdir``.
     checkpoint: without ``state``: "latest" or "best" (see `load_state`).
     curves: also draw ``figures/training_curves.png`` from the workdir's logs.
@@ -144,22 +153,33 @@ def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
     "step": step}``.
   """
   workdir = pathlib.Path(workdir)
-  split = split or config.eval.split
   splits_path = workdir / "splits.json"
   if not splits_path.is_file():
     raise UserError(f"{splits_path}: not found; is {workdir} a training workdir?")
   splits = json.loads(splits_path.read_text())
-  if split not in ("train", "val", "test"):
-    raise UserError(f"--split {split}: use train, val or test")
-  case_ids = list(splits[split])
-  if config.eval.max_cases:
-    case_ids = case_ids[:config.eval.max_cases]
-  if not case_ids:
-    raise UserError(f"{splits_path}: the {split} split has no cases")
-  cases = {c.case_id: c for c in readers.find_cases(data_dir)}
-  missing = [c for c in case_ids if c not in cases]
-  if missing:
-    raise UserError(f"{data_dir}: cases of the {split} split are missing: {', '.join(missing[:5])}")
+  if split not in (None, *SPLITS, "all"):
+    raise UserError(f"--split {split}: use {', '.join(SPLITS)} or all")
+  if split == "all" or (split is None and not _is_run_data(data_dir, splits)):
+    # An external test set: every case of the folder, none of which the run has seen.
+    cases = {c.case_id: c for c in readers.find_cases(data_dir)}
+    case_ids = _external_case_ids(cases, data_dir, splits)
+    split = f"data_{pathlib.Path(data_dir).resolve().name}"
+    log(f"scoring every case of {data_dir} ({len(case_ids)} cases) as an external test set "
+        f"(the run's data folder is {splits.get('data')})")
+    if config.eval.max_cases:
+      case_ids = case_ids[:config.eval.max_cases]
+  else:
+    split = split or config.eval.split
+    case_ids = list(splits[split])
+    if config.eval.max_cases:
+      case_ids = case_ids[:config.eval.max_cases]
+    if not case_ids:
+      raise UserError(f"{splits_path}: the {split} split has no cases")
+    cases = {c.case_id: c for c in readers.find_cases(data_dir)}
+    missing = [c for c in case_ids if c not in cases]
+    if missing:
+      raise UserError(f"{data_dir}: cases of the {split} split are missing: "
+                      f"{', '.join(missing[:5])}")
 
   if state is not None:
     step = int(jax.device_get(state.step))
@@ -191,7 +211,8 @@ def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
       predictions, scores = {}, {}
       for modality in modalities:
         predictions[modality] = inference.segment_volume(predictor, volume.images[modality],
-                                               modality=modality, config=config)
+                                               modality=modality, config=config,
+                                               spacing=volume.spacing)
         scores[modality] = score_case(predictions[modality], truth, spacing=volume.spacing)
         rows.append({"case": case_id, "modality": modality, **scores[modality]})
       if number <= config.eval.panels:
@@ -199,7 +220,8 @@ def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
                                      figures / f"{split}_{case_id}_step{step}.png",
                                      title=f"{case_id} ({split}), step {step}", scores=scores)
     if translates:
-      case_rows, panel = _evaluate_translation(translator, volume, case_id, modalities, config)
+      case_rows, panel = _evaluate_translation(translator, volume, case_id, modalities, config,
+                                                 spacing=volume.spacing)
       translation_rows.extend(case_rows)
       if number <= config.eval.panels:
         visualize.translation_panel(panel, figures / f"{split}_{case_id}_translation_step{step}.png",
@@ -209,8 +231,8 @@ def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
     log(f"  evaluated {number}/{len(case_ids)} {split} cases ({case_id}); "
         f"ETA {elapsed / number * (len(case_ids) - number):.0f} s")
 
-  report = {"step": step, "split": split, "checkpoint": checkpoint, "cases": len(case_ids),
-            "case_ids": case_ids}
+  report = {"step": step, "split": split, "data": str(pathlib.Path(data_dir).absolute()),
+            "checkpoint": checkpoint, "cases": len(case_ids), "case_ids": case_ids}
   summary = {}
   if rows:
     summary = summarise(rows, modalities)
@@ -239,6 +261,28 @@ def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
           "report": report, "step": step}
 
 
+def _is_run_data(data_dir: pathlib.Path, splits: dict) -> bool:
+  """Whether ``data_dir`` is the folder the run was trained on (``splits.json`` "data")."""
+  if "data" not in splits:
+    return True  # nothing to tell it by: the run's own, as before the key was written
+  trained_on, given = pathlib.Path(splits["data"]), pathlib.Path(data_dir)
+  try:
+    return trained_on.resolve() == given.resolve() or os.path.samefile(trained_on, given)
+  except OSError:
+    return False
+
+
+def _external_case_ids(cases: dict, data_dir: pathlib.Path, splits: dict) -> list[str]:
+  """Every case id of an external test set, sorted; UserError if it holds cases the run trained
+  or validated on (its scores would not be held-out ones)."""
+  seen = sorted(set(cases) & (set(splits.get("train", ())) | set(splits.get("val", ()))))
+  if seen:
+    raise UserError(f"{data_dir}: holds {len(seen)} case(s) the run trained or validated on "
+                    f"({', '.join(seen[:3])}), so it is no external test set; for the run's own "
+                    f"data (moved or copied), name the split: --split test")
+  return sorted(cases)
+
+
 def truth_regions(volume, case) -> np.ndarray:
   """The boolean (X, Y, Z, 3) WT/TC/ET of a loaded case."""
   if volume.label is None:
@@ -263,18 +307,25 @@ def _write_csv(path: pathlib.Path, rows: list[dict]) -> None:
 
 
 def _evaluate_translation(translator: inference.SliceTranslator, volume, case_id: str, modalities,
-                          config) -> tuple[list[dict], dict]:
+                          config, *, spacing: Sequence[float] | None = None
+                          ) -> tuple[list[dict], dict]:
   """Every source->target pair of one case against the true target image (held out in training:
   no patient's modalities are ever paired), with the identity baseline beside it.
 
+  The case's modalities are resampled to ``data.spacing`` where ``spacing`` (the case's voxel
+  size in mm; None: taken to be ``data.spacing``) differs by more than 1%, and compared there,
+  in the normalised space of training, on the axial slices of one window that holds the brain of
+  every modality (`inference.whole_brain_slices`).
+
   Returns the rows and, for the picture, the true and translated slices at the middle of the brain.
   """
-  size, clip = tuple(config.data.image_size), config.data.clip
-  normalised = {}
-  for modality in modalities:
-    slices, _, has_brain, _ = preprocess.volume_to_slices(volume.images[modality], None, size=size,
-                                                          clip=clip)
-    normalised[modality] = (slices, has_brain)
+  clip = config.data.clip
+  images = [volume.images[m] for m in modalities]
+  if spacing is not None and resample.needs_resampling(spacing, tuple(config.data.spacing)):
+    images = [resample.image_to_spacing(image, spacing, tuple(config.data.spacing))
+              for image in images]
+  slices, has_brain, _ = inference.whole_brain_slices(images, config)
+  normalised = {m: (slices[i], has_brain[i]) for i, m in enumerate(modalities)}
   brain_slices = np.flatnonzero(normalised[modalities[0]][1])
   middle = int(brain_slices[len(brain_slices) // 2]) if len(brain_slices) else 0
   panel = {"true": {m: normalised[m][0][middle] for m in modalities}, "translated": {}}

@@ -6,7 +6,11 @@ functions; nothing here asks which family it is.
 
 * `SlicePredictor`, `SliceTranslator`: stacks of normalised slices in fixed-size batches, one
   compiled program for every volume.
-* `segment_volume`, `translate_slices`: a volume cut into axial slices exactly as in training.
+* `segment_volume`, `translate_volume`: a volume of any spacing, resampled to the training
+  spacing (config ``data.spacing``) where it differs by more than 1% (`data.resample`), cut into
+  axial slices that hold its whole brain (`preprocess.brain_window`: the centred crop of training
+  wherever that holds it), and the result put back on the volume's own grid.
+* `translate_slices`: a stack of normalised slices through the translator, brain slices only.
 * `load_state`, `load_model`: a workdir's checkpoint; `segmentation_variables` and
   `translation_variables`: the variables of the network that does the job.
 """
@@ -25,7 +29,7 @@ import numpy as np
 from uagan_jax import checkpoint as checkpoint_lib
 from uagan_jax import config as config_lib
 from uagan_jax import families, train_state
-from uagan_jax.data import MODALITIES, REGIONS, preprocess
+from uagan_jax.data import MODALITIES, REGIONS, preprocess, resample
 from uagan_jax.errors import UserError
 
 # Workdir folder of each checkpoint kind that can be loaded.
@@ -112,15 +116,93 @@ def translate_slices(translator: SliceTranslator, slices: np.ndarray, has_brain:
   return out
 
 
+def slice_stride(config: ml_collections.ConfigDict) -> int:
+  """What every side of a slice must be divisible by for the networks that run at inference.
+
+  The segmentor (and UAGAN's segmentation stream) halves the slice len(model.segmentor_features)
+  times, StarGAN's generator (and UAGAN's translation stream) twice. The discriminator does not
+  run at inference.
+  """
+  return max(2 ** len(config.model.segmentor_features), 4)
+
+
+def _at_training_spacing(image: np.ndarray, spacing, config: ml_collections.ConfigDict
+                         ) -> np.ndarray | None:
+  """The image resampled to ``data.spacing``, or None where its spacing is within 1% of it (or
+  unknown: ``spacing`` None), and the image is used as it is."""
+  target = tuple(config.data.spacing)
+  if spacing is None or not resample.needs_resampling(spacing, target):
+    return None
+  return resample.image_to_spacing(image, spacing, target)
+
+
+def whole_brain_slices(images: Sequence[np.ndarray], config: ml_collections.ConfigDict
+                       ) -> tuple[list[np.ndarray], list[np.ndarray], preprocess.CropPad]:
+  """Volumes of one grid cut into normalised axial slices through one window that holds the
+  brain of each (`preprocess.brain_window`); returns (slices per volume, has_brain per volume,
+  the window)."""
+  brain = np.zeros(images[0].shape[:2], bool)
+  for image in images:
+    brain |= np.any(image != 0, axis=2)
+  window = preprocess.brain_window(brain, size=tuple(config.data.image_size),
+                                   stride=slice_stride(config))
+  slices, has_brain = [], []
+  for image in images:
+    cut, _, brain_slices, _ = preprocess.volume_to_slices(
+        image, None, size=tuple(config.data.image_size), clip=config.data.clip, window=window)
+    slices.append(cut)
+    has_brain.append(brain_slices)
+  return slices, has_brain, window
+
+
 def segment_volume(predictor: SlicePredictor, image: np.ndarray, *, modality: str,
-                   config: ml_collections.ConfigDict) -> np.ndarray:
-  """A canonical (X, Y, Z) volume -> boolean (X, Y, Z, 3) regions on the same grid."""
-  slices, _, has_brain, crop_pad = preprocess.volume_to_slices(
-      image, None, size=tuple(config.data.image_size), clip=config.data.clip)
+                   config: ml_collections.ConfigDict,
+                   spacing: Sequence[float] | None = None) -> np.ndarray:
+  """A canonical (X, Y, Z) volume -> boolean (X, Y, Z, 3) regions on the same grid.
+
+  Args:
+    predictor: The segmentation network.
+    image: Raw (X, Y, Z) intensities in RAS canonical orientation.
+    modality: The image's modality.
+    config: The training run's config.
+    spacing: The image's voxel size in mm. Where it differs from ``data.spacing`` by more than
+      1%, the image is resampled to ``data.spacing`` (linearly), segmented there, and the
+      per-region probabilities resampled linearly onto the image's grid and thresholded at 0.5
+      (nnU-Net's way). None: the image is taken to be at ``data.spacing``.
+  """
+  resampled = _at_training_spacing(image, spacing, config)
+  work = image if resampled is None else resampled
+  (slices,), (has_brain,), window = whole_brain_slices([work], config)
   probs = np.zeros(slices.shape + (len(REGIONS),), np.float32)
   if has_brain.any():  # slices without brain are background by definition, as in training
     probs[has_brain] = predictor(slices[has_brain], MODALITIES.index(modality))
-  return preprocess.slices_to_volume(probs > 0.5, crop_pad, fill=False)
+  if resampled is None:
+    return preprocess.slices_to_volume(probs > 0.5, window, fill=False)
+  probs = preprocess.slices_to_volume(probs, window, fill=0.0)
+  return resample.resize(probs, image.shape) > 0.5
+
+
+def translate_volume(translator: SliceTranslator, image: np.ndarray, *, source: str,
+                     target: str, config: ml_collections.ConfigDict,
+                     spacing: Sequence[float] | None = None) -> tuple[np.ndarray, int]:
+  """A canonical (X, Y, Z) volume -> its translation, normalised, on the same grid.
+
+  Resampled to ``data.spacing`` where ``spacing`` differs by more than 1% (as `segment_volume`),
+  the normalised translation resampled linearly back; 0 wherever the image is 0.
+
+  Returns:
+    (float32 (X, Y, Z) translation in the normalised space of training, the number of slices
+    that went through the network).
+  """
+  resampled = _at_training_spacing(image, spacing, config)
+  work = image if resampled is None else resampled
+  (slices,), (has_brain,), window = whole_brain_slices([work], config)
+  translated = preprocess.slices_to_volume(
+      translate_slices(translator, slices, has_brain, source=source, target=target), window)
+  if resampled is not None:
+    translated = resample.resize(translated, image.shape)
+    translated[image == 0] = 0
+  return translated, int(has_brain.sum())
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,17 +15,22 @@ the newest checkpoint of a trained model whose family segments (`families.with_c
 Per image:
 
 1. It is read like training data (`readers.load_case`: RAS canonical orientation, one-line
-   `UserError`s for missing, truncated or NaN files), z-scored over its brain (non-zero) voxels,
-   clipped and cut into axial slices centre-cropped/padded to the model's slice size.
-2. The brain slices go through the segmentor in fixed-size batches (`inference.segment_volume`,
-   the code path of evaluation), are thresholded at 0.5 and put back on the canonical grid: the
-   crop/pad undone, voxels outside the model's view are background (a note says how many brain
-   voxels that is).
-3. The regions (WT, TC, ET) become labels (`readers.regions_to_labels`): ET -> enhancing,
+   `UserError`s for missing, truncated or NaN files). Where its voxel size differs from the one
+   the model was trained at (config ``data.spacing``) by more than 1%, it is resampled to that
+   spacing, linearly (`data.resample`; a line says so); within 1% it is used as it is.
+2. It is z-scored over its brain (non-zero) voxels, clipped and cut into axial slices that hold
+   its whole brain: the model's centre crop/pad to its slice size where that holds the brain,
+   else a larger canvas around it (`preprocess.brain_window`; the networks are fully
+   convolutional).
+3. The brain slices go through the segmentor in fixed-size batches (`inference.segment_volume`,
+   the code path of evaluation) and are put back on the canonical grid: the crop/pad undone, the
+   per-region probabilities resampled linearly onto the input's grid where the input was
+   resampled (nnU-Net's way), then thresholded at 0.5.
+4. The regions (WT, TC, ET) become labels (`readers.regions_to_labels`): ET -> enhancing,
    TC minus ET -> necrotic/non-enhancing core, WT minus TC -> oedema; the values are those of
    ``--labels``: brats (default; 1 NCR, 2 ED, 4 ET), brats2023 (1 NCR, 2 ED, 3 ET) or msd
    (Task01_BrainTumour: 1 oedema, 2 non-enhancing, 3 enhancing).
-4. The label map is written as uint8 on the input file's grid: same shape, affine, qform/sform
+5. The label map is written as uint8 on the input file's grid: same shape, affine, qform/sform
    codes and header (`readers.Volume.to_source_image`, the reorientation undone), atomically
    (`volume_io.write_nifti`). An existing output is replaced, as ``uagan-jax translate`` does;
    a file of an input case (any modality, the label) never is.
@@ -45,7 +50,7 @@ import ml_collections
 import numpy as np
 
 from uagan_jax import inference, volume_io
-from uagan_jax.data import checks, readers
+from uagan_jax.data import checks, readers, resample
 from uagan_jax.errors import UserError
 
 # --labels choices: the label conventions the readers know.
@@ -63,8 +68,9 @@ class PredictionResult:
     image_file: The image that was segmented.
     modality: Its modality.
     labels: The label convention written, a key of `readers.LABEL_CONVENTIONS`.
-    slices: How many axial slices went through the network (those with brain voxels).
-    outside_view: Brain voxels outside the model's slice size (written as background).
+    slices: How many axial slices of the input have brain voxels.
+    spacing: The input's voxel size in mm (canonical X, Y, Z).
+    resampled: Whether it was resampled to the model's spacing (``data.spacing``) and back.
     voxels: Label value -> voxel count, for the tumour labels.
   """
   case_id: str
@@ -73,7 +79,8 @@ class PredictionResult:
   modality: str
   labels: str
   slices: int
-  outside_view: int
+  spacing: tuple[float, float, float]
+  resampled: bool
   voxels: dict[int, int]
 
   def summary(self) -> str:
@@ -104,25 +111,33 @@ class VolumeSegmentor:
   @property
   def modalities(self) -> tuple[str, ...]:
     """The modalities the model was trained on, in canonical order."""
-    return volume_io.trained_modalities(self.config)
+    return volume_io.trained_modalities(self.config, workdir=self.workdir)
 
   def check_modality(self, modality: str) -> None:
     """UserError unless the model was trained on ``modality``."""
     volume_io.check_trained_modality(self.config, modality, flag="--modality",
                                      workdir=self.workdir)
 
-  def segment(self, image: np.ndarray, *, modality: str) -> np.ndarray:
+  def needs_resampling(self, spacing) -> bool:
+    """Whether an image of ``spacing`` (mm) is resampled to the model's ``data.spacing``."""
+    return resample.needs_resampling(spacing, tuple(self.config.data.spacing))
+
+  def segment(self, image: np.ndarray, *, modality: str, spacing=None) -> np.ndarray:
     """Segments a canonical volume.
 
     Args:
       image: Raw (X, Y, Z) intensities in RAS canonical orientation (`readers.load_case`).
       modality: The image's modality.
+      spacing: Its voxel size in mm; more than 1% away from the model's ``data.spacing``, the
+        image is segmented resampled to it (`inference.segment_volume`). None: taken to be at
+        the model's spacing.
 
     Returns:
       bool (X, Y, Z, 3) regions WT, TC, ET on the image's grid; background outside the brain
-      slices and outside the model's view.
+      slices.
     """
-    return inference.segment_volume(self._slices, image, modality=modality, config=self.config)
+    return inference.segment_volume(self._slices, image, modality=modality, config=self.config,
+                                    spacing=spacing)
 
 
 def load_segmentor(workdir: str | os.PathLike, *,
@@ -270,20 +285,24 @@ def _predict_case(segmentor: VolumeSegmentor, case: readers.CaseFiles, output: p
   warning = checks.skull_strip_warning(image, path=checks.image_name(case, modality))
   if warning is not None:
     log(f"warning: {warning}")
-  height, width = segmentor.config.data.image_size
+  resampled = segmentor.needs_resampling(volume.spacing)
+  if resampled:
+    step_log(f"resampling from {_mm(volume.spacing)} to the model's "
+             f"{_mm(segmentor.config.data.spacing)} voxels (data.spacing), the result back")
   step_log(f"segmenting {slices} slices (volume {'x'.join(map(str, image.shape))} canonical, "
-           f"slices {height}x{width})")
-  label_map = readers.regions_to_labels(segmentor.segment(image, modality=modality),
-                                        convention=labels)
-  outside_view = volume_io.brain_outside_view(image, (height, width))
-  if outside_view:
-    log(f"note: {outside_view} brain voxels of {image_file} lie outside the model's "
-        f"{height}x{width} slices; they are labelled background")
+           f"{_mm(volume.spacing)})")
+  label_map = readers.regions_to_labels(
+      segmentor.segment(image, modality=modality, spacing=volume.spacing), convention=labels)
   step_log(f"writing {output}")
   volume_io.write_nifti(volume.to_source_image(label_map, dtype=OUTPUT_DTYPE), output)
   counts = np.bincount(label_map.ravel(), minlength=256)
   tumour = sorted(set(readers.LABEL_CONVENTIONS[labels]["labels"]) - {0})
   return PredictionResult(case_id=case.case_id, output=output, image_file=image_file,
                           modality=modality, labels=labels, slices=slices,
-                          outside_view=outside_view,
+                          spacing=tuple(volume.spacing), resampled=resampled,
                           voxels={label: int(counts[label]) for label in tumour})
+
+
+def _mm(spacing) -> str:
+  """E.g. "0.9x0.9x0.9 mm"."""
+  return "x".join(f"{float(v):.4g}" for v in spacing) + " mm"

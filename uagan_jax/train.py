@@ -63,7 +63,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *
   if config.data.augment:
     image, regions = augment.augment_batch(
         image, regions, stream(example_keys, AUGMENT_STREAM),
-        intensity_scale=config.data.intensity_scale, intensity_shift=config.data.intensity_shift)
+        intensity_scale=config.data.intensity_scale, intensity_shift=config.data.intensity_shift,
+        augmentations=config.data.augmentations.to_dict())
   inputs = StepInputs(image=image, regions=regions, modality=modality, example_keys=example_keys)
   family = families.implementation(config.model.name)
   new_nets, metrics, gradients = family.train_phases(state, inputs, networks=networks,
@@ -97,10 +98,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, *, workdir: pathlib.Pa
   The data folder is prepared into ``cache_dir`` first (default: `cache.default_location`;
   cases already prepared and unchanged are reused), and training reads its slices from there.
   Resumes from the newest checkpoint in ``workdir`` if there is one. Writes ``config.json`` (the
-  resolved config), ``splits.json`` (cases per split, modality per training case),
-  ``metrics.jsonl``, ``checkpoints/``, with ``train.validate_every`` also ``validation.jsonl``
-  and ``checkpoints_best/``, and at the end ``figures/training_curves.png``; then evaluates the
-  held-out split (see `uagan_jax.evaluate`).
+  resolved config), ``splits.json`` (cases per split, the protocol, the modalities of each
+  training case and those that got training slices), ``metrics.jsonl``, ``checkpoints/``, with
+  ``train.validate_every`` also ``validation.jsonl`` and ``checkpoints_best/``, and at the end
+  ``figures/training_curves.png``; then evaluates the held-out split (see `uagan_jax.evaluate`),
+  or says in one line that it has no cases (a one-case data set trains all the same).
 
   Holds ``<workdir>/.lock`` throughout (`workdir.WorkdirLock`): a second run on the same workdir
   is refused while this one lives.
@@ -128,9 +130,11 @@ def _train_locked(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
   # Data ------------------------------------------------------------------------------------------
   data = input_pipeline.find_training_data(config, data_dir)
   splits = data.splits
+  contributes = {"unpaired": "each training case contributes one modality (data.protocol "
+                             "unpaired)",
+                 "all": "each training case contributes every modality (data.protocol all)"}
   log(f"data: {len(data.cases)} {data.layout} cases in {data_dir}: {len(splits['train'])} train, "
-      f"{len(splits['val'])} val, {len(splits['test'])} test; each training case contributes one "
-      "modality (unpaired)")
+      f"{len(splits['val'])} val, {len(splits['test'])} test; {contributes[data.protocol]}")
   validates = config.train.validate_every > 0 and family.segments
   if config.train.validate_every and not validates:
     log(f"validation: {family.name} does not segment; train.validate_every is ignored")
@@ -149,6 +153,9 @@ def _train_locked(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
   place = (functools.partial(parallel.shard_batch, mesh=mesh)
            if config.train.parallel_mode == "shard_map" else lambda batch: batch)
   train_input = input_pipeline.TrainInput(config, data, cache_dir=cache_dir, place=place, log=log)
+  untrained = _untrained_modalities_warning(config, data, train_input.modality_counts)
+  if untrained:
+    log(untrained)
   state = init_state(config, mesh)
   workdir.mkdir(parents=True, exist_ok=True)
   checkpoints = checkpoint.Checkpointer(workdir / "checkpoints", every=config.train.checkpoint_every,
@@ -163,8 +170,7 @@ def _train_locked(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
   # record of the run whose checkpoints are in this workdir.
   workdir_lib.atomic_write_text(workdir / "config.json", config_lib.to_json(config))
   workdir_lib.atomic_write_text(workdir / "splits.json", json.dumps(
-      {"data": str(pathlib.Path(data_dir).absolute()), "layout": data.layout, **splits,
-       "train_modality": data.assignment}, indent=2))
+      _splits_record(data, data_dir, train_input), indent=2))
   start = int(jax.device_get(state.step))
   metrics_log = MetricsLog(workdir / "metrics.jsonl", resume_step=start)
   validation = None
@@ -243,7 +249,57 @@ def _train_locked(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
   if curves is not None:
     log(f"training curves in {curves}")
 
-  if evaluate_after:
+  if evaluate_after and not splits[config.eval.split]:
+    # Training succeeded; an empty held-out split is the data's size, not a failure of the run.
+    log(f"evaluation skipped: the {config.eval.split} split has no cases ({len(data.cases)} "
+        f"cases, data.test_fraction={config.data.test_fraction}, data.val_fraction="
+        f"{config.data.val_fraction}); score other cases with uagan-jax evaluate --workdir "
+        f"{workdir} --data DIR")
+  elif evaluate_after:
     evaluate.evaluate_split(config, workdir=workdir, data_dir=data_dir, state=state, curves=False,
                             log=log)
   return state
+
+
+def _splits_record(data: input_pipeline.TrainingData, data_dir: pathlib.Path,
+                   train_input: input_pipeline.TrainInput) -> dict:
+  """What ``splits.json`` holds: the data folder, the cases of each split, the protocol, what
+  each training case contributes (``train_modality`` under unpaired, the key older workdirs
+  have; ``train_modalities`` under all) and the modalities that got training slices
+  (``trained_modalities``: what predict and translate accept)."""
+  record = {"data": str(pathlib.Path(data_dir).absolute()), "layout": data.layout, **data.splits,
+            "protocol": data.protocol}
+  if data.protocol == "unpaired":
+    record["train_modality"] = data.assignment
+  else:
+    record["train_modalities"] = {case_id: list(names)
+                                  for case_id, names in data.train_modalities.items()}
+  record["trained_modalities"] = list(train_input.trained_modalities)
+  return record
+
+
+def _untrained_modalities_warning(config: ml_collections.ConfigDict,
+                                  data: input_pipeline.TrainingData,
+                                  counts: dict[str, int]) -> str | None:
+  """One line naming the modalities of ``data.modalities`` that got no training slice, and why;
+  None when every one trains."""
+  missing = [m for m, n in counts.items() if n == 0]
+  if not missing:
+    return None
+  contributors = {m: sum(m in names for names in data.train_modalities.values()) for m in missing}
+  no_case = [m for m in missing if not contributors[m]]
+  no_slice = [m for m in missing if contributors[m]]
+  train_cases = len(data.train_modalities)
+  reasons = []
+  if no_case and data.protocol == "unpaired":
+    reasons.append(f"no training case contributes {', '.join(no_case)}: data.protocol unpaired "
+                   f"gives each of the {train_cases} training case(s) one modality, and "
+                   "data.protocol=all trains every modality of every case")
+  elif no_case:
+    reasons.append(f"no training case has an image of {', '.join(no_case)}")
+  if no_slice:
+    reasons.append(f"the training cases of {', '.join(no_slice)} have no slice with brain and "
+                   f"tumour in view, and data.tumour_free_fraction="
+                   f"{config.data.tumour_free_fraction} kept none")
+  return (f"warning: no training slices of {', '.join(missing)} ({'; '.join(reasons)}); the model "
+          "is untrained on them, and predict and translate refuse them")

@@ -5,11 +5,14 @@ runs the translation network of a trained stargan or uagan model (StarGAN's gene
 translation stream) over every axial slice of a volume:
 
 1. The input is read like training data (`readers.load_case`: RAS canonical orientation, the
-   one-line `UserError`s for missing, truncated or NaN files), z-scored over its brain (non-zero)
-   voxels, clipped and centre-cropped/padded to the model's slice size
-   (`preprocess.volume_to_slices`).
-2. The brain slices are translated in fixed-size batches (`inference.translate_slices`) and put
-   back on the canonical grid (`preprocess.slices_to_volume`).
+   one-line `UserError`s for missing, truncated or NaN files). Where its voxel size differs from
+   the model's (config ``data.spacing``) by more than 1%, it is resampled to it linearly
+   (`data.resample`); within 1% it is used as it is. It is z-scored over its brain (non-zero)
+   voxels, clipped and cut into axial slices that hold the whole brain: the model's centre
+   crop/pad where that holds it, else a larger canvas (`preprocess.brain_window`).
+2. The brain slices are translated in fixed-size batches (`inference.translate_volume`) and put
+   back on the canonical grid (`preprocess.slices_to_volume`), resampled linearly onto the
+   input's grid where the input was resampled.
 3. The translation lives in the normalised space of training, so it is mapped back to the
    *input's* intensities: the z-score is undone with the input's brain mean and standard
    deviation, background (input == 0) is exactly 0 and brain voxels are clipped to the input's
@@ -36,7 +39,7 @@ import ml_collections
 import numpy as np
 
 from uagan_jax import inference, volume_io
-from uagan_jax.data import checks, preprocess
+from uagan_jax.data import checks, resample
 from uagan_jax.errors import UserError
 
 
@@ -51,7 +54,8 @@ class TranslationResult:
     source: The input's modality.
     target: The output's modality.
     slices: How many axial slices went through the network (those with brain voxels).
-    outside_view: Brain voxels outside the model's slice size (they get the brain's mean).
+    resampled: Whether the input was resampled to the model's spacing (``data.spacing``) and the
+      translation back.
     step: The training step of the checkpoint used.
   """
   output: pathlib.Path
@@ -59,7 +63,7 @@ class TranslationResult:
   source: str
   target: str
   slices: int
-  outside_view: int
+  resampled: bool
   step: int
 
 
@@ -82,35 +86,36 @@ class VolumeTranslator:
   @property
   def modalities(self) -> tuple[str, ...]:
     """The modalities the model was trained on, in canonical order."""
-    return volume_io.trained_modalities(self.config)
+    return volume_io.trained_modalities(self.config, workdir=self.workdir)
 
   def check_pair(self, source: str, target: str) -> None:
     """UserError unless the model can translate ``source`` into ``target`` (see `check_pair`)."""
     check_pair(self.config, source, target, workdir=self.workdir)
 
-  def translate(self, image: np.ndarray, *, source: str,
-                target: str) -> tuple[np.ndarray, int, int]:
+  def needs_resampling(self, spacing) -> bool:
+    """Whether an image of ``spacing`` (mm) is resampled to the model's ``data.spacing``."""
+    return resample.needs_resampling(spacing, tuple(self.config.data.spacing))
+
+  def translate(self, image: np.ndarray, *, source: str, target: str,
+                spacing=None) -> tuple[np.ndarray, int]:
     """Translates a canonical volume into another modality, in the input's intensity range.
 
     Args:
       image: Raw (X, Y, Z) intensities in RAS canonical orientation (`readers.load_case`).
       source: The image's modality.
       target: The modality to translate into.
+      spacing: Its voxel size in mm; more than 1% away from the model's ``data.spacing``, it is
+        translated resampled to it (`inference.translate_volume`). None: taken to be at the
+        model's spacing.
 
     Returns:
       (float32 (X, Y, Z) translation with the input's brain intensity statistics and 0 outside
-      the brain, the number of translated slices, the number of brain voxels outside the
-      model's slice size).
+      the brain, the number of translated slices).
     """
-    config = self.config
-    slices, _, has_brain, crop_pad = preprocess.volume_to_slices(
-        image, None, size=tuple(config.data.image_size), clip=config.data.clip)
-    translated = inference.translate_slices(self._slices, slices, has_brain, source=source,
-                                           target=target)
-    # Brain voxels the centre crop cut away come back as z-score 0, i.e. the brain's mean.
-    normalised = preprocess.slices_to_volume(translated, crop_pad)
-    outside_view = volume_io.brain_outside_view(image, tuple(config.data.image_size))
-    return restore_intensities(normalised, image), int(has_brain.sum()), outside_view
+    normalised, slices = inference.translate_volume(self._slices, image, source=source,
+                                                    target=target, config=self.config,
+                                                    spacing=spacing)
+    return restore_intensities(normalised, image), slices
 
 
 def check_pair(config: ml_collections.ConfigDict, source: str, target: str, *,
@@ -123,7 +128,8 @@ def check_pair(config: ml_collections.ConfigDict, source: str, target: str, *,
   loss trains: without it, that head's output is its initial noise.
   """
   for flag, modality in (("--source", source), ("--target", target)):
-    volume_io.check_trained_modality(config, modality, flag=flag, workdir=workdir)
+    volume_io.check_trained_modality(config, modality, flag=flag, workdir=workdir,
+                                     as_target=flag == "--target")
   if (source == target and config.model.get("generator_pair_heads", False)
       and not config.loss.get("identity_weight", 0.0)):
     raise UserError(f"--source and --target are both {source}: the model in {workdir} has one "
@@ -224,15 +230,18 @@ def translate_file(input_path: str | os.PathLike, output_path: str | os.PathLike
   warning = checks.skull_strip_warning(image, path=checks.image_name(case, source))
   if warning is not None:
     log(f"warning: {warning}")
-  height, width = translator.config.data.image_size
+  spacing = "x".join(f"{float(v):.4g}" for v in volume.spacing) + " mm"
+  resampled = translator.needs_resampling(volume.spacing)
+  if resampled:
+    trained = "x".join(f"{float(v):.4g}" for v in translator.config.data.spacing) + " mm"
+    log(f"resampling from {spacing} to the model's {trained} voxels (data.spacing), the "
+        "translation back")
   log(f"translating {slices} slices {source} -> {target} (volume {'x'.join(map(str, image.shape))}"
-      f" canonical, slices {height}x{width})")
-  translated, slices, outside_view = translator.translate(image, source=source, target=target)
-  if outside_view:
-    log(f"note: {outside_view} brain voxels lie outside the model's {height}x{width} slices; "
-        "they get the brain's mean intensity")
+      f" canonical, {spacing})")
+  translated, slices = translator.translate(image, source=source, target=target,
+                                            spacing=volume.spacing)
 
   log(f"writing {output}")
   volume_io.write_nifti(volume.to_source_image(translated, dtype=np.float32), output)
   return TranslationResult(output=output, source_file=source_file, source=source, target=target,
-                           slices=slices, outside_view=outside_view, step=translator.step)
+                           slices=slices, resampled=resampled, step=translator.step)

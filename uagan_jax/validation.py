@@ -51,7 +51,8 @@ class Validator:
       truth = evaluate.truth_regions(volume, case)
       for modality in self.modalities:
         predicted = inference.segment_volume(self._predictor, volume.images[modality],
-                                             modality=modality, config=self.config)
+                                             modality=modality, config=self.config,
+                                             spacing=volume.spacing)
         dice[modality].append(evaluate.dice_per_region(predicted, truth))
     per_modality = {m: np.mean(dice[m], axis=0) for m in self.modalities}
     row = {"cases": len(self.cases)}

@@ -15,6 +15,7 @@ The model comes from `uagan_jax.inference.load_model`.
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import pathlib
 from collections.abc import Mapping, Sequence
@@ -50,22 +51,61 @@ def check_modality(name: str, *, flag: str = "--modality") -> str:
   return canonical
 
 
-def trained_modalities(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """The modalities a model was trained on, in canonical order."""
-  return tuple(m for m in MODALITIES if m in config.data.modalities)
+def _training_record(workdir: pathlib.Path | None) -> dict | None:
+  """The workdir's ``splits.json`` (what training saw), or None where there is none."""
+  if workdir is None:
+    return None
+  path = pathlib.Path(workdir) / "splits.json"
+  if not path.is_file():
+    return None
+  try:
+    return json.loads(path.read_text())
+  except (OSError, json.JSONDecodeError) as error:
+    raise UserError(f"{path}: cannot read it ({error})") from None
+
+
+def trained_modalities(config: ml_collections.ConfigDict, *,
+                       workdir: pathlib.Path | None = None) -> tuple[str, ...]:
+  """The modalities a model was trained on (that got training slices), in canonical order.
+
+  Read from the workdir's ``splits.json``: ``trained_modalities`` (what training saw), else, for
+  a workdir written before that key, the modalities its ``train_modality`` assigned; without a
+  ``splits.json`` (or ``workdir``), ``config.data.modalities``.
+  """
+  record = _training_record(workdir)
+  if record is not None and "trained_modalities" in record:
+    seen = set(record["trained_modalities"])
+  elif record is not None and "train_modality" in record:
+    seen = set(record["train_modality"].values())
+  else:
+    seen = set(config.data.modalities)
+  return tuple(m for m in MODALITIES if m in seen and m in config.data.modalities)
 
 
 def check_trained_modality(config: ml_collections.ConfigDict, modality: str, *, flag: str,
-                           workdir: pathlib.Path) -> None:
+                           workdir: pathlib.Path, as_target: bool = False) -> None:
   """UserError unless the model was trained on ``modality``.
 
   A network has never seen the intensities of a modality outside its training set, and its
-  modality code for it was never trained.
+  modality code for it was never trained. As a translation target (``as_target``) such a
+  modality is as untrained: the discriminator never saw a real image of it.
   """
-  trained = trained_modalities(config)
-  if modality not in trained:
-    raise UserError(f"{flag} {modality}: the model in {workdir} was trained on "
-                    f"{', '.join(trained)} only (config data.modalities)")
+  trained = trained_modalities(config, workdir=workdir)
+  if modality in trained:
+    return
+  record = _training_record(workdir)
+  if modality not in config.data.modalities or record is None:
+    source = "config data.modalities"
+  elif record.get("protocol", "unpaired") == "unpaired":
+    source = (f"splits.json: under data.protocol unpaired each of its {len(record['train'])} "
+              "training case(s) contributed one modality")
+  else:
+    source = (f"splits.json: none of its {len(record['train'])} training case(s) gave a "
+              f"{modality} training slice")
+  why = (f"; the discriminator never saw a real {modality} image, so translation into it is "
+         "untrained" if as_target else "")
+  raise UserError(f"{flag} {modality}: the model in {workdir} was trained on "
+                  f"{', '.join(trained) or 'no modality'} only ({source}){why}")
 
 
 def nifti_extension(path: pathlib.Path) -> str | None:

@@ -34,17 +34,18 @@ import multiprocessing
 import os
 import pathlib
 import shutil
+import threading
 import time
 import zlib
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from uagan_jax.data import MODALITIES, checks, preprocess, readers
+from uagan_jax.data import MODALITIES, checks, preprocess, readers, resample
 from uagan_jax.errors import UserError
 
 # Bumped whenever what is stored, or how, changes: a cache of another version is prepared again.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 CASES_DIR = "cases"
 MANIFEST = "manifest.json"
 META = "meta.json"
@@ -128,8 +129,17 @@ def _crcs(stored: np.ndarray) -> list[int]:
   return [zlib.crc32(stored[z].tobytes()) for z in range(stored.shape[0])]
 
 
-def prepare_case(case: readers.CaseFiles, cases_dir: pathlib.Path) -> str:
+def prepare_case(case: readers.CaseFiles, cases_dir: pathlib.Path, *,
+                 spacing: Sequence[float] | None = None) -> str:
   """Reads one case from NIfTI and writes its cache folder atomically; returns its case id.
+
+  Args:
+    case: the case's files.
+    cases_dir: the cache's folder of cases.
+    spacing: the training voxel size (mm, X Y Z): a case more than `resample.TOLERANCE` away
+      from it is resampled to it (images linearly with the background kept 0, the label through
+      its one-hot channels: `resample.image_to_spacing`, `resample.labels_to_shape`), as nnU-Net
+      does; None keeps every case at its own spacing.
 
   Raises:
     UserError: a bad NIfTI (naming the file), or a folder that cannot be written (naming it).
@@ -137,14 +147,22 @@ def prepare_case(case: readers.CaseFiles, cases_dir: pathlib.Path) -> str:
   sources = _sources(case)
   volume = readers.load_case(case, modalities=tuple(m for m in MODALITIES if m in case.images),
                              with_label=True)
-  arrays = list(volume.images.values()) + ([volume.label] if volume.label is not None else [])
+  images, label, stored_spacing = dict(volume.images), volume.label, tuple(volume.spacing)
+  if spacing is not None and resample.needs_resampling(volume.spacing, spacing):
+    stored_spacing = tuple(float(s) for s in spacing)
+    images = {m: resample.image_to_spacing(image, volume.spacing, stored_spacing)
+              for m, image in images.items()}
+    shape = next(iter(images.values())).shape
+    label = resample.labels_to_shape(label, shape) if label is not None else None
+  arrays = list(images.values()) + ([label] if label is not None else [])
   box = _brain_box(arrays)
   meta = {"format_version": FORMAT_VERSION, "case_id": case.case_id, "layout": case.layout,
           "label_convention": case.label_convention, "sources": sources,
-          "shape": [int(n) for n in volume.shape], "spacing": list(volume.spacing),
+          "shape": [int(n) for n in arrays[0].shape], "spacing": list(stored_spacing),
+          "source_spacing": list(volume.spacing),
           "box": [list(box[0]), list(box[1])], "modalities": {}, "label": None}
   stored = {}
-  for modality, image in volume.images.items():
+  for modality, image in images.items():
     brain = image != 0
     values = image[brain].astype(np.float64)  # exactly the statistics of zscore_brain
     data = _slice_major(_compact(image), box)
@@ -153,12 +171,13 @@ def prepare_case(case: readers.CaseFiles, cases_dir: pathlib.Path) -> str:
         "dtype": str(data.dtype), "mean": float(values.mean()) if values.size else 0.0,
         "std": float(values.std()) if values.size else 0.0,
         "has_brain": [int(z) for z in np.flatnonzero(brain.any(axis=(0, 1)))],
-        "occupancy": dataclasses.asdict(checks.occupancy(image)),
+        # Of the file as it is, not as resampled: the skull-strip check is about the scan.
+        "occupancy": dataclasses.asdict(checks.occupancy(volume.images[modality])),
         "crc32": _crcs(data)}
-  if volume.label is not None:
-    data = _slice_major(volume.label, box)
+  if label is not None:
+    data = _slice_major(label, box)
     stored["label"] = data
-    meta["label"] = {"dtype": "uint8", "tumour_boxes": _tumour_boxes(volume.label),
+    meta["label"] = {"dtype": "uint8", "tumour_boxes": _tumour_boxes(label),
                      "crc32": _crcs(data)}
   final = cases_dir / case.case_id
   temporary = cases_dir / f".{case.case_id}.partial-{os.getpid()}"
@@ -188,13 +207,23 @@ def _read_meta(folder: pathlib.Path) -> tuple[dict | None, str | None]:
     return None, f"unreadable {META} ({error})"
 
 
-def _stale_reason(case: readers.CaseFiles, meta: dict | None, unreadable: str | None = None
-                  ) -> str | None:
-  """Why a case's cache folder (its `_read_meta` result) cannot be used as it is (None: it can)."""
+def _stale_reason(case: readers.CaseFiles, meta: dict | None, unreadable: str | None = None, *,
+                  spacing: Sequence[float] | None = None) -> str | None:
+  """Why a case's cache folder (its `_read_meta` result) cannot be used as it is (None: it can).
+
+  With a training ``spacing``, a case stored at another one (more than `resample.TOLERANCE`
+  away) is prepared again from its files: resampled to it, or kept at its own spacing if that is
+  the one asked for.
+  """
   if meta is None:
     return unreadable
   if meta.get("format_version") != FORMAT_VERSION:
     return f"cache format {meta.get('format_version')}, this code writes {FORMAT_VERSION}"
+  if spacing is not None:
+    wanted = (tuple(meta["source_spacing"])
+              if not resample.needs_resampling(meta["source_spacing"], spacing) else spacing)
+    if resample.needs_resampling(meta["spacing"], wanted, tolerance=1e-6):
+      return "prepared at another voxel spacing than this run's data.spacing"
   current = _sources(case)
   if set(current) != set(meta["sources"]):
     return "its files changed"
@@ -219,21 +248,24 @@ def input_warnings(case: readers.CaseFiles, meta: dict) -> list[str]:
   return warnings
 
 
-def _prepare_worker(job) -> tuple[str, str | None, list[str]]:
-  """(case id, None, its input warnings) or (case id, the error, [])."""
-  case, cases_dir = job
+def _prepare_worker(job) -> tuple[str, str | None, list[str], bool]:
+  """(case id, None, its input warnings, whether it was resampled) or (case id, the error, [],
+  False)."""
+  case, cases_dir, spacing = job
   try:
-    case_id = prepare_case(case, cases_dir)
+    case_id = prepare_case(case, cases_dir, spacing=spacing)
   except UserError as error:
-    return case.case_id, str(error), []
+    return case.case_id, str(error), [], False
   meta, unreadable = _read_meta(cases_dir / case_id)
   if meta is None:
-    return case_id, f"{cases_dir / case_id / META}: {unreadable} right after it was written", []
-  return case_id, None, input_warnings(case, meta)
+    return (case_id, f"{cases_dir / case_id / META}: {unreadable} right after it was written", [],
+            False)
+  return case_id, None, input_warnings(case, meta), meta["spacing"] != meta["source_spacing"]
 
 
 def prepare(data_dir: str | os.PathLike, cache_dir: str | os.PathLike, *,
             cases: Sequence[readers.CaseFiles] | None = None, workers: int = 0,
+            spacing: Sequence[float] | None = None,
             log: Callable[[str], None] = print) -> pathlib.Path:
   """Prepares every case of ``data_dir`` that is not already prepared and up to date.
 
@@ -243,6 +275,8 @@ def prepare(data_dir: str | os.PathLike, cache_dir: str | os.PathLike, *,
     cases: the cases of ``data_dir`` if already found.
     workers: processes that read and write cases; 0 = the machine's core count; 1 = in this
       process.
+    spacing: the training voxel size in mm (``data.spacing``): cases of another spacing are
+      resampled to it (`prepare_case`); None keeps each case's own.
     log: progress lines, with the count and an ETA, and once per image file that does not look
       skull-stripped a ``warning: ...`` line (`checks`), for reused cases too (from meta.json).
 
@@ -266,7 +300,7 @@ def prepare(data_dir: str | os.PathLike, cache_dir: str | os.PathLike, *,
   todo, reasons = [], {}
   for case in cases:
     meta, unreadable = _read_meta(cases_dir / case.case_id)
-    reason = _stale_reason(case, meta, unreadable)
+    reason = _stale_reason(case, meta, unreadable, spacing=spacing)
     if reason is not None:
       todo.append(case)
       reasons[reason] = reasons.get(reason, 0) + 1
@@ -281,7 +315,7 @@ def prepare(data_dir: str | os.PathLike, cache_dir: str | os.PathLike, *,
     log(f"preparing {len(todo)} of {len(cases)} cases into {cache_dir} with {workers} "
         f"worker{'s' if workers > 1 else ''} ({why})")
     started = time.time()
-    jobs = [(case, cases_dir) for case in todo]
+    jobs = [(case, cases_dir, None if spacing is None else tuple(spacing)) for case in todo]
     if workers == 1:
       results = map(_prepare_worker, jobs)
       pool = None
@@ -290,9 +324,11 @@ def prepare(data_dir: str | os.PathLike, cache_dir: str | os.PathLike, *,
       pool = multiprocessing.get_context("spawn").Pool(workers)
       results = pool.imap(_prepare_worker, jobs)
     try:
-      for done, (case_id, error, warnings) in enumerate(results, 1):
+      resampled = 0
+      for done, (case_id, error, warnings, was_resampled) in enumerate(results, 1):
         if error is not None:
           raise UserError(error)
+        resampled += was_resampled
         for warning in warnings:
           log(f"warning: {warning}")
         elapsed = time.time() - started
@@ -303,6 +339,10 @@ def prepare(data_dir: str | os.PathLike, cache_dir: str | os.PathLike, *,
       if pool is not None:
         pool.terminate()
         pool.join()
+    if resampled:
+      log(f"resampled {resampled} of the {len(todo)} cases to the training spacing "
+          f"{'x'.join(f'{float(s):g}' for s in spacing)} mm (data.spacing; theirs differed by "
+          f"more than {resample.TOLERANCE:.0%})")
   manifest = {"format_version": FORMAT_VERSION,
               "data": str(pathlib.Path(data_dir).absolute()) if data_dir is not None else None,
               "cases": [c.case_id for c in cases]}
@@ -323,6 +363,12 @@ def _write_atomically(path: pathlib.Path, text: str) -> None:
 # ------------------------------------------------------------------------------------------------
 # Reading
 # ------------------------------------------------------------------------------------------------
+
+# np.load parses a .npy header with ast.literal_eval, which CPython 3.11 does not make safe to
+# call from several threads at once (the loader's threads raised "SystemError: AST constructor
+# recursion depth mismatch" in a demo run); opening the memmap is short, reading the slice is not
+# and stays outside the lock.
+_NPY_HEADER_LOCK = threading.Lock()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -346,8 +392,9 @@ class CachedCase:
     """Slice z of a stored array (image modality or "label"), its CRC checked."""
     path = self.folder / f"{name}.npy"
     try:
-      stored = np.load(path, mmap_mode="r")
-      data = np.array(stored[z])
+      with _NPY_HEADER_LOCK:
+        stored = np.load(path, mmap_mode="r")
+      data = np.array(stored[z])  # the read itself, outside the lock
       del stored
     except (OSError, ValueError, IndexError) as error:
       raise UserError(f"{path}: truncated or corrupt cache file ({error}); delete the case "

@@ -1,10 +1,12 @@
-"""The unpaired training set (UAGAN protocol) and its pure, resumable batch sampler.
+"""The training set (UAGAN's unpaired protocol, or every modality) and its pure, resumable sampler.
 
-Protocol: cases are split into train/val/test; each training case is assigned one modality by a
-seeded round-robin, and only that modality's slices enter the training set, so no two
-modalities of one patient are ever seen together. The sampler is a pure function of
-(seed, step), so a run resumed from a checkpoint at step t sees exactly the batches an
-uninterrupted run would have seen.
+Protocols (``data.protocol``, `PROTOCOLS`): cases are split into train/val/test; then
+* ``unpaired`` (UAGAN's): each training case is assigned one modality by a seeded round-robin,
+  and only that modality's slices enter the training set, so no two modalities of one patient
+  are ever seen together;
+* ``all``: every modality of every training case enters the training set.
+The sampler is a pure function of (seed, step), so a run resumed from a checkpoint at step t
+sees exactly the batches an uninterrupted run would have seen.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from uagan_jax.errors import UserError
 _SPLIT_STREAM = 0x5350_4C54
 _ASSIGN_STREAM = 0x4153_5347
 _SLICES_STREAM = 0x534C_4943
+
+# data.protocol: which modalities of a training case enter the training set.
+PROTOCOLS = ("unpaired", "all")
 
 
 def _check_seed(seed: int) -> int:
@@ -120,9 +125,33 @@ def assign_modalities(case_ids: Sequence[str], *, seed: int,
   return {case_id: assignment[case_id] for case_id in ids}
 
 
+def training_modalities(case_modalities: Mapping[str, Sequence[str]], *, seed: int,
+                        modalities: Sequence[str], protocol: str) -> dict[str, tuple[str, ...]]:
+  """The modalities each training case contributes under ``protocol``.
+
+  Args:
+    case_modalities: training case id -> the modalities it has images of.
+    seed: Non-negative integer.
+    modalities: Distinct names from `MODALITIES` (``data.modalities``).
+    protocol: "unpaired": the one modality `assign_modalities` gives the case (the result does
+      not depend on ``case_modalities``' values); "all": each of ``modalities`` the case has.
+
+  Returns:
+    case id -> modalities in canonical (`MODALITIES`) order, in sorted case id order.
+  """
+  if protocol == "unpaired":
+    assignment = assign_modalities(list(case_modalities), seed=seed, modalities=modalities)
+    return {case_id: (name,) for case_id, name in assignment.items()}
+  if protocol != "all":
+    raise UserError(f"config data.protocol={protocol!r}: use {' or '.join(PROTOCOLS)}")
+  _check_seed(seed)
+  return {case_id: tuple(m for m in MODALITIES if m in modalities and m in case_modalities[case_id])
+          for case_id in _sorted_unique(list(case_modalities))}
+
+
 @dataclasses.dataclass(frozen=True)
 class SliceIndex:
-  """The training slices, one modality per case: which case, which axial slice, which modality.
+  """The training slices: which case, which axial slice, which modality.
 
   The slices themselves stay in the cache (`uagan_jax.data.cache`) and are read per batch, so
   memory does not grow with the data set.
@@ -161,19 +190,22 @@ def select_slices(case_id: str, has_brain: np.ndarray, tumour: np.ndarray, *,
 
 
 def build_slice_index(
-    cases: Sequence, *, assignment: Mapping[str, str], size: tuple[int, int],
+    cases: Sequence, *, assignment: Mapping[str, str | Sequence[str]], size: tuple[int, int],
     tumour_free_fraction: float, seed: int,
     progress: Callable[[int, int, str], None] | None = None,
     warn: Callable[[str], None] | None = None,
 ) -> SliceIndex:
-  """Each training case's informative slices of its assigned modality (`select_slices`).
+  """Each training case's informative slices of each modality it contributes (`select_slices`).
 
   A slice has tumour when a tumour voxel lies inside its centre crop to ``size`` (what the
-  network sees); it has brain when its assigned modality has a non-zero voxel.
+  network sees); it has brain when the modality has a non-zero voxel. The tumour-free slices of
+  a case are drawn from its (seed, case id) generator afresh for each modality, so a modality's
+  slices do not depend on which other modalities the case contributes.
 
   Args:
     cases: Prepared training cases (`cache.CachedCase`), each with a label.
-    assignment: case id -> modality, from `assign_modalities`.
+    assignment: case id -> its modality (`assign_modalities`, the unpaired protocol) or its
+      modalities (`training_modalities`).
     size: Slice (H, W).
     tumour_free_fraction: Fraction in [0, 1] of tumour-free brain slices to keep.
     seed: Non-negative integer.
@@ -181,7 +213,7 @@ def build_slice_index(
     warn: Called with one line for each case that contributes no slice, naming it and why.
 
   Returns:
-    The `SliceIndex`, slices in case order then axial order.
+    The `SliceIndex`, slices in case order, then modality order, then axial order.
 
   Raises:
     UserError: A case lacks a label or an assignment, or no slice is left.
@@ -196,24 +228,29 @@ def build_slice_index(
   for number, case in enumerate(cases):
     if case.case_id not in assignment:
       raise UserError(f"case {case.case_id}: no modality assigned")
-    name = assignment[case.case_id]
+    names = assignment[case.case_id]
+    names = (names,) if isinstance(names, str) else tuple(names)
     if case.meta["label"] is None:
-      folder = pathlib.Path(case.meta["sources"][name]["path"]).parent
+      # Any image of the case names its folder (the sources list the images first).
+      folder = pathlib.Path(next(iter(case.meta["sources"].values()))["path"]).parent
       raise UserError(f"{folder}: case {case.case_id} has no label volume; training needs one")
-    has_brain = case.has_brain(name)
-    keep = select_slices(case.case_id, has_brain, case.tumour_in_view(size=size),
-                         tumour_free_fraction=tumour_free_fraction, seed=seed)
-    if keep.size == 0 and warn is not None:
-      why = (f"{case.meta['sources'][name]['path']}: every voxel is 0 (empty or a failed "
-             "conversion)" if not has_brain.any() else
-             f"no {name} slice has both brain and tumour inside the {size[0]}x{size[1]} view, "
-             f"and tumour_free_fraction={tumour_free_fraction} keeps none of the tumour-free ones")
-      warn(f"case {case.case_id} contributes no training slice: {why}")
     index = len(case_ids)
     case_ids.append(case.case_id)
-    zs.append(keep.astype(np.int32))
-    modality.append(np.full(keep.size, MODALITIES.index(name), np.int32))
-    case_index.append(np.full(keep.size, index, np.int32))
+    tumour = case.tumour_in_view(size=size)
+    for name in names:
+      has_brain = case.has_brain(name)
+      keep = select_slices(case.case_id, has_brain, tumour,
+                           tumour_free_fraction=tumour_free_fraction, seed=seed)
+      if keep.size == 0 and warn is not None:
+        why = (f"{case.meta['sources'][name]['path']}: every voxel is 0 (empty or a failed "
+               "conversion)" if not has_brain.any() else
+               f"no {name} slice has both brain and tumour inside the {size[0]}x{size[1]} view, "
+               f"and tumour_free_fraction={tumour_free_fraction} keeps none of the tumour-free "
+               "ones")
+        warn(f"case {case.case_id} contributes no training slice: {why}")
+      zs.append(keep.astype(np.int32))
+      modality.append(np.full(keep.size, MODALITIES.index(name), np.int32))
+      case_index.append(np.full(keep.size, index, np.int32))
     if progress is not None:
       progress(number + 1, len(cases), case.case_id)
   total = sum(len(m) for m in modality)

@@ -12,8 +12,9 @@ not processes: a batch is a few dozen small reads and elementwise numpy work, mo
 the GIL, and threads share the index and need no pickling; the order of the results is the
 order of the steps, whatever thread finishes first.
 
-`find_training_data` reads a data folder and splits it (train/val/test, the modality each
-training case contributes: the unpaired protocol of `dataset`).
+`find_training_data` reads a data folder and splits it (train/val/test, and the modalities each
+training case contributes under ``data.protocol``: one under UAGAN's unpaired protocol, every
+one under ``all``; see `dataset`).
 """
 
 from __future__ import annotations
@@ -39,16 +40,27 @@ class TrainingData:
     data_dir: the folder.
     cases: every case found (`readers.CaseFiles`), in reader order.
     splits: ``{"train", "val", "test"}`` -> case ids.
-    assignment: training case id -> the one modality it contributes.
+    protocol: ``data.protocol``, "unpaired" or "all".
+    train_modalities: training case id -> the modalities it contributes (canonical order; one
+      under "unpaired").
   """
   data_dir: pathlib.Path
   cases: list
   splits: dict[str, list[str]]
-  assignment: dict[str, str]
+  protocol: str
+  train_modalities: dict[str, tuple[str, ...]]
 
   @property
   def layout(self) -> str:
     return self.cases[0].layout
+
+  @property
+  def assignment(self) -> dict[str, str]:
+    """Training case id -> the one modality it contributes (the unpaired protocol only)."""
+    if self.protocol != "unpaired":
+      raise ValueError(f"data.protocol={self.protocol}: training cases contribute several "
+                       "modalities; see train_modalities")
+    return {case_id: names[0] for case_id, names in self.train_modalities.items()}
 
   def cases_of(self, ids) -> list:
     by_id = {c.case_id: c for c in self.cases}
@@ -61,14 +73,21 @@ def find_training_data(config: ml_collections.ConfigDict, data_dir: pathlib.Path
   splits = dataset.split_cases([c.case_id for c in cases], seed=config.seed,
                                val_fraction=config.data.val_fraction,
                                test_fraction=config.data.test_fraction)
-  assignment = dataset.assign_modalities(splits["train"], seed=config.seed,
-                                         modalities=config.data.modalities)
+  by_id = {c.case_id: c for c in cases}
+  train_modalities = dataset.training_modalities(
+      {case_id: tuple(by_id[case_id].images) for case_id in splits["train"]}, seed=config.seed,
+      modalities=config.data.modalities, protocol=config.data.protocol)
   return TrainingData(data_dir=pathlib.Path(data_dir), cases=cases, splits=splits,
-                      assignment=assignment)
+                      protocol=config.data.protocol, train_modalities=train_modalities)
 
 
 class TrainInput:
-  """Training batches of the unpaired slice index, read from the cache and produced ahead."""
+  """Training batches of the slice index, read from the cache and produced ahead.
+
+  Attributes:
+    modality_counts: modality -> its training slices, for every modality of ``data.modalities``
+      (0 for one no training case contributes, or whose cases have no slice to train on).
+  """
 
   def __init__(self, config: ml_collections.ConfigDict, data: TrainingData, *,
                cache_dir: pathlib.Path | None = None,
@@ -91,17 +110,25 @@ class TrainInput:
     self.threads = config.data.loader_threads
     self.place = place
     self.cache_dir = pathlib.Path(cache_dir or cache.default_location(data.data_dir))
-    train_cases = [c for c in data.cases if c.case_id in data.assignment]
-    cache.prepare(data.data_dir, self.cache_dir, cases=data.cases, log=log)
+    train_cases = [c for c in data.cases if c.case_id in data.train_modalities]
+    cache.prepare(data.data_dir, self.cache_dir, cases=data.cases,
+                  spacing=tuple(config.data.spacing), log=log)
     self.cases = [cache.open_case(self.cache_dir, c) for c in train_cases]
     self.index = dataset.build_slice_index(
-        self.cases, assignment=data.assignment, size=self.size,
+        self.cases, assignment=data.train_modalities, size=self.size,
         tumour_free_fraction=config.data.tumour_free_fraction, seed=config.seed,
         warn=lambda message: log(f"warning: {message}"))
     counts = np.bincount(self.index.modality, minlength=len(MODALITIES))
+    self.modality_counts = {m: int(n) for m, n in zip(MODALITIES, counts)
+                            if m in config.data.modalities}
     log(f"training slices: {len(self.index)} ("
         + ", ".join(f"{m} {n}" for m, n in zip(MODALITIES, counts) if n)
         + f"), read from the cache {self.cache_dir}")
+
+  @property
+  def trained_modalities(self) -> tuple[str, ...]:
+    """The modalities with at least one training slice, in canonical order."""
+    return tuple(m for m, n in self.modality_counts.items() if n)
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
     """The host batch of ``step``: a pure function of (seed, step).

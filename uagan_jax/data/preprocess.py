@@ -3,7 +3,9 @@
 Volumes are canonical (X, Y, Z) arrays from `readers.load_case`. Slices are (Z, H, W) with
 H = X and W = Y after a centred crop or pad of the X and Y axes to the configured size; the
 `CropPad` record makes that exactly invertible, so whole-volume predictions go back onto the
-input grid with `slices_to_volume`.
+input grid with `slices_to_volume`. Training uses that centred crop; inference uses
+`brain_window`, which is the same crop wherever it holds the whole brain and otherwise a larger
+canvas around the brain, so that no brain voxel is left out.
 """
 
 from __future__ import annotations
@@ -91,6 +93,55 @@ def centred(original, *, size) -> CropPad:
   return CropPad(original=original, size=size, crop_start=crop, pad_before=pad)
 
 
+def brain_window(brain: np.ndarray, *, size, stride: int) -> CropPad:
+  """The `CropPad` inference cuts slices with: the whole brain, at the networks' stride.
+
+  Per axis: where today's centred crop/pad to ``size`` (`centred`) holds every brain voxel, it is
+  kept as it is (so volumes that fit give exactly the numbers of the centred crop). Where it does
+  not, the canvas is the larger of ``size`` and the brain's extent rounded up to a multiple of
+  ``stride``; a canvas at least as long as the axis pads it symmetrically, a shorter one is the
+  window nearest to the centred crop that holds the brain.
+
+  Args:
+    brain: bool (X, Y): where any axial slice has a brain voxel (e.g. ``np.any(image != 0,
+      axis=2)``, or the union over a case's modalities).
+    size: The training slice size (H, W); each side a multiple of ``stride``.
+    stride: What each canvas side must be divisible by (2 ** the networks' number of downs).
+
+  Returns:
+    The `CropPad` from the (X, Y) plane to the canvas.
+  """
+  default = centred(brain.shape, size=size)
+  occupied = (brain.any(axis=1), brain.any(axis=0))
+  sizes, crops, pads = list(default.size), list(default.crop_start), list(default.pad_before)
+  for axis, (n, s, crop, pad) in enumerate(zip(default.original, default.size,
+                                               default.crop_start, default.pad_before)):
+    where = np.flatnonzero(occupied[axis])
+    if where.size == 0:
+      continue
+    first, last = int(where[0]), int(where[-1]) + 1  # the brain's [first, last) along the axis
+    if crop <= first and last <= crop + min(n, s):
+      continue  # the centred crop/pad sees the whole brain along this axis
+    s = max(s, -(-(last - first) // stride) * stride)
+    if s >= n:
+      crop, pad = 0, (s - n) // 2
+    else:
+      crop, pad = min(max((n - s) // 2, last - s), first), 0
+    sizes[axis], crops[axis], pads[axis] = s, crop, pad
+  return CropPad(original=default.original, size=tuple(sizes), crop_start=tuple(crops),
+                 pad_before=tuple(pads))
+
+
+def apply_crop_pad(array: np.ndarray, crop_pad: CropPad, *, fill: float = 0) -> np.ndarray:
+  """Axes 0 and 1 of an (X, Y, ...) array cropped/padded as ``crop_pad`` says."""
+  if tuple(array.shape[:2]) != crop_pad.original:
+    raise ValueError(f"array shape {array.shape} does not start with {crop_pad.original}")
+  source, output = crop_pad._slices()
+  out = np.full(crop_pad.size + array.shape[2:], fill, array.dtype)
+  out[output] = array[source]
+  return out
+
+
 def center_crop_or_pad(array: np.ndarray, *, size: tuple[int, int],
                        fill: float = 0) -> tuple[np.ndarray, CropPad]:
   """Centres axes 0 and 1 of an (X, Y, ...) array on a (size[0], size[1], ...) canvas.
@@ -111,10 +162,7 @@ def center_crop_or_pad(array: np.ndarray, *, size: tuple[int, int],
   if array.ndim < 2:
     raise ValueError(f"need an (X, Y, ...) array, got shape {array.shape}")
   crop_pad = centred(array.shape[:2], size=size)
-  source, output = crop_pad._slices()
-  out = np.full(size + array.shape[2:], fill, array.dtype)
-  out[output] = array[source]
-  return out, crop_pad
+  return apply_crop_pad(array, crop_pad, fill=fill), crop_pad
 
 
 def undo_center_crop_or_pad(array: np.ndarray, crop_pad: CropPad, *,
@@ -139,6 +187,7 @@ def undo_center_crop_or_pad(array: np.ndarray, crop_pad: CropPad, *,
 
 def volume_to_slices(
     image: np.ndarray, regions: np.ndarray | None, *, size: tuple[int, int], clip: float,
+    window: CropPad | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, CropPad]:
   """Normalises a canonical volume and cuts it into axial slices.
 
@@ -147,6 +196,8 @@ def volume_to_slices(
     regions: (X, Y, Z, 3) region masks (WT, TC, ET), or None.
     size: Slice extent (H, W) = the cropped/padded (X, Y).
     clip: Z-score clip, see `zscore_brain`.
+    window: Where to cut the (X, Y) plane instead of the centred crop/pad to ``size`` (e.g.
+      `brain_window`); the slices then have its extent.
 
   Returns:
     (slices float32 (Z, H, W), regions uint8 (Z, H, W, 3) or None, has_brain bool (Z,) = the
@@ -155,13 +206,14 @@ def volume_to_slices(
   if image.ndim != 3:
     raise ValueError(f"image must be (X, Y, Z), got shape {image.shape}")
   has_brain = np.any(image != 0, axis=(0, 1))
-  normalised, crop_pad = center_crop_or_pad(zscore_brain(image, clip=clip), size=size)
+  crop_pad = centred(image.shape[:2], size=size) if window is None else window
+  normalised = apply_crop_pad(zscore_brain(image, clip=clip), crop_pad)
   slices = np.ascontiguousarray(np.moveaxis(normalised, 2, 0))
   region_slices = None
   if regions is not None:
     if regions.shape != image.shape + (3,):
       raise ValueError(f"regions shape {regions.shape} does not match image {image.shape} + (3,)")
-    cropped, _ = center_crop_or_pad(regions.astype(np.uint8, copy=False), size=size)
+    cropped = apply_crop_pad(regions.astype(np.uint8, copy=False), crop_pad)
     region_slices = np.ascontiguousarray(np.moveaxis(cropped, 2, 0))
   return slices, region_slices, has_brain, crop_pad
 

@@ -15,6 +15,7 @@ bright only in T1ce.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import math
 import re
@@ -28,6 +29,12 @@ from uagan_jax.data import MODALITIES
 from uagan_jax.errors import UserError
 
 DEFAULT_SHAPE = (128, 128, 96)
+# Voxel size (mm) `write_dataset` writes by default: BraTS's 1 mm, which the tests' tiny models
+# assume. The phantom brain spans about 75% x 93% of X and Y, i.e. 72 x 89 voxels at a 96x96
+# plane: at 1 mm a 7 cm brain, at DEMO_SPACING a real one's 144 x 178 mm (real: ~135 x 175 mm).
+DEFAULT_SPACING = 1.0
+# What ``uagan-jax synth`` writes and the ``:demo`` recipes train at (config.apply_demo_sizes).
+DEMO_SPACING = 2.0
 MIN_DIM = 32
 CASE_PREFIX = "SynthBraTS"
 # First line of README.txt; its presence marks a folder as ours, so it may be overwritten.
@@ -346,11 +353,46 @@ def _bias_field(rng: np.random.Generator, shape: Sequence[int], centre: np.ndarr
   return (1.0 + poly * (rng.uniform(0.08, 0.15) / peak)).astype(np.float32)
 
 
+@dataclasses.dataclass(frozen=True)
+class ScannerShift:
+  """How a "shifted" data set's images differ from the default phantoms (anatomy and labels do
+  not): the shape of a test set from another scanner or protocol, never trained on.
+
+  Attributes:
+    contrast_jitter: each tissue's mean in each modality is further multiplied by
+      ``1 + U(-contrast_jitter, contrast_jitter)``, per case (0: the default contrasts).
+    noise: multiplies the Rician noise level (1: the default 2-3% of white matter).
+    bias: multiplies the bias field's deviation from 1 (1: the default +-8..15% over the head).
+  """
+  contrast_jitter: float = 0.0
+  noise: float = 1.0
+  bias: float = 1.0
+
+  @property
+  def is_default(self) -> bool:
+    return self == ScannerShift()
+
+  def check(self) -> "ScannerShift":
+    for name in ("contrast_jitter", "noise", "bias"):
+      value = getattr(self, name)
+      if not isinstance(value, (int, float)) or isinstance(value, bool) or not (
+          math.isfinite(value) and value >= 0):
+        raise UserError(f"{name} must be a finite number >= 0, got {value!r}")
+    if self.contrast_jitter >= 1:
+      raise UserError(f"contrast_jitter must be < 1 (a tissue mean stays positive), got "
+                      f"{self.contrast_jitter!r}")
+    return self
+
+
 def _phantom(
-    seed: int, case_index: int, shape: tuple[int, int, int]
+    seed: int, case_index: int, shape: tuple[int, int, int],
+    shift: ScannerShift = ScannerShift()
 ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
   """Draws one case; returns (images, label, tissue map)."""
   rng = np.random.default_rng([seed, case_index])
+  # The shift's draws come from their own stream, so the main stream (anatomy, tumour, texture)
+  # draws exactly as without a shift.
+  shift_rng = np.random.default_rng([seed, case_index, 1])
   tissue, centre, brain_radii, brain_depth = _anatomy(rng, shape)
   _add_tumour(rng, tissue, centre, brain_radii, brain_depth)
   head = tissue != BACKGROUND
@@ -366,6 +408,9 @@ def _phantom(
     # Small per-case jitter of the tissue means (scanner/protocol variation).
     jitter = np.clip(rng.normal(0.0, 0.02, len(TISSUES)), -0.04, 0.04)
     means = (_MEANS[:, m] * (1.0 + jitter)).astype(np.float32)
+    if shift.contrast_jitter:
+      means *= (1.0 + shift_rng.uniform(-shift.contrast_jitter, shift.contrast_jitter,
+                                        len(TISSUES))).astype(np.float32)
     theta = float(rng.uniform(0.0, 2.0 * np.pi))
     img = tex_a * math.cos(theta)
     img += tex_b * math.sin(theta)
@@ -373,9 +418,12 @@ def _phantom(
     img += 1.0
     img *= means[tissue]
     img = _blur(img)  # partial-volume mixing at tissue borders
-    img *= _bias_field(rng, shape, centre, head)
+    field = _bias_field(rng, shape, centre, head)
+    if shift.bias != 1.0:
+      field = 1.0 + (field - 1.0) * np.float32(shift.bias)
+    img *= field
     # Rician noise: magnitude of the signal plus complex Gaussian noise.
-    sigma = float(rng.uniform(0.02, 0.03) * means[WM])
+    sigma = float(rng.uniform(0.02, 0.03) * means[WM]) * shift.noise
     noise = rng.standard_normal((2,) + shape, dtype=np.float32)
     noise *= sigma
     img += noise[0]
@@ -394,7 +442,7 @@ def _phantom(
 
 def make_phantom(
     *, seed: int, case_index: int, shape: Sequence[int] = DEFAULT_SHAPE,
-    return_tissues: bool = False
+    return_tissues: bool = False, shift: ScannerShift = ScannerShift()
 ) -> (tuple[dict[str, np.ndarray], np.ndarray] |
       tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]):
   """Draws one synthetic case.
@@ -406,6 +454,8 @@ def make_phantom(
     shape: volume shape (X, Y, Z); axial slices run along axis 2; each dimension >= 32.
     return_tissues: also return the internal tissue map (codes index `TISSUES`), e.g. to get
       white matter or CSF masks.
+    shift: a scanner shift of the images (`ScannerShift`; default none); the anatomy, tissue map
+      and label are the same with or without one.
 
   Returns:
     ``(images, label)``, or ``(images, label, tissues)`` with `return_tissues`: `images` maps
@@ -418,22 +468,35 @@ def make_phantom(
   """
   seed = _check_nonneg_int("seed", seed)
   case_index = _check_nonneg_int("case_index", case_index)
-  images, label, tissue = _phantom(seed, case_index, _check_shape(shape))
+  images, label, tissue = _phantom(seed, case_index, _check_shape(shape), shift.check())
   if return_tissues:
     return images, label, tissue
   return images, label
 
 
-def brats_affine(shape: Sequence[int]) -> np.ndarray:
-  """BraTS-like voxel-to-world affine: 1 mm voxels, LPS axes, volume centre near the origin.
+def _check_spacing(spacing: float | Sequence[float]) -> tuple[float, float, float]:
+  values = (spacing,) * 3 if np.isscalar(spacing) else tuple(spacing)
+  if not all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in values):
+    values = ()
+  values = tuple(float(v) for v in values)
+  if len(values) != 3 or not all(np.isfinite(v) and v > 0 for v in values):
+    raise UserError(f"spacing must be one or three positive numbers (mm), got {spacing!r}")
+  return values
+
+
+def brats_affine(shape: Sequence[int], spacing: float | Sequence[float] = DEFAULT_SPACING
+                 ) -> np.ndarray:
+  """BraTS-like voxel-to-world affine: LPS axes, volume centre near the origin.
 
   Args:
     shape: volume shape (X, Y, Z).
+    spacing: voxel size in mm, one number (isotropic) or (X, Y, Z).
 
   Returns:
     4x4 float64 affine.
   """
-  affine = np.diag([-1.0, -1.0, 1.0, 1.0])
+  sx, sy, sz = _check_spacing(spacing)
+  affine = np.diag([-sx, -sy, sz, 1.0])
   affine[:3, 3] = -affine[:3, :3] @ ((np.asarray(shape, dtype=np.float64) - 1) / 2)
   return affine
 
@@ -497,9 +560,14 @@ def _previous_cases(out: Path) -> list[Path]:
   return cases
 
 
-def _readme(seed: int, shape: tuple[int, int, int], cases: int) -> str:
+def _readme(seed: int, shape: tuple[int, int, int], cases: int,
+            spacing: tuple[float, float, float],
+            shift: ScannerShift = ScannerShift()) -> str:
   """README.txt text; deterministic (no dates) so reruns are byte-identical."""
   stem = case_name(0)
+  shifted = [] if shift.is_default else [
+      f"Scanner shift: contrast jitter {shift.contrast_jitter:g}, noise x{shift.noise:g}, "
+      f"bias x{shift.bias:g} (images only; anatomy and labels as without it)."]
   return "\n".join([
       README_MARKER,
       "",
@@ -508,11 +576,13 @@ def _readme(seed: int, shape: tuple[int, int, int], cases: int) -> str:
       f"Shape (X, Y, Z): {shape[0]} x {shape[1]} x {shape[2]}",
       f"Cases: {cases} ({case_name(0)} .. {case_name(cases - 1)})",
       "Case i depends only on (seed, i, shape): rng = numpy.random.default_rng([seed, i]).",
+      *shifted,
       "",
       "Layout (BraTS 2021):",
       f"  {stem}/{stem}_{{t1,t1ce,t2,flair}}.nii.gz  int16 images, 0 outside the head",
       f"  {stem}/{stem}_seg.nii.gz                  uint8 labels",
-      "Geometry: 1 mm isotropic voxels, LPS orientation (affine diag(-1, -1, 1)), volume",
+      f"Geometry: {' x '.join(f'{v:g}' for v in spacing)} mm voxels, LPS orientation (affine "
+      f"diag({-spacing[0]:g}, {-spacing[1]:g}, {spacing[2]:g})), volume",
       "centre near world origin, qform/sform code 1 (scanner). Axial slices run along axis 2.",
       "",
       "Labels (BraTS convention):",
@@ -527,7 +597,9 @@ def _readme(seed: int, shape: tuple[int, int, int], cases: int) -> str:
 
 def write_dataset(out: str | Path, *, cases: int, seed: int,
                   shape: Sequence[int] = DEFAULT_SHAPE,
-                  progress: Callable[[int, int], None] | None = None) -> list[Path]:
+                  spacing: float | Sequence[float] = DEFAULT_SPACING,
+                  progress: Callable[[int, int], None] | None = None,
+                  shift: ScannerShift = ScannerShift()) -> list[Path]:
   """Writes synthetic cases in the BraTS 2021 layout.
 
   Writes ``out/SynthBraTS_{i:05d}/SynthBraTS_{i:05d}_{t1,t1ce,t2,flair,seg}.nii.gz`` for
@@ -540,7 +612,11 @@ def write_dataset(out: str | Path, *, cases: int, seed: int,
     cases: number of cases (>= 1).
     seed: dataset seed (non-negative).
     shape: volume shape (X, Y, Z), each dimension >= 32.
+    spacing: voxel size in mm written in the headers, one number or (X, Y, Z); the arrays do not
+      depend on it (DEMO_SPACING gives the brain a real head's size).
     progress: optional callback, called as ``progress(done, cases)`` after each case.
+    shift: a scanner shift of the images (`ScannerShift`), for a test set unlike the training
+      phantoms; default none (today's files, byte for byte).
 
   Returns:
     The case folders, in index order.
@@ -553,6 +629,8 @@ def write_dataset(out: str | Path, *, cases: int, seed: int,
   cases = int(cases)
   seed = _check_nonneg_int("seed", seed)
   shape = _check_shape(shape)
+  spacing = _check_spacing(spacing)
+  shift = shift.check()
   out = Path(out)
   if out.exists() and not out.is_dir():
     raise UserError(f"{out}: exists and is not a folder")
@@ -568,11 +646,11 @@ def write_dataset(out: str | Path, *, cases: int, seed: int,
       folder.rmdir()
 
   # README first: it marks the folder as ours, so an interrupted run can simply be rerun.
-  (out / "README.txt").write_text(_readme(seed, shape, cases), encoding="utf-8")
-  affine = brats_affine(shape)
+  (out / "README.txt").write_text(_readme(seed, shape, cases, spacing, shift), encoding="utf-8")
+  affine = brats_affine(shape, spacing)
   folders = []
   for i in range(cases):
-    images, label = make_phantom(seed=seed, case_index=i, shape=shape)
+    images, label = make_phantom(seed=seed, case_index=i, shape=shape, shift=shift)
     name = case_name(i)
     folder = out / name
     folder.mkdir(exist_ok=True)
