@@ -18,7 +18,7 @@ from collections.abc import Callable
 import jax
 import ml_collections
 
-from uagan_jax import checkpoint, evaluate, families, parallel, visualize
+from uagan_jax import checkpoint, distributed, evaluate, families, parallel, visualize
 from uagan_jax import config as config_lib
 from uagan_jax.data import augment, input_pipeline
 from uagan_jax.errors import UserError
@@ -105,6 +105,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, *, workdir: pathlib.Pa
   """
   workdir = pathlib.Path(workdir)
   family = families.get(config.model.name)
+  # Several processes (`uagan_jax.distributed`): every one runs this function in step; process 0
+  # alone logs and writes files, all join the checkpoints.
+  main = distributed.is_main()
+  if not main:
+    log = lambda _: None  # process 0 speaks for the run
+  distributed.check_same_config(config_lib.to_json(config))
+  parallel.check_mode(config.train.parallel_mode)
 
   # Data ------------------------------------------------------------------------------------------
   data = input_pipeline.find_training_data(config, data_dir)
@@ -129,7 +136,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, *, workdir: pathlib.Pa
                     f"{devices} devices in use (set train.num_devices or the batch size)")
   place = (functools.partial(parallel.shard_batch, mesh=mesh)
            if config.train.parallel_mode == "shard_map" else lambda batch: batch)
-  train_input = input_pipeline.TrainInput(config, data, cache_dir=cache_dir, place=place, log=log)
+  # Process 0 prepares the data cache first; the others then reuse it (or, on a node of their
+  # own, prepare their own): two processes never write the same case folder at once.
+  if not main:
+    distributed.wait_for_all("cache_prepared")
+  train_input = input_pipeline.TrainInput(config, data, cache_dir=cache_dir, place=place, log=log,
+                                          rows=parallel.process_rows(mesh, config.train.batch_size))
+  if main:
+    distributed.wait_for_all("cache_prepared")
   state = init_state(config, mesh)
   workdir.mkdir(parents=True, exist_ok=True)
   checkpoints = checkpoint.Checkpointer(workdir / "checkpoints", every=config.train.checkpoint_every,
@@ -140,12 +154,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, *, workdir: pathlib.Pa
     log(f"resumed from {checkpoints.directory / str(latest)}")
   # Written only now: a run that cannot resume (say, a changed config) must not overwrite the
   # record of the run whose checkpoints are in this workdir.
-  (workdir / "config.json").write_text(config_lib.to_json(config))
-  (workdir / "splits.json").write_text(json.dumps(
-      {"data": str(pathlib.Path(data_dir).absolute()), "layout": data.layout, **splits,
-       "train_modality": data.assignment}, indent=2))
+  if main:
+    (workdir / "config.json").write_text(config_lib.to_json(config))
+    (workdir / "splits.json").write_text(json.dumps(
+        {"data": str(pathlib.Path(data_dir).absolute()), "layout": data.layout, **splits,
+         "train_modality": data.assignment}, indent=2))
   start = int(jax.device_get(state.step))
-  metrics_log = MetricsLog(workdir / "metrics.jsonl", resume_step=start)
+  metrics_log = MetricsLog(workdir / "metrics.jsonl", resume_step=start) if main else None
   validation = None
   if validates:
     val_ids = splits["val"][:config.eval.val_max_cases or None]
@@ -156,16 +171,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, *, workdir: pathlib.Pa
 
   # Loop ------------------------------------------------------------------------------------------
   total = config.train.steps
-  log(f"training {config.model.name} on {devices} {mesh.devices.flat[0].platform} device(s), "
+  log(f"training {config.model.name} on {devices} {mesh.devices.flat[0].platform} device(s)"
+      + (f" in {jax.process_count()} processes" if jax.process_count() > 1 else "") + ", "
       f"parallel mode {config.train.parallel_mode}, global batch {config.train.batch_size}: "
       f"steps {start}..{total}")
   window_start, window_steps = None, 0
-  with StopRequested() as stop:
+  # With several processes a stop request is agreed on at log steps only (see StopRequested).
+  with StopRequested(distributed.any_process if jax.process_count() > 1 else None) as stop:
     for step, batch in train_input.batches(start):
       state, metrics = step_fn(state, batch, jax.random.fold_in(base_key, step))
       done = step + 1
       window_steps += 1
-      if done % config.train.log_every == 0 or done == total:
+      logs = done % config.train.log_every == 0 or done == total
+      if logs:
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.time()
         if window_start is None:  # the first window includes compilation: no rate yet
@@ -183,7 +201,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, *, workdir: pathlib.Pa
           raise TrainingDiverged(
               f"step {done}: non-finite {', '.join(bad)}; last checkpoint: "
               f"{checkpoints.latest_step()} in {checkpoints.directory}")
-        metrics_log.write({"step": done, **values})
+        if metrics_log is not None:
+          metrics_log.write({"step": done, **values})
         losses_text = "  ".join(f"{k} {v:.4f}" for k, v in values.items() if "norm" not in k)
         log(f"step {done}/{total}  {losses_text}  [{rate_text}]")
       checkpoints.save(done, state, force=done == total)
@@ -191,7 +210,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, *, workdir: pathlib.Pa
         seconds = validation(done, state)
         if window_start is not None:  # steps/s and the ETA count training steps only
           window_start += seconds
-      if stop.requested:
+      if stop.should_stop(sync_point=logs):
         if checkpoints.latest_step() != done:
           checkpoints.save(done, state, force=True)
         checkpoints.close()
@@ -202,6 +221,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, *, workdir: pathlib.Pa
   if total <= start:
     log(f"nothing to train: the checkpoint is at step {start} and train.steps is {total}")
   checkpoints.close()
+  if not main:  # process 0 alone writes the summaries, the curves and the evaluation
+    if validation is not None:
+      validation.close()
+    distributed.wait_for_all("evaluated")
+    return state
   log(f"checkpoints in {checkpoints.directory}, metrics in {workdir / 'metrics.jsonl'}")
   if validation is not None:
     validation.close()
@@ -214,6 +238,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, *, workdir: pathlib.Pa
     log(f"training curves in {curves}")
 
   if evaluate_after:
-    evaluate.evaluate_split(config, workdir=workdir, data_dir=data_dir, state=state, curves=False,
-                            log=log)
+    evaluate.evaluate_split(config, workdir=workdir, data_dir=data_dir,
+                            state=distributed.local_copy(state), curves=False, log=log)
+  distributed.wait_for_all("evaluated")
   return state
