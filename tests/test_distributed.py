@@ -1,0 +1,274 @@
+"""Several processes, one run (`uagan_jax.distributed`): 2 processes x 2 CPU devices (gloo
+collectives over loopback) train like 1 process x 4 devices; checkpoints cross between the two;
+the SLURM script's command under srun's variables; a stop signal to one process; bad
+combinations end with one line on every process.
+
+Each process compiles the tiny step of configs/test.py (the test run's compilation cache is
+shared, so the second run of a topology is quicker).
+"""
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from uagan_jax import checkpoint, parallel, train_state
+
+from conftest import ROOT, TEST_CONFIG, load_test_config
+
+STEPS = 4
+TIMEOUT_S = 600
+
+
+def _free_port(low: int = 20000, high: int = 60000) -> int:
+  for port in np.random.default_rng(os.getpid() + int(time.time())).integers(low, high, 200):
+    with socket.socket() as s:
+      try:
+        s.bind(("127.0.0.1", int(port)))
+      except OSError:
+        continue
+      return int(port)
+  raise RuntimeError("no free port")
+
+
+def _train_argv(data, workdir, steps, *extra):
+  return [sys.executable, "-m", "uagan_jax", "train", "--config", TEST_CONFIG, "--data", str(data),
+          "--workdir", str(workdir), "--no-eval", f"--config.train.steps={steps}",
+          "--config.train.keep_checkpoints=5", *map(str, extra)]
+
+
+def _env(devices: int, **extra) -> dict:
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(devices), JAX_PLATFORMS="cpu",
+             JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", PYTHONPATH=str(ROOT))
+  env.update({k: str(v) for k, v in extra.items()})
+  return env
+
+
+def _one_process(data, workdir, steps, *extra):
+  result = subprocess.run(_train_argv(data, workdir, steps, *extra), capture_output=True,
+                          text=True, cwd=ROOT, env=_env(4), timeout=TIMEOUT_S)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result.stdout
+
+
+def _start(commands, envs):
+  return [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                           env=e) for c, e in zip(commands, envs)]
+
+
+def _finish(processes, timeout=TIMEOUT_S):
+  """(exit code, stdout, stderr) of each process; kills them all on a timeout (a hang)."""
+  deadline = time.time() + timeout
+  results = []
+  try:
+    for p in processes:
+      out, err = p.communicate(timeout=max(1, deadline - time.time()))
+      results.append((p.returncode, out, err))
+  finally:
+    for p in processes:
+      if p.poll() is None:
+        p.kill()
+  return results
+
+
+def _two_processes(data, workdir, steps, *extra):
+  """2 processes x 2 devices with the explicit flags."""
+  port = _free_port()
+  flags = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+  return _finish(_start([_train_argv(data, workdir, steps, *flags, "--process-id", i, *extra)
+                         for i in range(2)], [_env(2), _env(2)]))
+
+
+def _slurm_env(task: int, ntasks: int = 2) -> dict:
+  """The variables srun sets for task ``task`` of a one-node job step (those jax's SlurmCluster
+  reads, and the usual others), with a job id whose derived coordinator port is free."""
+  port = _free_port(65535 - 2**12 + 1, 65535)
+  job_id = 1_000_000 * 4096 + (port - (65535 - 2**12 + 1))  # SlurmCluster: id % 4096 + 61440
+  return {"SLURM_JOB_ID": job_id, "SLURM_JOBID": job_id, "SLURM_NTASKS": ntasks,
+          "SLURM_NPROCS": ntasks, "SLURM_PROCID": task, "SLURM_LOCALID": task, "SLURM_NODEID": 0,
+          "SLURM_STEP_NODELIST": "localhost", "SLURM_NODELIST": "localhost",
+          "SLURM_JOB_NODELIST": "localhost", "SLURM_STEP_NUM_NODES": 1, "SLURM_JOB_NUM_NODES": 1,
+          "SLURM_STEP_NUM_TASKS": ntasks, "SLURM_CPUS_ON_NODE": 2, "SLURM_STEP_ID": 0}
+
+
+def _slurm_processes(data, workdir, steps, *extra):
+  """Runs launch/slurm.sbatch's training command as srun would run it: one task per process."""
+  common = _slurm_env(0)
+  envs = []
+  for task in range(2):
+    env = _env(2, **{**common, **{k: v for k, v in _slurm_env(task).items()
+                                  if k in ("SLURM_PROCID", "SLURM_LOCALID")}})
+    env.update(UAGAN_JAX_SOURCE_ONLY="1", PYTHON=sys.executable, CONFIG=TEST_CONFIG,
+               DATA=str(data), WORKDIR=str(workdir), BATCH_SIZE="8")
+    envs.append(env)
+  script = ("source launch/slurm.sbatch && train_command \"$@\"")
+  argv = ["bash", "-c", script, "slurm", "--no-eval", f"--config.train.steps={steps}",
+          "--config.train.keep_checkpoints=5", *map(str, extra)]
+  return _finish(_start([argv, argv], envs))
+
+
+def _rows(workdir):
+  return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _state(workdir, step):
+  checkpoints = checkpoint.Checkpointer(workdir / "checkpoints", every=1, keep=100)
+  assert step in checkpoints.all_steps(), checkpoints.all_steps()
+  state = checkpoints.restore(step, train_state.init_state(load_test_config(),
+                                                           parallel.make_mesh(1)))
+  checkpoints.close()
+  return jax.device_get(state)
+
+
+def _assert_same_training(a, b, steps):
+  """metrics.jsonl rows to 1e-5 relative; parameters as tests/test_train.py's 4-device test
+  (1% of one Adam step, lr = 2e-4, plus 1e-5 of the array's scale: the summation order of the
+  cross-process collectives differs, nothing else may)."""
+  rows_a, rows_b = _rows(a), _rows(b)
+  assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b] == list(range(1, steps + 1))
+  for row_a, row_b in zip(rows_a, rows_b):
+    assert set(row_a) == set(row_b)
+    for name in row_a:
+      assert row_b[name] == pytest.approx(row_a[name], rel=1e-5, abs=1e-7), (row_a["step"], name)
+  state_a, state_b = _state(a, steps), _state(b, steps)
+  lr = max(load_test_config().optim.segmentor_lr, load_test_config().optim.critic_lr)
+  assert int(state_a.step) == int(state_b.step) == steps
+  for x, y in zip(jax.tree.leaves(state_a.nets), jax.tree.leaves(state_b.nets)):
+    if x.dtype.kind == "f":
+      assert np.all(np.abs(x - y) <= 0.01 * lr + 1e-5 * np.abs(x).max())
+  np.testing.assert_array_equal(state_a.rng, state_b.rng)
+
+
+def _assert_process_zero_wrote(results, workdir, steps):
+  """Every process exited 0; process 0 logged the steps, process 1 nothing of the run."""
+  for i, (code, _, err) in enumerate(results):
+    assert code == 0, (i, err[-3000:])
+  assert f"step {steps}/{steps}" in results[0][1]
+  assert "in 2 processes" in results[0][1]
+  assert "step " not in results[1][1] and "training " not in results[1][1], results[1][1][-2000:]
+  assert {p.name for p in workdir.iterdir()} >= {"config.json", "splits.json", "metrics.jsonl",
+                                                  "checkpoints"}
+
+
+@pytest.fixture(scope="module")
+def one_process_run(synth_data, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("one") / "w"
+  _one_process(synth_data, workdir, STEPS)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def slurm_run(synth_data, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("slurm") / "w"
+  return workdir, _slurm_processes(synth_data, workdir, STEPS)
+
+
+def test_slurm_script_under_srun_variables_trains_like_one_process(one_process_run, slurm_run):
+  """launch/slurm.sbatch's command, 2 tasks with srun's variables and --distributed alone (the
+  auto-detection path): the same rows and parameters as 1 process x 4 devices."""
+  workdir, results = slurm_run
+  _assert_process_zero_wrote(results, workdir, STEPS)
+  # Can fail: processes loading the same rows (or each the whole batch) give other losses.
+  _assert_same_training(one_process_run, workdir, STEPS)
+
+
+def test_checkpoints_cross_between_one_and_two_processes(synth_data, one_process_run, slurm_run,
+                                                         tmp_path):
+  """The 2-process run's checkpoint resumes in 1 process, the 1-process run's in 2 processes
+  (explicit --coordinator/--num-processes/--process-id): both reach the same step 6."""
+  two_then_one, one_then_two = tmp_path / "two_then_one", tmp_path / "one_then_two"
+  shutil.copytree(slurm_run[0], two_then_one)
+  shutil.copytree(one_process_run, one_then_two)
+  log = _one_process(synth_data, two_then_one, STEPS + 2)
+  assert f"resumed from {two_then_one / 'checkpoints' / str(STEPS)}" in log
+  results = _two_processes(synth_data, one_then_two, STEPS + 2)
+  _assert_process_zero_wrote(results, one_then_two, STEPS + 2)
+  assert f"resumed from {one_then_two / 'checkpoints' / str(STEPS)}" in results[0][1]
+  _assert_same_training(two_then_one, one_then_two, STEPS + 2)
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(synth_data, tmp_path):
+  """SIGTERM to process 1 only: both leave the loop at the same log step (agreed there by an
+  all-gather of the stop flag), exit 0, one checkpoint of that step; nothing hangs."""
+  workdir = tmp_path / "w"
+  port = _free_port()
+  flags = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+           "--config.train.log_every=2", "--config.train.checkpoint_every=1000"]
+  processes = _start([_train_argv(synth_data, workdir, 100000, *flags, "--process-id", i)
+                      for i in range(2)], [_env(2), _env(2)])
+  try:
+    for line in processes[0].stdout:
+      if "step 4/" in line:  # compiled and running
+        processes[1].send_signal(signal.SIGTERM)
+        break
+  finally:
+    results = _finish(processes, timeout=300)
+  for i, (code, _, err) in enumerate(results):
+    assert code == 0, (i, err[-3000:])
+  assert "received SIGTERM" in results[1][2] and "received SIGTERM" not in results[0][2]
+  stopped = [line for line in results[0][1].splitlines() if "stopped at step" in line]
+  assert stopped, results[0][1][-2000:]
+  step = int(stopped[0].split("stopped at step ")[1].split(";")[0])
+  assert step >= 4 and step % 2 == 0  # the first log step whose agreement saw the signal
+  saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert saved == [step]
+  assert [r["step"] for r in _rows(workdir)] == list(range(2, step + 1, 2))
+
+
+@pytest.mark.parametrize("case", ["batch", "config", "pmap"])
+def test_bad_combination_ends_every_process_with_one_line(synth_data, tmp_path, case):
+  """A global batch the 4 devices do not divide, processes started with different configs,
+  pmap with 2 processes: on every process one ``error:`` line naming it, exit 2, nothing
+  written, no hang."""
+  port = _free_port()
+  extra = {"batch": [["--config.train.batch_size=6"]] * 2,
+           "config": [[], ["--config.seed=1"]],
+           "pmap": [["--config.train.parallel_mode=pmap"]] * 2}[case]
+  needle = {"batch": "train.batch_size=6", "config": "different configs",
+            "pmap": "parallel_mode=pmap"}[case]
+  workdir = tmp_path / "w"
+  results = _finish(_start(
+      [_train_argv(synth_data, workdir, STEPS, "--coordinator", f"127.0.0.1:{port}",
+                   "--num-processes", 2, "--process-id", i, *extra[i]) for i in range(2)],
+      [_env(2), _env(2)]), timeout=300)
+  for code, _, err in results:
+    assert code == 2, err[-2000:]
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and needle in errors[0], err[-2000:]
+    assert "Traceback" not in err
+  assert not (workdir / "checkpoints").exists() and not (workdir / "config.json").exists()
+
+
+def test_unreachable_coordinator_ends_with_one_line(synth_data, tmp_path):
+  """Process 1 of 2 whose coordinator never answers: one line after --distributed-timeout, exit 2
+  (not JAX's abort with a C++ stack trace at its own timeout)."""
+  port = _free_port()
+  started = time.time()
+  result = subprocess.run(
+      _train_argv(synth_data, tmp_path / "w", STEPS, "--coordinator", f"127.0.0.1:{port}",
+                  "--num-processes", 2, "--process-id", 1, "--distributed-timeout", 5),
+      capture_output=True, text=True, cwd=ROOT, env=_env(2), timeout=120)
+  assert result.returncode == 2, result.stderr[-2000:]
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert lines[-1].startswith("error: --distributed:") and f"127.0.0.1:{port}" in lines[-1]
+  assert "within 5 s" in lines[-1]
+  assert not any(line.startswith("error: ") for line in lines[:-1])
+  assert time.time() - started < 90
+  assert not (tmp_path / "w").exists()
+
+
+def test_explicit_flags_are_all_or_none(synth_data, tmp_path):
+  result = subprocess.run(
+      _train_argv(synth_data, tmp_path / "w", STEPS, "--coordinator", "127.0.0.1:1234"),
+      capture_output=True, text=True, cwd=ROOT, env=_env(2), timeout=120)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1].startswith("error: --coordinator, --num-processes")
