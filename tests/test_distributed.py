@@ -220,7 +220,8 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(synth_data, tmp_path
   step = int(stopped[0].split("stopped at step ")[1].split(";")[0])
   assert step >= 4 and step % 2 == 0  # the first log step whose agreement saw the signal
   saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-  assert saved == [step]
+  # One checkpoint of the stop (Orbax's policy also keeps step 1, the first of a fresh run).
+  assert saved[-1] == step and set(saved[:-1]) <= {1}, saved
   assert [r["step"] for r in _rows(workdir)] == list(range(2, step + 1, 2))
 
 
