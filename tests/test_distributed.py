@@ -26,6 +26,9 @@ from uagan_jax import checkpoint, parallel, train_state
 from conftest import ROOT, TEST_CONFIG, load_test_config
 
 STEPS = 4
+# The equality runs validate (2 of the 8 cases) every 2 steps and evaluate the test cases at the
+# end: process 0 alone does both, on its replica of the state.
+VALIDATE = ("--config.data.val_fraction=0.25", "--config.train.validate_every=2")
 TIMEOUT_S = 600
 
 
@@ -40,10 +43,10 @@ def _free_port(low: int = 20000, high: int = 60000) -> int:
   raise RuntimeError("no free port")
 
 
-def _train_argv(data, workdir, steps, *extra):
+def _train_argv(data, workdir, steps, *extra, evaluate=False):
   return [sys.executable, "-m", "uagan_jax", "train", "--config", TEST_CONFIG, "--data", str(data),
-          "--workdir", str(workdir), "--no-eval", f"--config.train.steps={steps}",
-          "--config.train.keep_checkpoints=5", *map(str, extra)]
+          "--workdir", str(workdir), *([] if evaluate else ["--no-eval"]),
+          f"--config.train.steps={steps}", "--config.train.keep_checkpoints=5", *map(str, extra)]
 
 
 def _env(devices: int, **extra) -> dict:
@@ -53,8 +56,9 @@ def _env(devices: int, **extra) -> dict:
   return env
 
 
-def _one_process(data, workdir, steps, *extra):
-  result = subprocess.run(_train_argv(data, workdir, steps, *extra), capture_output=True,
+def _one_process(data, workdir, steps, *extra, evaluate=False):
+  result = subprocess.run(_train_argv(data, workdir, steps, *extra, evaluate=evaluate),
+                          capture_output=True,
                           text=True, cwd=ROOT, env=_env(4), timeout=TIMEOUT_S)
   assert result.returncode == 0, result.stderr[-3000:]
   return result.stdout
@@ -100,7 +104,7 @@ def _slurm_env(task: int, ntasks: int = 2) -> dict:
           "SLURM_STEP_NUM_TASKS": ntasks, "SLURM_CPUS_ON_NODE": 2, "SLURM_STEP_ID": 0}
 
 
-def _slurm_processes(data, workdir, steps, *extra):
+def _slurm_processes(data, workdir, steps, *extra, evaluate=False):
   """Runs launch/slurm.sbatch's training command as srun would run it: one task per process."""
   common = _slurm_env(0)
   envs = []
@@ -111,9 +115,31 @@ def _slurm_processes(data, workdir, steps, *extra):
                DATA=str(data), WORKDIR=str(workdir), BATCH_SIZE="8")
     envs.append(env)
   script = ("source launch/slurm.sbatch && train_command \"$@\"")
-  argv = ["bash", "-c", script, "slurm", "--no-eval", f"--config.train.steps={steps}",
+  argv = ["bash", "-c", script, "slurm", *([] if evaluate else ["--no-eval"]),
+          f"--config.train.steps={steps}",
           "--config.train.keep_checkpoints=5", *map(str, extra)]
   return _finish(_start([argv, argv], envs))
+
+
+def _jsonl(path):
+  return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _assert_close_numbers(a, b, path="") -> None:
+  """The same structure; numbers to 1e-5 relative (validation and evaluation threshold the
+  predictions, and parameters within rounding do not move a 32x32 prediction across 0.5)."""
+  if isinstance(a, dict):
+    assert set(a) == set(b), path
+    for key in a:
+      _assert_close_numbers(a[key], b[key], f"{path}/{key}")
+  elif isinstance(a, list):
+    assert len(a) == len(b), path
+    for i, (x, y) in enumerate(zip(a, b)):
+      _assert_close_numbers(x, y, f"{path}[{i}]")
+  elif isinstance(a, float) and not isinstance(b, str):
+    assert b == pytest.approx(a, rel=1e-5, abs=1e-7, nan_ok=True), path
+  else:
+    assert a == b, path
 
 
 def _rows(workdir):
@@ -162,14 +188,14 @@ def _assert_process_zero_wrote(results, workdir, steps):
 @pytest.fixture(scope="module")
 def one_process_run(synth_data, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("one") / "w"
-  _one_process(synth_data, workdir, STEPS)
+  _one_process(synth_data, workdir, STEPS, *VALIDATE, evaluate=True)
   return workdir
 
 
 @pytest.fixture(scope="module")
 def slurm_run(synth_data, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("slurm") / "w"
-  return workdir, _slurm_processes(synth_data, workdir, STEPS)
+  return workdir, _slurm_processes(synth_data, workdir, STEPS, *VALIDATE, evaluate=True)
 
 
 def test_slurm_script_under_srun_variables_trains_like_one_process(one_process_run, slurm_run):
@@ -179,6 +205,15 @@ def test_slurm_script_under_srun_variables_trains_like_one_process(one_process_r
   _assert_process_zero_wrote(results, workdir, STEPS)
   # Can fail: processes loading the same rows (or each the whole batch) give other losses.
   _assert_same_training(one_process_run, workdir, STEPS)
+  # Validation and the evaluation (process 0, its replica of the state): the same numbers.
+  for name in ("validation.jsonl", "eval_test/summary.json", "eval_test/metrics.csv"):
+    assert (workdir / name).is_file(), name
+  _assert_close_numbers(_jsonl(one_process_run / "validation.jsonl"),
+                        _jsonl(workdir / "validation.jsonl"))
+  _assert_close_numbers(json.loads((one_process_run / "eval_test" / "summary.json").read_text()),
+                        json.loads((workdir / "eval_test" / "summary.json").read_text()))
+  best = lambda w: sorted(p.name for p in (w / "checkpoints_best").iterdir() if p.name.isdigit())
+  assert best(workdir) == best(one_process_run) and best(workdir)
 
 
 def test_checkpoints_cross_between_one_and_two_processes(synth_data, one_process_run, slurm_run,
@@ -188,12 +223,14 @@ def test_checkpoints_cross_between_one_and_two_processes(synth_data, one_process
   two_then_one, one_then_two = tmp_path / "two_then_one", tmp_path / "one_then_two"
   shutil.copytree(slurm_run[0], two_then_one)
   shutil.copytree(one_process_run, one_then_two)
-  log = _one_process(synth_data, two_then_one, STEPS + 2)
+  log = _one_process(synth_data, two_then_one, STEPS + 2, *VALIDATE)
   assert f"resumed from {two_then_one / 'checkpoints' / str(STEPS)}" in log
-  results = _two_processes(synth_data, one_then_two, STEPS + 2)
+  results = _two_processes(synth_data, one_then_two, STEPS + 2, *VALIDATE)
   _assert_process_zero_wrote(results, one_then_two, STEPS + 2)
   assert f"resumed from {one_then_two / 'checkpoints' / str(STEPS)}" in results[0][1]
   _assert_same_training(two_then_one, one_then_two, STEPS + 2)
+  _assert_close_numbers(_jsonl(two_then_one / "validation.jsonl"),
+                        _jsonl(one_then_two / "validation.jsonl"))
 
 
 def test_sigterm_to_one_process_stops_both_at_the_same_step(synth_data, tmp_path):
@@ -273,3 +310,61 @@ def test_explicit_flags_are_all_or_none(synth_data, tmp_path):
       capture_output=True, text=True, cwd=ROOT, env=_env(2), timeout=120)
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1].startswith("error: --coordinator, --num-processes")
+
+
+# --- In one process: the pieces ------------------------------------------------------------------
+
+
+def test_each_process_reads_only_its_rows_of_the_same_global_batch(synth_data):
+  """TrainInput with ``rows`` reads exactly those rows of the global batch of step t (what a
+  process loads), and only those."""
+  from uagan_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  config = load_test_config()
+  data = input_pipeline.find_training_data(config, synth_data)
+  whole = input_pipeline.TrainInput(config, data, log=lambda _: None)
+  halves = [input_pipeline.TrainInput(config, data, log=lambda _: None, rows=slice(a, a + 4))
+            for a in (0, 4)]
+  reads = []
+  original = whole.cases[0].__class__.image_slice
+
+  def counting(self, *args, **kwargs):
+    reads.append(1)
+    return original(self, *args, **kwargs)
+
+  for step in (0, 3):
+    full = whole.batch(step)
+    for half, start in zip(halves, (0, 4)):
+      part = half.batch(step)
+      for name in full:
+        np.testing.assert_array_equal(part[name], full[name][start:start + 4])
+  halves[0].cases[0].__class__.image_slice = counting
+  try:
+    halves[0].batch(5)
+  finally:
+    halves[0].cases[0].__class__.image_slice = original
+  assert len(reads) == 4
+
+
+def test_stop_is_agreed_at_sync_points_only():
+  from uagan_jax.train_utils import StopRequested  # pylint: disable=g-import-not-at-top
+  asked = []
+
+  def any_process(flag):
+    asked.append(flag)
+    return True  # another process got the signal
+
+  alone = StopRequested()
+  assert not alone.should_stop(sync_point=False)
+  alone.requested = True
+  assert alone.should_stop(sync_point=False)  # one process: at the next step
+  several = StopRequested(any_process)
+  assert not several.should_stop(sync_point=False) and asked == []  # no collective between
+  assert several.should_stop(sync_point=True) and asked == [False]
+
+
+def test_config_hash_names_the_resolved_config():
+  from uagan_jax import config as config_lib, distributed  # pylint: disable=g-import-not-at-top
+  a = distributed.config_hash(config_lib.to_json(load_test_config()))
+  assert a == distributed.config_hash(config_lib.to_json(load_test_config()))
+  assert a != distributed.config_hash(config_lib.to_json(load_test_config("--config.seed=1")))
+  distributed.check_same_config(config_lib.to_json(load_test_config()))  # one process: no-op
