@@ -36,7 +36,7 @@ case "${1:-}" in
     gcloud compute tpus tpu-vm scp --recurse --zone "$ZONE" --project "$PROJECT" --worker=all \
       . "$TPU_NAME:$REMOTE_DIR"
     on_all_workers "cd $REMOTE_DIR && source launch/_setup.sh && .venv/bin/python -m pip install \
-      --quiet 'jax[tpu]'"
+      --quiet 'jax[tpu]==0.10.2'"
     ;;
   train)
     shift

@@ -27,7 +27,7 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
 
 if [ ! -x .venv/bin/python ]; then
   source launch/_setup.sh
-  .venv/bin/python -m pip install --quiet "jax[cuda12]"  # the CUDA build of jaxlib
+  .venv/bin/python -m pip install --quiet "jax[cuda12]==0.10.2"  # the CUDA build, same jax
 fi
 exec .venv/bin/uagan-jax train --config "$CONFIG" --data "$DATA" --workdir "$WORKDIR" \
   --config.train.batch_size="$BATCH_SIZE" "$@"

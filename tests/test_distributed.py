@@ -368,3 +368,21 @@ def test_config_hash_names_the_resolved_config():
   assert a == distributed.config_hash(config_lib.to_json(load_test_config()))
   assert a != distributed.config_hash(config_lib.to_json(load_test_config("--config.seed=1")))
   distributed.check_same_config(config_lib.to_json(load_test_config()))  # one process: no-op
+
+
+@pytest.mark.parametrize("script", ["train_gpu.sh", "slurm.sbatch", "tpu_vm.sh"])
+def test_launch_scripts_parse_and_document_the_gpu_settings(script):
+  path = ROOT / "launch" / script
+  assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
+  text = path.read_text()
+  assert "--edit here" not in text and "# --- edit here" in text  # the one block a user edits
+  if script != "tpu_vm.sh":
+    assert "--xla_gpu_deterministic_ops=true" in text and "XLA_PYTHON_CLIENT_MEM_FRACTION" in text
+  else:
+    assert "--worker=all" in text and "--distributed" in text
+
+
+def test_tpu_script_without_a_command_prints_its_usage():
+  result = subprocess.run(["bash", str(ROOT / "launch" / "tpu_vm.sh")], capture_output=True,
+                          text=True, timeout=60)
+  assert result.returncode == 2 and "usage: bash launch/tpu_vm.sh setup|train" in result.stderr
