@@ -9,7 +9,6 @@ shared, so the second run of a topology is quicker).
 
 import json
 import os
-import pathlib
 import shutil
 import signal
 import socket
