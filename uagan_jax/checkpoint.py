@@ -96,8 +96,15 @@ class Checkpointer:
         # it has not written (needed to check them before restoring).
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "digest": ocp.JsonCheckpointHandler()},
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every,
-                                             create=True, **best))
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, save_interval_steps=every, create=True,
+            # With several processes each save synchronises them at barriers named by an
+            # operation count; two checkpointers saving at one step (the periodic and the best)
+            # would meet at the same names from background threads. The folder's name keeps
+            # their barriers apart.
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                barrier_sync_key_prefix=self.directory.name),
+            **best))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()

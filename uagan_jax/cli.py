@@ -354,7 +354,10 @@ def _build_parser() -> argparse.ArgumentParser:
               "writes checkpoints, logs and figures to --workdir (resuming from its newest "
               "checkpoint), then evaluates the held-out test cases.",
               usage="%(prog)s [-h] --config FILE[:VARIANT] --data DIR --workdir DIR\n"
-                    "                       [--no-eval] [--cache CACHE] [--config.KEY=VALUE ...]",
+                    "                       [--no-eval] [--cache CACHE] [--distributed]\n"
+                    "                       [--coordinator HOST:PORT --num-processes N "
+                    "--process-id I]\n"
+                    "                       [--config.KEY=VALUE ...]",
               epilog=_train_epilog())
   train.add_argument("--config", required=True, metavar="FILE[:VARIANT]",
                      help="recipe file, optionally with :VARIANT (e.g. configs/segan.py:demo); "
@@ -368,6 +371,19 @@ def _build_parser() -> argparse.ArgumentParser:
   train.add_argument("--cache", default=None, type=pathlib.Path, metavar="CACHE",
                      help="the prepared-data cache to read (and build or refresh); default: "
                           "$UAGAN_JAX_CACHE/<data folder>-<hash>, else under ~/.cache/uagan_jax")
+  train.add_argument("--distributed", action="store_true",
+                     help="one of several processes of one run (jax.distributed): the processes "
+                          "are detected from SLURM, Open MPI or a TPU VM, or given by the three "
+                          "options below; process 0 writes the files, all share --workdir")
+  train.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                     help="process 0's host and a free port (implies --distributed)")
+  train.add_argument("--num-processes", default=None, type=int, metavar="N",
+                     help="how many processes the run has (implies --distributed)")
+  train.add_argument("--process-id", default=None, type=int, metavar="I",
+                     help="this process's index, 0..N-1 (implies --distributed)")
+  train.add_argument("--distributed-timeout", default=300, type=int, metavar="SECONDS",
+                     help="how long the processes wait for each other to join (default: "
+                          "%(default)s)")
 
   evaluate = add(
       "evaluate", "score a trained model on a held-out split or an external test set "
@@ -489,6 +505,13 @@ def _train(args, overrides) -> int:
   from uagan_jax.train_utils import Interrupted, TrainingDiverged
   # pylint: enable=g-import-not-at-top
   config = config_lib.load_config(args.config, overrides)
+  explicit = (args.coordinator, args.num_processes, args.process_id)
+  if args.distributed or any(value is not None for value in explicit):
+    # After the config is read (a bad one stops this process before it joins) and before any
+    # JAX computation, as jax.distributed requires.
+    from uagan_jax import distributed  # pylint: disable=g-import-not-at-top
+    distributed.initialize(coordinator=args.coordinator, num_processes=args.num_processes,
+                           process_id=args.process_id, timeout_s=args.distributed_timeout)
   try:
     train.train_and_evaluate(config, workdir=args.workdir, data_dir=args.data,
                              cache_dir=args.cache, log=_log, evaluate_after=not args.no_eval)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import jax
 import ml_collections
 
-from uagan_jax import checkpoint, evaluate, families, parallel, visualize
+from uagan_jax import checkpoint, distributed, evaluate, families, parallel, visualize
 from uagan_jax import workdir as workdir_lib
 from uagan_jax import config as config_lib
 from uagan_jax.data import augment, input_pipeline
@@ -116,6 +116,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, *, workdir: pathlib.Pa
       non-finite is saved).
   """
   workdir = pathlib.Path(workdir)
+  if not distributed.is_main():
+    # The processes of one run share its workdir: process 0 holds the lock for all of them.
+    return _train_locked(config, workdir=workdir, data_dir=data_dir, cache_dir=cache_dir,
+                         log=log, evaluate_after=evaluate_after)
   with workdir_lib.WorkdirLock(workdir, log=log):
     return _train_locked(config, workdir=workdir, data_dir=data_dir, cache_dir=cache_dir,
                          log=log, evaluate_after=evaluate_after)
@@ -126,6 +130,13 @@ def _train_locked(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
                   log: Callable[[str], None], evaluate_after: bool) -> TrainState:
   """`train_and_evaluate` with the workdir's lock held."""
   family = families.get(config.model.name)
+  # Several processes (`uagan_jax.distributed`): every one runs this function in step; process 0
+  # alone logs and writes files, all join the checkpoints.
+  main = distributed.is_main()
+  if not main:
+    log = lambda _: None  # process 0 speaks for the run
+  distributed.check_same_config(config_lib.to_json(config))
+  parallel.check_mode(config.train.parallel_mode)
 
   # Data ------------------------------------------------------------------------------------------
   data = input_pipeline.find_training_data(config, data_dir)
@@ -152,7 +163,14 @@ def _train_locked(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
                     f"{devices} devices in use (set train.num_devices or the batch size)")
   place = (functools.partial(parallel.shard_batch, mesh=mesh)
            if config.train.parallel_mode == "shard_map" else lambda batch: batch)
-  train_input = input_pipeline.TrainInput(config, data, cache_dir=cache_dir, place=place, log=log)
+  # Process 0 prepares the data cache first; the others then reuse it (or, on a node of their
+  # own, prepare their own): two processes never write the same case folder at once.
+  if not main:
+    distributed.wait_for_all("cache_prepared")
+  train_input = input_pipeline.TrainInput(config, data, cache_dir=cache_dir, place=place, log=log,
+                                          rows=parallel.process_rows(mesh, config.train.batch_size))
+  if main:
+    distributed.wait_for_all("cache_prepared")
   untrained = _untrained_modalities_warning(config, data, train_input.modality_counts)
   if untrained:
     log(untrained)
@@ -168,11 +186,12 @@ def _train_locked(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
     log(f"resumed from {checkpoints.directory / str(latest)}")
   # Written only now: a run that cannot resume (say, a changed config) must not overwrite the
   # record of the run whose checkpoints are in this workdir.
-  workdir_lib.atomic_write_text(workdir / "config.json", config_lib.to_json(config))
-  workdir_lib.atomic_write_text(workdir / "splits.json", json.dumps(
-      _splits_record(data, data_dir, train_input), indent=2))
+  if main:
+    workdir_lib.atomic_write_text(workdir / "config.json", config_lib.to_json(config))
+    workdir_lib.atomic_write_text(workdir / "splits.json", json.dumps(
+        _splits_record(data, data_dir, train_input), indent=2))
   start = int(jax.device_get(state.step))
-  metrics_log = MetricsLog(workdir / "metrics.jsonl", resume_step=start)
+  metrics_log = MetricsLog(workdir / "metrics.jsonl", resume_step=start) if main else None
   validation = None
   if validates:
     val_ids = splits["val"][:config.eval.val_max_cases or None]
@@ -183,16 +202,19 @@ def _train_locked(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
 
   # Loop ------------------------------------------------------------------------------------------
   total = config.train.steps
-  log(f"training {config.model.name} on {devices} {mesh.devices.flat[0].platform} device(s), "
+  log(f"training {config.model.name} on {devices} {mesh.devices.flat[0].platform} device(s)"
+      + (f" in {jax.process_count()} processes" if jax.process_count() > 1 else "") + ", "
       f"parallel mode {config.train.parallel_mode}, global batch {config.train.batch_size}: "
       f"steps {start}..{total}")
   window_start, window_steps = None, 0
-  with StopRequested() as stop:
+  # With several processes a stop request is agreed on at log steps only (see StopRequested).
+  with StopRequested(distributed.any_process if jax.process_count() > 1 else None) as stop:
     for step, batch in train_input.batches(start):
       state, metrics = step_fn(state, batch, jax.random.fold_in(base_key, step))
       done = step + 1
       window_steps += 1
-      if done % config.train.log_every == 0 or done == total:
+      logs = done % config.train.log_every == 0 or done == total
+      if logs:
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.time()
         if window_start is None:  # the first window includes compilation: no rate yet
@@ -210,7 +232,8 @@ def _train_locked(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
           raise TrainingDiverged(
               f"step {done}: non-finite {', '.join(bad)}; last checkpoint: "
               f"{checkpoints.latest_step()} in {checkpoints.directory}")
-        metrics_log.write({"step": done, **values})
+        if metrics_log is not None:
+          metrics_log.write({"step": done, **values})
         losses_text = "  ".join(f"{k} {v:.4f}" for k, v in values.items() if "norm" not in k)
         log(f"step {done}/{total}  {losses_text}  [{rate_text}]")
       try:  # the state is checked finite on every step that saves, whatever log_every is
@@ -226,18 +249,26 @@ def _train_locked(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
         seconds = validation(done, state)
         if window_start is not None:  # steps/s and the ETA count training steps only
           window_start += seconds
-      if stop.requested:
+      if stop.should_stop(sync_point=logs):
         if checkpoints.latest_step() != done:
           checkpoints.save(done, state, force=True)
         checkpoints.close()
         if validation is not None:
           validation.close()
         log(f"stopped at step {done}; checkpoint saved, run the same command to resume")
-        raise Interrupted(stop.signum, f"stopped by {signal.Signals(stop.signum).name} at step "
-                          f"{done}; checkpoint saved")
+        # A process stopped because another one got the signal exits as if it got SIGTERM: the
+        # scheduler stopped the run, and requeues it on 143.
+        signum = stop.signum or signal.SIGTERM
+        raise Interrupted(signum, f"stopped by {signal.Signals(signum).name} at step {done}; "
+                          "checkpoint saved")
   if total <= start:
     log(f"nothing to train: the checkpoint is at step {start} and train.steps is {total}")
   checkpoints.close()
+  if not main:  # process 0 alone writes the summaries, the curves and the evaluation
+    if validation is not None:
+      validation.close()
+    distributed.wait_for_all("evaluated")
+    return state
   log(f"checkpoints in {checkpoints.directory}, metrics in {workdir / 'metrics.jsonl'}")
   if validation is not None:
     validation.close()
@@ -256,8 +287,9 @@ def _train_locked(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
         f"{config.data.val_fraction}); score other cases with uagan-jax evaluate --workdir "
         f"{workdir} --data DIR")
   elif evaluate_after:
-    evaluate.evaluate_split(config, workdir=workdir, data_dir=data_dir, state=state, curves=False,
-                            log=log)
+    evaluate.evaluate_split(config, workdir=workdir, data_dir=data_dir,
+                            state=distributed.local_copy(state), curves=False, log=log)
+  distributed.wait_for_all("evaluated")
   return state
 
 

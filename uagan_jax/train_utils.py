@@ -9,6 +9,7 @@ import pathlib
 import signal
 import sys
 import threading
+from collections.abc import Callable
 
 from uagan_jax import workdir as workdir_lib
 
@@ -84,12 +85,28 @@ def format_duration(seconds: float) -> str:
 
 
 class StopRequested:
-  """SIGTERM/SIGINT set a flag (and ``signum``); the loop checkpoints and stops at the next step."""
+  """SIGTERM/SIGINT set a flag (and ``signum``); the loop checkpoints and stops at the next step.
 
-  def __init__(self):
+  With several processes a signal may reach one of them only (or not all at the same step), yet
+  all must leave the loop at the same step, or the others hang in the next step's collectives.
+  So they agree: `should_stop` asks every process (``any_process``, one tiny all-gather) at the
+  steps the loop marks as sync points (its log steps, where it waits for the metrics anyway)
+  and nowhere else.
+  """
+
+  def __init__(self, any_process: Callable[[bool], bool] | None = None):
+    """``any_process(flag)``: whether ``flag`` is set on any process; None with one process."""
     self.requested = False
     self.signum = None
+    self._any_process = any_process
     self._previous = {}
+
+  def should_stop(self, *, sync_point: bool) -> bool:
+    """Whether the loop stops after this step: with one process whenever a signal came; with
+    several, only at sync points, and then on every process if any got one."""
+    if self._any_process is None:
+      return self.requested
+    return sync_point and self._any_process(self.requested)
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():

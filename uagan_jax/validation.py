@@ -6,6 +6,11 @@ it is cheap enough to run every few hundred steps. The rows go to ``validation.j
 checkpoint with the highest mean Dice is kept in ``checkpoints_best/``, its score stored with it.
 
 It only reads the state, so training takes the same path, bit for bit, with or without it.
+
+With several processes, process 0 alone validates (on its own replica of the state, so the
+numbers are those of one process) and writes the rows; it sends the score to the others, and all
+of them join the best checkpoint's save (Orbax saves are collective: the state spans every
+process's devices).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from collections.abc import Callable, Sequence
 import ml_collections
 import numpy as np
 
-from uagan_jax import checkpoint, evaluate, inference
+from uagan_jax import checkpoint, distributed, evaluate, inference
 from uagan_jax.data import MODALITIES, REGIONS, readers
 from uagan_jax.train_utils import MetricsLog
 
@@ -79,8 +84,10 @@ class Validation:
     self.every = config.train.validate_every
     self.last = config.train.steps
     self.log = log
-    self.validator = Validator(config, cases)
-    self.rows = MetricsLog(workdir / "validation.jsonl", resume_step=resume_step)
+    self.main = distributed.is_main()
+    self.validator = Validator(config, cases) if self.main else None
+    self.rows = (MetricsLog(workdir / "validation.jsonl", resume_step=resume_step)
+                 if self.main else None)
     self.checkpoints = checkpoint.Checkpointer(workdir / inference.CHECKPOINT_DIRS["best"],
                                                every=1, keep=1, best_metric="dice_mean")
     self.best_step = self.checkpoints.latest_step()
@@ -94,11 +101,15 @@ class Validation:
   def __call__(self, step: int, state) -> float:
     """Validates ``state`` (after ``step`` steps); returns the seconds it took."""
     started = time.time()
-    row = {"step": step, **self.validator(state)}
-    score = row["dice/mean"]
+    if self.main:
+      row = {"step": step, **self.validator(distributed.local_copy(state))}
+      score = row["dice/mean"]
+    score = distributed.broadcast_from_main(score if self.main else math.nan)
     if score > self.best and step != self.best_step:  # a replayed step's best is there already
       self.checkpoints.save(step, state, force=True, metrics={"dice_mean": score})
       self.best, self.best_step = score, step
+    if not self.main:
+      return time.time() - started
     self.rows.write(row)
     regions = "  ".join(f"{r} {row[f'dice/{r}']:.3f}" for r in REGIONS)
     self.log(f"validation step {step}: Dice {regions} (mean over modalities, {row['cases']} val "

@@ -92,7 +92,7 @@ class TrainInput:
   def __init__(self, config: ml_collections.ConfigDict, data: TrainingData, *,
                cache_dir: pathlib.Path | None = None,
                place: Callable[[dict], dict] = lambda batch: batch,
-               log: Callable[[str], None] = print):
+               log: Callable[[str], None] = print, rows: slice = slice(None)):
     """Prepares (or reuses) the cache and indexes the training slices.
 
     Args:
@@ -101,6 +101,8 @@ class TrainInput:
       cache_dir: the cache folder; default `cache.default_location` of the data folder.
       place: puts a host batch where the step wants it (e.g. sharded over the devices).
       log: where preparation progress goes.
+      rows: the rows of each global batch this process loads (`parallel.process_rows`; all of
+        them with one process).
     """
     self.seed = config.seed
     self.batch_size = config.train.batch_size
@@ -109,6 +111,7 @@ class TrainInput:
     self.clip = config.data.clip
     self.threads = config.data.loader_threads
     self.place = place
+    self.rows = rows
     self.cache_dir = pathlib.Path(cache_dir or cache.default_location(data.data_dir))
     train_cases = [c for c in data.cases if c.case_id in data.train_modalities]
     cache.prepare(data.data_dir, self.cache_dir, cases=data.cases,
@@ -131,12 +134,14 @@ class TrainInput:
     return tuple(m for m, n in self.modality_counts.items() if n)
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
-    """The host batch of ``step``: a pure function of (seed, step).
+    """This process's rows of the batch of ``step``: a pure function of (seed, step).
 
-    ``{"image": float32 (B, H, W, 1), "regions": float32 (B, H, W, 3), "modality": int32 (B,)}``.
+    Only the chosen rows are read: with several processes each loads its own part of the same
+    global batch. ``{"image": float32 (B, H, W, 1), "regions": float32 (B, H, W, 3),
+    "modality": int32 (B,)}`` with B the number of rows.
     """
     chosen = dataset.batch_indices(seed=self.seed, step=step, batch_size=self.batch_size,
-                                   num_examples=len(self.index))
+                                   num_examples=len(self.index))[self.rows]
     images = np.zeros((len(chosen),) + self.size + (1,), np.float32)
     regions = np.zeros((len(chosen),) + self.size + (3,), np.float32)
     for b, i in enumerate(chosen):
