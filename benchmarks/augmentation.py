@@ -136,7 +136,7 @@ def main(argv=None) -> int:
     print(f"| {name} | " + " | ".join(cells) + " |")
   if real_rows:
     modalities = [r["modality"] for r in next(iter(real_rows.values()))]
-    print(f"\nThe real case per modality (Dice WT/TC/ET):\n")
+    print("\nThe real case per modality (Dice WT/TC/ET):\n")
     print("| augmentation | " + " | ".join(modalities) + " |")
     print("|---|" + "---|" * len(modalities))
     for name, rows in real_rows.items():

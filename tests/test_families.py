@@ -7,7 +7,6 @@ adding a family needs no edit anywhere else.
 
 import ast
 import json
-import pathlib
 
 import flax.linen as nn
 import jax

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from nibabel import orientations
 
-from uagan_jax import cli, evaluate, inference, metrics, predict
+from uagan_jax import cli, inference, metrics, predict
 from uagan_jax import config as config_lib
 from uagan_jax.data import MODALITIES, preprocess, readers, resample, synthetic
 from uagan_jax.errors import UserError

@@ -5,7 +5,6 @@ The demo-sized runs are slow (the networks compile for a while on a CPU):
 `bash launch/test.sh -m slow`.
 """
 
-import ast
 import json
 import re
 

@@ -18,7 +18,7 @@ import gzip
 import json
 import os
 import pathlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import ml_collections
 import nibabel as nib
