@@ -12,7 +12,7 @@ from uagan_jax import evaluate, metrics, visualize
 from uagan_jax.data import REGIONS, preprocess
 from uagan_jax.errors import UserError
 
-from conftest import load_test_config, write_random_workdir
+from conftest import SYNTH_SHAPE, load_test_config, write_random_workdir
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -213,3 +213,27 @@ def test_evaluate_split_scores_the_runs_split_or_every_case_of_an_external_folde
   assert json.loads((workdir / "eval_test" / "summary.json").read_text())["case_ids"] == ids[6:]
   with pytest.raises(UserError, match="--split every: use train, val, test or all"):
     evaluate.evaluate_split(config, workdir=workdir, data_dir=external, split="every", **quiet)
+
+
+def test_other_scans_under_the_training_cases_names_are_an_external_test_set(synth_data,
+                                                                          tmp_path):
+  """Synthetic sets (and other centres' numbering) reuse case names: a folder whose cases are
+  named like training cases but hold other scans (files of other sizes) is scored; the same
+  files (a copy of the run's data) are still refused."""
+  from uagan_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  config = load_test_config(variant="unet")
+  workdir = write_random_workdir(tmp_path / "w", config)
+  ids = sorted(p.name for p in synth_data.iterdir() if p.is_dir())
+  (workdir / "splits.json").write_text(json.dumps(
+      {"data": str(synth_data), "train": ids[:6], "val": [], "test": ids[6:]}))
+  quiet = dict(curves=False, log=lambda _: None)
+  other = tmp_path / "shifted"
+  synthetic.write_dataset(other, cases=2, seed=99, shape=SYNTH_SHAPE,
+                          shift=synthetic.ScannerShift(noise=3.0))
+  assert sorted(p.name for p in other.iterdir() if p.is_dir()) == ids[:2]  # training names
+  scored = evaluate.evaluate_split(config, workdir=workdir, data_dir=other, **quiet)
+  assert scored["report"]["case_ids"] == ids[:2] and scored["report"]["split"] == "data_shifted"
+  copy = tmp_path / "copy"
+  shutil.copytree(synth_data / ids[0], copy / ids[0])
+  with pytest.raises(UserError, match=r"holds 1 case\(s\) the run trained"):
+    evaluate.evaluate_split(config, workdir=workdir, data_dir=copy, **quiet)

@@ -276,11 +276,22 @@ def _external_case_ids(cases: dict, data_dir: pathlib.Path, splits: dict) -> lis
   """Every case id of an external test set, sorted; UserError if it holds cases the run trained
   or validated on (its scores would not be held-out ones)."""
   seen = sorted(set(cases) & (set(splits.get("train", ())) | set(splits.get("val", ()))))
+  if seen and "data" in splits and pathlib.Path(splits["data"]).is_dir():
+    # The same case name is not the same scan (synthetic sets, other centres' numbering): a case
+    # counts as seen only if its files are the size of the run's own case's files.
+    own = {c.case_id: c for c in readers.find_cases(splits["data"]) if c.case_id in seen}
+    seen = [case_id for case_id in seen
+            if case_id not in own or _file_sizes(own[case_id]) == _file_sizes(cases[case_id])]
   if seen:
     raise UserError(f"{data_dir}: holds {len(seen)} case(s) the run trained or validated on "
                     f"({', '.join(seen[:3])}), so it is no external test set; for the run's own "
                     f"data (moved or copied), name the split: --split test")
   return sorted(cases)
+
+
+def _file_sizes(case: readers.CaseFiles) -> list[int]:
+  paths = list(case.images.values()) + ([case.label] if case.label is not None else [])
+  return sorted(path.stat().st_size for path in paths)
 
 
 def truth_regions(volume, case) -> np.ndarray:
