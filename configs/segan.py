@@ -55,7 +55,7 @@ def get_config(variant: str = ""):
     config_lib.apply_demo_sizes(c)
   elif variant == "paper":
     # The papers' runs had no scanner-shift augmentation: the full recipe's is off again.
-    c.data.augmentations = config_lib.base_config().data.augmentations
+    c.data.augmentations.update(config_lib.base_config().data.augmentations)
     # SegAN's code (see the docstring): YuanXue1993/SegAN train.py:N (aa892a6), net.py (bbcf3f3).
     steps_per_epoch = 1_509  # 876 cases x 62 slices / batch 36 (the docstring's arithmetic)
     c.loss.dice_weight = 1.0  # train.py:157 loss_G_joint = L1 + dice_loss

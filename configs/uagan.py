@@ -85,7 +85,7 @@ def get_config(variant: str = ""):
     c.loss.shape_ramp_steps = 600
   elif variant == "paper":
     # The papers' runs had no scanner-shift augmentation: the full recipe's is off again.
-    c.data.augmentations = config_lib.base_config().data.augmentations
+    c.data.augmentations.update(config_lib.base_config().data.augmentations)
     # The official run (see the docstring): mangoyuan/UAGAN uagan.sh:N and train_uagan.py:N.
     steps_per_epoch = 16_097  # 876 cases x 147 slices / batch 8 (the docstring's arithmetic)
     c.data.image_size = (128, 128)  # train_uagan.py:349 --image_size 128

@@ -203,3 +203,13 @@ def test_bad_recipe_keys_stop_with_one_line(override, needles, synth_data, tmp_p
   code, _, err = run_cli(capsys, "train", "--config", TEST_CONFIG, "--data", synth_data,
                          "--workdir", tmp_path / "w", override)
   assert_one_line_error(code, err, *needles)
+
+
+@pytest.mark.parametrize("recipe", ["uagan", "segan"])
+def test_paper_recipes_train_without_the_full_recipes_augmentation(recipe):
+  """The papers' runs had no scanner-shift augmentation; the full recipes have it."""
+  from uagan_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  base = config_lib.base_config().data.augmentations.to_dict()
+  full = config_lib.load_config(f"{ROOT / 'configs' / recipe}.py").data.augmentations.to_dict()
+  paper = config_lib.load_config(f"{ROOT / 'configs' / recipe}.py:paper").data.augmentations.to_dict()
+  assert paper == base and full != base
