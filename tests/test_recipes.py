@@ -159,6 +159,7 @@ def _metrics(workdir):
   return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # 40 s on 2 cores; the segan variant trains the same new keys in CI
 def test_uagan_paper_trains_at_tiny_sizes(synth_data, tmp_path, capsys):
   workdir = tmp_path / "w"
   # The linear decay starts at step 1 and ends at 3; the shape ramp takes 2 steps.
@@ -210,6 +211,7 @@ def test_paper_recipes_train_without_the_full_recipes_augmentation(recipe):
   """The papers' runs had no scanner-shift augmentation; the full recipes have it."""
   from uagan_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   base = config_lib.base_config().data.augmentations.to_dict()
-  full = config_lib.load_config(f"{ROOT / 'configs' / recipe}.py").data.augmentations.to_dict()
-  paper = config_lib.load_config(f"{ROOT / 'configs' / recipe}.py:paper").data.augmentations.to_dict()
+  path = ROOT / "configs" / f"{recipe}.py"
+  full = config_lib.load_config(str(path)).data.augmentations.to_dict()
+  paper = config_lib.load_config(f"{path}:paper").data.augmentations.to_dict()
   assert paper == base and full != base
