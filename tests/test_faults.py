@@ -76,7 +76,6 @@ def trained(synth_data, tmp_path_factory):
 # --- kill -9 -------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
 def test_kill_9_at_random_moments_then_resume_equals_the_uninterrupted_run(synth_data, trained,
                                                                           tmp_path):
   steps = ("--config.train.steps=4", "--config.train.keep_checkpoints=5")
