@@ -174,16 +174,23 @@ def test_translation_is_scored_per_pair_beside_the_identity_and_drawn_with_the_i
   assert_png(path)
 
 
-def test_evaluate_split_scores_the_runs_split_or_every_case_of_an_external_folder(synth_data,
-                                                                                  tmp_path):
-  """The run's data folder (splits.json "data"): its split, as always. The same data moved:
-  refused without --split (it holds training cases), its split with one. Any other folder: every
-  case, into eval_data_<folder>/, which a folder named like a split does not confuse with it."""
+def _run_on_synth_data(synth_data, tmp_path):
+  """(config, workdir, case ids): a random-weights unet workdir whose splits.json says it trained
+  on the first 6 synthetic cases and holds out the other 2."""
   config = load_test_config(variant="unet")
   workdir = write_random_workdir(tmp_path / "w", config)
   ids = sorted(p.name for p in synth_data.iterdir() if p.is_dir())
   (workdir / "splits.json").write_text(json.dumps(
       {"data": str(synth_data), "train": ids[:6], "val": [], "test": ids[6:]}))
+  return config, workdir, ids
+
+
+def test_evaluate_split_scores_the_runs_split_or_every_case_of_an_external_folder(synth_data,
+                                                                                  tmp_path):
+  """The run's data folder (splits.json "data"): its split, as always. The same data moved:
+  refused without --split (it holds training cases), its split with one. Any other folder: every
+  case, into eval_data_<folder>/, which a folder named like a split does not confuse with it."""
+  config, workdir, ids = _run_on_synth_data(synth_data, tmp_path)
   quiet = dict(curves=False, log=lambda _: None)
   own = evaluate.evaluate_split(config, workdir=workdir, data_dir=synth_data, **quiet)
   assert own["report"]["case_ids"] == ids[6:] and own["report"]["split"] == "test"
@@ -221,11 +228,7 @@ def test_other_scans_under_the_training_cases_names_are_an_external_test_set(syn
   named like training cases but hold other scans (files of other sizes) is scored; the same
   files (a copy of the run's data) are still refused."""
   from uagan_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-  config = load_test_config(variant="unet")
-  workdir = write_random_workdir(tmp_path / "w", config)
-  ids = sorted(p.name for p in synth_data.iterdir() if p.is_dir())
-  (workdir / "splits.json").write_text(json.dumps(
-      {"data": str(synth_data), "train": ids[:6], "val": [], "test": ids[6:]}))
+  config, workdir, ids = _run_on_synth_data(synth_data, tmp_path)
   quiet = dict(curves=False, log=lambda _: None)
   other = tmp_path / "shifted"
   synthetic.write_dataset(other, cases=2, seed=99, shape=SYNTH_SHAPE,
