@@ -287,10 +287,10 @@ def _predict_case(segmentor: VolumeSegmentor, case: readers.CaseFiles, output: p
     log(f"warning: {warning}")
   resampled = segmentor.needs_resampling(volume.spacing)
   if resampled:
-    step_log(f"resampling from {_mm(volume.spacing)} to the model's "
-             f"{_mm(segmentor.config.data.spacing)} voxels (data.spacing), the result back")
+    step_log(f"resampling from {volume_io.format_spacing(volume.spacing)} to the model's "
+             f"{volume_io.format_spacing(segmentor.config.data.spacing)} voxels (data.spacing), the result back")
   step_log(f"segmenting {slices} slices (volume {'x'.join(map(str, image.shape))} canonical, "
-           f"{_mm(volume.spacing)})")
+           f"{volume_io.format_spacing(volume.spacing)})")
   label_map = readers.regions_to_labels(
       segmentor.segment(image, modality=modality, spacing=volume.spacing), convention=labels)
   step_log(f"writing {output}")
@@ -301,8 +301,3 @@ def _predict_case(segmentor: VolumeSegmentor, case: readers.CaseFiles, output: p
                           modality=modality, labels=labels, slices=slices,
                           spacing=tuple(volume.spacing), resampled=resampled,
                           voxels={label: int(counts[label]) for label in tumour})
-
-
-def _mm(spacing) -> str:
-  """E.g. "0.9x0.9x0.9 mm"."""
-  return "x".join(f"{float(v):.4g}" for v in spacing) + " mm"

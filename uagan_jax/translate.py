@@ -230,10 +230,10 @@ def translate_file(input_path: str | os.PathLike, output_path: str | os.PathLike
   warning = checks.skull_strip_warning(image, path=checks.image_name(case, source))
   if warning is not None:
     log(f"warning: {warning}")
-  spacing = "x".join(f"{float(v):.4g}" for v in volume.spacing) + " mm"
+  spacing = volume_io.format_spacing(volume.spacing)
   resampled = translator.needs_resampling(volume.spacing)
   if resampled:
-    trained = "x".join(f"{float(v):.4g}" for v in translator.config.data.spacing) + " mm"
+    trained = volume_io.format_spacing(translator.config.data.spacing)
     log(f"resampling from {spacing} to the model's {trained} voxels (data.spacing), the "
         "translation back")
   log(f"translating {slices} slices {source} -> {target} (volume {'x'.join(map(str, image.shape))}"

@@ -6,7 +6,7 @@ The model comes from `uagan_jax.inference.load_model`.
 * `case_of_file`, `resolve_input`: ``--input`` as one NIfTI file or a one-case folder.
 * `input_files`, `check_output`: an output is checked before any work is done; it is never one
   of the input case's files (the image read, its other modalities, its label).
-* `brain_outside_view`: brain voxels the model's centre crop never sees.
+* `format_spacing`: a voxel size in messages.
 * `write_nifti`: the atomic write; the image itself comes from `readers.Volume.to_source_image`,
   which puts a canonical array back on the input file's grid with its shape, affine, qform/sform
   codes and header.
@@ -24,7 +24,7 @@ import ml_collections
 import nibabel as nib
 import numpy as np
 
-from uagan_jax.data import MODALITIES, preprocess, readers
+from uagan_jax.data import MODALITIES, readers
 from uagan_jax.errors import UserError
 
 NIFTI_EXTENSIONS = (".nii.gz", ".nii")
@@ -216,15 +216,9 @@ def load_brain_image(case: readers.CaseFiles, modality: str, *, verb: str,
   return volume, int(np.count_nonzero(np.any(image != 0, axis=(0, 1))))
 
 
-def brain_outside_view(image: np.ndarray, size: tuple[int, int]) -> int:
-  """Brain (non-zero) voxels of a canonical (X, Y, Z) volume outside the centre crop to ``size``.
-
-  The networks see (H, W) = ``size`` centre crops of the axial slices; these voxels are never
-  seen, and the commands say how many there are.
-  """
-  _, crop_pad = preprocess.center_crop_or_pad(np.zeros(image.shape[:2], bool), size=size)
-  seen = preprocess.undo_center_crop_or_pad(np.ones(tuple(size), bool), crop_pad, fill=False)
-  return int(np.count_nonzero((image != 0) & ~seen[..., None]))
+def format_spacing(spacing) -> str:
+  """A voxel size for messages, e.g. "0.9x0.9x0.9 mm"."""
+  return "x".join(f"{float(v):.4g}" for v in spacing) + " mm"
 
 
 def write_nifti(image: nib.spatialimages.SpatialImage, path: pathlib.Path) -> None:
