@@ -7,7 +7,7 @@ steps: ``off`` is the recipe as it is (flips and intensity jitter only), ``on`` 
   * the held-out test cases of ``--data`` (the phantoms it was trained beside),
   * every case of ``--shifted``, phantoms written with other contrasts, noise and bias (never
     trained on), and
-  * with ``--real CASE_DIR``, a real case, on whole slices (as benchmarks/results_table.py does),
+  * with ``--real CASE_DIR``, a real case,
 and one table prints Dice WT/TC/ET per set (mean over cases and modalities), then one per
 modality of the real case.
 
@@ -41,25 +41,9 @@ def augmentation_overrides(full_recipe: str) -> list[str]:
   return [f"--config.data.augmentations.{key}={value!r}" for key, value in settings.items()]
 
 
-def dice_of_folder(config, state, data_dir: pathlib.Path, case_ids=None) -> np.ndarray:
-  """Dice [cases x modalities, 3] of ``state`` on the cases of ``data_dir`` (all, or ``case_ids``)."""
-  # pylint: disable=g-import-not-at-top
-  from uagan_jax import evaluate, inference
-  from uagan_jax.data import MODALITIES, readers
-  # pylint: enable=g-import-not-at-top
-  predictor = inference.SlicePredictor(config, inference.segmentation_variables(state, config),
-                                      batch_size=config.eval.batch_size)
-  cases = {c.case_id: c for c in readers.find_cases(data_dir)}
-  modalities = [m for m in MODALITIES if m in config.data.modalities]
-  rows = []
-  for case_id in (case_ids or sorted(cases)):
-    volume = readers.load_case(cases[case_id], modalities=modalities, with_label=True)
-    truth = evaluate.truth_regions(volume, cases[case_id])
-    for modality in modalities:
-      predicted = inference.segment_volume(predictor, volume.images[modality], modality=modality,
-                                           config=config)
-      rows.append(evaluate.dice_per_region(predicted, truth))
-  return np.array(rows)
+def dice_rows(rows: list[dict]) -> np.ndarray:
+  """Dice [cases x modalities, WT/TC/ET] of `evaluate.evaluate_split`'s rows."""
+  return np.array([[row[f"dice_{region}"] for region in REGIONS] for row in rows])
 
 
 def main(argv=None) -> int:
@@ -83,10 +67,10 @@ def main(argv=None) -> int:
 
   # pylint: disable=g-import-not-at-top
   from uagan_jax import config as config_lib
-  from uagan_jax import checkpoint, inference, train, train_state
+  from uagan_jax import checkpoint, evaluate, inference, train, train_state
   from uagan_jax.errors import UserError
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-  from results_table import score_real_case
+  from results_table import score_external
   # pylint: enable=g-import-not-at-top
   log = lambda message: print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
   steps = [f"--config.train.steps={args.steps}"] if args.steps else []
@@ -115,13 +99,18 @@ def main(argv=None) -> int:
         state, step = checkpoints.restore(args.score_step, train_state.abstract_state(config)), \
             args.score_step
         checkpoints.close()
-      test_ids = json.loads((workdir / "splits.json").read_text())["test"]
-      table[name] = {"held-out phantoms": dice_of_folder(config, state, args.data, test_ids),
-                     "shifted phantoms": dice_of_folder(config, state, args.shifted)}
+      # Scored as `uagan-jax evaluate` scores: the whole brain of each slice, resampled to the
+      # recipe's spacing and back; the held-out split, then external sets.
+      held_out = evaluate.evaluate_split(config, workdir=workdir, data_dir=args.data,
+                                         split="test", state=state, curves=False,
+                                         log=lambda _: None)["rows"]
+      table[name] = {"held-out phantoms": dice_rows(held_out),
+                     "shifted phantoms": dice_rows(score_external(config, state, workdir,
+                                                                  args.shifted, lambda _: None))}
       if args.real is not None:
-        rows = score_real_case(config, state, args.real, log)
+        rows = score_external(config, state, workdir, args.real, lambda _: None)
         real_rows[name] = rows
-        table[name]["real case"] = np.array([[r[f"dice_{k}"] for k in REGIONS] for r in rows])
+        table[name]["real case"] = dice_rows(rows)
       log(f"scored step {step}")
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
