@@ -9,7 +9,8 @@
 #                                             # into runs/demo_uagan; ~20 min on 2 cores for uagan
 #
 # Outputs (WORKDIR, default runs/demo): checkpoints/, config.json, splits.json, metrics.jsonl,
-# eval_test/{metrics.csv,summary.json}, figures/*.png. Running it again resumes (or, when the run is
+# eval_test/{metrics.csv,summary.json}, figures/*.png, tensorboard/ (tensorboard --logdir
+# runs/demo/tensorboard, after pip install tensorboard). Running it again resumes (or, when the run is
 # finished, only re-evaluates); delete the workdir to start afresh.
 set -euo pipefail
 cd "$(dirname "$0")/.."

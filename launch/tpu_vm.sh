@@ -10,8 +10,8 @@
 # preempted (spot) slice sends SIGTERM: the workers agree on the stop at the next log step and
 # write one checkpoint. WORKDIR must be shared by all workers (a gs:// bucket works: Orbax writes
 # there directly) and DATA readable from each (a copy per worker or a mounted bucket).
-# Process 0 (worker 0) writes the logs, metrics and evaluation; its output is in train.log on
-# worker 0, the others' in train.log on theirs.
+# Process 0 (worker 0) writes the logs, metrics, TensorBoard events (WORKDIR/tensorboard/) and
+# evaluation; its output is in train.log on worker 0, the others' in train.log on theirs.
 set -euo pipefail
 
 # --- edit here -----------------------------------------------------------------------------------

@@ -7,7 +7,8 @@
 #   CUDA_VISIBLE_DEVICES=0 bash launch/train_gpu.sh   # one GPU
 #
 # Resume: run the same command again (same WORKDIR). Ctrl-C or SIGTERM saves a checkpoint first.
-# Outputs in WORKDIR: config.json, splits.json, metrics.jsonl, checkpoints/, figures/, eval_test/.
+# Outputs in WORKDIR: config.json, splits.json, metrics.jsonl, checkpoints/, figures/, eval_test/,
+# tensorboard/ (watch it: pip install tensorboard; tensorboard --logdir WORKDIR/tensorboard).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -202,6 +202,8 @@ def test_slurm_script_under_srun_variables_trains_like_one_process(one_process_r
   auto-detection path): the same rows and parameters as 1 process x 4 devices."""
   workdir, results = slurm_run
   _assert_process_zero_wrote(results, workdir, STEPS)
+  # Process 0 alone writes TensorBoard events: one file, though both processes share the workdir.
+  assert len(list((workdir / "tensorboard").glob("events.out.tfevents.*"))) == 1
   # Can fail: processes loading the same rows (or each the whole batch) give other losses.
   _assert_same_training(one_process_run, workdir, STEPS)
   # Validation and the evaluation (process 0, its replica of the state): the same numbers.

@@ -174,6 +174,36 @@ def test_translation_is_scored_per_pair_beside_the_identity_and_drawn_with_the_i
   assert_png(path)
 
 
+def test_the_translation_panel_alone_equals_the_evaluations_translating_its_slice_only():
+  """`evaluate.translation_panel` (TensorBoard's): the panel `_evaluate_translation` draws, from
+  one slice per pair."""
+  config = load_test_config()
+  rng = np.random.default_rng(1)
+  brain = np.zeros((32, 32, 6), bool)
+  brain[6:26, 6:26, 1:5] = True
+  modalities = ("t1", "t1ce", "t2", "flair")
+  volume = type("Volume", (), {"images": {
+      m: np.where(brain, rng.normal(100.0 + 10 * i, 20.0, brain.shape), 0.0).astype(np.float32)
+      for i, m in enumerate(modalities)}})()
+  sizes = []
+
+  def translator(slices, source_id, target_id):  # per slice, different for every pair
+    sizes.append(len(slices))
+    return slices * (target_id + 2) - source_id
+
+  _, expected = evaluate._evaluate_translation(  # pylint: disable=protected-access
+      translator, volume, "case0", modalities, config)
+  sizes.clear()
+  panel = evaluate.translation_panel(translator, volume, modalities, config)
+  assert sizes == [1] * 12
+  assert panel["true"].keys() == expected["true"].keys()
+  assert panel["translated"].keys() == expected["translated"].keys()
+  for key in expected["true"]:
+    np.testing.assert_array_equal(panel["true"][key], expected["true"][key])
+  for key in expected["translated"]:
+    np.testing.assert_array_equal(panel["translated"][key], expected["translated"][key])
+
+
 def _run_on_synth_data(synth_data, tmp_path):
   """(config, workdir, case ids): a random-weights unet workdir whose splits.json says it trained
   on the first 6 synthetic cases and holds out the other 2."""

@@ -1,9 +1,11 @@
-"""The training-curves figure: losses are labelled as training losses, Dice as validation Dice."""
+"""The training-curves figure: losses are labelled as training losses, Dice as validation Dice;
+the panels as pixels are the PNGs."""
 
 import json
 
 import matplotlib.pyplot as plt
 import numpy as np
+from PIL import Image
 
 from uagan_jax import visualize
 from uagan_jax.data import REGIONS
@@ -60,3 +62,16 @@ def test_training_curves_still_writes_the_png_and_returns_its_path(tmp_path):
   assert visualize.training_curves(tmp_path / "missing.jsonl", None, tmp_path / "none.png") is None
   assert not (tmp_path / "none.png").exists()
   assert visualize.training_curves_figure(tmp_path / "missing.jsonl", None) is None
+
+
+def test_figure_pixels_are_the_png_the_panel_writes(tmp_path):
+  """TensorBoard's panels (`figure_pixels` of the ``*_figure`` functions) are the PNGs' pixels."""
+  rng = np.random.default_rng(0)
+  modalities = ("t1", "t2")
+  panel = {"true": {m: rng.normal(size=(16, 16)) for m in modalities},
+           "translated": {(a, b): rng.normal(size=(16, 16)) for a in modalities for b in modalities}}
+  path = visualize.translation_panel(panel, tmp_path / "t.png", title="case", clip=3.0)
+  pixels = visualize.figure_pixels(visualize.translation_panel_figure(panel, title="case", clip=3.0),
+                                   dpi=visualize.TRANSLATION_DPI)
+  assert pixels.dtype == np.uint8 and pixels.ndim == 3 and pixels.shape[-1] == 3
+  np.testing.assert_array_equal(pixels, np.asarray(Image.open(path).convert("RGB")))

@@ -250,7 +250,8 @@ def _train_epilog() -> str:
         "\n        --config.train.steps=2000 --config.optim.segmentor_lr=1e-4")
   parts.append(
       "outputs (in --workdir):\n"
-      + _wrap("config.json, splits.json, metrics.jsonl, checkpoints/, figures/ and, unless "
+      + _wrap("config.json, splits.json, metrics.jsonl, checkpoints/, figures/, tensorboard/ "
+              "(TensorBoard event files; --config.train.tensorboard=False: none) and, unless "
               "--no-eval, eval_test/ (metrics.csv, summary.json). Running the same command again "
               "resumes from the newest checkpoint."))
   return "\n\n".join(parts)

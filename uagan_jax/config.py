@@ -183,6 +183,10 @@ def base_config() -> ml_collections.ConfigDict:
   # checkpoint kept in checkpoints_best/, to pick a model without the test split; 0 = off. Changes
   # no training bits; skipped (with a note) on an empty val split; ignored by stargan.
   c.train.validate_every = 0
+  # Process 0 also writes TensorBoard event files into <workdir>/tensorboard/ (uagan_jax/
+  # tensorboard.py): every metrics.jsonl and validation.jsonl value, and panels at the
+  # validate_every steps. They only read the run: no training number changes with it.
+  c.train.tensorboard = True
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 32  # slices per inference batch

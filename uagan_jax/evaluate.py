@@ -317,6 +317,40 @@ def _write_csv(path: pathlib.Path, rows: list[dict]) -> None:
     writer.writerows(rows)
 
 
+def _normalised_slices(volume, modalities, config, *, spacing: Sequence[float] | None
+                       ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], int]:
+  """Each modality of ``volume`` at ``data.spacing`` (resampled where ``spacing`` differs by
+  more than 1%) as normalised axial slices through one window that holds every modality's brain:
+  ``{modality: (slices (Z, H, W), has_brain (Z,))}``, and the index of the middle brain slice."""
+  images = [volume.images[m] for m in modalities]
+  if spacing is not None and resample.needs_resampling(spacing, tuple(config.data.spacing)):
+    images = [resample.image_to_spacing(image, spacing, tuple(config.data.spacing))
+              for image in images]
+  slices, has_brain, _ = inference.whole_brain_slices(images, config)
+  normalised = {m: (slices[i], has_brain[i]) for i, m in enumerate(modalities)}
+  brain_slices = np.flatnonzero(normalised[modalities[0]][1])
+  middle = int(brain_slices[len(brain_slices) // 2]) if len(brain_slices) else 0
+  return normalised, middle
+
+
+def translation_panel(translator: inference.SliceTranslator, volume, modalities, config, *,
+                      spacing: Sequence[float] | None = None) -> dict:
+  """The panel `evaluate_split` draws for a case (`visualize.translation_panel`), without its
+  metrics: the middle brain slice of each modality, and its translation into every other one
+  (on the diagonal the source slice itself), in the normalised space of training."""
+  normalised, middle = _normalised_slices(volume, modalities, config, spacing=spacing)
+  panel = {"true": {m: normalised[m][0][middle] for m in modalities}, "translated": {}}
+  for source in modalities:
+    source_slice = normalised[source][0][middle:middle + 1]
+    for target in modalities:
+      panel["translated"][(source, target)] = (
+          source_slice[0] if source == target else
+          inference.translate_slices(translator, source_slice,
+                                     normalised[source][1][middle:middle + 1], source=source,
+                                     target=target)[0])
+  return panel
+
+
 def _evaluate_translation(translator: inference.SliceTranslator, volume, case_id: str, modalities,
                           config, *, spacing: Sequence[float] | None = None
                           ) -> tuple[list[dict], dict]:
@@ -331,14 +365,7 @@ def _evaluate_translation(translator: inference.SliceTranslator, volume, case_id
   Returns the rows and, for the picture, the true and translated slices at the middle of the brain.
   """
   clip = config.data.clip
-  images = [volume.images[m] for m in modalities]
-  if spacing is not None and resample.needs_resampling(spacing, tuple(config.data.spacing)):
-    images = [resample.image_to_spacing(image, spacing, tuple(config.data.spacing))
-              for image in images]
-  slices, has_brain, _ = inference.whole_brain_slices(images, config)
-  normalised = {m: (slices[i], has_brain[i]) for i, m in enumerate(modalities)}
-  brain_slices = np.flatnonzero(normalised[modalities[0]][1])
-  middle = int(brain_slices[len(brain_slices) // 2]) if len(brain_slices) else 0
+  normalised, middle = _normalised_slices(volume, modalities, config, spacing=spacing)
   panel = {"true": {m: normalised[m][0][middle] for m in modalities}, "translated": {}}
   rows = []
   data_range = 2.0 * clip

@@ -79,6 +79,10 @@ class SliceTranslator:
     self.batch_size = batch_size
     self._translate = _compiled(config, "translates", "translate_fn")
 
+  def set_variables(self, variables: dict) -> None:
+    """Translates with other variables of the same shapes, reusing the compiled program."""
+    self.variables = jax.device_put(variables)
+
   def __call__(self, slices: np.ndarray, source_id: int, target_id: int) -> np.ndarray:
     """(Z, H, W) normalised slices of modality ``source_id`` -> (Z, H, W) as ``target_id``."""
     source = np.full((self.batch_size,), source_id, np.int32)

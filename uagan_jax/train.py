@@ -9,6 +9,7 @@ validation, evaluation). Which networks train and how is the model family's busi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import pathlib
@@ -19,7 +20,7 @@ from collections.abc import Callable
 import jax
 import ml_collections
 
-from uagan_jax import checkpoint, distributed, evaluate, families, parallel, visualize
+from uagan_jax import checkpoint, distributed, evaluate, families, parallel, tensorboard, visualize
 from uagan_jax import workdir as workdir_lib
 from uagan_jax import config as config_lib
 from uagan_jax.data import augment, input_pipeline
@@ -28,7 +29,7 @@ from uagan_jax.train_state import (AUGMENT_STREAM, Networks, StepInputs, TrainSt
                                    build_networks, init_state, stream)
 from uagan_jax.train_utils import (Interrupted, MetricsLog, StopRequested, TrainingDiverged,
                                    format_duration, non_finite)
-from uagan_jax.validation import Validation
+from uagan_jax.validation import TranslationPanel, Validation
 
 # ------------------------------------------------------------------------------------------------
 # The step
@@ -101,7 +102,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, *, workdir: pathlib.Pa
   resolved config), ``splits.json`` (cases per split, the protocol, the modalities of each
   training case and those that got training slices), ``metrics.jsonl``, ``checkpoints/``, with
   ``train.validate_every`` also ``validation.jsonl`` and ``checkpoints_best/``, and at the end
-  ``figures/training_curves.png``; then evaluates the held-out split (see `uagan_jax.evaluate`),
+  ``figures/training_curves.png``, and with ``train.tensorboard`` ``tensorboard/`` (the same
+  values and panels as TensorBoard events, `uagan_jax.tensorboard`); then evaluates the held-out split (see `uagan_jax.evaluate`),
   or says in one line that it has no cases (a one-case data set trains all the same).
 
   Holds ``<workdir>/.lock`` throughout (`workdir.WorkdirLock`): a second run on the same workdir
@@ -147,8 +149,13 @@ def _train_locked(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
   log(f"data: {len(data.cases)} {data.layout} cases in {data_dir}: {len(splits['train'])} train, "
       f"{len(splits['val'])} val, {len(splits['test'])} test; {contributes[data.protocol]}")
   validates = config.train.validate_every > 0 and family.segments
+  # TensorBoard's translation panels of the first val case, at the validation steps.
+  draws_translations = (config.train.tensorboard and config.train.validate_every > 0
+                        and family.translates and bool(splits["val"]))
   if config.train.validate_every and not validates:
-    log(f"validation: {family.name} does not segment; train.validate_every is ignored")
+    log(f"validation: {family.name} does not segment; train.validate_every "
+        + ("schedules the TensorBoard translation panels only" if draws_translations
+           else "is ignored"))
   if validates and not splits["val"]:
     # A recipe's default (the :demo recipes validate) must not stop a run on a small data set.
     log(f"validation: the val split is empty (data.val_fraction={config.data.val_fraction}, "
@@ -192,11 +199,17 @@ def _train_locked(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
         _splits_record(data, data_dir, train_input), indent=2))
   start = int(jax.device_get(state.step))
   metrics_log = MetricsLog(workdir / "metrics.jsonl", resume_step=start) if main else None
+  # Process 0's TensorBoard log; closed by the loop's `with` on every way out of it.
+  events = (tensorboard.EventLog(workdir / tensorboard.DIRECTORY, resume_step=start)
+            if main and config.train.tensorboard else None)
   validation = None
   if validates:
     val_ids = splits["val"][:config.eval.val_max_cases or None]
     validation = Validation(config, workdir=workdir, cases=data.cases_of(val_ids),
-                            resume_step=start, log=log)
+                            resume_step=start, log=log, events=events)
+  translation_panel = None
+  if draws_translations and events is not None:
+    translation_panel = TranslationPanel(config, data.cases_of(splits["val"][:1])[0])
   base_key = jax.random.wrap_key_data(jax.device_get(state.rng))
   step_fn = make_step(config, mesh)
 
@@ -208,7 +221,8 @@ def _train_locked(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
       f"steps {start}..{total}")
   window_start, window_steps = None, 0
   # With several processes a stop request is agreed on at log steps only (see StopRequested).
-  with StopRequested(distributed.any_process if jax.process_count() > 1 else None) as stop:
+  with StopRequested(distributed.any_process if jax.process_count() > 1 else None) as stop, \
+      (events or contextlib.nullcontext()):
     for step, batch in train_input.batches(start):
       state, metrics = step_fn(state, batch, jax.random.fold_in(base_key, step))
       done = step + 1
@@ -234,6 +248,9 @@ def _train_locked(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
               f"{checkpoints.latest_step()} in {checkpoints.directory}")
         if metrics_log is not None:
           metrics_log.write({"step": done, **values})
+        if events is not None:
+          events.scalars(done, values)
+          events.flush()
         losses_text = "  ".join(f"{k} {v:.4f}" for k, v in values.items() if "norm" not in k)
         log(f"step {done}/{total}  {losses_text}  [{rate_text}]")
       try:  # the state is checked finite on every step that saves, whatever log_every is
@@ -249,6 +266,14 @@ def _train_locked(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
         seconds = validation(done, state)
         if window_start is not None:  # steps/s and the ETA count training steps only
           window_start += seconds
+      if translation_panel is not None and (done % config.train.validate_every == 0
+                                            or done == total):
+        started = time.time()
+        events.image(done, "panels/translation",
+                     translation_panel(distributed.local_copy(state), f"step {done}"))
+        events.flush()
+        if window_start is not None:
+          window_start += time.time() - started
       if stop.should_stop(sync_point=logs):
         if checkpoints.latest_step() != done:
           checkpoints.save(done, state, force=True)

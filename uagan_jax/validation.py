@@ -6,6 +6,8 @@ it is cheap enough to run every few hundred steps. The rows go to ``validation.j
 checkpoint with the highest mean Dice is kept in ``checkpoints_best/``, its score stored with it.
 
 It only reads the state, so training takes the same path, bit for bit, with or without it.
+With an `uagan_jax.tensorboard.EventLog` the rows also go to TensorBoard as scalars, with a
+segmentation panel of the first val case (`TranslationPanel` draws the translation panel).
 
 With several processes, process 0 alone validates (on its own replica of the state, so the
 numbers are those of one process) and writes the rows; it sends the score to the others, and all
@@ -23,7 +25,7 @@ from collections.abc import Callable, Sequence
 import ml_collections
 import numpy as np
 
-from uagan_jax import checkpoint, distributed, evaluate, inference
+from uagan_jax import checkpoint, distributed, evaluate, inference, visualize
 from uagan_jax.data import MODALITIES, REGIONS, readers
 from uagan_jax.train_utils import MetricsLog
 
@@ -32,6 +34,8 @@ class Validator:
   """Dice on held-out cases (segmenting models only): a flat log row.
 
   The predictor is compiled on the first call and reused with each later call's variables.
+  After a call, ``example`` holds the first case's volume, truth, predictions and Dice (for a
+  picture: `panel_pixels`).
   """
 
   def __init__(self, config: ml_collections.ConfigDict, cases: Sequence):
@@ -40,6 +44,7 @@ class Validator:
     self.cases = list(cases)
     self.modalities = [m for m in MODALITIES if m in config.data.modalities]
     self._predictor = None
+    self.example = None
 
   def __call__(self, state) -> dict[str, float]:
     """``{"cases": n, "dice/<region>": mean over cases and modalities, "dice/mean": mean over
@@ -51,14 +56,18 @@ class Validator:
     else:
       self._predictor.set_variables(variables)
     dice = {m: [] for m in self.modalities}
-    for case in self.cases:
+    for number, case in enumerate(self.cases):
       volume = readers.load_case(case, modalities=self.modalities, with_label=True)
       truth = evaluate.truth_regions(volume, case)
+      predictions = {}
       for modality in self.modalities:
-        predicted = inference.segment_volume(self._predictor, volume.images[modality],
-                                             modality=modality, config=self.config,
-                                             spacing=volume.spacing)
-        dice[modality].append(evaluate.dice_per_region(predicted, truth))
+        predictions[modality] = inference.segment_volume(
+            self._predictor, volume.images[modality], modality=modality, config=self.config,
+            spacing=volume.spacing)
+        dice[modality].append(evaluate.dice_per_region(predictions[modality], truth))
+      if number == 0:
+        self.example = (case.case_id, volume, truth, predictions,
+                        {m: dice[m][0] for m in self.modalities})
     per_modality = {m: np.mean(dice[m], axis=0) for m in self.modalities}
     row = {"cases": len(self.cases)}
     for index, region in enumerate(REGIONS):
@@ -68,6 +77,44 @@ class Validator:
       for index, region in enumerate(REGIONS):
         row[f"dice/{modality}/{region}"] = float(per_modality[modality][index])
     return row
+
+  def panel_pixels(self, title: str) -> np.ndarray:
+    """The segmentation panel of ``example`` (`visualize.segmentation_panel`, Dice above each
+    prediction) as (H, W, 3) uint8 pixels."""
+    case_id, volume, truth, predictions, dice = self.example
+    scores = {m: {f"dice_{region}": float(dice[m][i]) for i, region in enumerate(REGIONS)}
+              for m in predictions}
+    figure = visualize.segmentation_panel_figure(volume, truth, predictions,
+                                                 title=f"{case_id} (val), {title}", scores=scores)
+    return visualize.figure_pixels(figure, dpi=visualize.SEGMENTATION_DPI)
+
+
+class TranslationPanel:
+  """The translation panel of one case (`evaluate.translation_panel`) for a train state, as
+  pixels; the translator is compiled on the first call and reused with later variables."""
+
+  def __init__(self, config: ml_collections.ConfigDict, case):
+    """``case``: the `readers.CaseFiles` drawn (read on the first call)."""
+    self.config = config
+    self.case = case
+    self.modalities = [m for m in MODALITIES if m in config.data.modalities]
+    self._volume = None
+    self._translator = None
+
+  def __call__(self, state, title: str) -> np.ndarray:
+    """(H, W, 3) uint8 pixels of the panel for ``state`` (this process's copy)."""
+    variables = inference.translation_variables(state, self.config)
+    if self._translator is None:
+      self._translator = inference.SliceTranslator(self.config, variables,
+                                                   batch_size=self.config.eval.batch_size)
+      self._volume = readers.load_case(self.case, modalities=self.modalities, with_label=False)
+    else:
+      self._translator.set_variables(variables)
+    panel = evaluate.translation_panel(self._translator, self._volume, self.modalities,
+                                       self.config, spacing=self._volume.spacing)
+    figure = visualize.translation_panel_figure(panel, title=f"{self.case.case_id} (val), {title}",
+                                                clip=self.config.data.clip)
+    return visualize.figure_pixels(figure, dpi=visualize.TRANSLATION_DPI)
 
 
 class Validation:
@@ -80,8 +127,11 @@ class Validation:
   """
 
   def __init__(self, config: ml_collections.ConfigDict, *, workdir: pathlib.Path, cases,
-               resume_step: int, log: Callable[[str], None]):
+               resume_step: int, log: Callable[[str], None], events=None):
+    """``events``: an `uagan_jax.tensorboard.EventLog` that also gets the rows and a
+    segmentation panel (process 0's), or None."""
     self.every = config.train.validate_every
+    self.events = events
     self.last = config.train.steps
     self.log = log
     self.main = distributed.is_main()
@@ -111,6 +161,11 @@ class Validation:
     if not self.main:
       return time.time() - started
     self.rows.write(row)
+    if self.events is not None:
+      self.events.scalars(step, {k: v for k, v in row.items() if k != "step"},
+                          prefix="validation/")
+      self.events.image(step, "panels/segmentation", self.validator.panel_pixels(f"step {step}"))
+      self.events.flush()
     regions = "  ".join(f"{r} {row[f'dice/{r}']:.3f}" for r in REGIONS)
     self.log(f"validation step {step}: Dice {regions} (mean over modalities, {row['cases']} val "
              f"cases); mean {score:.3f}, best {self.best:.3f} at step {self.best_step} "

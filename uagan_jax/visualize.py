@@ -1,6 +1,7 @@
 """PNG pictures: segmentation panels (image, ground truth, prediction) per modality, translation
 panels, and training curves (every training loss, among them the Dice loss, and validation Dice)
-over steps.
+over steps. The panels' ``*_figure`` functions and `figure_pixels` give the same pictures as
+pixel arrays (the trainer's TensorBoard images, `uagan_jax.tensorboard`).
 
 Colours follow the BraTS figures: oedema (WT minus TC) green, necrotic/non-enhancing core (TC
 minus ET) red, enhancing tumour (ET) yellow.
@@ -21,6 +22,9 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from uagan_jax.data import REGIONS  # pylint: disable=wrong-import-position
 
 _COLOURS = {"oedema": (0.1, 0.85, 0.2), "core": (0.9, 0.1, 0.1), "enhancing": (1.0, 0.9, 0.0)}
+# Resolutions of the PNG panels (and of the same panels as TensorBoard images).
+SEGMENTATION_DPI = 90
+TRANSLATION_DPI = 80
 
 
 def overlay(image: np.ndarray, regions: np.ndarray, *, alpha: float = 0.45) -> np.ndarray:
@@ -67,6 +71,13 @@ def segmentation_panel(volume, truth: np.ndarray, predictions: dict[str, np.ndar
   Returns:
     ``path``.
   """
+  return _save(segmentation_panel_figure(volume, truth, predictions, title=title, scores=scores),
+               path, dpi=SEGMENTATION_DPI)
+
+
+def segmentation_panel_figure(volume, truth: np.ndarray, predictions: dict[str, np.ndarray], *,
+                              title: str, scores: dict[str, dict[str, float]] | None = None):
+  """The figure `segmentation_panel` saves (a matplotlib Figure; close it)."""
   if truth[..., 0].any() or not predictions:
     z = tumour_slice(truth)
   else:
@@ -91,13 +102,19 @@ def segmentation_panel(volume, truth: np.ndarray, predictions: dict[str, np.ndar
   fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
   fig.suptitle(f"{title}, axial slice {z}", fontsize=10)
   fig.tight_layout(rect=(0, 0.03, 1, 0.97))
-  return _save(fig, path, dpi=90)
+  return fig
 
 
 def translation_panel(panel: dict, path: pathlib.Path, *, title: str, clip: float) -> pathlib.Path:
   """Top row: the true image of each modality. Row per source: its translation into each column's
   modality, and on the diagonal the source image itself, the row's input. Normalised intensities,
   one grey scale [-clip, clip] for all, so contrasts compare across panels."""
+  return _save(translation_panel_figure(panel, title=title, clip=clip), path,
+               dpi=TRANSLATION_DPI)
+
+
+def translation_panel_figure(panel: dict, *, title: str, clip: float):
+  """The figure `translation_panel` saves (a matplotlib Figure; close it)."""
   modalities = list(panel["true"])
   n = len(modalities)
   fig, axes = plt.subplots(n + 1, n, figsize=(2.1 * n, 2.1 * (n + 1)), squeeze=False)
@@ -114,7 +131,7 @@ def translation_panel(panel: dict, path: pathlib.Path, *, title: str, clip: floa
     ax.axis("off")
   fig.suptitle(title, fontsize=10)
   fig.tight_layout(rect=(0, 0, 1, 0.97))
-  return _save(fig, path, dpi=80)
+  return fig
 
 
 def _read_jsonl(path: pathlib.Path) -> list[dict]:
@@ -208,6 +225,16 @@ def training_curves(metrics_path: pathlib.Path, validation_path: pathlib.Path | 
   """
   fig = training_curves_figure(metrics_path, validation_path)
   return None if fig is None else _save(fig, path, dpi=80)
+
+
+def figure_pixels(fig, *, dpi: int) -> np.ndarray:
+  """``fig`` drawn at ``dpi`` as a (H, W, 3) uint8 RGB array (what its PNG would hold); closes it."""
+  try:
+    fig.set_dpi(dpi)
+    fig.canvas.draw()
+    return np.array(fig.canvas.buffer_rgba())[..., :3]
+  finally:
+    plt.close(fig)
 
 
 def _save(fig, path: pathlib.Path, *, dpi: int) -> pathlib.Path:
