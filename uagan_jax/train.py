@@ -103,8 +103,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, *, workdir: pathlib.Pa
   training case and those that got training slices), ``metrics.jsonl``, ``checkpoints/``, with
   ``train.validate_every`` also ``validation.jsonl`` and ``checkpoints_best/``, and at the end
   ``figures/training_curves.png``, and with ``train.tensorboard`` ``tensorboard/`` (the same
-  values and panels as TensorBoard events, `uagan_jax.tensorboard`); then evaluates the held-out split (see `uagan_jax.evaluate`),
-  or says in one line that it has no cases (a one-case data set trains all the same).
+  values and panels as TensorBoard events, `uagan_jax.tensorboard`); then evaluates the held-out
+  split (see `uagan_jax.evaluate`), or says in one line that it has no cases (a one-case data set trains all the same).
 
   Holds ``<workdir>/.lock`` throughout (`workdir.WorkdirLock`): a second run on the same workdir
   is refused while this one lives.
