@@ -8,8 +8,10 @@
 #
 # Resume: run 'train' again (same WORKDIR): every worker restores the newest checkpoint. A
 # preempted (spot) slice sends SIGTERM: the workers agree on the stop at the next log step and
-# write one checkpoint. WORKDIR must be shared by all workers (a gs:// bucket works: Orbax writes
-# there directly) and DATA readable from each (a copy per worker or a mounted bucket).
+# write one checkpoint. WORKDIR must be a folder every worker sees at the same path, e.g. a
+# Filestore (NFS) share (a gs:// URL is refused: the logs, the workdir lock (flock) and the JSON
+# files go through the file system, and bucket mounts such as gcsfuse have no file locks). DATA
+# must be readable from each worker (a copy per worker or a mounted bucket).
 # Process 0 (worker 0) writes the logs, metrics, TensorBoard events (WORKDIR/tensorboard/) and
 # evaluation; its output is in train.log on worker 0, the others' in train.log on theirs.
 set -euo pipefail
@@ -20,7 +22,7 @@ ZONE=${ZONE:-us-central2-b}
 PROJECT=${PROJECT:-my-project}
 CONFIG=${CONFIG:-configs/uagan.py}        # recipe (FILE[:VARIANT])
 DATA=${DATA:-/data/BraTS2021}             # data folder on every worker
-WORKDIR=${WORKDIR:-gs://my-bucket/runs/uagan_tpu}  # shared: checkpoints, logs, evaluation
+WORKDIR=${WORKDIR:-/mnt/shared/runs/uagan_tpu}  # on every worker: checkpoints, logs, evaluation
 BATCH_SIZE=${BATCH_SIZE:-128}             # global batch: a multiple of the total chip count
 REMOTE_DIR=${REMOTE_DIR:-uagan_jax}       # the checkout's folder on each worker
 # -------------------------------------------------------------------------------------------------

@@ -393,3 +393,16 @@ def test_a_really_full_disk_keeps_the_checkpoint_and_the_run_resumes(capsys, sma
   assert code == 0, err
   assert (workdir / "metrics.jsonl").read_text() == (trained / "metrics.jsonl").read_text()
   assert _leaves_equal(_restore(workdir, STEPS), _restore(trained, STEPS))
+
+
+def test_a_bucket_url_as_workdir_is_refused_before_anything_is_written(capsys, synth_data,
+                                                                      tmp_path, monkeypatch):
+  # pathlib would turn gs://bucket/run into a local folder gs:/bucket/run: train into it, unseen.
+  monkeypatch.chdir(tmp_path)
+  code, _, err = run_cli(capsys, "train", "--config", TEST_CONFIG, "--data", synth_data,
+                         "--workdir", "gs://bucket/run", "--no-eval")
+  assert_one_line_error(code, err, "workdir gs://bucket/run", "a URL (gs://...) is not a folder",
+                        "file system every process sees")
+  assert list(tmp_path.iterdir()) == []
+  for local in ("runs/x", "/abs/x", "c:/x", "data:2/x"):  # a drive letter or a colon in a name
+    workdir_lib.refuse_url(local)

@@ -117,6 +117,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, *, workdir: pathlib.Pa
     TrainingDiverged: a logged loss or the state due to be saved is not finite (nothing
       non-finite is saved).
   """
+  workdir_lib.refuse_url(workdir)
   workdir = pathlib.Path(workdir)
   if not distributed.is_main():
     # The processes of one run share its workdir: process 0 holds the lock for all of them.

@@ -34,6 +34,22 @@ _DISK_PROBLEMS = {
 }
 
 
+def refuse_url(workdir: os.PathLike | str) -> None:
+  """Raises `UserError` for a workdir given as a URL (``gs://bucket/run``, ``s3://...``).
+
+  The logs, JSON files and the lock are written through the local file system (`os`, ``flock``),
+  which has no notion of a bucket: pathlib turns ``gs://b/run`` into a local folder ``gs:/b/run``
+  and the run would train into it unseen by the other hosts. Use a shared file system (NFS,
+  Filestore, Lustre) instead.
+  """
+  parts = pathlib.PurePath(workdir).parts
+  first = parts[0] if parts else ""
+  if len(first) > 2 and first.endswith(":") and first[:-1].isalnum():  # not a drive letter (c:)
+    url = f"{first[:-1]}://{'/'.join(parts[1:])}"  # as typed: pathlib made gs:// into gs:/
+    raise UserError(f"workdir {url}: a URL ({first[:-1]}://...) is not a folder; give the "
+                    "path of a folder on a file system every process sees (NFS, Lustre, ...)")
+
+
 def disk_error(path: os.PathLike | str, error: OSError, *, doing: str) -> UserError:
   """``error`` (raised while ``doing`` something to ``path``) as a one-line UserError."""
   problem = _DISK_PROBLEMS.get(error.errno) or error.strerror or str(error)
