@@ -9,6 +9,7 @@ alone: the family is refused before any checkpoint is read.
 
 import json
 import os
+import re
 import shutil
 
 import nibabel as nib
@@ -16,7 +17,9 @@ import numpy as np
 import pytest
 from nibabel import orientations
 
-from uagan_jax import cli, inference, metrics, predict
+import jax
+
+from uagan_jax import cli, families, inference, metrics, predict, timing, train_state
 from uagan_jax import config as config_lib
 from uagan_jax.data import MODALITIES, preprocess, readers, resample, synthetic
 from uagan_jax.errors import UserError
@@ -440,3 +443,80 @@ def test_a_modality_training_never_saw_is_refused(capsys, case_dir, tmp_path):
   assert not output.exists()
   _predict(capsys, workdir, case_dir, output, modality="t2")
   assert output.is_file()
+
+
+# --- Timing (--timing) and the compiled program ----------------------------------------------
+
+
+def test_stopwatch_counts_each_second_once_for_the_innermost_phase(monkeypatch):
+  clock = iter([0.0, 1.0, 3.0, 6.0, 10.0, 15.0])  # every perf_counter call, in order
+  monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock))
+  stopwatch = timing.Stopwatch()
+  stopwatch.add("before", 0.5)
+  with stopwatch.phase("segment"):  # 0
+    with stopwatch.phase("compile"):  # 1
+      pass  # 3
+    with stopwatch.phase("compile"):  # 6
+      pass  # 10
+  # 15
+  assert stopwatch.seconds == {"before": 0.5, "segment": 1.0 + 3.0 + 5.0, "compile": 2.0 + 4.0}
+  assert stopwatch.summary() == ("timing: before 0.50 s, segment 9.00 s, compile 6.00 s, "
+                                 "total 15.50 s")
+
+
+def test_timing_names_every_phase_and_they_add_up(capsys, workdirs, case_dir, tmp_path):
+  out = _predict(capsys, workdirs["segan"], case_dir, tmp_path / "seg.nii.gz", "--timing")
+  lines = [line for line in out.splitlines() if "timing:" in line]
+  assert len(lines) == 1 and lines[0] == out.rstrip().splitlines()[-1], out
+  parts = re.findall(r"([a-z][a-z ]*?) ([0-9.]+) s", lines[0].split("timing: ")[1])
+  names = [name for name, _ in parts]
+  assert names == ["command line", "import", "load model", "read", "segment", "compile", "write",
+                   "total"], lines[0]
+  seconds = [float(value) for _, value in parts]
+  assert seconds[names.index("compile")] > 0  # a new segmentor compiles its program once
+  assert abs(sum(seconds[:-1]) - seconds[-1]) <= 0.01 * len(seconds)  # rounding of each part
+  # Without the flag there is no such line, and the file is the same.
+  quiet = _predict(capsys, workdirs["segan"], case_dir, tmp_path / "again.nii.gz")
+  assert "timing:" not in quiet
+  assert (tmp_path / "again.nii.gz").read_bytes() == (tmp_path / "seg.nii.gz").read_bytes()
+
+
+@pytest.mark.parametrize("family", ["segan", "uagan"])
+def test_the_predictor_runs_the_program_jit_compiles_once_per_shape(workdirs, family):
+  config = config_lib.from_json_file(workdirs[family] / "config.json")
+  state, _ = inference.load_state(config, workdirs[family])
+  variables = inference.segmentation_variables(state, config)
+  stopwatch = timing.Stopwatch()
+  predictor = inference.SlicePredictor(config, variables, batch_size=4, stopwatch=stopwatch)
+  jitted = jax.jit(families.implementation(config.model.name).segment_fn(
+      train_state.build_networks(config, bn_axis_name=None), config))
+  rng = np.random.default_rng(0)
+  size = tuple(config.data.image_size)
+  modality = MODALITIES.index(config.data.modalities[0])
+  for count, shape in ((6, size), (3, size), (2, (size[0] + 16, size[1]))):
+    slices = rng.normal(size=(count,) + shape).astype(np.float32)
+    padded = np.concatenate([slices, np.zeros((8 - count,) + shape, np.float32)])[..., None]
+    ids = np.full((4,), modality, np.int32)
+    expected = np.concatenate([np.asarray(jitted(jax.device_put(variables), padded[i:i + 4], ids))
+                               for i in (0, 4)])[:count]
+    np.testing.assert_array_equal(predictor(slices, modality), expected)  # bit for bit
+  # One compilation per slice shape: the first two stacks share theirs.
+  compiles = []
+  predictor_again = inference.SlicePredictor(config, variables, batch_size=4,
+                                             stopwatch=_CountingStopwatch(compiles))
+  predictor_again(rng.normal(size=(5,) + size).astype(np.float32), modality)
+  predictor_again(rng.normal(size=(1,) + size).astype(np.float32), modality)
+  assert compiles == ["compile"]
+  assert stopwatch.seconds["compile"] > 0
+
+
+class _CountingStopwatch(timing.Stopwatch):
+  """Records the name of every phase entered."""
+
+  def __init__(self, entered):
+    super().__init__()
+    self.entered = entered
+
+  def phase(self, name):
+    self.entered.append(name)
+    return super().phase(name)

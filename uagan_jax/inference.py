@@ -28,7 +28,7 @@ import numpy as np
 
 from uagan_jax import checkpoint as checkpoint_lib
 from uagan_jax import config as config_lib
-from uagan_jax import families, train_state
+from uagan_jax import families, timing, train_state
 from uagan_jax.data import MODALITIES, REGIONS, preprocess, resample
 from uagan_jax.errors import UserError
 
@@ -41,21 +41,40 @@ CHECKPOINT_DIRS = {"latest": "checkpoints", "best": "checkpoints_best"}
 # --------------------------------------------------------------------------------------------
 
 
-def _compiled(config: ml_collections.ConfigDict, capability: str, function: str) -> Callable:
-  """The family's ``function`` (``segment_fn`` or ``translate_fn``) over its networks, jitted."""
-  if not getattr(families.get(config.model.name), capability):
-    raise ValueError(f"model {config.model.name} does not {capability.removesuffix('s')}")
-  networks = train_state.build_networks(config, bn_axis_name=None)
-  return jax.jit(getattr(families.implementation(config.model.name), function)(networks, config))
+class _Program:
+  """The family's ``function`` (``segment_fn`` or ``translate_fn``) over its networks, compiled
+  once per shape of its arguments (ahead of the call, so that a `timing.Stopwatch` can count the
+  compilation apart from the run; the program is the one ``jax.jit`` would compile and call)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, capability: str, function: str, *,
+               stopwatch: timing.Stopwatch | None):
+    if not getattr(families.get(config.model.name), capability):
+      raise ValueError(f"model {config.model.name} does not {capability.removesuffix('s')}")
+    networks = train_state.build_networks(config, bn_axis_name=None)
+    self._jitted = jax.jit(
+        getattr(families.implementation(config.model.name), function)(networks, config))
+    self._stopwatch = stopwatch or timing.Stopwatch()
+    self._executables = {}  # the arguments' shapes and dtypes -> the compiled program
+
+  def __call__(self, *args):
+    signature = tuple((leaf.shape, leaf.dtype) for leaf in jax.tree.leaves(args))
+    executable = self._executables.get(signature)
+    if executable is None:
+      with self._stopwatch.phase("compile"):
+        executable = self._jitted.lower(*args).compile()
+      self._executables[signature] = executable
+    return executable(*args)
 
 
 class SlicePredictor:
   """Segments stacks of preprocessed slices in fixed-size batches with one compiled program."""
 
-  def __init__(self, config: ml_collections.ConfigDict, variables: dict, *, batch_size: int):
+  def __init__(self, config: ml_collections.ConfigDict, variables: dict, *, batch_size: int,
+               stopwatch: timing.Stopwatch | None = None):
+    """``stopwatch``: counts the compilations ("compile"; they happen on the first call)."""
     self.variables = jax.device_put(variables)
     self.batch_size = batch_size
-    self._predict = _compiled(config, "segments", "segment_fn")
+    self._predict = _Program(config, "segments", "segment_fn", stopwatch=stopwatch)
 
   def set_variables(self, variables: dict) -> None:
     """Predicts with other variables of the same shapes, reusing the compiled program."""
@@ -74,10 +93,12 @@ class SliceTranslator:
   Inputs and outputs are in the normalised space of training: z-scores clipped to [-clip, clip].
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, variables: dict, *, batch_size: int):
+  def __init__(self, config: ml_collections.ConfigDict, variables: dict, *, batch_size: int,
+               stopwatch: timing.Stopwatch | None = None):
+    """``stopwatch``: counts the compilations ("compile"; they happen on the first call)."""
     self.variables = jax.device_put(variables)
     self.batch_size = batch_size
-    self._translate = _compiled(config, "translates", "translate_fn")
+    self._translate = _Program(config, "translates", "translate_fn", stopwatch=stopwatch)
 
   def __call__(self, slices: np.ndarray, source_id: int, target_id: int) -> np.ndarray:
     """(Z, H, W) normalised slices of modality ``source_id`` -> (Z, H, W) as ``target_id``."""
