@@ -520,3 +520,100 @@ class _CountingStopwatch(timing.Stopwatch):
   def phase(self, name):
     self.entered.append(name)
     return super().phase(name)
+
+
+# --- The segmentor alone from the checkpoint ---------------------------------------------------
+
+
+def _digest_file(workdir, step=None):
+  """The digest item (JSON) of a workdir's checkpoint ``step``, default the newest."""
+  steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  return workdir / "checkpoints" / str(steps[-1] if step is None else step) / "digest" / "metadata"
+
+
+def _change_leaf_digest(workdir, prefix, step=None):
+  """Sets the digest of the first leaf under ``prefix`` to zeros; returns the leaf's name."""
+  digest = json.loads(_digest_file(workdir, step).read_text())
+  name = next(n for n in sorted(digest["leaves"]) if n.startswith(prefix))
+  digest["leaves"][name] = "0" * 64
+  _digest_file(workdir, step).write_text(json.dumps(digest))
+  return name
+
+
+@pytest.mark.parametrize("family", ["segan", "unet", "uagan"])
+def test_the_segmentor_alone_equals_it_in_the_whole_restored_state(workdirs, family):
+  config = config_lib.from_json_file(workdirs[family] / "config.json")
+  role = families.implementation(config.model.name).SEGMENTATION_ROLE
+  # The checkpoint holds more than the segmentor: a part is what is restored here.
+  stored = json.loads(_digest_file(workdirs[family]).read_text())["leaves"]
+  assert any(not name.startswith(f"nets/{role}/") for name in stored)
+  assert any("opt_state" in name for name in stored)
+  variables, step = inference.load_network(config, workdirs[family], role=role)
+  state, full_step = inference.load_state(config, workdirs[family])
+  whole = inference.segmentation_variables(state, config)
+  assert step == full_step
+  assert jax.tree.structure(variables) == jax.tree.structure(whole)
+  for got, want in zip(jax.tree.leaves(variables), jax.tree.leaves(whole)):
+    assert isinstance(got, np.ndarray) and got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)
+  assert predict.load_segmentor(workdirs[family]).step == step
+
+
+def test_a_segmentor_leaf_that_changed_on_disk_is_refused_one_elsewhere_is_not_read(
+    capsys, workdirs, case_dir, tmp_path):
+  # A digest that no longer matches stands in for data changed on disk (as tests/test_faults.py).
+  config = config_lib.from_json_file(workdirs["segan"] / "config.json")
+  steps = sorted(int(p.name) for p in (workdirs["segan"] / "checkpoints").iterdir()
+                 if p.name.isdigit())
+  assert steps == [1, 2]
+  # Elsewhere (the critic): not read, so not verified; the newest checkpoint segments as before.
+  workdir = tmp_path / "critic"
+  shutil.copytree(workdirs["segan"], workdir)
+  _change_leaf_digest(workdir, "nets/critic/params/")
+  for name, source in (("critic", workdir), ("unchanged", workdirs["segan"])):
+    code, out, err = run_cli(capsys, "predict", "--workdir", source, "--input", case_dir,
+                             "--modality", "flair", "--output", tmp_path / f"{name}.nii.gz")
+    assert code == 0 and not err.strip() and "checkpoint step 2" in out, err
+  assert ((tmp_path / "critic.nii.gz").read_bytes()
+          == (tmp_path / "unchanged.nii.gz").read_bytes())
+  # In the segmentor: the newest checkpoint is unreadable (one warning naming the leaf) and the
+  # one before it segments; with both changed, one error line.
+  workdir = tmp_path / "segmentor"
+  shutil.copytree(workdirs["segan"], workdir)
+  name = _change_leaf_digest(workdir, "nets/segmentor/params/")
+  output = tmp_path / "segmentor.nii.gz"
+  code, out, err = run_cli(capsys, "predict", "--workdir", workdir, "--input", case_dir,
+                           "--modality", "flair", "--output", output)
+  assert code == 0, err
+  warnings = [line for line in err.splitlines() if line.strip()]
+  assert len(warnings) == 1 and warnings[0].startswith("warning: "), err
+  for needle in (workdir / "checkpoints" / "2", name, "does not match the digest",
+                 "using the one of step 1 instead"):
+    assert str(needle) in warnings[0], warnings[0]
+  assert "checkpoint step 1" in out
+  _change_leaf_digest(workdir, "nets/segmentor/batch_stats/", step=1)
+  output.unlink()
+  code, _, err = run_cli(capsys, "predict", "--workdir", workdir, "--input", case_dir,
+                         "--modality", "flair", "--output", output)
+  assert_one_line_error(code, err, workdir / "checkpoints", "no readable checkpoint", name,
+                        "does not match the digest")
+  assert not output.exists()
+  with pytest.raises(UserError, match="no readable checkpoint"):
+    inference.load_network(config, workdir, role="segmentor")
+
+
+def test_a_checkpoint_without_leaf_digests_is_restored_and_verified_whole(workdirs, tmp_path):
+  config = config_lib.from_json_file(workdirs["segan"] / "config.json")
+  workdir = tmp_path / "old"
+  shutil.copytree(workdirs["segan"], workdir)
+  digest = json.loads(_digest_file(workdir).read_text())
+  digest.pop("leaves")  # as written before leaf digests existed
+  _digest_file(workdir).write_text(json.dumps(digest))
+  variables, _ = inference.load_network(config, workdir, role="segmentor")
+  want, _ = inference.load_network(config, workdirs["segan"], role="segmentor")
+  for got, expected in zip(jax.tree.leaves(variables), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(got, expected)
+  digest["sha256"] = "0" * 64  # and whole means the whole digest is checked
+  _digest_file(workdir).write_text(json.dumps(digest))
+  with pytest.raises(UserError, match="does not match the digest"):
+    inference.load_network(config, workdir, role="segmentor")

@@ -161,9 +161,9 @@ def load_segmentor(workdir: str | os.PathLike, *, batch_size: int | None = None,
   if batch_size is not None and batch_size < 1:
     raise UserError(f"--batch-size {batch_size}: must be at least 1")
   workdir = pathlib.Path(workdir)
-  config, state, step = inference.load_model(workdir, capability="segments",
-                                             task="segment")
-  return VolumeSegmentor(config, inference.segmentation_variables(state, config), step=step,
+  config, variables, step = inference.load_model(workdir, capability="segments",
+                                                 task="segment", network_only=True)
+  return VolumeSegmentor(config, variables, step=step,
                          workdir=workdir, batch_size=batch_size, stopwatch=stopwatch)
 
 
