@@ -8,7 +8,8 @@ run as a fresh process on ``--input``: first with an empty compilation cache (co
 starting the process to its exit), the phases the command reports (import, load model, read,
 compile, segment, write; ``start-up`` is the rest: the interpreter and what runs before the
 command's own clock starts) and the load average, since on a shared machine the minimum over runs
-is the figure to quote. The SHA-256 of the written label file shows that every run wrote the same
+is the figure to quote. Beside the wall time, the process's CPU time (user + system, all its
+threads): on a machine others load it moves far less than the wall time does. The SHA-256 of the written label file shows that every run wrote the same
 bytes.
 
   python benchmarks/predict_time.py --input CASE_DIR/UPENN-GBM-00003_11_FLAIR.nii.gz
@@ -23,6 +24,7 @@ import hashlib
 import os
 import pathlib
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -78,12 +80,15 @@ def run_predict(workdir: pathlib.Path, image: pathlib.Path, output: pathlib.Path
   argv = _command("predict", "--workdir", str(workdir), "--input", str(image), "--modality",
                   modality, "--output", str(output), *(["--timing"] if timing else []))
   load = _loadavg()
+  before = resource.getrusage(resource.RUSAGE_CHILDREN)
   started = time.perf_counter()
   done = subprocess.run(argv, env=_environment(compilation_cache), capture_output=True, text=True)
   wall = time.perf_counter() - started
+  after = resource.getrusage(resource.RUSAGE_CHILDREN)
+  cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
   if done.returncode != 0:
     raise SystemExit(f"predict failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
-  result = {"wall": wall, "load": load,
+  result = {"wall": wall, "cpu": cpu, "load": load,
             "sha256": hashlib.sha256(output.read_bytes()).hexdigest()[:16]}
   found = _TIMING.search(done.stdout)
   if timing and found is None:
@@ -96,7 +101,7 @@ def run_predict(workdir: pathlib.Path, image: pathlib.Path, output: pathlib.Path
 
 def _row(label: str, result: dict, phases: list[str]) -> str:
   cells = [f"{result[p]:6.2f}" if p in result else "     -" for p in phases]
-  return (f"{label:<14} {result['wall']:6.2f}  " + "  ".join(cells)
+  return (f"{label:<14} {result['wall']:6.2f} {result['cpu']:6.2f}  " + "  ".join(cells)
           + f"   load {result['load']}  {result['sha256']}")
 
 
@@ -121,7 +126,8 @@ def main(argv=None) -> int:
     workdir = ensure_workdir(args.root, family)
     with tempfile.TemporaryDirectory(prefix="uagan_jax_xla_", dir=args.root) as cache:
       results = []
-      print(f"\n{family}: wall s, then the phases: {', '.join(phases)}", flush=True)
+      print(f"\n{family}: wall s, CPU s, then the phases (wall s): {', '.join(phases)}",
+            flush=True)
       for run in range(args.runs + 1):
         result = run_predict(workdir, args.input, args.root / f"{family}_seg.nii.gz",
                              modality=args.modality, compilation_cache=pathlib.Path(cache),

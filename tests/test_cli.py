@@ -558,3 +558,30 @@ def test_predict_caches_its_compiled_program_per_user_or_where_the_variable_says
   assert len(_cached_programs(default)) == 1
   assert ((tmp_path / "a.nii.gz").read_bytes() == (tmp_path / "b.nii.gz").read_bytes()
           == (tmp_path / "c.nii.gz").read_bytes())
+
+
+def test_predict_as_the_program_exits_without_teardown_in_process_it_returns(case_dir,
+                                                                            tmp_path):
+  # As the program (no argv), a finished predict leaves through os._exit: atexit handlers (JAX's
+  # backend teardown) do not run; its output and its one-line summary are complete. --version
+  # (any other command) still exits normally.
+  from conftest import write_random_workdir  # pylint: disable=g-import-not-at-top
+  workdir = write_random_workdir(tmp_path / "w", load_test_config())
+  output = tmp_path / "seg.nii.gz"
+  script = ("import atexit, sys\n"
+            "atexit.register(lambda: print('teardown ran', flush=True))\n"
+            "from uagan_jax import cli\n"
+            "sys.argv = ['uagan-jax'] + sys.argv[1:]\n"
+            "sys.exit(cli.main())\n")
+  runs = {}
+  for name, argv in (("predict", ["predict", "--workdir", str(workdir), "--input", str(case_dir),
+                                  "--modality", "flair", "--output", str(output)]),
+                     ("version", ["--version"])):
+    runs[name] = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True,
+                                text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                                timeout=300)
+  assert runs["predict"].returncode == 0, runs["predict"].stderr
+  assert "teardown ran" not in runs["predict"].stdout
+  assert f"wrote {output}" in runs["predict"].stdout.splitlines()[-1]
+  assert nib.load(output).shape == nib.load(case_dir / f"{case_dir.name}_flair.nii.gz").shape
+  assert runs["version"].returncode == 0 and "teardown ran" in runs["version"].stdout

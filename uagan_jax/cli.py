@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import os
 import pathlib
 import re
 import shutil
@@ -580,6 +581,13 @@ def _predict(args, main_started: float) -> None:
     _log(stopwatch.summary())
 
 
+# Commands after which the program (not an in-process call) leaves without Python's teardown:
+# JAX's exit handler clears its backends and caches, 0.3-0.5 s of CPU (seconds of wall time on a
+# loaded machine) that a finished read-only command does not need. Their outputs are written
+# and closed (atomically renamed) and the compilation cache written before they return.
+_EXIT_WITHOUT_TEARDOWN = ("predict", "translate")
+
+
 def main(argv: list[str] | None = None) -> int:
   """Runs one command; returns the process exit code.
 
@@ -588,8 +596,12 @@ def main(argv: list[str] | None = None) -> int:
   Exit codes: 0 done; 2 bad input, disk full or read-only, diverged, workdir in use (one
   ``error:`` line); 143 (SIGTERM) or 130 (SIGINT, Ctrl-C) stopped by a signal, checkpoint saved:
   run the same command to resume.
+
+  Called without ``argv`` (as the program), a successful predict or translate ends the process
+  itself (`os._exit`, after flushing stdout and stderr) instead of returning.
   """
   started = time.perf_counter()
+  program = argv is None
   argv = sys.argv[1:] if argv is None else list(argv)
   parser = _build_parser()
   try:
@@ -618,6 +630,10 @@ def main(argv: list[str] | None = None) -> int:
   except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)
     return 130
+  if program and args.command in _EXIT_WITHOUT_TEARDOWN:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
   return 0
 
 
