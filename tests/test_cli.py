@@ -495,3 +495,93 @@ def test_all_protocol_trains_every_modality_of_one_case(capsys, synth_data, tmp_
   code, _, err = run_cli(capsys, "train", "--config", TEST_CONFIG, "--data", one, "--workdir",
                          tmp_path / "w2", "--config.data.protocol=paired")
   assert_one_line_error(code, err, "data.protocol='paired'", "unpaired or all")
+
+
+# ------------------------------------------------------------------------------------------------
+# The persistent compilation cache of the commands.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_compilation_cache_location_default_override_off_and_jax_own(monkeypatch, tmp_path):
+  from uagan_jax import compilation_cache  # pylint: disable=g-import-not-at-top
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+  monkeypatch.delenv("UAGAN_JAX_COMPILATION_CACHE", raising=False)
+  assert compilation_cache.location() == compilation_cache.DEFAULT_LOCATION
+  assert compilation_cache.DEFAULT_LOCATION.parts[-3:] == (".cache", "uagan_jax", "jax")
+  monkeypatch.setenv("UAGAN_JAX_COMPILATION_CACHE", str(tmp_path / "xla"))
+  assert compilation_cache.location() == tmp_path / "xla"
+  for off in ("off", "OFF", "none", "0"):
+    monkeypatch.setenv("UAGAN_JAX_COMPILATION_CACHE", off)
+    assert compilation_cache.location() is None
+  # JAX's own variable means JAX is configured already: left alone.
+  monkeypatch.setenv("UAGAN_JAX_COMPILATION_CACHE", str(tmp_path / "xla"))
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax"))
+  assert compilation_cache.location() is None
+
+
+def _predict_process(workdir, case_dir, output, **env):
+  """``uagan-jax predict --timing`` as a new process with ``env`` (no JAX cache variable);
+  returns its stderr, where JAX's compiler logs each persistent cache hit."""
+  environment = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  environment.update(env, PYTHONPATH=str(ROOT), JAX_DEBUG_LOG_MODULES="jax._src.compiler")
+  result = subprocess.run(
+      [sys.executable, "-m", "uagan_jax", "predict", "--workdir", str(workdir), "--input",
+       str(case_dir), "--modality", "flair", "--output", str(output), "--timing"],
+      capture_output=True, text=True, cwd=ROOT, env=environment, timeout=300)
+  assert result.returncode == 0, result.stderr
+  assert "timing: " in result.stdout
+  return result.stderr
+
+
+def _cached_programs(folder):
+  return sorted(p.name for p in folder.rglob("jit_probs-*")) if folder.is_dir() else []
+
+
+def test_predict_caches_its_compiled_program_per_user_or_where_the_variable_says(case_dir,
+                                                                                tmp_path):
+  from conftest import write_random_workdir  # pylint: disable=g-import-not-at-top
+  workdir = write_random_workdir(tmp_path / "w", load_test_config())
+  home = tmp_path / "home"
+  home.mkdir()
+  hit = "Persistent compilation cache hit for 'jit_probs'"
+  # The default: under the user's ~/.cache, small and quick-to-compile programs included.
+  assert hit not in _predict_process(workdir, case_dir, tmp_path / "a.nii.gz", HOME=str(home))
+  default = home / ".cache" / "uagan_jax" / "jax"
+  assert len(_cached_programs(default)) == 1
+  # $UAGAN_JAX_COMPILATION_CACHE moves it: compiled once into it, then read back from it, and
+  # the output does not change.
+  elsewhere = tmp_path / "xla"
+  logs = [_predict_process(workdir, case_dir, tmp_path / f"{name}.nii.gz", HOME=str(home),
+                           UAGAN_JAX_COMPILATION_CACHE=str(elsewhere)) for name in ("b", "c")]
+  assert hit not in logs[0] and hit in logs[1]
+  assert len(_cached_programs(elsewhere)) == 1
+  assert len(_cached_programs(default)) == 1
+  assert ((tmp_path / "a.nii.gz").read_bytes() == (tmp_path / "b.nii.gz").read_bytes()
+          == (tmp_path / "c.nii.gz").read_bytes())
+
+
+def test_predict_as_the_program_exits_without_teardown_in_process_it_returns(case_dir,
+                                                                            tmp_path):
+  # As the program (no argv), a finished predict leaves through os._exit: atexit handlers (JAX's
+  # backend teardown) do not run; its output and its one-line summary are complete. --version
+  # (any other command) still exits normally.
+  from conftest import write_random_workdir  # pylint: disable=g-import-not-at-top
+  workdir = write_random_workdir(tmp_path / "w", load_test_config())
+  output = tmp_path / "seg.nii.gz"
+  script = ("import atexit, sys\n"
+            "atexit.register(lambda: print('teardown ran', flush=True))\n"
+            "from uagan_jax import cli\n"
+            "sys.argv = ['uagan-jax'] + sys.argv[1:]\n"
+            "sys.exit(cli.main())\n")
+  runs = {}
+  for name, argv in (("predict", ["predict", "--workdir", str(workdir), "--input", str(case_dir),
+                                  "--modality", "flair", "--output", str(output)]),
+                     ("version", ["--version"])):
+    runs[name] = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True,
+                                text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                                timeout=300)
+  assert runs["predict"].returncode == 0, runs["predict"].stderr
+  assert "teardown ran" not in runs["predict"].stdout
+  assert f"wrote {output}" in runs["predict"].stdout.splitlines()[-1]
+  assert nib.load(output).shape == nib.load(case_dir / f"{case_dir.name}_flair.nii.gz").shape
+  assert runs["version"].returncode == 0 and "teardown ran" in runs["version"].stdout

@@ -9,6 +9,7 @@ alone: the family is refused before any checkpoint is read.
 
 import json
 import os
+import re
 import shutil
 
 import nibabel as nib
@@ -16,7 +17,9 @@ import numpy as np
 import pytest
 from nibabel import orientations
 
-from uagan_jax import cli, inference, metrics, predict
+import jax
+
+from uagan_jax import cli, families, inference, metrics, predict, timing, train_state
 from uagan_jax import config as config_lib
 from uagan_jax.data import MODALITIES, preprocess, readers, resample, synthetic
 from uagan_jax.errors import UserError
@@ -440,3 +443,181 @@ def test_a_modality_training_never_saw_is_refused(capsys, case_dir, tmp_path):
   assert not output.exists()
   _predict(capsys, workdir, case_dir, output, modality="t2")
   assert output.is_file()
+
+
+# --- Timing (--timing) and the compiled program ----------------------------------------------
+
+
+def test_stopwatch_counts_each_second_once_for_the_innermost_phase(monkeypatch):
+  clock = iter([0.0, 1.0, 3.0, 6.0, 10.0, 15.0])  # every perf_counter call, in order
+  monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock))
+  stopwatch = timing.Stopwatch()
+  stopwatch.add("before", 0.5)
+  with stopwatch.phase("segment"):  # 0
+    with stopwatch.phase("compile"):  # 1
+      pass  # 3
+    with stopwatch.phase("compile"):  # 6
+      pass  # 10
+  # 15
+  assert stopwatch.seconds == {"before": 0.5, "segment": 1.0 + 3.0 + 5.0, "compile": 2.0 + 4.0}
+  assert stopwatch.summary() == ("timing: before 0.50 s, segment 9.00 s, compile 6.00 s, "
+                                 "total 15.50 s")
+
+
+def test_timing_names_every_phase_and_they_add_up(capsys, workdirs, case_dir, tmp_path):
+  out = _predict(capsys, workdirs["segan"], case_dir, tmp_path / "seg.nii.gz", "--timing")
+  lines = [line for line in out.splitlines() if "timing:" in line]
+  assert len(lines) == 1 and lines[0] == out.rstrip().splitlines()[-1], out
+  parts = re.findall(r"([a-z][a-z ]*?) ([0-9.]+) s", lines[0].split("timing: ")[1])
+  names = [name for name, _ in parts]
+  assert names == ["command line", "import", "load model", "read", "segment", "compile", "write",
+                   "total"], lines[0]
+  seconds = [float(value) for _, value in parts]
+  assert seconds[names.index("compile")] > 0  # a new segmentor compiles its program once
+  assert abs(sum(seconds[:-1]) - seconds[-1]) <= 0.01 * len(seconds)  # rounding of each part
+  # Without the flag there is no such line, and the file is the same.
+  quiet = _predict(capsys, workdirs["segan"], case_dir, tmp_path / "again.nii.gz")
+  assert "timing:" not in quiet
+  assert (tmp_path / "again.nii.gz").read_bytes() == (tmp_path / "seg.nii.gz").read_bytes()
+
+
+@pytest.mark.parametrize("family", ["segan", "uagan"])
+def test_the_predictor_runs_the_program_jit_compiles_once_per_shape(workdirs, family):
+  config = config_lib.from_json_file(workdirs[family] / "config.json")
+  state, _ = inference.load_state(config, workdirs[family])
+  variables = inference.segmentation_variables(state, config)
+  stopwatch = timing.Stopwatch()
+  predictor = inference.SlicePredictor(config, variables, batch_size=4, stopwatch=stopwatch)
+  jitted = jax.jit(families.implementation(config.model.name).segment_fn(
+      train_state.build_networks(config, bn_axis_name=None), config))
+  rng = np.random.default_rng(0)
+  size = tuple(config.data.image_size)
+  modality = MODALITIES.index(config.data.modalities[0])
+  for count, shape in ((6, size), (3, size), (2, (size[0] + 16, size[1]))):
+    slices = rng.normal(size=(count,) + shape).astype(np.float32)
+    padded = np.concatenate([slices, np.zeros((8 - count,) + shape, np.float32)])[..., None]
+    ids = np.full((4,), modality, np.int32)
+    expected = np.concatenate([np.asarray(jitted(jax.device_put(variables), padded[i:i + 4], ids))
+                               for i in (0, 4)])[:count]
+    np.testing.assert_array_equal(predictor(slices, modality), expected)  # bit for bit
+  # One compilation per slice shape: the first two stacks share theirs.
+  compiles = []
+  predictor_again = inference.SlicePredictor(config, variables, batch_size=4,
+                                             stopwatch=_CountingStopwatch(compiles))
+  predictor_again(rng.normal(size=(5,) + size).astype(np.float32), modality)
+  predictor_again(rng.normal(size=(1,) + size).astype(np.float32), modality)
+  assert compiles == ["compile"]
+  assert stopwatch.seconds["compile"] > 0
+
+
+class _CountingStopwatch(timing.Stopwatch):
+  """Records the name of every phase entered."""
+
+  def __init__(self, entered):
+    super().__init__()
+    self.entered = entered
+
+  def phase(self, name):
+    self.entered.append(name)
+    return super().phase(name)
+
+
+# --- The segmentor alone from the checkpoint ---------------------------------------------------
+
+
+def _digest_file(workdir, step=None):
+  """The digest item (JSON) of a workdir's checkpoint ``step``, default the newest."""
+  steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  return workdir / "checkpoints" / str(steps[-1] if step is None else step) / "digest" / "metadata"
+
+
+def _change_leaf_digest(workdir, prefix, step=None):
+  """Sets the digest of the first leaf under ``prefix`` to zeros; returns the leaf's name."""
+  digest = json.loads(_digest_file(workdir, step).read_text())
+  name = next(n for n in sorted(digest["leaves"]) if n.startswith(prefix))
+  digest["leaves"][name] = "0" * 64
+  _digest_file(workdir, step).write_text(json.dumps(digest))
+  return name
+
+
+@pytest.mark.parametrize("family", ["segan", "unet", "uagan"])
+def test_the_segmentor_alone_equals_it_in_the_whole_restored_state(workdirs, family):
+  config = config_lib.from_json_file(workdirs[family] / "config.json")
+  role = families.implementation(config.model.name).SEGMENTATION_ROLE
+  # The checkpoint holds more than the segmentor: a part is what is restored here.
+  stored = json.loads(_digest_file(workdirs[family]).read_text())["leaves"]
+  assert any(not name.startswith(f"nets/{role}/") for name in stored)
+  assert any("opt_state" in name for name in stored)
+  variables, step = inference.load_network(config, workdirs[family], role=role)
+  state, full_step = inference.load_state(config, workdirs[family])
+  whole = inference.segmentation_variables(state, config)
+  assert step == full_step
+  assert jax.tree.structure(variables) == jax.tree.structure(whole)
+  for got, want in zip(jax.tree.leaves(variables), jax.tree.leaves(whole)):
+    assert isinstance(got, np.ndarray) and got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)
+  assert predict.load_segmentor(workdirs[family]).step == step
+
+
+def test_a_segmentor_leaf_that_changed_on_disk_is_refused_one_elsewhere_is_not_read(
+    capsys, workdirs, case_dir, tmp_path):
+  # A digest that no longer matches stands in for data changed on disk (as tests/test_faults.py).
+  config = config_lib.from_json_file(workdirs["segan"] / "config.json")
+  steps = sorted(int(p.name) for p in (workdirs["segan"] / "checkpoints").iterdir()
+                 if p.name.isdigit())
+  assert steps == [1, 2]
+  # Elsewhere (the critic): not read, so not verified; the newest checkpoint segments as before.
+  workdir = tmp_path / "critic"
+  shutil.copytree(workdirs["segan"], workdir)
+  _change_leaf_digest(workdir, "nets/critic/params/")
+  for name, source in (("critic", workdir), ("unchanged", workdirs["segan"])):
+    code, out, err = run_cli(capsys, "predict", "--workdir", source, "--input", case_dir,
+                             "--modality", "flair", "--output", tmp_path / f"{name}.nii.gz")
+    assert code == 0 and not err.strip() and "checkpoint step 2" in out, err
+  assert ((tmp_path / "critic.nii.gz").read_bytes()
+          == (tmp_path / "unchanged.nii.gz").read_bytes())
+  # In the segmentor: the newest checkpoint is unreadable (one warning naming the leaf) and the
+  # one before it segments; with both changed, one error line.
+  workdir = tmp_path / "segmentor"
+  shutil.copytree(workdirs["segan"], workdir)
+  name = _change_leaf_digest(workdir, "nets/segmentor/params/")
+  output = tmp_path / "segmentor.nii.gz"
+  code, out, err = run_cli(capsys, "predict", "--workdir", workdir, "--input", case_dir,
+                           "--modality", "flair", "--output", output)
+  assert code == 0, err
+  warnings = [line for line in err.splitlines() if line.strip()]
+  assert len(warnings) == 1 and warnings[0].startswith("warning: "), err
+  for needle in (workdir / "checkpoints" / "2", name, "does not match the digest",
+                 "using the one of step 1 instead"):
+    assert str(needle) in warnings[0], warnings[0]
+  assert "checkpoint step 1" in out
+  _change_leaf_digest(workdir, "nets/segmentor/batch_stats/", step=1)
+  output.unlink()
+  code, _, err = run_cli(capsys, "predict", "--workdir", workdir, "--input", case_dir,
+                         "--modality", "flair", "--output", output)
+  assert_one_line_error(code, err, workdir / "checkpoints", "no readable checkpoint", name,
+                        "does not match the digest")
+  assert not output.exists()
+  with pytest.raises(UserError, match="no readable checkpoint"):
+    inference.load_network(config, workdir, role="segmentor")
+
+
+def test_a_checkpoint_without_leaf_digests_is_restored_and_verified_whole(workdirs, tmp_path):
+  config = config_lib.from_json_file(workdirs["segan"] / "config.json")
+  workdir = tmp_path / "old"
+  shutil.copytree(workdirs["segan"], workdir)
+  digest = json.loads(_digest_file(workdir).read_text())
+  digest.pop("leaves")  # as written before leaf digests existed
+  _digest_file(workdir).write_text(json.dumps(digest))
+  variables, _ = inference.load_network(config, workdir, role="segmentor")
+  want, _ = inference.load_network(config, workdirs["segan"], role="segmentor")
+  for got, expected in zip(jax.tree.leaves(variables), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(got, expected)
+  variables, step = inference.load_network(config, workdir, role="segmentor")
+  assert step == 2
+  digest["sha256"] = "0" * 64  # and whole means the whole digest is checked: step 1 is used
+  _digest_file(workdir).write_text(json.dumps(digest))
+  notes = []
+  _, step = inference.load_network(config, workdir, role="segmentor", log=notes.append)
+  assert step == 1
+  assert len(notes) == 1 and "does not match the digest" in notes[0], notes

@@ -21,6 +21,30 @@ def test_resize_is_scipys_linear_zoom_on_the_same_grid(shape):
   np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.parametrize("source, target", [((20, 17, 9, 3), (40, 34, 18)),
+                                             ((24, 24, 16), (12, 11, 31)),
+                                             ((5, 6, 7, 2, 2), (5, 13, 3))])
+def test_resize_is_each_axis_in_turn_below_plus_difference_times_weight_to_the_bit(source,
+                                                                                   target):
+  # The definition, one axis after the other in float32, written the plain way; the module
+  # computes it in another memory order (the axis first), which must not change a bit.
+  volume = np.random.default_rng(2).normal(size=source).astype(np.float32)
+  want = volume
+  for axis, m in enumerate(target):
+    n = want.shape[axis]
+    if n == m:
+      continue
+    position = np.clip((np.arange(m) + 0.5) * (n / m) - 0.5, 0.0, n - 1)
+    lower = np.floor(position).astype(np.int64)
+    upper = np.minimum(lower + 1, n - 1)
+    weight = (position - lower).astype(np.float32).reshape((m,) + (1,) * (want.ndim - axis - 1))
+    below, above = np.take(want, lower, axis=axis), np.take(want, upper, axis=axis)
+    want = below + (above - below) * weight
+  got = resample.resize(volume, target)
+  assert got.shape == want.shape and got.dtype == np.float32 and got.flags.c_contiguous
+  assert got.tobytes() == want.tobytes()
+
+
 def test_resize_keeps_trailing_channels_apart_and_an_unchanged_shape_exact():
   volume = np.random.default_rng(1).random((12, 10, 8, 3)).astype(np.float32)
   got = resample.resize(volume, (6, 15, 8))

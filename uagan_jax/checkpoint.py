@@ -14,6 +14,12 @@ carries a SHA-256 digest of the host copy of its state (the ``digest`` item, wri
 atomic commit); `Checkpointer.restore` recomputes it, so a bit flipped in a data file that
 TensorStore still decodes is caught as well as the files it cannot read. `restore_newest` falls
 back from an unreadable checkpoint to the newest readable one.
+
+Part of a checkpoint: the digest item also holds a SHA-256 per leaf (``leaves``), so
+`Checkpointer.restore_part` reads only some subtrees (inference: the one network that does the
+job, not the optimizer states or the critics) and verifies every leaf it read against its own
+digest. A checkpoint written before leaf digests existed cannot be verified in part
+(`NoLeafDigests`): it is restored whole.
 """
 
 from __future__ import annotations
@@ -40,6 +46,10 @@ class CheckpointUnreadable(Exception):
   """A checkpoint on disk cannot be restored (missing or damaged files, a wrong digest)."""
 
 
+class NoLeafDigests(Exception):
+  """A checkpoint without per-leaf digests: a part of it cannot be verified; restore it whole."""
+
+
 @jax.jit
 def all_finite(tree) -> jax.Array:
   """One boolean: whether every floating-point leaf of ``tree`` is free of NaN and infinity."""
@@ -60,12 +70,27 @@ def first_non_finite(tree) -> str | None:
 
 def state_digest(tree) -> str:
   """SHA-256 over every leaf's path, dtype, shape and bytes (of the host copy)."""
-  digest = hashlib.sha256()
+  return _digests(tree, leaves=False)[0]
+
+
+def leaf_digests(tree) -> dict[str, str]:
+  """Each leaf's path -> SHA-256 over its path, dtype, shape and bytes (of the host copy)."""
+  return _digests(tree, leaves=True)[1]
+
+
+def _digests(tree, *, leaves: bool) -> tuple[str, dict[str, str]]:
+  """(`state_digest`, `leaf_digests` or {}) in one pass over the host copy."""
+  whole, each = hashlib.sha256(), {}
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
     value = np.ascontiguousarray(jax.device_get(leaf))
-    digest.update(f"{_path_name(path)}|{value.dtype.str}|{value.shape}|".encode())
-    digest.update(value.tobytes())
-  return digest.hexdigest()
+    name = _path_name(path)
+    header = f"{name}|{value.dtype.str}|{value.shape}|".encode()
+    data = value.tobytes()
+    whole.update(header)
+    whole.update(data)
+    if leaves:
+      each[name] = hashlib.sha256(header + data).hexdigest()
+  return whole.hexdigest(), each
 
 
 class Checkpointer:
@@ -127,11 +152,12 @@ class Checkpointer:
       return False
     if not bool(all_finite(state)):  # the one host round trip, on saving steps only
       raise NonFiniteState(f"step {step}: non-finite {first_non_finite(state)}")
-    digest = state_digest(state)
+    digest, leaves = _digests(state, leaves=True)
     try:
       # force: the decision is taken above, so that only a checked state is ever saved.
       return self._manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), digest=ocp.args.JsonSave({"sha256": digest})),
+          state=ocp.args.StandardSave(state),
+          digest=ocp.args.JsonSave({"sha256": digest, "leaves": leaves})),
                                 force=True, metrics=metrics)
     except Exception as e:  # pylint: disable=broad-except
       raise self._write_error(e) from None
@@ -161,20 +187,7 @@ class Checkpointer:
       CheckpointUnreadable: files missing or damaged, or the restored state does not match the
         digest saved with it.
     """
-    try:
-      items = self._manager.item_metadata(step)
-      stored = {_path_name(path): tuple(meta.shape) for path, meta in
-                jax.tree_util.tree_leaves_with_path(items["state"])}
-    except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointUnreadable(f"its files cannot be read: {_first_line(e)}") from None
-    expected = {_path_name(path): tuple(leaf.shape) for path, leaf in
-                jax.tree_util.tree_leaves_with_path(like)}
-    for name in sorted(set(stored) | set(expected)):
-      if stored.get(name) != expected.get(name):
-        raise UserError(
-            f"{self.directory / str(step)}: checkpoint does not fit the current config: '{name}' "
-            f"is {_describe(stored.get(name))} there but {_describe(expected.get(name))} now; "
-            "use the config the run was started with, or a new --workdir")
+    self._check_fits(step, like, part=False)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     # Orbax's item metadata of a JSON item is None whether it exists or not: look at the folder
     # (checkpoints written before the digest existed have none and are restored unchecked).
@@ -191,7 +204,73 @@ class Checkpointer:
                                  "disk since it was written)")
     return restored.state
 
-  def restore_newest(self, like, *, log: Callable[[str], None], set_aside: bool = False):
+  def restore_part(self, step: int, like):
+    """Restores only the leaves of ``like``, verifying each against its digest.
+
+    Args:
+      step: The checkpoint.
+      like: Some subtrees of the saved state as nested dicts under their names in it, e.g.
+        ``{"nets": {"segmentor": {"params": ..., "batch_stats": ...}}}`` for a `TrainState`;
+        shapes, dtypes and shardings as in `restore`.
+
+    Returns:
+      ``like``'s structure with the stored values.
+
+    Raises:
+      UserError: as `restore`, for the leaves of ``like`` (one missing from the checkpoint too).
+      CheckpointUnreadable: files missing or damaged, or a leaf read does not match its digest.
+      NoLeafDigests: the checkpoint has no per-leaf digests (written before they existed).
+    """
+    self._check_fits(step, like, part=True)
+    digests = self._digests(step)
+    if "leaves" not in digests:
+      raise NoLeafDigests(f"{self.directory / str(step)}: no per-leaf digests")
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    try:
+      restored = ocp.PyTreeCheckpointer().restore(
+          self.directory / str(step) / "state", args=ocp.args.PyTreeRestore(
+              item=abstract, partial_restore=True,
+              restore_args=jax.tree.map(lambda leaf: ocp.ArrayRestoreArgs(
+                  sharding=leaf.sharding, dtype=leaf.dtype), abstract)))
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointUnreadable(f"its data cannot be read: {_first_line(e)}") from None
+    for name, digest in leaf_digests(restored).items():
+      if digest != digests["leaves"].get(name):
+        raise CheckpointUnreadable(f"its data does not match the digest saved with it ('{name}' "
+                                   "changed on disk since it was written)")
+    return restored
+
+  def _digests(self, step: int) -> dict:
+    """The digest item of ``step`` ({} for a checkpoint written before digests existed)."""
+    if not (self.directory / str(step) / "digest").is_dir():
+      return {}
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          digest=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointUnreadable(f"its digest cannot be read: {_first_line(e)}") from None
+    return restored.digest or {}
+
+  def _check_fits(self, step: int, like, *, part: bool) -> None:
+    """UserError unless the stored arrays have ``like``'s shapes (every stored array one of
+    ``like``'s too, unless ``part``); read from the metadata, before any data is."""
+    try:
+      items = self._manager.item_metadata(step)
+      stored = {_path_name(path): tuple(meta.shape) for path, meta in
+                jax.tree_util.tree_leaves_with_path(items["state"])}
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointUnreadable(f"its files cannot be read: {_first_line(e)}") from None
+    expected = {_path_name(path): tuple(leaf.shape) for path, leaf in
+                jax.tree_util.tree_leaves_with_path(like)}
+    for name in sorted(set(expected) if part else set(stored) | set(expected)):
+      if stored.get(name) != expected.get(name):
+        raise UserError(
+            f"{self.directory / str(step)}: checkpoint does not fit the current config: '{name}' "
+            f"is {_describe(stored.get(name))} there but {_describe(expected.get(name))} now; "
+            "use the config the run was started with, or a new --workdir")
+
+  def restore_newest(self, like, *, log: Callable[[str], None], set_aside: bool = False,
+                     part: bool = False):
     """The newest checkpoint that can be restored: ``(state, step)``, or None if there is none.
 
     Each unreadable checkpoint newer than it is reported in one line through ``log``.
@@ -201,6 +280,8 @@ class Checkpointer:
       log: where the notes go.
       set_aside: move unreadable checkpoints out of the folder (into ``<folder>_unreadable/``),
         so that training can save those steps again (training does; read-only commands do not).
+      part: restore only ``like``'s subtrees (`restore_part`); `NoLeafDigests` is raised as it
+        is, at the first checkpoint without them.
 
     Raises:
       UserError: checkpoints exist but none can be restored (naming the folder), or none fits
@@ -209,7 +290,7 @@ class Checkpointer:
     problems = []
     for step in sorted(self.all_steps(), reverse=True):
       try:
-        state = self.restore(step, like)
+        state = self.restore_part(step, like) if part else self.restore(step, like)
       except (CheckpointUnreadable, UserError) as e:
         problems.append((step, e))
         continue

@@ -12,7 +12,8 @@ functions; nothing here asks which family it is.
   wherever that holds it), and the result put back on the volume's own grid.
 * `translate_slices`: a stack of normalised slices through the translator, brain slices only.
 * `load_state`, `load_model`: a workdir's checkpoint; `segmentation_variables` and
-  `translation_variables`: the variables of the network that does the job.
+  `translation_variables`: the variables of the network that does the job; `load_network`:
+  those variables alone, read from the checkpoint without the rest of the state.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import numpy as np
 
 from uagan_jax import checkpoint as checkpoint_lib
 from uagan_jax import config as config_lib
-from uagan_jax import families, train_state
+from uagan_jax import families, timing, train_state
 from uagan_jax.data import MODALITIES, REGIONS, preprocess, resample
 from uagan_jax.errors import UserError
 
@@ -41,21 +42,40 @@ CHECKPOINT_DIRS = {"latest": "checkpoints", "best": "checkpoints_best"}
 # --------------------------------------------------------------------------------------------
 
 
-def _compiled(config: ml_collections.ConfigDict, capability: str, function: str) -> Callable:
-  """The family's ``function`` (``segment_fn`` or ``translate_fn``) over its networks, jitted."""
-  if not getattr(families.get(config.model.name), capability):
-    raise ValueError(f"model {config.model.name} does not {capability.removesuffix('s')}")
-  networks = train_state.build_networks(config, bn_axis_name=None)
-  return jax.jit(getattr(families.implementation(config.model.name), function)(networks, config))
+class _Program:
+  """The family's ``function`` (``segment_fn`` or ``translate_fn``) over its networks, compiled
+  once per shape of its arguments (ahead of the call, so that a `timing.Stopwatch` can count the
+  compilation apart from the run; the program is the one ``jax.jit`` would compile and call)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, capability: str, function: str, *,
+               stopwatch: timing.Stopwatch | None):
+    if not getattr(families.get(config.model.name), capability):
+      raise ValueError(f"model {config.model.name} does not {capability.removesuffix('s')}")
+    networks = train_state.build_networks(config, bn_axis_name=None)
+    self._jitted = jax.jit(
+        getattr(families.implementation(config.model.name), function)(networks, config))
+    self._stopwatch = stopwatch or timing.Stopwatch()
+    self._executables = {}  # the arguments' shapes and dtypes -> the compiled program
+
+  def __call__(self, *args):
+    signature = tuple((leaf.shape, leaf.dtype) for leaf in jax.tree.leaves(args))
+    executable = self._executables.get(signature)
+    if executable is None:
+      with self._stopwatch.phase("compile"):
+        executable = self._jitted.lower(*args).compile()
+      self._executables[signature] = executable
+    return executable(*args)
 
 
 class SlicePredictor:
   """Segments stacks of preprocessed slices in fixed-size batches with one compiled program."""
 
-  def __init__(self, config: ml_collections.ConfigDict, variables: dict, *, batch_size: int):
+  def __init__(self, config: ml_collections.ConfigDict, variables: dict, *, batch_size: int,
+               stopwatch: timing.Stopwatch | None = None):
+    """``stopwatch``: counts the compilations ("compile"; they happen on the first call)."""
     self.variables = jax.device_put(variables)
     self.batch_size = batch_size
-    self._predict = _compiled(config, "segments", "segment_fn")
+    self._predict = _Program(config, "segments", "segment_fn", stopwatch=stopwatch)
 
   def set_variables(self, variables: dict) -> None:
     """Predicts with other variables of the same shapes, reusing the compiled program."""
@@ -74,10 +94,12 @@ class SliceTranslator:
   Inputs and outputs are in the normalised space of training: z-scores clipped to [-clip, clip].
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, variables: dict, *, batch_size: int):
+  def __init__(self, config: ml_collections.ConfigDict, variables: dict, *, batch_size: int,
+               stopwatch: timing.Stopwatch | None = None):
+    """``stopwatch``: counts the compilations ("compile"; they happen on the first call)."""
     self.variables = jax.device_put(variables)
     self.batch_size = batch_size
-    self._translate = _compiled(config, "translates", "translate_fn")
+    self._translate = _Program(config, "translates", "translate_fn", stopwatch=stopwatch)
 
   def set_variables(self, variables: dict) -> None:
     """Translates with other variables of the same shapes, reusing the compiled program."""
@@ -215,7 +237,8 @@ def translate_volume(translator: SliceTranslator, image: np.ndarray, *, source: 
 
 
 def load_state(config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
-               checkpoint: str = "latest", log: Callable[[str], None] | None = None):
+               checkpoint: str = "latest", log: Callable[[str], None] | None = None,
+               part=None):
   """A checkpoint's train state (on one device) and its step.
 
   An unreadable checkpoint (damaged or missing files, a wrong digest) is reported in one line
@@ -228,9 +251,12 @@ def load_state(config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
     checkpoint: "latest" (the newest checkpoint in ``checkpoints/``) or "best" (the one kept in
       ``checkpoints_best/`` for the highest validation Dice, see ``train.validate_every``).
     log: where the note on an unreadable checkpoint goes.
+    part: restore only these subtrees of the state (nested dicts of abstract arrays, see
+      `checkpoint.Checkpointer.restore_part`), returned in place of the state.
 
   Raises:
     UserError: no checkpoint, or none readable (naming the folder).
+    checkpoint.NoLeafDigests: with ``part``, a checkpoint that cannot be verified in part.
   """
   if log is None:
     log = lambda message: print(f"warning: {message}", file=sys.stderr, flush=True)
@@ -249,7 +275,10 @@ def load_state(config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
                       "(--config.train.validate_every=N with a val split, data.val_fraction > 0)")
     raise UserError(f"{directory}: no checkpoints; train first with 'uagan-jax train'")
   try:
-    state, step = checkpoints.restore_newest(train_state.abstract_state(config), log=log)
+    if part is None:
+      state, step = checkpoints.restore_newest(train_state.abstract_state(config), log=log)
+    else:
+      state, step = checkpoints.restore_newest(part, log=log, part=True)
   finally:
     checkpoints.close()
   return state, step
@@ -270,14 +299,38 @@ def translation_variables(state, config: ml_collections.ConfigDict) -> dict:
   return _variables(state, families.implementation(config.model.name).TRANSLATION_ROLE)
 
 
+def load_network(config: ml_collections.ConfigDict, workdir: pathlib.Path, *, role: str,
+                 log: Callable[[str], None] | None = None) -> tuple[dict, int]:
+  """The variables (``params``, ``batch_stats``) of one network of the newest checkpoint.
+
+  Only that network's arrays are read (not the optimizer states or the other networks), each
+  verified against its digest; a checkpoint without per-leaf digests (older than them) is
+  restored whole and verified whole, as `load_state` does. The values are those of
+  `load_state`'s state either way.
+
+  Returns:
+    (variables on the host, checkpoint step).
+
+  Raises:
+    UserError: as `load_state`.
+  """
+  part = {"nets": {role: train_state.abstract_variables(config, role)}}
+  try:
+    restored, step = load_state(config, workdir, log=log, part=part)
+  except checkpoint_lib.NoLeafDigests:
+    state, step = load_state(config, workdir, log=log)
+    return _variables(state, role), step
+  return jax.device_get(restored["nets"][role]), step
+
+
 def _join(words: Sequence[str], conjunction: str) -> str:
   """"a", "a and b", "a, b and c"."""
   words = list(words)
   return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} {conjunction} {words[-1]}"
 
 
-def load_model(workdir: str | os.PathLike, *, capability: str,
-               task: str) -> tuple[ml_collections.ConfigDict, object, int]:
+def load_model(workdir: str | os.PathLike, *, capability: str, task: str,
+               network_only: bool = False) -> tuple[ml_collections.ConfigDict, object, int]:
   """The config, newest train state and its step of a training workdir.
 
   Args:
@@ -285,9 +338,12 @@ def load_model(workdir: str | os.PathLike, *, capability: str,
     capability: What the caller needs the model to do: "segments" or "translates" (a
       `families.Family` attribute).
     task: The job as a verb, for the message, e.g. "translate".
+    network_only: Read only the variables of the network that does the job (the family's
+      ``SEGMENTATION_ROLE`` or ``TRANSLATION_ROLE``, `load_network`) and return them in place
+      of the state.
 
   Returns:
-    (config, train state on one device, checkpoint step).
+    (config, train state on one device or the network's variables, checkpoint step).
 
   Raises:
     UserError: No config.json or checkpoint, or a model family that cannot do the job.
@@ -299,5 +355,10 @@ def load_model(workdir: str | os.PathLike, *, capability: str,
     able = families.with_capability(**{capability: True})
     raise UserError(f"{workdir}: model family {config.model.name} does not {task} (only "
                     f"{_join(able, 'and')} do); use a {_join(able, 'or')} workdir")
+  if network_only:
+    family = families.implementation(config.model.name)
+    role = family.SEGMENTATION_ROLE if capability == "segments" else family.TRANSLATION_ROLE
+    variables, step = load_network(config, workdir, role=role)
+    return config, variables, int(step)
   state, step = load_state(config, workdir)
   return config, state, int(step)

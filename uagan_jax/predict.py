@@ -49,7 +49,7 @@ from collections.abc import Callable
 import ml_collections
 import numpy as np
 
-from uagan_jax import inference, volume_io
+from uagan_jax import inference, timing, volume_io
 from uagan_jax.data import checks, readers, resample
 from uagan_jax.errors import UserError
 
@@ -101,12 +101,14 @@ class VolumeSegmentor:
   """
 
   def __init__(self, config: ml_collections.ConfigDict, variables: dict, *, step: int,
-               workdir: pathlib.Path, batch_size: int | None = None):
+               workdir: pathlib.Path, batch_size: int | None = None,
+               stopwatch: timing.Stopwatch | None = None):
     self.config = config
     self.step = step
     self.workdir = pathlib.Path(workdir)
     self.batch_size = int(batch_size or config.eval.batch_size)
-    self._slices = inference.SlicePredictor(config, variables, batch_size=self.batch_size)
+    self._slices = inference.SlicePredictor(config, variables, batch_size=self.batch_size,
+                                            stopwatch=stopwatch)
 
   @property
   def modalities(self) -> tuple[str, ...]:
@@ -140,13 +142,14 @@ class VolumeSegmentor:
                                     spacing=spacing)
 
 
-def load_segmentor(workdir: str | os.PathLike, *,
-                   batch_size: int | None = None) -> VolumeSegmentor:
+def load_segmentor(workdir: str | os.PathLike, *, batch_size: int | None = None,
+                   stopwatch: timing.Stopwatch | None = None) -> VolumeSegmentor:
   """Loads the segmentation network of the newest checkpoint in a training workdir.
 
   Args:
     workdir: A workdir written by ``uagan-jax train`` (``config.json``, ``checkpoints/``).
     batch_size: Slices per forward pass; default the config's ``eval.batch_size``.
+    stopwatch: Where the segmentor counts its compilations ("compile").
 
   Returns:
     The `VolumeSegmentor`.
@@ -158,10 +161,10 @@ def load_segmentor(workdir: str | os.PathLike, *,
   if batch_size is not None and batch_size < 1:
     raise UserError(f"--batch-size {batch_size}: must be at least 1")
   workdir = pathlib.Path(workdir)
-  config, state, step = inference.load_model(workdir, capability="segments",
-                                             task="segment")
-  return VolumeSegmentor(config, inference.segmentation_variables(state, config), step=step,
-                         workdir=workdir, batch_size=batch_size)
+  config, variables, step = inference.load_model(workdir, capability="segments",
+                                                 task="segment", network_only=True)
+  return VolumeSegmentor(config, variables, step=step,
+                         workdir=workdir, batch_size=batch_size, stopwatch=stopwatch)
 
 
 def check_labels(name: str) -> str:
@@ -220,7 +223,8 @@ def plan(input_path: str | os.PathLike, output_path: str | os.PathLike, *,
 def predict(input_path: str | os.PathLike, output_path: str | os.PathLike, *, modality: str,
             labels: str = "brats", workdir: str | os.PathLike | None = None,
             segmentor: VolumeSegmentor | None = None, batch_size: int | None = None,
-            log: Callable[[str], None] = print) -> list[PredictionResult]:
+            log: Callable[[str], None] = print,
+            stopwatch: timing.Stopwatch | None = None) -> list[PredictionResult]:
   """Segments a NIfTI image, a case folder or a data folder of cases into label maps.
 
   Args:
@@ -234,6 +238,9 @@ def predict(input_path: str | os.PathLike, output_path: str | os.PathLike, *, mo
     segmentor: An already loaded model (from `load_segmentor`), instead of ``workdir``.
     batch_size: With ``workdir``: slices per forward pass (default the config's eval.batch_size).
     log: Where progress goes.
+    stopwatch: Counts the wall time of loading the model, reading, compiling, segmenting and
+      writing (``uagan-jax predict --timing``); with ``segmentor``, its compilations are counted
+      where it was loaded.
 
   Returns:
     One `PredictionResult` per case, in case order.
@@ -248,13 +255,15 @@ def predict(input_path: str | os.PathLike, output_path: str | os.PathLike, *, mo
     raise ValueError("pass exactly one of workdir and segmentor")
   if segmentor is not None and batch_size is not None:
     raise ValueError("batch_size is the segmentor's; pass it to load_segmentor")
+  stopwatch = stopwatch or timing.Stopwatch()
   modality = volume_io.check_modality(modality)
   labels = check_labels(labels)
   jobs, many = plan(input_path, output_path, modality=modality)
 
   if segmentor is None:
     log(f"loading the model in {workdir}")
-    segmentor = load_segmentor(workdir, batch_size=batch_size)
+    with stopwatch.phase("load model"):
+      segmentor = load_segmentor(workdir, batch_size=batch_size, stopwatch=stopwatch)
   segmentor.check_modality(modality)
   log(f"model: {segmentor.config.model.name}, checkpoint step {segmentor.step}")
   if many:
@@ -265,7 +274,7 @@ def predict(input_path: str | os.PathLike, output_path: str | os.PathLike, *, mo
   started = time.time()
   for number, (case, output) in enumerate(jobs, 1):
     result = _predict_case(segmentor, case, output, modality=modality, labels=labels, log=log,
-                           steps=not many)
+                           steps=not many, stopwatch=stopwatch)
     results.append(result)
     if many:
       elapsed = time.time() - started
@@ -275,14 +284,15 @@ def predict(input_path: str | os.PathLike, output_path: str | os.PathLike, *, mo
 
 
 def _predict_case(segmentor: VolumeSegmentor, case: readers.CaseFiles, output: pathlib.Path, *,
-                  modality: str, labels: str, log: Callable[[str], None],
-                  steps: bool) -> PredictionResult:
+                  modality: str, labels: str, log: Callable[[str], None], steps: bool,
+                  stopwatch: timing.Stopwatch) -> PredictionResult:
   """Segments one case and writes its label map; ``steps``: log each step, not only notes."""
   step_log = log if steps else lambda _: None
   image_file = case.images[modality]
-  volume, slices = volume_io.load_brain_image(case, modality, verb="segment", log=step_log)
-  image = volume.images[modality]
-  warning = checks.skull_strip_warning(image, path=checks.image_name(case, modality))
+  with stopwatch.phase("read"):
+    volume, slices = volume_io.load_brain_image(case, modality, verb="segment", log=step_log)
+    image = volume.images[modality]
+    warning = checks.skull_strip_warning(image, path=checks.image_name(case, modality))
   if warning is not None:
     log(f"warning: {warning}")
   resampled = segmentor.needs_resampling(volume.spacing)
@@ -291,10 +301,12 @@ def _predict_case(segmentor: VolumeSegmentor, case: readers.CaseFiles, output: p
              f"{volume_io.format_spacing(segmentor.config.data.spacing)} voxels (data.spacing), the result back")
   step_log(f"segmenting {slices} slices (volume {'x'.join(map(str, image.shape))} canonical, "
            f"{volume_io.format_spacing(volume.spacing)})")
-  label_map = readers.regions_to_labels(
-      segmentor.segment(image, modality=modality, spacing=volume.spacing), convention=labels)
+  with stopwatch.phase("segment"):
+    label_map = readers.regions_to_labels(
+        segmentor.segment(image, modality=modality, spacing=volume.spacing), convention=labels)
   step_log(f"writing {output}")
-  volume_io.write_nifti(volume.to_source_image(label_map, dtype=OUTPUT_DTYPE), output)
+  with stopwatch.phase("write"):
+    volume_io.write_nifti(volume.to_source_image(label_map, dtype=OUTPUT_DTYPE), output)
   counts = np.bincount(label_map.ravel(), minlength=256)
   tumour = sorted(set(readers.LABEL_CONVENTIONS[labels]["labels"]) - {0})
   return PredictionResult(case_id=case.case_id, output=output, image_file=image_file,

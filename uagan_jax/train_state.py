@@ -142,6 +142,24 @@ def abstract_state(config: ml_collections.ConfigDict) -> TrainState:
                       abstract)
 
 
+def abstract_variables(config: ml_collections.ConfigDict, role: str) -> dict:
+  """``{"params", "batch_stats"}`` of one role's network as the train state holds them: shapes,
+  dtypes and one-device shardings, tracing that network's initialiser alone (a restore target
+  for part of a checkpoint, `checkpoint.Checkpointer.restore_part`)."""
+  networks = build_networks(config)
+  spec = families.implementation(config.model.name).init_specs(config, networks)[role]
+
+  def variables(key):
+    initial = unmapped_module(networks[role]).init(key, *spec.args, **spec.kwargs)
+    return {"params": initial["params"],
+            "batch_stats": initial.get("batch_stats", {}) if spec.keep_batch_stats else {}}
+
+  abstract = jax.eval_shape(variables, jax.random.key(config.seed))
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+                      abstract)
+
+
 def init_state(config: ml_collections.ConfigDict, mesh) -> TrainState:
   """The initial state, created by one jitted program directly in its replicated placement."""
   networks = build_networks(config)

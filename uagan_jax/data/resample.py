@@ -91,10 +91,16 @@ def resize(array: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     if n == m:
       continue
     lower, upper, weight = _axis_weights(n, m)
-    weight = weight.astype(np.float32).reshape((m,) + (1,) * (out.ndim - axis - 1))
-    below = np.take(out, lower, axis=axis)
-    above = np.take(out, upper, axis=axis)
-    out = below + (above - below) * weight
+    weight = weight.astype(np.float32).reshape((m,) + (1,) * (out.ndim - 1))
+    # The axis first and contiguous: the gathers copy whole blocks and the arithmetic runs in
+    # place (several times faster than np.take along an inner axis). Each voxel is still
+    # below + (above - below) * weight in float32, so the values are the same to the bit.
+    first = np.ascontiguousarray(np.moveaxis(out, axis, 0))
+    below, above = first[lower], first[upper]
+    np.subtract(above, below, out=above)
+    np.multiply(above, weight, out=above)
+    np.add(below, above, out=below)
+    out = np.moveaxis(below, 0, axis)
   return np.ascontiguousarray(out)
 
 
