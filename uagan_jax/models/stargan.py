@@ -53,12 +53,14 @@ class ConditionalInstanceNorm(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, modality: jax.Array) -> jax.Array:
     """[B, H, W, C] features and [B] modality ids -> normalised, scaled and shifted features."""
-    x = nn.InstanceNorm(epsilon=self.epsilon, use_scale=False, use_bias=False, dtype=self.dtype,
+    # Normalised, scaled and shifted in float32 and only then cast to the computation dtype, as
+    # Flax's own norms do with their affine parameters (a no-op in float32).
+    x = nn.InstanceNorm(epsilon=self.epsilon, use_scale=False, use_bias=False, dtype=jnp.float32,
                         name="norm")(x)
     shape = (self.num_modalities, x.shape[-1])
     scale = self.param("scale", nn.initializers.ones, shape)[modality][:, None, None, :]
     offset = self.param("bias", nn.initializers.zeros, shape)[modality][:, None, None, :]
-    return x * scale.astype(x.dtype) + offset.astype(x.dtype)
+    return (x * scale.astype(x.dtype) + offset.astype(x.dtype)).astype(self.dtype)
 
 
 # Inputs are clipped this far inside (-1, 1) before arctanh, so the residual output stays finite.
@@ -131,10 +133,10 @@ def generator_output(features: jax.Array, image: jax.Array, *, kind: str, out_ch
     return jnp.tanh(head)
   if kind == "residual":
     return jnp.tanh(head + jnp.arctanh(jnp.clip(image, -_SKIP_LIMIT, _SKIP_LIMIT)))
+  # The mask's logits in float32 before the sigmoid, as the head's before the tanh.
   mask = nn.sigmoid(own_head(nn.Conv(num_heads * out_channels, (7, 7), padding=((3, 3), (3, 3)),
                                      dtype=dtype, kernel_init=nn.initializers.zeros,
-                                     name=name + "_mask")(features))
-                    ).astype(jnp.float32)
+                                     name=name + "_mask")(features)).astype(jnp.float32))
   return mask * image + (1.0 - mask) * jnp.tanh(head)
 
 
