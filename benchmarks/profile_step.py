@@ -89,9 +89,10 @@ def categorise(name: str, instructions: dict, computations: dict) -> tuple[str, 
   else:
     phase = "forward"
   if convolution and "rhs_dilate" in body:
-    # XLA's form of a stride-2 layer's kernel gradient: a conv whose window is the whole
-    # feature map, the output gradients dilated by the stride (no op_name metadata).
-    category, phase = "conv kernel-gradient, rhs-dilated (stride-2 layers)", "backward"
+    # XLA's form of a stride-2 layer's gradients: a conv with the output gradients dilated by
+    # the stride; for the kernel gradient its window is the whole feature map (and it carries
+    # no op_name metadata).
+    category, phase = "rhs-dilated conv (gradients of stride-2 layers)", "backward"
     return category, phase
   if convolution and "lhs_dilate" in body:
     category = "conv, lhs-dilated (transposed conv; input gradient of stride-2)"
