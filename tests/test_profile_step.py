@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 import profile_step  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -52,12 +53,13 @@ def test_categorise_attributes_every_kind_of_instruction():
   assert categorise("adam") == ("losses, Adam, RNG, metrics", "-")
 
 
-def test_space_to_depth_conv_is_the_strided_conv():
+@pytest.mark.parametrize("variant", ["_space_to_depth_conv", "_im2col_conv"])
+def test_rewritten_conv_is_the_strided_conv(variant):
+  make = getattr(profile_step, variant)
   x = jax.random.normal(jax.random.key(0), (2, 12, 10, 3))
   strided = nn.Conv(5, (4, 4), strides=(2, 2), padding=((1, 1), (1, 1)))
   variables = strided.init(jax.random.key(1), x)
-  s2d = profile_step._space_to_depth_conv(nn.Conv)(5, (4, 4), strides=(2, 2),  # pylint: disable=protected-access
-                                                   padding=((1, 1), (1, 1)))
+  s2d = make(nn.Conv)(5, (4, 4), strides=(2, 2), padding=((1, 1), (1, 1)))
   assert (jax.tree.map(jnp.shape, s2d.init(jax.random.key(1), x))
           == jax.tree.map(jnp.shape, variables))
   np.testing.assert_allclose(s2d.apply(variables, x), strided.apply(variables, x), atol=1e-5)
@@ -65,7 +67,7 @@ def test_space_to_depth_conv_is_the_strided_conv():
   plain = nn.Conv(4, (3, 3))
   plain_variables = plain.init(jax.random.key(2), x)
   np.testing.assert_array_equal(
-      profile_step._space_to_depth_conv(nn.Conv)(4, (3, 3)).apply(plain_variables, x),  # pylint: disable=protected-access
+      make(nn.Conv)(4, (3, 3)).apply(plain_variables, x),
       plain.apply(plain_variables, x))
 
 
