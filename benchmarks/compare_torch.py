@@ -196,24 +196,28 @@ def worker(args) -> int:
 def format_table(results: list[dict], rooflines: dict[int, dict]) -> str:
   """The Markdown table of every measurement, with its thread setting and load."""
   lines = ["| step | threads | JAX steps/s | PyTorch steps/s | ratio JAX/PyTorch (median of "
-           "pairs) | JAX GFLOP/s | of JAX conv roofline | load (1 min) |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "pairs) | JAX GFLOP/s | of JAX conv roofline | PyTorch GFLOP/s | of PyTorch conv "
+           "roofline | load (1 min) |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   for r in results:
-    gflops = r["flops"] * r["jax_steps_per_s"] / 1e9 if r["flops"] else float("nan")
-    conv = rooflines.get(r["threads"], {}).get("jax_conv")
-    fraction = f"{100 * gflops / conv:.0f}%" if conv else "n/a"
+    flops = r["flops"] or float("nan")
+    gflops = flops * r["jax_steps_per_s"] / 1e9
+    torch_gflops = flops * r["torch_steps_per_s"] / 1e9  # the same arithmetic, XLA's count
+    roof = rooflines.get(r["threads"], {})
+    fraction = f"{100 * gflops / roof['jax_conv']:.0f}%" if roof else "n/a"
+    torch_fraction = f"{100 * torch_gflops / roof['torch_conv']:.0f}%" if roof else "n/a"
     height, width = r["image_size"]
     lines.append(
         f"| {r['family']} `{r['size']}` ({height}x{width}, batch {r['batch']}) | {r['threads']} "
         f"| {r['jax_steps_per_s']:.2f} | {r['torch_steps_per_s']:.2f} | {r['ratio']:.2f} "
-        f"| {gflops:.1f} | {fraction} | {r['load']} |")
+        f"| {gflops:.1f} | {fraction} | {torch_gflops:.1f} | {torch_fraction} | {r['load']} |")
   for threads, roof in sorted(rooflines.items()):
     lines.append(
         f"| matmul 2048^3 / conv 3x3 16x96x96x64->64 (roofline, GFLOP/s) | {threads} "
         f"| {roof['jax_matmul']:.0f} / {roof['jax_conv']:.0f} "
         f"| {roof['torch_matmul']:.0f} / {roof['torch_conv']:.0f} "
         f"| {roof['jax_matmul'] / roof['torch_matmul']:.2f} / "
-        f"{roof['jax_conv'] / roof['torch_conv']:.2f} | | | {roof['load']} |")
+        f"{roof['jax_conv'] / roof['torch_conv']:.2f} | | | | | {roof['load']} |")
   return "\n".join(lines)
 
 

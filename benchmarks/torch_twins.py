@@ -438,6 +438,9 @@ def _set_grads(params, grads):
 class TorchStep:
   """One training step of the family, as its ``train_phases`` takes it (no augmentation).
 
+  With ``train.n_critic`` > 1 the generator's objective is formed on its update steps only; the
+  JAX step also forms it (not its parameter gradients) on the others, a few reductions more.
+
   ``step(batch)`` with batch = {"image": [B,1,H,W], "regions": [B,3,H,W], "modality": [B]}
   tensors. The random draws (targets, penalty weights) are drawn per step, as in the JAX step.
   """
