@@ -14,46 +14,45 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--config", default="configs/segan.py:demo")
-  parser.add_argument("--batch", type=int, default=0, help="global batch (default: the config's)")
-  parser.add_argument("--steps", type=int, default=20, help="timed steps")
-  parser.add_argument("--warmup", type=int, default=3)
-  parser.add_argument("--devices", type=int, default=0, help="0 = all local devices")
-  parser.add_argument("--mode", choices=("shard_map", "pmap"), default=None)
-  args, overrides = parser.parse_known_args(argv)
+class CompiledStep(NamedTuple):
+  """The compiled train step ready to run: ``state, metrics = run(state, batch, key)``.
 
-  # pylint: disable=g-import-not-at-top
-  from uagan_jax import config as config_lib
-  from uagan_jax import parallel, train, train_state
-  from uagan_jax.errors import UserError
-  # pylint: enable=g-import-not-at-top
-  try:
-    extra = list(overrides)
-    if args.batch:
-      extra.append(f"--config.train.batch_size={args.batch}")
-    if args.devices:
-      extra.append(f"--config.train.num_devices={args.devices}")
-    if args.mode:
-      extra.append(f"--config.train.parallel_mode={args.mode}")
-    config = config_lib.load_config(args.config, extra)
-    mesh = parallel.make_mesh(config.train.num_devices)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  ``flops`` is XLA's cost analysis of the whole step on the whole mesh (None under pmap);
+  ``compile_seconds`` includes the first step; ``state`` is the state after that step.
+  """
+  run: Callable
+  state: Any
+  batch: dict
+  key: jax.Array
+  mesh: Any
+  flops: float | None
+  compile_seconds: float
 
+
+def random_batch(config) -> dict[str, np.ndarray]:
+  """A fixed random batch of the config's global size: images, region maps, modality ids."""
   batch_size = config.train.batch_size
   height, width = config.data.image_size
   rng = np.random.default_rng(0)
-  batch = {"image": rng.normal(size=(batch_size, height, width, 1)).astype(np.float32),
-           "regions": (rng.random((batch_size, height, width, 3)) > 0.8).astype(np.float32),
-           "modality": rng.integers(0, 4, batch_size).astype(np.int32)}
+  return {"image": rng.normal(size=(batch_size, height, width, 1)).astype(np.float32),
+          "regions": (rng.random((batch_size, height, width, 3)) > 0.8).astype(np.float32),
+          "modality": rng.integers(0, 4, batch_size).astype(np.int32)}
+
+
+def compile_step(config) -> CompiledStep:
+  """Builds, compiles and runs once the project's train step for ``config`` (train.make_step)."""
+  # pylint: disable=g-import-not-at-top
+  from uagan_jax import parallel, train, train_state
+  # pylint: enable=g-import-not-at-top
+  mesh = parallel.make_mesh(config.train.num_devices)
+  batch = random_batch(config)
   if config.train.parallel_mode == "shard_map":
     batch = parallel.shard_batch(batch, mesh)
   state = train_state.init_state(config, mesh)
@@ -75,7 +74,45 @@ def main(argv=None) -> int:
     run = step
   state, metrics = run(state, batch, key)
   jax.block_until_ready(metrics)
-  compile_seconds = time.perf_counter() - started
+  return CompiledStep(run=run, state=state, batch=batch, key=key, mesh=mesh, flops=flops,
+                      compile_seconds=time.perf_counter() - started)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--config", default="configs/segan.py:demo")
+  parser.add_argument("--batch", type=int, default=0, help="global batch (default: the config's)")
+  parser.add_argument("--steps", type=int, default=20, help="timed steps")
+  parser.add_argument("--warmup", type=int, default=3)
+  parser.add_argument("--devices", type=int, default=0, help="0 = all local devices")
+  parser.add_argument("--mode", choices=("shard_map", "pmap"), default=None)
+  args, overrides = parser.parse_known_args(argv)
+
+  # pylint: disable=g-import-not-at-top
+  from uagan_jax import config as config_lib
+  from uagan_jax import parallel
+  from uagan_jax.errors import UserError
+  # pylint: enable=g-import-not-at-top
+  try:
+    extra = list(overrides)
+    if args.batch:
+      extra.append(f"--config.train.batch_size={args.batch}")
+    if args.devices:
+      extra.append(f"--config.train.num_devices={args.devices}")
+    if args.mode:
+      extra.append(f"--config.train.parallel_mode={args.mode}")
+    config = config_lib.load_config(args.config, extra)
+    mesh = parallel.make_mesh(config.train.num_devices)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+  compiled = compile_step(config)
+  state, run, key, batch, flops = (compiled.state, compiled.run, compiled.key, compiled.batch,
+                                   compiled.flops)
+  compile_seconds, mesh = compiled.compile_seconds, compiled.mesh
+  batch_size = config.train.batch_size
+  height, width = config.data.image_size
 
   for _ in range(args.warmup):
     state, metrics = run(state, batch, key)

@@ -1,0 +1,368 @@
+"""Where the compiled train step's time goes on a CPU: a per-category profile and ablations.
+
+Profile: the step runs under jax.profiler; every executed XLA thunk's time is summed and
+attributed, through the compiled HLO's metadata (op_name: the network, the layer and the pass),
+to a category (convolutions, the generator's transposed convolutions, norms, bilinear resize,
+layout copies/transposes, the rest of the networks, losses + Adam + RNG) and a pass (forward,
+backward, the gradient penalty's second-order pass). XLA's cost analysis gives the step's FLOPs.
+
+Ablations (--ablations): throwaway variants of the step, each patched into the models in this
+process only (uagan_jax/ is not changed), timed against the unchanged step in alternating pairs
+(median ratio of step times, variant / baseline: < 1 means the variant is faster):
+  s2d_down        every 4x4 stride-2 conv as space-to-depth + 2x2 stride-1 conv (the same sum)
+  im2col_down     every 4x4 stride-2 conv as 16 strided slices + one matmul (the same sum)
+  no_gp           the WGAN-GP penalty removed (its second-order pass with it)
+  up_resize_conv  the generator's 4x4 stride-2 transposed convs replaced by nearest x2 + 3x3 conv
+  no_gen_norm     the generator's instance norms removed (an upper bound of their cost)
+  no_batch_norm   the segmentor's BatchNorms removed (an upper bound of their cost)
+  resize_slices   the segmentor's bilinear x2 as two fixed 0.75/0.25 stencils of shifted slices
+                  (the same interpolation, edges clamped as jax.image.resize does) instead of
+                  jax.image.resize
+  resize_nearest  the segmentor's bilinear x2 replaced by nearest (jnp.repeat)
+
+  python benchmarks/profile_step.py --config configs/stargan.py:demo --ablations no_gp,up_resize_conv
+  python benchmarks/profile_step.py --config configs/segan.py:demo --steps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import glob
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import step as step_bench  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_NETWORKS = ("UnifiedNet", "Generator", "Discriminator", "Segmentor", "Critic")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%(?P<name>[\w.\-]+) = .*? (?P<op>[a-z][\w\-]*)\(")
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%(?P<name>[\w.\-]+) \(")
+_OP_NAME = re.compile(r'op_name="(?P<op_name>[^"]*)"')
+_CALLS = re.compile(r"calls=%(?P<called>[\w.\-]+)")
+_HOUSEKEEPING = ("ThreadpoolListener", "ThunkExecutor", "end: ")
+
+
+def parse_hlo(text: str) -> tuple[dict, dict]:
+  """The compiled HLO's instructions {name: (opcode, op_name, called computation, line)} and its
+  computations {name: [instruction lines]}."""
+  instructions, computations, current = {}, collections.defaultdict(list), None
+  for line in text.splitlines():
+    header = _COMPUTATION.match(line)
+    if header and line.rstrip().endswith("{"):
+      current = header.group("name")
+      continue
+    match = _INSTRUCTION.match(line)
+    if not match:
+      continue
+    op_name = _OP_NAME.search(line)
+    called = _CALLS.search(line)
+    instructions.setdefault(match.group("name"), (
+        match.group("op"), op_name.group("op_name") if op_name else "",
+        called.group("called") if called else None, line))
+    if current:
+      computations[current].append(line)
+  return instructions, computations
+
+
+def categorise(name: str, instructions: dict, computations: dict) -> tuple[str, str]:
+  """(category, pass) of an executed instruction, from its opcode, its fused computation and
+  the op_name metadata JAX wrote (e.g. ``jit(train_step)/transpose(jvp(Generator))/up0/...``)."""
+  opcode, op_name, called, line = instructions.get(name, ("?", "", None, ""))
+  body = "\n".join(computations.get(called, [])) if called else line
+  convolution = " convolution(" in body or opcode == "convolution"
+  network = next((n for n in _NETWORKS if n in op_name), None)
+  layer = op_name.split(f"{network})", 1)[-1] if network else ""
+  layer = layer.strip("/").split("/")[0] if layer else ""
+  jvps = op_name.count("jvp(")
+  if jvps >= 2:
+    phase = "gradient penalty (2nd order)"
+  elif "transpose(" in op_name:
+    phase = "backward"
+  else:
+    phase = "forward"
+  if convolution and "rhs_dilate" in body:
+    # XLA's form of a stride-2 layer's gradients: a conv with the output gradients dilated by
+    # the stride; for the kernel gradient its window is the whole feature map (and it carries
+    # no op_name metadata).
+    category, phase = "rhs-dilated conv (gradients of stride-2 layers)", "backward"
+    return category, phase
+  if convolution and "lhs_dilate" in body:
+    category = "conv, lhs-dilated (transposed conv; input gradient of stride-2)"
+  elif convolution:
+    if network in ("Generator", "UnifiedNet") and re.fullmatch(r"(gen_)?up\d", layer):
+      category = "transposed conv (G's up layers)"
+    else:
+      category = "convolution"
+  elif "norm" in layer.lower():
+    category = "norm (instance/batch)"
+  elif "resize" in op_name or "scale_and_translate" in op_name:
+    category = "bilinear resize"
+  elif opcode in ("copy", "transpose") or re.match(r"(copy|transpose)", name):
+    category = "layout (copy/transpose)"
+  elif network:
+    category = "other network ops (activations, concat, pad, gates)"
+  else:
+    category = "losses, Adam, RNG, metrics"
+  if not network and phase == "forward" and "transpose(" not in op_name:
+    phase = "-"
+  return category, phase
+
+
+def profile(compiled, steps: int) -> tuple[dict, float, object]:
+  """Thunk time (seconds per step) by executed instruction name, the wall time per step, and
+  the state after the steps (the step donates its input state)."""
+  state = compiled.state
+  for _ in range(2):
+    state, metrics = compiled.run(state, compiled.batch, compiled.key)
+  jax.block_until_ready(metrics)
+  folder = tempfile.mkdtemp(prefix="profile_step_")
+  jax.profiler.start_trace(folder)
+  started = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = compiled.run(state, compiled.batch, compiled.key)
+  jax.block_until_ready((state, metrics))
+  wall = (time.perf_counter() - started) / steps
+  jax.profiler.stop_trace()
+  (path,) = glob.glob(os.path.join(folder, "**", "*.xplane.pb"), recursive=True)
+  data = jax.profiler.ProfileData.from_file(path)
+  seconds = collections.Counter()
+  for plane in data.planes:
+    if plane.name != "/host:CPU":
+      continue
+    for line in plane.lines:
+      if line.name == "python":
+        continue
+      for event in line.events:
+        if not event.name.startswith(_HOUSEKEEPING):
+          seconds[event.name] += event.duration_ns * 1e-9 / steps
+  return seconds, wall, state
+
+
+def print_profile(compiled, steps: int, load_average: str):
+  """Prints the per-category table and the top instructions; returns the state after."""
+  seconds, wall, state = profile(compiled, steps)
+  instructions, computations = parse_hlo(compiled.run.as_text())
+  by_category, by_pair = collections.Counter(), collections.Counter()
+  for name, value in seconds.items():
+    category, phase = categorise(name, instructions, computations)
+    by_category[category] += value
+    by_pair[(category, phase)] += value
+  total = sum(seconds.values())
+  print(f"wall {1000 * wall:.1f} ms/step; thunks {1000 * total:.1f} ms/step (summed over "
+        f"threads); {compiled.flops / 1e9:.2f} GFLOP/step (XLA cost analysis) = "
+        f"{compiled.flops / wall / 1e9:.1f} GFLOP/s; load {load_average}")
+  print("| category | pass | ms/step | share |")
+  print("| --- | --- | --- | --- |")
+  for category, value in by_category.most_common():
+    print(f"| {category} | all | {1000 * value:.1f} | {100 * value / total:.1f}% |")
+    for (cat, phase), pair_value in sorted(by_pair.items(), key=lambda kv: -kv[1]):
+      if cat == category and len([k for k in by_pair if k[0] == category]) > 1:
+        print(f"|  | {phase} | {1000 * pair_value:.1f} | {100 * pair_value / total:.1f}% |")
+  print("\ntop 12 instructions:")
+  for name, value in seconds.most_common(12):
+    opcode, op_name, _, line = instructions.get(name, ("?", "", None, ""))
+    shape = line.split(" = ", 1)[-1].split(" ", 1)[0] if line else ""
+    window = re.search(r"window=\{[^}]*\}", line)
+    print(f"  {1000 * value:7.1f} ms  {name} ({opcode} {shape} {window.group(0) if window else ''}"
+          f") {op_name[:100]}")
+  return state
+
+
+# ------------------------------------------------------------------------------------------------
+# Ablations: throwaway patches of the model code, in this process only
+# ------------------------------------------------------------------------------------------------
+
+
+def _resize_slices(x: jax.Array) -> jax.Array:
+  """Bilinear x2 with half-pixel centres as two stencils: out[2i] = .25 x[i-1] + .75 x[i],
+  out[2i+1] = .75 x[i] + .25 x[i+1], edges clamped (what jax.image.resize computes)."""
+  def along(v, axis):
+    n = v.shape[axis]
+    first = jax.lax.slice_in_dim(v, 0, 1, axis=axis)
+    last = jax.lax.slice_in_dim(v, n - 1, n, axis=axis)
+    before = jnp.concatenate([first, jax.lax.slice_in_dim(v, 0, n - 1, axis=axis)], axis=axis)
+    after = jnp.concatenate([jax.lax.slice_in_dim(v, 1, n, axis=axis), last], axis=axis)
+    even, odd = 0.25 * before + 0.75 * v, 0.75 * v + 0.25 * after
+    stacked = jnp.stack([even, odd], axis=axis + 1)
+    return stacked.reshape(v.shape[:axis] + (2 * n,) + v.shape[axis + 1:])
+  return along(along(x, 1), 2)
+
+
+def _space_to_depth_conv(conv_class):
+  """A Conv whose 4x4 stride-2 pad-1 layers compute the same sum as a 2x2 stride-1 conv on the
+  space-to-depth input (same parameter, [4, 4, C, O]); so their gradients are stride-1 convs."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+
+  class SpaceToDepthConv(conv_class):  # pylint: disable=missing-class-docstring
+
+    @nn.compact
+    def __call__(self, inputs):
+      if (tuple(self.kernel_size) != (4, 4) or tuple(self.strides or (1, 1)) != (2, 2)
+          or self.padding != ((1, 1), (1, 1))):
+        return super().__call__(inputs)
+      b, h, w, c = inputs.shape
+      kernel = self.param("kernel", self.kernel_init, (4, 4, c, self.features), self.param_dtype)
+      x = jnp.pad(inputs.astype(self.dtype or inputs.dtype), ((0, 0), (1, 1), (1, 1), (0, 0)))
+      hp, wp = (h + 2) // 2, (w + 2) // 2
+      x = x.reshape(b, hp, 2, wp, 2, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, 4 * c)
+      k = kernel.reshape(2, 2, 2, 2, c, self.features).transpose(0, 2, 1, 3, 4, 5)
+      k = k.reshape(2, 2, 4 * c, self.features).astype(x.dtype)
+      y = jax.lax.conv_general_dilated(x, k, (1, 1), "VALID",
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      if self.use_bias:
+        y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+      return y
+
+  SpaceToDepthConv.__name__ = conv_class.__name__
+  return SpaceToDepthConv
+
+
+def _im2col_conv(conv_class):
+  """A Conv whose 4x4 stride-2 pad-1 layers gather their 16 taps with strided slices and
+  contract them with one matmul (same parameter, [4, 4, C, O]): the kernel gradient is then a
+  matmul too, and the input gradient pads and adds."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+
+  class Im2colConv(conv_class):  # pylint: disable=missing-class-docstring
+
+    @nn.compact
+    def __call__(self, inputs):
+      if (tuple(self.kernel_size) != (4, 4) or tuple(self.strides or (1, 1)) != (2, 2)
+          or self.padding != ((1, 1), (1, 1))):
+        return super().__call__(inputs)
+      b, h, w, c = inputs.shape
+      kernel = self.param("kernel", self.kernel_init, (4, 4, c, self.features), self.param_dtype)
+      x = jnp.pad(inputs.astype(self.dtype or inputs.dtype), ((0, 0), (1, 1), (1, 1), (0, 0)))
+      taps = [x[:, dy:dy + h:2, dx:dx + w:2, :] for dy in range(4) for dx in range(4)]
+      patches = jnp.concatenate(taps, axis=-1)  # [b, h/2, w/2, 16 c], (dy, dx, c) order
+      y = jnp.dot(patches, kernel.reshape(16 * c, self.features).astype(patches.dtype))
+      if self.use_bias:
+        y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+      return y
+
+  Im2colConv.__name__ = conv_class.__name__
+  return Im2colConv
+
+
+@contextlib.contextmanager
+def ablation(name: str):
+  """Patches the model code for one variant of the step; restores it on exit."""
+  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn
+  from uagan_jax import losses
+  from uagan_jax.models import segan, stargan
+  # pylint: enable=g-import-not-at-top
+  patches = []
+
+  def patch(module, attribute, value):
+    patches.append((module, attribute, getattr(module, attribute)))
+    setattr(module, attribute, value)
+
+  if name == "no_gp":
+    patch(losses, "gradient_penalty", lambda **kwargs: jnp.zeros((), jnp.float32))
+  elif name == "up_resize_conv":
+    def up(x, features, norm, *, name, dtype):
+      b, h, w, c = x.shape
+      x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+      x = nn.Conv(features, (3, 3), use_bias=False, dtype=dtype, name=name)(x)
+      return nn.relu(norm(f"{name}_norm")(x))
+    patch(stargan, "generator_up", up)
+  elif name == "no_gen_norm":
+    original = stargan.generator_norm
+    patch(stargan, "generator_norm", lambda *a, **k: (lambda name: (lambda x: x)))
+    del original
+  elif name == "no_batch_norm":
+    patch(segan, "segmentor_batch_norm", lambda **kwargs: (lambda: (lambda x: x)))
+  elif name == "s2d_down":
+    patch(nn, "Conv", _space_to_depth_conv(nn.Conv))
+  elif name == "im2col_down":
+    patch(nn, "Conv", _im2col_conv(nn.Conv))
+  elif name == "resize_slices":
+    patch(segan, "upsample2x", _resize_slices)
+  elif name == "resize_nearest":
+    patch(segan, "upsample2x", lambda x: jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
+  elif name != "baseline":
+    raise ValueError(f"unknown ablation {name!r}")
+  try:
+    yield
+  finally:
+    for module, attribute, value in reversed(patches):
+      setattr(module, attribute, value)
+
+
+def time_steps(compiled, holder: dict, count: int) -> float:
+  state = holder["state"]
+  started = time.perf_counter()
+  for _ in range(count):
+    state, metrics = compiled.run(state, compiled.batch, compiled.key)
+  jax.block_until_ready((state, metrics))
+  holder["state"] = state
+  return (time.perf_counter() - started) / count
+
+
+def load() -> str:
+  with open("/proc/loadavg", encoding="ascii") as f:
+    return f.read().split()[0]
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--config", default="configs/stargan.py:demo")
+  parser.add_argument("--steps", type=int, default=3, help="profiled steps")
+  parser.add_argument("--ablations", default="", help="comma-separated, see the docstring")
+  parser.add_argument("--pairs", type=int, default=3, help="alternating pairs per ablation")
+  parser.add_argument("--pair-steps", type=int, default=2, help="steps per timed run")
+  parser.add_argument("--no-profile", dest="profile", action="store_false")
+  args, overrides = parser.parse_known_args(argv)
+  # pylint: disable=g-import-not-at-top
+  from uagan_jax import config as config_lib
+  # pylint: enable=g-import-not-at-top
+  config = config_lib.load_config(args.config, ["--config.train.num_devices=1",
+                                                "--config.data.augment=false", *overrides])
+  print(f"{args.config}: {config.model.name}, {config.data.image_size[0]}x"
+        f"{config.data.image_size[1]}, batch {config.train.batch_size}, "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, {jax.device_count()} device(s)")
+  baseline = step_bench.compile_step(config)
+  state = baseline.state
+  if args.profile:
+    state = print_profile(baseline, args.steps, load())
+  if not args.ablations:
+    return 0
+  holders = {"baseline": {"state": state}}
+  print("\n| ablation | GFLOP/step | step time variant / baseline (median of pairs) | pairs "
+        "| baseline ms | load |")
+  print("| --- | --- | --- | --- | --- | --- |")
+  for name in args.ablations.split(","):
+    with ablation(name):
+      variant = step_bench.compile_step(config)
+    holder = {"state": variant.state}
+    time_steps(variant, holder, 1)
+    ratios, base_times, loads = [], [], []
+    for pair in range(args.pairs):
+      if pair % 2 == 0:
+        base = time_steps(baseline, holders["baseline"], args.pair_steps)
+        other = time_steps(variant, holder, args.pair_steps)
+      else:
+        other = time_steps(variant, holder, args.pair_steps)
+        base = time_steps(baseline, holders["baseline"], args.pair_steps)
+      ratios.append(other / base)
+      base_times.append(base)
+      loads.append(load())
+    print(f"| {name} | {variant.flops / 1e9:.2f} (baseline {baseline.flops / 1e9:.2f}) "
+          f"| {statistics.median(ratios):.2f} | {', '.join(f'{r:.2f}' for r in ratios)} "
+          f"| {1000 * statistics.median(base_times):.0f} | {min(loads)}-{max(loads)} |",
+          flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,37 @@
+"""benchmarks/compare_torch.py without PyTorch: its thread settings and its table."""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+import compare_torch  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def test_thread_env_single_and_multi_threaded(monkeypatch):
+  monkeypatch.setenv("JAX_NUM_CPU_DEVICES", "4")
+  one, two = compare_torch.thread_env(1), compare_torch.thread_env(2)
+  assert "--xla_cpu_multi_thread_eigen=false" in one["XLA_FLAGS"]
+  assert "intra_op_parallelism_threads=1" in one["XLA_FLAGS"]
+  assert "intra_op_parallelism_threads=2" in two["XLA_FLAGS"]
+  assert one["OMP_NUM_THREADS"] == "1" and two["OMP_NUM_THREADS"] == "2"
+  assert "JAX_NUM_CPU_DEVICES" not in one  # one device, its own threads
+
+
+def test_table_rows_come_from_the_measurements():
+  result = {"family": "segan", "size": "demo", "image_size": [96, 96], "batch": 16, "threads": 1,
+            "jax_steps_per_s": 0.4, "torch_steps_per_s": 0.5, "ratio": 0.8, "flops": 15e9,
+            "load": "1.0-2.0"}
+  roofline = {"jax_matmul": 40.0, "torch_matmul": 20.0, "jax_conv": 30.0, "torch_conv": 10.0,
+              "load": "1.5"}
+  table = compare_torch.format_table([result], {1: roofline}).splitlines()
+  cells = [c.strip() for c in table[2].strip("|").split("|")]
+  jax_gflops, torch_gflops = 15 * 0.4, 15 * 0.5
+  assert cells == ["segan `demo` (96x96, batch 16)", "1", "0.40", "0.50", "0.80",
+                   f"{jax_gflops:.1f}", f"{100 * jax_gflops / 30:.0f}%", f"{torch_gflops:.1f}",
+                   f"{100 * torch_gflops / 10:.0f}%", "1.0-2.0"]
+  roof = [c.strip() for c in table[3].strip("|").split("|")]
+  assert roof[1:5] == ["1", "40 / 30", "20 / 10", "2.00 / 3.00"] and roof[-1] == "1.5"
+  # Without a roofline the fractions say so.
+  assert "n/a" in compare_torch.format_table([result], {}).splitlines()[2]
