@@ -88,7 +88,9 @@ AUGMENTATIONS_ON = tuple(f"--config.data.augmentations.{name}_p=1.0" for name in
     ("--config.train.parallel_mode=pmap",),
     ("--config.loss.critic_constraint=gradient_penalty", "--config.model.critic_norm=none"),
     ("variant=uagan",),
-    ("variant=uagan", "--config.train.parallel_mode=pmap"),
+    # pmap is checked on segan and uagan on shard_map in CI; the pair of them (about a minute of
+    # compiling on 2 cores) is a slow test.
+    pytest.param(("variant=uagan", "--config.train.parallel_mode=pmap"), marks=pytest.mark.slow),
     AUGMENTATIONS_ON,
 ], ids=["shard_map", "pmap", "gradient_penalty", "uagan", "uagan_pmap", "augmentations"])
 def test_four_devices_match_one_device(overrides):
