@@ -19,6 +19,8 @@ Needs the optional extra (the CPU build of PyTorch):
   pip install -e '.[torch]'
   python benchmarks/compare_torch.py --families segan,stargan --sizes demo --pairs 5
   python benchmarks/compare_torch.py --threads 1 --families uagan --sizes demo,full
+  python benchmarks/compare_torch.py --threads 1 --families stargan --sizes demo \
+      --override model.strided_conv=im2col
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 
 FAMILIES = ("unet", "segan", "stargan", "uagan")
 _RESULT = "RESULT "
@@ -107,8 +110,10 @@ def roofline(repeats: int = 5) -> dict[str, float]:
     }
 
 
-def compare(family: str, size: str, *, pairs: int, steps: int, warmup: int) -> dict:
-  """The JAX step and its PyTorch twin, ``pairs`` alternating pairs of ``steps`` timed steps."""
+def compare(family: str, size: str, *, pairs: int, steps: int, warmup: int,
+            overrides: Sequence[str] = ()) -> dict:
+  """The JAX step and its PyTorch twin, ``pairs`` alternating pairs of ``steps`` timed steps;
+  ``overrides`` (``"KEY=VALUE"``) change the JAX side's config only."""
   # pylint: disable=g-import-not-at-top
   import jax
   import torch
@@ -119,7 +124,8 @@ def compare(family: str, size: str, *, pairs: int, steps: int, warmup: int) -> d
   # pylint: enable=g-import-not-at-top
   recipe = f"configs/{family}.py" + (":demo" if size == "demo" else "")
   config = config_lib.load_config(recipe, ["--config.train.num_devices=1",
-                                           "--config.data.augment=false"])
+                                           "--config.data.augment=false",
+                                           *(f"--config.{item}" for item in overrides)])
   compiled = step_bench.compile_step(config)
   jax_state = {"state": compiled.state}
 
@@ -182,7 +188,9 @@ def worker(args) -> int:
           flush=True)
   for size in args.sizes.split(","):
     for family in args.families.split(","):
-      result = compare(family, size, pairs=args.pairs, steps=args.steps, warmup=args.warmup)
+      result = compare(family, size, pairs=args.pairs, steps=args.steps, warmup=args.warmup,
+                       overrides=args.override)
+      result["overrides"] = list(args.override)
       result["threads"] = threads
       print(_RESULT + json.dumps(result), flush=True)
   return 0
@@ -207,8 +215,10 @@ def format_table(results: list[dict], rooflines: dict[int, dict]) -> str:
     fraction = f"{100 * gflops / roof['jax_conv']:.0f}%" if roof else "n/a"
     torch_fraction = f"{100 * torch_gflops / roof['torch_conv']:.0f}%" if roof else "n/a"
     height, width = r["image_size"]
+    overrides = "".join(f", {item}" for item in r.get("overrides", ()))
     lines.append(
-        f"| {r['family']} `{r['size']}` ({height}x{width}, batch {r['batch']}) | {r['threads']} "
+        f"| {r['family']} `{r['size']}` ({height}x{width}, batch {r['batch']}{overrides}) "
+        f"| {r['threads']} "
         f"| {r['jax_steps_per_s']:.2f} | {r['torch_steps_per_s']:.2f} | {r['ratio']:.2f} "
         f"| {gflops:.1f} | {fraction} | {torch_gflops:.1f} | {torch_fraction} | {r['load']} |")
   for threads, roof in sorted(rooflines.items()):
@@ -219,6 +229,17 @@ def format_table(results: list[dict], rooflines: dict[int, dict]) -> str:
         f"| {roof['jax_matmul'] / roof['torch_matmul']:.2f} / "
         f"{roof['jax_conv'] / roof['torch_conv']:.2f} | | | | | {roof['load']} |")
   return "\n".join(lines)
+
+
+def worker_command(args, threads: int) -> list[str]:
+  """The command line of the worker that measures one thread setting."""
+  command = [sys.executable, os.path.abspath(__file__), "--worker", f"--threads-one={threads}",
+             f"--families={args.families}", f"--sizes={args.sizes}", f"--pairs={args.pairs}",
+             f"--steps={args.steps}", f"--warmup={args.warmup}",
+             *(f"--override={item}" for item in args.override)]
+  if not args.roofline:
+    command.append("--no-roofline")
+  return command
 
 
 def main(argv=None) -> int:
@@ -232,6 +253,9 @@ def main(argv=None) -> int:
                       help="thread settings, each in its own process (default: cores, then 1)")
   parser.add_argument("--no-roofline", dest="roofline", action="store_false")
   parser.add_argument("--json", default="", help="also write every result to this file")
+  parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                      help="a config override of the JAX side, e.g. model.strided_conv=im2col "
+                           "(repeatable; the PyTorch twin is unchanged)")
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--threads-one", type=int, default=1, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
@@ -241,6 +265,9 @@ def main(argv=None) -> int:
   for size in args.sizes.split(","):
     if size not in ("demo", "full"):
       parser.error(f"unknown size {size!r} (known: demo, full)")
+  for item in args.override:
+    if "=" not in item or item.startswith("-"):
+      parser.error(f"--override {item!r}: expected KEY=VALUE, e.g. model.strided_conv=im2col")
   if args.worker:
     return worker(args)
 
@@ -248,11 +275,7 @@ def main(argv=None) -> int:
   for threads in (int(t) for t in args.threads.split(",")):
     print(f"# {threads} thread(s): XLA_FLAGS={thread_env(threads)['XLA_FLAGS']!r}, "
           f"torch.set_num_threads({threads}), pinned to {threads} core(s)", flush=True)
-    command = [sys.executable, os.path.abspath(__file__), "--worker", f"--threads-one={threads}",
-               f"--families={args.families}", f"--sizes={args.sizes}", f"--pairs={args.pairs}",
-               f"--steps={args.steps}", f"--warmup={args.warmup}"]
-    if not args.roofline:
-      command.append("--no-roofline")
+    command = worker_command(args, threads)
     with subprocess.Popen(command, env=thread_env(threads), stdout=subprocess.PIPE,
                           text=True) as process:
       for line in process.stdout:

@@ -20,7 +20,13 @@ process only (uagan_jax/ is not changed), timed against the unchanged step in al
                   jax.image.resize
   resize_nearest  the segmentor's bilinear x2 replaced by nearest (jnp.repeat)
 
+Config variants (--versus KEY=VALUE[,KEY=VALUE...], repeatable): the step built with those config
+overrides (a setting of uagan_jax/ itself, e.g. model.strided_conv=im2col), timed against the
+config as given in the same alternating pairs.
+
   python benchmarks/profile_step.py --config configs/stargan.py:demo --ablations no_gp,up_resize_conv
+  python benchmarks/profile_step.py --config configs/stargan.py:demo --no-profile \
+      --versus model.strided_conv=im2col
   python benchmarks/profile_step.py --config configs/segan.py:demo --steps 5
 """
 
@@ -29,6 +35,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import functools
 import glob
 import os
 import re
@@ -314,20 +321,33 @@ def load() -> str:
     return f.read().split()[0]
 
 
+def load_config(spec: str, overrides):
+  """The config to profile: ``spec`` with ``overrides``, on one device, augmentation off."""
+  from uagan_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  return config_lib.load_config(spec, ["--config.train.num_devices=1",
+                                       "--config.data.augment=false", *overrides])
+
+
+def versus_overrides(spec: str) -> list[str]:
+  """``--versus`` ``"a.b=1,c.d=x"`` as config overrides ``["--config.a.b=1", "--config.c.d=x"]``."""
+  items = [item.strip() for item in spec.split(",") if item.strip()]
+  if not items or any("=" not in item for item in items):
+    raise ValueError(f"--versus {spec!r}: expected KEY=VALUE[,KEY=VALUE...]")
+  return [f"--config.{item}" for item in items]
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--config", default="configs/stargan.py:demo")
   parser.add_argument("--steps", type=int, default=3, help="profiled steps")
   parser.add_argument("--ablations", default="", help="comma-separated, see the docstring")
+  parser.add_argument("--versus", action="append", default=[],
+                      help="KEY=VALUE[,KEY=VALUE...]: a config variant to time against the config")
   parser.add_argument("--pairs", type=int, default=3, help="alternating pairs per ablation")
   parser.add_argument("--pair-steps", type=int, default=2, help="steps per timed run")
   parser.add_argument("--no-profile", dest="profile", action="store_false")
   args, overrides = parser.parse_known_args(argv)
-  # pylint: disable=g-import-not-at-top
-  from uagan_jax import config as config_lib
-  # pylint: enable=g-import-not-at-top
-  config = config_lib.load_config(args.config, ["--config.train.num_devices=1",
-                                                "--config.data.augment=false", *overrides])
+  config = load_config(args.config, overrides)
   print(f"{args.config}: {config.model.name}, {config.data.image_size[0]}x"
         f"{config.data.image_size[1]}, batch {config.train.batch_size}, "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, {jax.device_count()} device(s)")
@@ -335,15 +355,20 @@ def main(argv=None) -> int:
   state = baseline.state
   if args.profile:
     state = print_profile(baseline, args.steps, load())
-  if not args.ablations:
+  variants = [(name, functools.partial(ablation, name))
+              for name in args.ablations.split(",") if name]
+  for spec in args.versus:
+    variant_config = load_config(args.config, [*overrides, *versus_overrides(spec)])
+    variants.append((spec, functools.partial(contextlib.nullcontext, variant_config)))
+  if not variants:
     return 0
   holders = {"baseline": {"state": state}}
   print("\n| ablation | GFLOP/step | step time variant / baseline (median of pairs) | pairs "
         "| baseline ms | load |")
   print("| --- | --- | --- | --- | --- | --- |")
-  for name in args.ablations.split(","):
-    with ablation(name):
-      variant = step_bench.compile_step(config)
+  for name, context in variants:
+    with context() as variant_config:
+      variant = step_bench.compile_step(variant_config or config)
     holder = {"state": variant.state}
     time_steps(variant, holder, 1)
     ratios, base_times, loads = [], [], []

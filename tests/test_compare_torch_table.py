@@ -5,6 +5,8 @@ from __future__ import annotations
 import pathlib
 import sys
 
+import pytest
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 import compare_torch  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -35,3 +37,25 @@ def test_table_rows_come_from_the_measurements():
   assert roof[1:5] == ["1", "40 / 30", "20 / 10", "2.00 / 3.00"] and roof[-1] == "1.5"
   # Without a roofline the fractions say so.
   assert "n/a" in compare_torch.format_table([result], {}).splitlines()[2]
+
+
+def test_overrides_reach_the_worker_and_label_the_row():
+  args = compare_torch.argparse.Namespace(
+      families="stargan", sizes="demo", pairs=3, steps=2, warmup=1, roofline=False,
+      override=["model.strided_conv=im2col", "model.dtype=bfloat16"])
+  command = compare_torch.worker_command(args, 1)
+  assert command[command.index("--worker") + 1:] == [
+      "--threads-one=1", "--families=stargan", "--sizes=demo", "--pairs=3", "--steps=2",
+      "--warmup=1", "--override=model.strided_conv=im2col", "--override=model.dtype=bfloat16",
+      "--no-roofline"]
+  result = {"family": "stargan", "size": "demo", "image_size": [96, 96], "batch": 16,
+            "threads": 1, "jax_steps_per_s": 0.4, "torch_steps_per_s": 0.5, "ratio": 0.8,
+            "flops": 15e9, "load": "1.0", "overrides": ["model.strided_conv=im2col"]}
+  row = compare_torch.format_table([result], {}).splitlines()[2]
+  assert row.startswith("| stargan `demo` (96x96, batch 16, model.strided_conv=im2col) | 1 |")
+
+
+def test_a_malformed_override_is_refused(capsys):
+  with pytest.raises(SystemExit):
+    compare_torch.main(["--override", "model.strided_conv"])
+  assert "KEY=VALUE" in capsys.readouterr().err

@@ -89,3 +89,15 @@ def test_ablations_patch_and_restore():
     np.testing.assert_array_equal(segan.upsample2x(jnp.arange(4.0).reshape(1, 2, 2, 1))[0, :, :, 0],
                                   [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]])
   assert losses.gradient_penalty is original_penalty and nn.Conv is original_conv
+
+
+def test_versus_builds_the_config_with_the_overrides():
+  assert profile_step.versus_overrides("model.strided_conv=im2col, model.dtype=bfloat16") == [
+      "--config.model.strided_conv=im2col", "--config.model.dtype=bfloat16"]
+  with pytest.raises(ValueError, match="KEY=VALUE"):
+    profile_step.versus_overrides("model.strided_conv")
+  config = profile_step.load_config("configs/test.py:stargan",
+                                    profile_step.versus_overrides("model.strided_conv=im2col"))
+  assert config.model.strided_conv == "im2col"
+  assert config.train.num_devices == 1 and not config.data.augment
+  assert profile_step.load_config("configs/test.py:stargan", []).model.strided_conv == "xla"

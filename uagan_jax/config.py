@@ -27,6 +27,8 @@ from uagan_jax.errors import UserError
 GENERATOR_NORMS = ("instance", "conditional_instance")
 # How the generator's last conv becomes the translated image (stargan.generator_output).
 GENERATOR_OUTPUTS = ("tanh", "residual", "blend")
+# How the encoders' 4x4 stride-2 convs are computed (uagan_jax/models/strided_conv.py).
+STRIDED_CONVS = ("xla", "im2col")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -66,6 +68,11 @@ def base_config() -> ml_collections.ConfigDict:
   # that stream.
   c.model.fuse_reverse_stop_gradient = False
   c.model.dtype = "float32"  # computation dtype: "float32" or "bfloat16" (params stay float32)
+  # The encoders' 4x4 stride-2 convs (SegAN's S and C, StarGAN's G and D, UAGAN's streams): "xla",
+  # XLA's conv, or "im2col", 16 strided slices and one matmul, whose gradients are matmuls rather
+  # than XLA:CPU's slow feature-map-sized kernel-gradient conv. The same sum in another order and
+  # the same parameters (a checkpoint loads under either); see models/strided_conv.py.
+  c.model.strided_conv = "xla"
 
   c.data = ml_collections.ConfigDict()
   c.data.image_size = (192, 192)  # axial slices are centre-cropped or zero-padded to this
@@ -288,6 +295,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise UserError(f"config model.critic_norm={config.model.critic_norm!r}: use batch, layer or none")
   if config.model.dtype not in ("float32", "bfloat16"):
     raise UserError(f"config model.dtype={config.model.dtype!r}: use float32 or bfloat16")
+  if config.model.strided_conv not in STRIDED_CONVS:
+    raise UserError(f"config model.strided_conv={config.model.strided_conv!r}: use "
+                    f"{' or '.join(STRIDED_CONVS)}")
   if config.train.parallel_mode not in ("shard_map", "pmap"):
     raise UserError(f"config train.parallel_mode={config.train.parallel_mode!r}: use shard_map or pmap")
   _validate_recipe_keys(config)

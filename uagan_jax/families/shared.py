@@ -63,13 +63,13 @@ def segmentor(config, *, bn_axis_name) -> Segmentor:
   m = config.model
   return Segmentor(features=tuple(m.segmentor_features), num_regions=3,
                    num_modalities=len(MODALITIES), bn_axis_name=bn_axis_name,
-                   dtype=jnp.dtype(m.dtype))
+                   dtype=jnp.dtype(m.dtype), strided_conv=m.strided_conv)
 
 
 def critic(config, *, bn_axis_name) -> Critic:
   m = config.model
   return Critic(features=tuple(m.critic_features), norm=m.critic_norm, bn_axis_name=bn_axis_name,
-                dtype=jnp.dtype(m.dtype))
+                dtype=jnp.dtype(m.dtype), strided_conv=m.strided_conv)
 
 
 def generator(config) -> stargan.Generator:
@@ -77,7 +77,8 @@ def generator(config) -> stargan.Generator:
   return stargan.Generator(base_features=m.generator_features,
                            num_residual=m.generator_residual_blocks,
                            num_modalities=len(MODALITIES), norm=m.generator_norm,
-                           output=m.generator_output, dtype=jnp.dtype(m.dtype))
+                           output=m.generator_output, dtype=jnp.dtype(m.dtype),
+                           strided_conv=m.strided_conv)
 
 
 def discriminator(config) -> stargan.Discriminator:
@@ -85,7 +86,7 @@ def discriminator(config) -> stargan.Discriminator:
   return stargan.Discriminator(base_features=m.discriminator_features,
                                num_layers=m.discriminator_layers, num_modalities=len(MODALITIES),
                                per_modality_scores=m.discriminator_per_modality,
-                               dtype=jnp.dtype(m.dtype))
+                               dtype=jnp.dtype(m.dtype), strided_conv=m.strided_conv)
 
 
 def example_image(config) -> tuple[jax.Array, jax.Array]:

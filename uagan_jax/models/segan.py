@@ -15,8 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-# 4x4 kernels with stride 2 and one pixel of padding halve H and W exactly, as in the SegAN code.
-_DOWN = dict(kernel_size=(4, 4), strides=(2, 2), padding=((1, 1), (1, 1)))
+from uagan_jax.models.strided_conv import down_conv
 
 
 def modality_planes(modality: jax.Array, *, num_modalities: int, height: int,
@@ -42,11 +41,12 @@ def segmentor_batch_norm(*, train: bool, axis_name: str | None, dtype):
 
 def segmentor_encoder(image: jax.Array, modality: jax.Array, batch_norm, *,
                       features: Sequence[int], num_modalities: int, prefix: str,
-                      dtype) -> tuple[jax.Array, list[jax.Array]]:
+                      dtype, strided_conv: str = "xla") -> tuple[jax.Array, list[jax.Array]]:
   """SegAN's encoder, for `Segmentor` and `uagan.UnifiedNet`: the image with its modality planes
   through one 4x4 stride-2 conv per width, BatchNorm (but on the first) and LeakyReLU(0.2).
 
-  Call inside a compact module: the convs become its children ``prefix + "down<level>"``.
+  Call inside a compact module: the convs become its children ``prefix + "down<level>"``, computed
+  as ``strided_conv`` says (`strided_conv.down_conv`).
 
   Returns:
     ``(bottleneck, skips)``: the last level's output, and every other level's, fine to coarse.
@@ -60,7 +60,8 @@ def segmentor_encoder(image: jax.Array, modality: jax.Array, batch_norm, *,
   for level, width_ in enumerate(features):
     # A bias before BatchNorm is redundant (BN subtracts the mean): its true gradient is zero and
     # Adam would turn the rounding noise in it into full-size steps, so it is left out.
-    x = nn.Conv(width_, **_DOWN, use_bias=level == 0, dtype=dtype, name=f"{prefix}down{level}")(x)
+    x = down_conv(width_, use_bias=level == 0, dtype=dtype, name=f"{prefix}down{level}",
+                  implementation=strided_conv)(x)
     if level > 0:  # SegAN: no normalisation on the first layer.
       x = batch_norm()(x)
     x = nn.leaky_relu(x, 0.2)
@@ -92,18 +93,22 @@ class Segmentor(nn.Module):
       inside the data-parallel step, so the model does not depend on how many devices share the
       batch); ``None`` outside it.
     dtype: computation dtype (parameters stay float32).
+    strided_conv: how the 4x4 stride-2 convs are computed, ``"xla"`` or ``"im2col"``
+      (`strided_conv.down_conv`; the same parameters either way).
   """
   features: Sequence[int] = (64, 128, 256, 512)
   num_regions: int = 3
   num_modalities: int = 4
   bn_axis_name: str | None = None
   dtype: jnp.dtype = jnp.float32
+  strided_conv: str = "xla"
 
   @nn.compact
   def __call__(self, image: jax.Array, modality: jax.Array, *, train: bool) -> jax.Array:
     batch_norm = segmentor_batch_norm(train=train, axis_name=self.bn_axis_name, dtype=self.dtype)
     x, skips = segmentor_encoder(image, modality, batch_norm, features=self.features,
-                                 num_modalities=self.num_modalities, prefix="", dtype=self.dtype)
+                                 num_modalities=self.num_modalities, prefix="", dtype=self.dtype,
+                                 strided_conv=self.strided_conv)
     for level in reversed(range(len(self.features) - 1)):
       x = segmentor_up(x, self.features[level], batch_norm, name=f"up{level}", dtype=self.dtype)
       x = jnp.concatenate([x, skips[level]], axis=-1)
@@ -125,11 +130,14 @@ class Critic(nn.Module):
       independent, so use ``"layer"`` or ``"none"`` with it.
     bn_axis_name: mesh axis for batch statistics (see `Segmentor`).
     dtype: computation dtype.
+    strided_conv: how the 4x4 stride-2 convs are computed, ``"xla"`` or ``"im2col"``
+      (`strided_conv.down_conv`; the same parameters either way).
   """
   features: Sequence[int] = (64, 128, 256)
   norm: str = "batch"
   bn_axis_name: str | None = None
   dtype: jnp.dtype = jnp.float32
+  strided_conv: str = "xla"
 
   @nn.compact
   def __call__(self, masked_image: jax.Array) -> list[jax.Array]:
@@ -137,7 +145,8 @@ class Critic(nn.Module):
     features = [masked_image.astype(jnp.float32)]
     for level, width in enumerate(self.features):
       normalised = level > 0 and self.norm != "none"
-      x = nn.Conv(width, **_DOWN, use_bias=not normalised, dtype=self.dtype, name=f"down{level}")(x)
+      x = down_conv(width, use_bias=not normalised, dtype=self.dtype, name=f"down{level}",
+                    implementation=self.strided_conv)(x)
       if level > 0:
         if self.norm == "batch":
           x = nn.BatchNorm(use_running_average=False, axis_name=self.bn_axis_name,

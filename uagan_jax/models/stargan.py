@@ -19,9 +19,10 @@ import jax.numpy as jnp
 
 from uagan_jax.config import GENERATOR_NORMS, GENERATOR_OUTPUTS
 from uagan_jax.models.segan import modality_planes
+from uagan_jax.models.strided_conv import DOWN as _DOWN
+from uagan_jax.models.strided_conv import down_conv
 
 # 4x4 kernels with stride 2 and one pixel of padding halve H and W exactly (StarGAN's down convs).
-_DOWN = dict(kernel_size=(4, 4), strides=(2, 2), padding=((1, 1), (1, 1)))
 # PyTorch's ConvTranspose2d(kernel_size=4, stride=2, padding=1), which doubles H and W exactly.
 # `lax.conv_transpose` pads the stride-dilated input instead of cropping the output, so PyTorch's
 # padding p becomes k - 1 - p = 2 here; with ``transpose_kernel=True`` the layer is then exactly the
@@ -161,14 +162,15 @@ def generator_norm(kind: str, modality: jax.Array, *, num_modalities: int, dtype
 
 def generator_encoder(image: jax.Array, target_modality: jax.Array, norm, *, base_features: int,
                       num_residual: int, num_modalities: int, prefix: str,
-                      dtype) -> tuple[jax.Array, int]:
+                      dtype, strided_conv: str = "xla") -> tuple[jax.Array, int]:
   """StarGAN's encoder and bottleneck, for `Generator` and `uagan.UnifiedNet`.
 
   The image with the target's one-hot planes through the 7x7 stem, two 4x4 stride-2 downs and
   ``num_residual`` residual blocks, every conv bias-free and followed by ``norm`` (a
   `generator_norm` factory) and ReLU. Call inside a compact module: the layers become its children
   ``"stem"``, ``"stem_norm"``, ``"down<l>"``, ``"down<l>_norm"``, ``"res<b>_conv<i>"`` and
-  ``"res<b>_norm<i>"``, each name preceded by ``prefix``.
+  ``"res<b>_norm<i>"``, each name preceded by ``prefix``. The downs are computed as
+  ``strided_conv`` says (`strided_conv.down_conv`).
 
   Returns:
     The bottleneck features [B, H/4, W/4, 4 * base_features] and their width.
@@ -186,7 +188,8 @@ def generator_encoder(image: jax.Array, target_modality: jax.Array, norm, *, bas
   features = base_features
   for level in range(2):
     features *= 2
-    x = nn.Conv(features, **_DOWN, use_bias=False, dtype=dtype, name=f"{prefix}down{level}")(x)
+    x = down_conv(features, use_bias=False, dtype=dtype, name=f"{prefix}down{level}",
+                  implementation=strided_conv)(x)
     x = nn.relu(norm(f"{prefix}down{level}_norm")(x))
   for block in range(num_residual):
     # StarGAN's residual block: no activation after the sum.
@@ -226,6 +229,8 @@ class Generator(nn.Module):
     norm: ``"instance"`` (as published) or ``"conditional_instance"`` (see `generator_norm`).
     output: one of GENERATOR_OUTPUTS (see `generator_output`); ``"tanh"`` is StarGAN.
     dtype: computation dtype (parameters stay float32).
+    strided_conv: how the 4x4 stride-2 convs are computed, ``"xla"`` or ``"im2col"``
+      (`strided_conv.down_conv`; the same parameters either way).
   """
   base_features: int = 64
   num_residual: int = 6
@@ -234,6 +239,7 @@ class Generator(nn.Module):
   norm: str = "instance"
   output: str = "tanh"
   dtype: jnp.dtype = jnp.float32
+  strided_conv: str = "xla"
 
   @nn.compact
   def __call__(self, image: jax.Array, target_modality: jax.Array) -> jax.Array:
@@ -251,7 +257,8 @@ class Generator(nn.Module):
     x, features = generator_encoder(image, target_modality, instance_norm,
                                     base_features=self.base_features,
                                     num_residual=self.num_residual,
-                                    num_modalities=self.num_modalities, prefix="", dtype=self.dtype)
+                                    num_modalities=self.num_modalities, prefix="", dtype=self.dtype,
+                                    strided_conv=self.strided_conv)
     for level in range(2):
       features //= 2
       x = generator_up(x, features, instance_norm, name=f"up{level}", dtype=self.dtype)
@@ -282,12 +289,15 @@ class Discriminator(nn.Module):
     num_modalities: classifier outputs (and ``src`` channels with ``per_modality_scores``).
     per_modality_scores: one real/fake score map per modality, chosen by ``modality``.
     dtype: computation dtype (parameters stay float32).
+    strided_conv: how the 4x4 stride-2 convs are computed, ``"xla"`` or ``"im2col"``
+      (`strided_conv.down_conv`; the same parameters either way).
   """
   base_features: int = 64
   num_layers: int = 6
   num_modalities: int = 4
   per_modality_scores: bool = False
   dtype: jnp.dtype = jnp.float32
+  strided_conv: str = "xla"
 
   @nn.compact
   def __call__(self, image: jax.Array,
@@ -315,8 +325,8 @@ class Discriminator(nn.Module):
       raise ValueError(f"image size {height}x{width} is not divisible by 2**num_layers = {factor}")
     x = image.astype(self.dtype)
     for level in range(self.num_layers):
-      x = nn.Conv(self.base_features * 2 ** level, **_DOWN, dtype=self.dtype,
-                  name=f"down{level}")(x)
+      x = down_conv(self.base_features * 2 ** level, dtype=self.dtype, name=f"down{level}",
+                    implementation=self.strided_conv)(x)
       x = nn.leaky_relu(x, 0.01)
     # Both heads are bias-free in StarGAN; a bias on the WGAN score cancels in the critic loss.
     src = nn.Conv(self.num_modalities if self.per_modality_scores else 1, (3, 3),

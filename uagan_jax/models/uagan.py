@@ -68,6 +68,8 @@ class UnifiedNet(nn.Module):
       head, see ``model.generator_pair_heads`` in config.py.
     bn_axis_name: axis for the segmentation stream's BatchNorm statistics (see `Segmentor`).
     dtype: computation dtype.
+    strided_conv: how both encoders' 4x4 stride-2 convs are computed, ``"xla"`` or ``"im2col"``
+      (`strided_conv.down_conv`; the same parameters either way).
   """
   seg_features: Sequence[int] = (64, 128, 256, 512)
   gen_features: int = 64
@@ -82,6 +84,7 @@ class UnifiedNet(nn.Module):
   gen_pair_heads: bool = False
   bn_axis_name: str | None = None
   dtype: jnp.dtype = jnp.float32
+  strided_conv: str = "xla"
 
   @nn.compact
   def __call__(self, image: jax.Array, source_modality: jax.Array, target_modality: jax.Array, *,
@@ -110,12 +113,13 @@ class UnifiedNet(nn.Module):
     g, width_g = stargan.generator_encoder(
         translation_input, target_modality, instance_norm, base_features=self.gen_features,
         num_residual=self.num_residual, num_modalities=self.num_modalities, prefix="gen_",
-        dtype=dt)
+        dtype=dt, strided_conv=self.strided_conv)
 
     # Segmentation stream: encoder, then decoder down to H/4.
     s, skips = segan.segmentor_encoder(image, source_modality, batch_norm,
                                        features=self.seg_features,
-                                       num_modalities=self.num_modalities, prefix="seg_", dtype=dt)
+                                       num_modalities=self.num_modalities, prefix="seg_", dtype=dt,
+                                       strided_conv=self.strided_conv)
     for level in reversed(range(1, len(self.seg_features) - 1)):
       s = segan.segmentor_up(s, self.seg_features[level], batch_norm, name=f"seg_up{level}",
                              dtype=dt)

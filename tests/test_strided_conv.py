@@ -1,0 +1,231 @@
+"""The 4x4 stride-2 conv as an im2col matmul (``model.strided_conv``) against XLA's conv.
+
+``"im2col"`` computes the same sums as ``"xla"`` in another order, so values, gradients and the
+gradient penalty's second-order gradients are compared within float32 rounding; parameters are
+compared exactly (a checkpoint loads under either); the default leaves the networks' arithmetic
+exactly as nn.Conv computes it; a train step with ``"im2col"`` runs under both parallel modes on
+two devices and matches the ``"xla"`` step.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import load_test_config
+
+from uagan_jax import config as config_lib
+from uagan_jax import losses
+from uagan_jax.errors import UserError
+from uagan_jax.models import segan, stargan, uagan
+from uagan_jax.models import strided_conv as strided_conv_lib
+
+# Float32 tolerance. Both implementations form the same products and add them in another order,
+# so the difference is rounding: a sum of n terms is exact to about n * 2^-24 of the sum of the
+# terms' magnitudes. The outputs sum 16 C <= 256 terms, the kernel gradients B H/2 W/2 <= 512:
+# 1e-5 relative to the largest value leaves a factor ~10 over that bound and is still ~1e4 times
+# smaller than any slip in the taps (a wrong or shifted tap changes values by O(1) of them).
+_RTOL = 1e-5
+
+
+def _assert_close(actual, expected, rtol=_RTOL):
+  expected = np.asarray(expected, np.float32)
+  scale = float(np.max(np.abs(expected)))  # 0 for a parameter the loss does not read: exact
+  np.testing.assert_allclose(np.asarray(actual, np.float32), expected, rtol=0, atol=rtol * scale)
+
+
+def _normal(shape, seed):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+def _xla_conv(x, kernel):
+  return jax.lax.conv_general_dilated(x, kernel, (2, 2), ((1, 1), (1, 1)),
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@pytest.mark.parametrize("shape,features", [((2, 8, 8, 1), 3), ((3, 16, 12, 5), 4),
+                                            ((1, 4, 6, 16), 2)])
+def test_im2col_values_and_gradients_equal_xla_conv(shape, features):
+  x = _normal(shape, 0)
+  kernel = _normal((4, 4, shape[-1], features), 1)
+  cotangent = _normal((shape[0], shape[1] // 2, shape[2] // 2, features), 2)
+  y_ref, vjp_ref = jax.vjp(_xla_conv, x, kernel)
+  y, vjp = jax.vjp(strided_conv_lib.im2col_down, x, kernel)
+  assert y.shape == y_ref.shape
+  _assert_close(y, y_ref)
+  for grad, grad_ref in zip(vjp(cotangent), vjp_ref(cotangent)):
+    _assert_close(grad, grad_ref)
+
+
+def test_im2col_rejects_odd_sizes_and_unknown_implementations():
+  with pytest.raises(ValueError, match="even"):
+    strided_conv_lib.im2col_down(jnp.zeros((1, 5, 4, 1)), jnp.zeros((4, 4, 1, 1)))
+  with pytest.raises(ValueError, match="unknown strided conv"):
+    strided_conv_lib.down_conv(2, name="down0", implementation="fft")
+
+
+def test_im2col_under_vmap_equals_xla_conv_per_example():
+  x = _normal((3, 2, 8, 8, 2), 3)  # vmapped over the first axis, each a batch of 2
+  kernel = _normal((4, 4, 2, 3), 4)
+  _assert_close(jax.vmap(strided_conv_lib.im2col_down, (0, None))(x, kernel),
+                jax.vmap(_xla_conv, (0, None))(x, kernel))
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_layer_has_nn_conv_parameters_and_output(use_bias):
+  """Same names, shapes, dtypes and init values as nn.Conv (so checkpoints load under either),
+  and the same output."""
+  x = _normal((2, 8, 8, 3), 5)
+  xla = strided_conv_lib.down_conv(4, use_bias=use_bias, name="down0")
+  im2col = strided_conv_lib.down_conv(4, use_bias=use_bias, name="down0", implementation="im2col")
+  assert isinstance(xla, nn.Conv)
+  variables = xla.init(jax.random.key(0), x)
+  variables_im2col = im2col.init(jax.random.key(0), x)
+  assert jax.tree.structure(variables) == jax.tree.structure(variables_im2col)
+  assert set(variables["params"]) == ({"kernel", "bias"} if use_bias else {"kernel"})
+  for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(variables_im2col)):
+    assert a.dtype == b.dtype
+    np.testing.assert_array_equal(a, b)
+  if use_bias:  # a non-zero bias, so that adding it is tested too
+    variables = {"params": {**variables["params"], "bias": _normal((4,), 6)}}
+  _assert_close(im2col.apply(variables, x), xla.apply(variables, x))
+
+
+def test_layer_computes_in_bfloat16_with_float32_parameters():
+  x = _normal((2, 8, 8, 3), 7)
+  xla = strided_conv_lib.down_conv(4, dtype=jnp.bfloat16, name="down0")
+  im2col = strided_conv_lib.down_conv(4, dtype=jnp.bfloat16, name="down0",
+                                      implementation="im2col")
+  variables = xla.init(jax.random.key(0), x)
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(variables))
+  y, y_ref = im2col.apply(variables, x), xla.apply(variables, x)
+  assert y.dtype == y_ref.dtype == jnp.bfloat16
+  # bfloat16 keeps 8 significant bits: each implementation rounds its inputs alike but may round
+  # partial sums differently, so they agree to a few bfloat16 ulps (2^-8 relative), not exactly.
+  _assert_close(y, y_ref, rtol=3 * 2.0 ** -8)
+
+
+def _network_cases():
+  image = _normal((2, 32, 32, 1), 8)
+  modality = jnp.array([0, 3])
+  return {
+      "segmentor": (lambda impl: segan.Segmentor(features=(4, 8), strided_conv=impl),
+                    (image, modality), {"train": True}),
+      "critic": (lambda impl: segan.Critic(features=(4, 8), norm="none", strided_conv=impl),
+                 (jnp.tile(image, (1, 1, 1, 3)),), {}),
+      "generator": (lambda impl: stargan.Generator(base_features=4, num_residual=1,
+                                                   strided_conv=impl),
+                    (image, modality), {}),
+      "discriminator": (lambda impl: stargan.Discriminator(base_features=4, num_layers=3,
+                                                           strided_conv=impl),
+                        (image,), {}),
+      "unified": (lambda impl: uagan.UnifiedNet(seg_features=(4, 8, 8), gen_features=4,
+                                                num_residual=1, strided_conv=impl),
+                  (image, modality, modality), {"train": True}),
+  }
+
+
+@pytest.mark.parametrize("network", ["segmentor", "critic", "generator", "discriminator",
+                                     "unified"])
+def test_networks_have_identical_parameters_and_close_outputs(network):
+  build, args, kwargs = _network_cases()[network]
+  key = jax.random.key(0, impl="rbg")
+  variables = jax.jit(lambda k: build("xla").init(k, *args, **kwargs))(key)
+  variables_im2col = jax.jit(lambda k: build("im2col").init(k, *args, **kwargs))(key)
+  assert jax.tree.structure(variables) == jax.tree.structure(variables_im2col)
+  for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(variables_im2col)):
+    np.testing.assert_array_equal(a, b)
+
+  def apply(impl):
+    return jax.jit(lambda v: build(impl).apply(v, *args, **kwargs, mutable=["batch_stats"]))(
+        variables)[0]
+  for a, b in zip(jax.tree.leaves(apply("im2col")), jax.tree.leaves(apply("xla"))):
+    _assert_close(a, b, rtol=1e-4)  # several layers deep, each adding its rounding
+
+
+def test_default_discriminator_computes_exactly_nn_conv():
+  """At the default, the down layers are nn.Conv itself: a stack of nn.Conv(**DOWN) with the
+  same parameters gives bit-identical scores (today's program, unchanged)."""
+  image = _normal((2, 32, 32, 1), 9)
+  model = stargan.Discriminator(base_features=4, num_layers=3)
+  variables = model.init(jax.random.key(0), image)
+  src, _ = model.apply(variables, image)
+  params = variables["params"]
+  x = image
+  for level in range(3):
+    x = nn.Conv(4 * 2 ** level, **strided_conv_lib.DOWN).apply(
+        {"params": params[f"down{level}"]}, x)
+    x = nn.leaky_relu(x, 0.01)
+  reference = nn.Conv(1, (3, 3), padding=((1, 1), (1, 1)), use_bias=False).apply(
+      {"params": params["src"]}, x)
+  np.testing.assert_array_equal(src, reference)
+
+
+def test_gradient_penalty_second_order_gradients_equal_xla():
+  """The WGAN-GP penalty differentiates D's input gradient again with respect to D's parameters:
+  im2col's layers are plain JAX operations, so that works and equals XLA's to rounding."""
+  real, fake = _normal((2, 32, 32, 1), 10), _normal((2, 32, 32, 1), 11)
+  alpha = jnp.array([0.3, 0.8])
+  variables = stargan.Discriminator(base_features=4, num_layers=3).init(jax.random.key(0), real)
+
+  def penalty_grads(impl):
+    model = stargan.Discriminator(base_features=4, num_layers=3, strided_conv=impl)
+
+    def penalty(params):
+      def critic_fn(x):
+        return jnp.mean(model.apply({"params": params}, x)[0], axis=(1, 2, 3))
+      return losses.gradient_penalty(critic_fn=critic_fn, real=real, fake=fake, alpha=alpha)
+    return jax.jit(jax.value_and_grad(penalty))(variables["params"])
+
+  (value, grads), (value_ref, grads_ref) = penalty_grads("im2col"), penalty_grads("xla")
+  _assert_close(value, value_ref)
+  assert jax.tree.structure(grads) == jax.tree.structure(grads_ref)
+  for level in range(3):  # the penalty reaches every down layer
+    assert np.max(np.abs(grads_ref[f"down{level}"]["kernel"])) > 0
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
+    _assert_close(a, b, rtol=1e-4)  # a second-order sum through three layers
+
+
+def test_config_rejects_unknown_strided_conv():
+  with pytest.raises(UserError, match="model.strided_conv"):
+    load_test_config("--config.model.strided_conv=fft")
+  assert config_lib.base_config().model.strided_conv == "xla"
+
+
+# Two compiles each (minutes on 2 cores): stargan under shard_map in CI, the others slow tests.
+@pytest.mark.parametrize("variant,mode", [
+    ("stargan", "shard_map"),
+    pytest.param("stargan", "pmap", marks=pytest.mark.slow),
+    pytest.param("uagan", "shard_map", marks=pytest.mark.slow)])
+def test_train_step_with_im2col_matches_xla_on_two_devices(variant, mode):
+  """One step of configs/test.py (stargan's and uagan's D with the gradient penalty) on a
+  2-device mesh under each parallel mode: ``"im2col"`` runs and gives XLA's metrics and
+  parameters to rounding."""
+  from uagan_jax import parallel, train, train_state  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.normal(size=(8, 32, 32, 1)).astype(np.float32),
+           "regions": (rng.random((8, 32, 32, 3)) > 0.7).astype(np.float32),
+           "modality": rng.integers(0, 4, 8).astype(np.int32)}
+  results = {}
+  for impl in ("xla", "im2col"):
+    config = load_test_config("--config.data.augment=false", "--config.train.num_devices=2",
+                              f"--config.train.parallel_mode={mode}",
+                              f"--config.model.strided_conv={impl}", variant=variant)
+    mesh = parallel.make_mesh(2)
+    state = train_state.init_state(config, mesh)
+    step = train.make_step(config, mesh, donate=False)
+    state, metrics = step(state, parallel.shard_batch(batch, mesh),
+                          jax.random.fold_in(state.base_key, 0))
+    results[impl] = jax.device_get((state.nets, metrics))
+  (nets, metrics), (nets_ref, metrics_ref) = results["im2col"], results["xla"]
+  assert set(metrics) == set(metrics_ref)
+  for name in metrics_ref:
+    np.testing.assert_allclose(metrics[name], metrics_ref[name], rtol=1e-4, atol=1e-6,
+                               err_msg=name)
+  assert jax.tree.structure(nets) == jax.tree.structure(nets_ref)
+  # After one Adam step a parameter moves by about the learning rate whatever its gradient's size,
+  # so rounding in a gradient near zero can flip a step's sign: compare to a few learning rates.
+  for a, b in zip(jax.tree.leaves(nets), jax.tree.leaves(nets_ref)):
+    np.testing.assert_allclose(a, b, rtol=0, atol=3e-3)
