@@ -130,13 +130,8 @@ def compare(family: str, size: str, *, pairs: int, steps: int, warmup: int,
   jax_state = {"state": compiled.state}
 
   def run_jax(count: int) -> float:
-    state = jax_state["state"]
-    started = time.perf_counter()
-    for _ in range(count):
-      state, metrics = compiled.run(state, compiled.batch, compiled.key)
-    jax.block_until_ready((state, metrics))
-    jax_state["state"] = state
-    return time.perf_counter() - started
+    jax_state["state"], seconds = step_bench.run_steps(compiled, jax_state["state"], count)
+    return seconds
 
   twin = torch_twins.TorchStep(config)
   batch = torch_twins.torch_batch(step_bench.random_batch(config))

@@ -307,13 +307,9 @@ def ablation(name: str):
 
 
 def time_steps(compiled, holder: dict, count: int) -> float:
-  state = holder["state"]
-  started = time.perf_counter()
-  for _ in range(count):
-    state, metrics = compiled.run(state, compiled.batch, compiled.key)
-  jax.block_until_ready((state, metrics))
-  holder["state"] = state
-  return (time.perf_counter() - started) / count
+  """Seconds per step of ``count`` steps from ``holder["state"]``, which they advance."""
+  holder["state"], seconds = step_bench.run_steps(compiled, holder["state"], count)
+  return seconds / count
 
 
 def load() -> str:

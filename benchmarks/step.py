@@ -78,6 +78,16 @@ def compile_step(config) -> CompiledStep:
                       compile_seconds=time.perf_counter() - started)
 
 
+def run_steps(compiled: CompiledStep, state, count: int):
+  """Runs ``count`` steps of ``compiled`` from ``state`` (same batch and key each step); returns
+  the last state and the wall seconds until its result is ready."""
+  started = time.perf_counter()
+  for _ in range(count):
+    state, metrics = compiled.run(state, compiled.batch, compiled.key)
+  jax.block_until_ready((state, metrics))
+  return state, time.perf_counter() - started
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--config", default="configs/segan.py:demo")
@@ -117,11 +127,7 @@ def main(argv=None) -> int:
   for _ in range(args.warmup):
     state, metrics = run(state, batch, key)
   jax.block_until_ready(metrics)
-  started = time.perf_counter()
-  for _ in range(args.steps):
-    state, metrics = run(state, batch, key)
-  jax.block_until_ready((state, metrics))
-  seconds = time.perf_counter() - started
+  state, seconds = run_steps(compiled, state, args.steps)
 
   steps_per_second = args.steps / seconds
   device = mesh.devices.flat[0]
