@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from uagan_jax.models import stargan
+from uagan_jax.models import strided_conv
 from uagan_jax.models.stargan import Discriminator, Generator
 
 _GENERATOR = Generator(base_features=4, num_residual=1)
@@ -83,7 +84,7 @@ def test_generator_examples_are_independent():
 def test_upsampling_is_pytorch_conv_transpose_4_2_1():
   # PyTorch's ConvTranspose2d(k=4, s=2, p=1) is the adjoint (the VJP) of Conv2d(k=4, s=2, p=1).
   x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 5, 7, 3)), jnp.float32)
-  layer = nn.ConvTranspose(6, **stargan._UP, use_bias=False)  # pylint: disable=protected-access
+  layer = nn.ConvTranspose(6, **strided_conv.UP, use_bias=False)
   variables = layer.init(_key(), x)
   kernel = variables["params"]["kernel"]
   down = lambda z: jax.lax.conv_general_dilated(z, kernel, (2, 2), ((1, 1), (1, 1)),

@@ -28,7 +28,7 @@ GENERATOR_NORMS = ("instance", "conditional_instance")
 # How the generator's last conv becomes the translated image (stargan.generator_output).
 GENERATOR_OUTPUTS = ("tanh", "residual", "blend")
 # How the encoders' 4x4 stride-2 convs are computed (uagan_jax/models/strided_conv.py).
-STRIDED_CONVS = ("xla", "im2col")
+STRIDED_CONVS = ("xla", "im2col", "canonical_vjp")
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -19,15 +19,9 @@ import jax.numpy as jnp
 
 from uagan_jax.config import GENERATOR_NORMS, GENERATOR_OUTPUTS
 from uagan_jax.models.segan import modality_planes
-from uagan_jax.models.strided_conv import DOWN as _DOWN
 from uagan_jax.models.strided_conv import down_conv
+from uagan_jax.models.strided_conv import up_conv
 
-# 4x4 kernels with stride 2 and one pixel of padding halve H and W exactly (StarGAN's down convs).
-# PyTorch's ConvTranspose2d(kernel_size=4, stride=2, padding=1), which doubles H and W exactly.
-# `lax.conv_transpose` pads the stride-dilated input instead of cropping the output, so PyTorch's
-# padding p becomes k - 1 - p = 2 here; with ``transpose_kernel=True`` the layer is then exactly the
-# gradient of the matching `_DOWN` conv, i.e. the same operator as StarGAN's (tested).
-_UP = dict(kernel_size=(4, 4), strides=(2, 2), padding=((2, 2), (2, 2)), transpose_kernel=True)
 # PyTorch's InstanceNorm2d epsilon (flax defaults to 1e-6).
 _IN_EPSILON = 1e-5
 
@@ -202,10 +196,11 @@ def generator_encoder(image: jax.Array, target_modality: jax.Array, norm, *, bas
   return x, features
 
 
-def generator_up(x: jax.Array, features: int, norm, *, name: str, dtype) -> jax.Array:
-  """One StarGAN up block: 4x4 stride-2 transposed conv ``name`` (bias-free), ``norm``
-  (``name + "_norm"``), ReLU."""
-  x = nn.ConvTranspose(features, **_UP, use_bias=False, dtype=dtype, name=name)(x)
+def generator_up(x: jax.Array, features: int, norm, *, name: str, dtype,
+                 strided_conv: str = "xla") -> jax.Array:
+  """One StarGAN up block: 4x4 stride-2 transposed conv ``name`` (bias-free, computed as
+  ``strided_conv`` says, `strided_conv.up_conv`), ``norm`` (``name + "_norm"``), ReLU."""
+  x = up_conv(features, use_bias=False, dtype=dtype, name=name, implementation=strided_conv)(x)
   return nn.relu(norm(f"{name}_norm")(x))
 
 
@@ -261,7 +256,8 @@ class Generator(nn.Module):
                                     strided_conv=self.strided_conv)
     for level in range(2):
       features //= 2
-      x = generator_up(x, features, instance_norm, name=f"up{level}", dtype=self.dtype)
+      x = generator_up(x, features, instance_norm, name=f"up{level}", dtype=self.dtype,
+                       strided_conv=self.strided_conv)
     return generator_output(x, image, kind=self.output, out_channels=self.out_channels,
                             name="head", dtype=self.dtype)
 

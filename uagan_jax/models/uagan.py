@@ -128,7 +128,8 @@ class UnifiedNet(nn.Module):
     # The two decoders side by side at H/2 and H, exchanging features.
     for level, seg_width in ((0, self.seg_features[0]), (1, self.seg_features[0])):
       width_g //= 2
-      g = stargan.generator_up(g, width_g, instance_norm, name=f"gen_up{level}", dtype=dt)
+      g = stargan.generator_up(g, width_g, instance_norm, name=f"gen_up{level}", dtype=dt,
+                               strided_conv=self.strided_conv)
       s = segan.segmentor_up(s, seg_width, batch_norm,
                              name="seg_up0" if level == 0 else "seg_head_conv", dtype=dt)
       if self.fuse:
