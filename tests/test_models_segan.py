@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from uagan_jax.errors import UserError
+from uagan_jax.models import segan
 from uagan_jax.models.segan import Critic, Segmentor, mask_image
 
 from conftest import load_test_config
@@ -77,3 +78,39 @@ def test_sizes_come_from_the_config():
 def test_image_size_must_fit_the_encoder_depth():
   with pytest.raises(UserError, match="data.image_size"):
     load_test_config("--config.data.image_size=(34, 34)")  # 2 levels: sides must divide by 4
+
+
+def _random(shape, seed):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 4), (1, 12, 12, 2), (3, 1, 2, 1)])
+def test_stencil_resize_equals_jax_image_with_gradients(shape):
+  """``model.resize="stencil"`` is the same bilinear x2 as jax.image.resize: outputs and input
+  gradients to float32 rounding (each output sums at most 4 weighted inputs, each gradient
+  element at most 16 terms), edges and a 1-pixel axis included."""
+  x = _random(shape, 0)
+  y_ref, vjp_ref = jax.vjp(lambda v: segan.upsample2x(v, method="jax_image"), x)
+  y, vjp = jax.vjp(lambda v: segan.upsample2x(v, method="stencil"), x)
+  assert y.shape == y_ref.shape == (shape[0], 2 * shape[1], 2 * shape[2], shape[3])
+  np.testing.assert_allclose(y, y_ref, rtol=0, atol=1e-6)
+  cotangent = _random(y.shape, 1)
+  np.testing.assert_allclose(vjp(cotangent)[0], vjp_ref(cotangent)[0], rtol=0, atol=1e-5)
+  with pytest.raises(ValueError, match="unknown resize"):
+    segan.upsample2x(x, method="nearest")
+
+
+def test_stencil_resize_keeps_the_segmentor_parameters_and_output():
+  image, modality = _random((2, 16, 16, 1), 2), jnp.array([0, 2])
+  variables = Segmentor(features=(4, 8)).init(jax.random.key(0), image, modality, train=False)
+  stencil = Segmentor(features=(4, 8), resize="stencil")
+  assert jax.tree.structure(stencil.init(jax.random.key(0), image, modality, train=False)) == \
+      jax.tree.structure(variables)
+  np.testing.assert_allclose(stencil.apply(variables, image, modality, train=False),
+                             Segmentor(features=(4, 8)).apply(variables, image, modality,
+                                                              train=False), rtol=0, atol=1e-5)
+
+
+def test_config_rejects_unknown_resize():
+  with pytest.raises(UserError, match="model.resize"):
+    load_test_config("--config.model.resize=nearest")

@@ -29,6 +29,8 @@ GENERATOR_NORMS = ("instance", "conditional_instance")
 GENERATOR_OUTPUTS = ("tanh", "residual", "blend")
 # How the encoders' 4x4 stride-2 convs are computed (uagan_jax/models/strided_conv.py).
 STRIDED_CONVS = ("xla", "im2col", "canonical_vjp")
+# How the segmentor's bilinear x2 is computed (uagan_jax/models/segan.py, upsample2x).
+RESIZES = ("jax_image", "stencil")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -68,11 +70,17 @@ def base_config() -> ml_collections.ConfigDict:
   # that stream.
   c.model.fuse_reverse_stop_gradient = False
   c.model.dtype = "float32"  # computation dtype: "float32" or "bfloat16" (params stay float32)
-  # The encoders' 4x4 stride-2 convs (SegAN's S and C, StarGAN's G and D, UAGAN's streams): "xla",
-  # XLA's conv, or "im2col", 16 strided slices and one matmul, whose gradients are matmuls rather
-  # than XLA:CPU's slow feature-map-sized kernel-gradient conv. The same sum in another order and
-  # the same parameters (a checkpoint loads under either); see models/strided_conv.py.
+  # The 4x4 stride-2 convs (SegAN's S and C, StarGAN's G and D and G's transposed convs, UAGAN's
+  # streams): "xla", XLA's conv and autodiff's gradients; "im2col" (down convs only), 16 strided
+  # slices and one matmul; "canonical_vjp", XLA's convs with custom VJPs that keep every gradient
+  # (the penalty's second order too) a conv XLA:CPU runs on Eigen rather than as a plain loop.
+  # The same sums in another order and the same parameters (a checkpoint loads under any); see
+  # models/strided_conv.py and docs/EXPERIMENTS.md for what each costs.
   c.model.strided_conv = "xla"
+  # The segmentor's bilinear x2 (segan, uagan): "jax_image", jax.image.resize (dense weight
+  # matrices), or "stencil", the same interpolation as shifted slices (its gradients add the same
+  # terms in another order); models/segan.py, upsample2x.
+  c.model.resize = "jax_image"
 
   c.data = ml_collections.ConfigDict()
   c.data.image_size = (192, 192)  # axial slices are centre-cropped or zero-padded to this
@@ -298,6 +306,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.model.strided_conv not in STRIDED_CONVS:
     raise UserError(f"config model.strided_conv={config.model.strided_conv!r}: use "
                     f"{' or '.join(STRIDED_CONVS)}")
+  if config.model.resize not in RESIZES:
+    raise UserError(f"config model.resize={config.model.resize!r}: use {' or '.join(RESIZES)}")
   if config.train.parallel_mode not in ("shard_map", "pmap"):
     raise UserError(f"config train.parallel_mode={config.train.parallel_mode!r}: use shard_map or pmap")
   _validate_recipe_keys(config)

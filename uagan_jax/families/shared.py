@@ -63,7 +63,7 @@ def segmentor(config, *, bn_axis_name) -> Segmentor:
   m = config.model
   return Segmentor(features=tuple(m.segmentor_features), num_regions=3,
                    num_modalities=len(MODALITIES), bn_axis_name=bn_axis_name,
-                   dtype=jnp.dtype(m.dtype), strided_conv=m.strided_conv)
+                   dtype=jnp.dtype(m.dtype), strided_conv=m.strided_conv, resize=m.resize)
 
 
 def critic(config, *, bn_axis_name) -> Critic:

@@ -45,7 +45,7 @@ def build_networks(config, *, bn_axis_name) -> Networks:
       fuse_reverse=m.fuse_reverse, fuse_reverse_stop_gradient=m.fuse_reverse_stop_gradient,
       gen_norm=m.generator_norm, gen_output=m.generator_output,
       gen_pair_heads=m.generator_pair_heads, bn_axis_name=bn_axis_name, dtype=jnp.dtype(m.dtype),
-      strided_conv=m.strided_conv)
+      strided_conv=m.strided_conv, resize=m.resize)
   # One module, two learning rates: the translation stream's parameters (and the gates that feed
   # it) follow the generator's, the rest the segmentor's.
   unified_optimizer = optax.multi_transform(

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from uagan_jax.config import RESIZES
 from uagan_jax.models.strided_conv import down_conv
 
 
@@ -25,8 +26,34 @@ def modality_planes(modality: jax.Array, *, num_modalities: int, height: int,
   return jnp.broadcast_to(one_hot[:, None, None, :], (modality.shape[0], height, width, num_modalities))
 
 
-def upsample2x(x: jax.Array) -> jax.Array:
-  """Bilinear resize by 2 (the SegAN decoder's upsampling, which avoids checkerboard artefacts)."""
+def _bilinear2x_stencil(x: jax.Array) -> jax.Array:
+  """Bilinear x2 with half-pixel centres along H then W as two fixed stencils of shifted slices,
+  out[2i] = .25 x[i-1] + .75 x[i] and out[2i+1] = .75 x[i] + .25 x[i+1], edges clamped."""
+  def along(v, axis):
+    n = v.shape[axis]
+    first = jax.lax.slice_in_dim(v, 0, 1, axis=axis)
+    last = jax.lax.slice_in_dim(v, n - 1, n, axis=axis)
+    before = jnp.concatenate([first, jax.lax.slice_in_dim(v, 0, n - 1, axis=axis)], axis=axis)
+    after = jnp.concatenate([jax.lax.slice_in_dim(v, 1, n, axis=axis), last], axis=axis)
+    even, odd = 0.25 * before + 0.75 * v, 0.75 * v + 0.25 * after
+    interleaved = jnp.stack([even, odd], axis=axis + 1)
+    return interleaved.reshape(v.shape[:axis] + (2 * n,) + v.shape[axis + 1:])
+  return along(along(x, 1), 2)
+
+
+def upsample2x(x: jax.Array, *, method: str = "jax_image") -> jax.Array:
+  """Bilinear resize by 2 (the SegAN decoder's upsampling, which avoids checkerboard artefacts).
+
+  ``method`` (``model.resize``): ``"jax_image"``, `jax.image.resize`, which contracts each axis
+  with a dense [2n, n] weight matrix (two non-zeros a row) and transposes around it, a quarter
+  of the segan :demo step on a CPU; or ``"stencil"``, the same interpolation as shifted slices
+  and two multiply-adds a pixel. Their outputs agree to float32 rounding; their gradients add
+  the same terms in another order.
+  """
+  if method == "stencil":
+    return _bilinear2x_stencil(x)
+  if method != "jax_image":
+    raise ValueError(f"unknown resize {method!r}: use one of {RESIZES}")
   b, h, w, c = x.shape
   return jax.image.resize(x, (b, 2 * h, 2 * w, c), method="bilinear")
 
@@ -70,9 +97,11 @@ def segmentor_encoder(image: jax.Array, modality: jax.Array, batch_norm, *,
   return x, skips
 
 
-def segmentor_up(x: jax.Array, features: int, batch_norm, *, name: str, dtype) -> jax.Array:
-  """One level of SegAN's decoder: bilinear resize x2, 3x3 conv ``name``, BatchNorm, ReLU."""
-  x = upsample2x(x)
+def segmentor_up(x: jax.Array, features: int, batch_norm, *, name: str, dtype,
+                 resize: str = "jax_image") -> jax.Array:
+  """One level of SegAN's decoder: bilinear resize x2 (`upsample2x` by ``resize``), 3x3 conv
+  ``name``, BatchNorm, ReLU."""
+  x = upsample2x(x, method=resize)
   x = nn.Conv(features, (3, 3), use_bias=False, dtype=dtype, name=name)(x)
   return nn.relu(batch_norm()(x))
 
@@ -93,8 +122,9 @@ class Segmentor(nn.Module):
       inside the data-parallel step, so the model does not depend on how many devices share the
       batch); ``None`` outside it.
     dtype: computation dtype (parameters stay float32).
-    strided_conv: how the 4x4 stride-2 convs are computed, ``"xla"`` or ``"im2col"``
-      (`strided_conv.down_conv`; the same parameters either way).
+    strided_conv: how the 4x4 stride-2 convs are computed (`strided_conv.down_conv`; the same
+      parameters whichever).
+    resize: how the decoder's bilinear x2 is computed (`upsample2x`).
   """
   features: Sequence[int] = (64, 128, 256, 512)
   num_regions: int = 3
@@ -102,6 +132,7 @@ class Segmentor(nn.Module):
   bn_axis_name: str | None = None
   dtype: jnp.dtype = jnp.float32
   strided_conv: str = "xla"
+  resize: str = "jax_image"
 
   @nn.compact
   def __call__(self, image: jax.Array, modality: jax.Array, *, train: bool) -> jax.Array:
@@ -110,9 +141,11 @@ class Segmentor(nn.Module):
                                  num_modalities=self.num_modalities, prefix="", dtype=self.dtype,
                                  strided_conv=self.strided_conv)
     for level in reversed(range(len(self.features) - 1)):
-      x = segmentor_up(x, self.features[level], batch_norm, name=f"up{level}", dtype=self.dtype)
+      x = segmentor_up(x, self.features[level], batch_norm, name=f"up{level}", dtype=self.dtype,
+                       resize=self.resize)
       x = jnp.concatenate([x, skips[level]], axis=-1)
-    x = segmentor_up(x, self.features[0], batch_norm, name="head_conv", dtype=self.dtype)
+    x = segmentor_up(x, self.features[0], batch_norm, name="head_conv", dtype=self.dtype,
+                     resize=self.resize)
     logits = nn.Conv(self.num_regions, (3, 3), dtype=self.dtype, name="logits")(x)
     return logits.astype(jnp.float32)
 
@@ -130,8 +163,8 @@ class Critic(nn.Module):
       independent, so use ``"layer"`` or ``"none"`` with it.
     bn_axis_name: mesh axis for batch statistics (see `Segmentor`).
     dtype: computation dtype.
-    strided_conv: how the 4x4 stride-2 convs are computed, ``"xla"`` or ``"im2col"``
-      (`strided_conv.down_conv`; the same parameters either way).
+    strided_conv: how the 4x4 stride-2 convs are computed (`strided_conv.down_conv`; the same
+      parameters whichever).
   """
   features: Sequence[int] = (64, 128, 256)
   norm: str = "batch"

@@ -68,8 +68,10 @@ class UnifiedNet(nn.Module):
       head, see ``model.generator_pair_heads`` in config.py.
     bn_axis_name: axis for the segmentation stream's BatchNorm statistics (see `Segmentor`).
     dtype: computation dtype.
-    strided_conv: how both encoders' 4x4 stride-2 convs are computed, ``"xla"`` or ``"im2col"``
-      (`strided_conv.down_conv`; the same parameters either way).
+    strided_conv: how both streams' 4x4 stride-2 convs and the translation stream's transposed
+      convs are computed (`strided_conv.down_conv`, `strided_conv.up_conv`; the same parameters
+      whichever).
+    resize: how the segmentation stream's bilinear x2 is computed (`segan.upsample2x`).
   """
   seg_features: Sequence[int] = (64, 128, 256, 512)
   gen_features: int = 64
@@ -85,6 +87,7 @@ class UnifiedNet(nn.Module):
   bn_axis_name: str | None = None
   dtype: jnp.dtype = jnp.float32
   strided_conv: str = "xla"
+  resize: str = "jax_image"
 
   @nn.compact
   def __call__(self, image: jax.Array, source_modality: jax.Array, target_modality: jax.Array, *,
@@ -122,7 +125,7 @@ class UnifiedNet(nn.Module):
                                        strided_conv=self.strided_conv)
     for level in reversed(range(1, len(self.seg_features) - 1)):
       s = segan.segmentor_up(s, self.seg_features[level], batch_norm, name=f"seg_up{level}",
-                             dtype=dt)
+                             dtype=dt, resize=self.resize)
       s = jnp.concatenate([s, skips[level]], axis=-1)
 
     # The two decoders side by side at H/2 and H, exchanging features.
@@ -131,7 +134,8 @@ class UnifiedNet(nn.Module):
       g = stargan.generator_up(g, width_g, instance_norm, name=f"gen_up{level}", dtype=dt,
                                strided_conv=self.strided_conv)
       s = segan.segmentor_up(s, seg_width, batch_norm,
-                             name="seg_up0" if level == 0 else "seg_head_conv", dtype=dt)
+                             name="seg_up0" if level == 0 else "seg_head_conv", dtype=dt,
+                             resize=self.resize)
       if self.fuse:
         fused_s = s + AttentionGate(seg_width, dtype=dt, name=f"fuse_gen_to_seg{level}")(g)
         if self.fuse_reverse:
