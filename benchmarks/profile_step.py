@@ -10,23 +10,19 @@ Ablations (--ablations): throwaway variants of the step, each patched into the m
 process only (uagan_jax/ is not changed), timed against the unchanged step in alternating pairs
 (median ratio of step times, variant / baseline: < 1 means the variant is faster):
   s2d_down        every 4x4 stride-2 conv as space-to-depth + 2x2 stride-1 conv (the same sum)
-  im2col_down     every 4x4 stride-2 conv as 16 strided slices + one matmul (the same sum)
   no_gp           the WGAN-GP penalty removed (its second-order pass with it)
   up_resize_conv  the generator's 4x4 stride-2 transposed convs replaced by nearest x2 + 3x3 conv
   no_gen_norm     the generator's instance norms removed (an upper bound of their cost)
   no_batch_norm   the segmentor's BatchNorms removed (an upper bound of their cost)
-  resize_slices   the segmentor's bilinear x2 as two fixed 0.75/0.25 stencils of shifted slices
-                  (the same interpolation, edges clamped as jax.image.resize does) instead of
-                  jax.image.resize
   resize_nearest  the segmentor's bilinear x2 replaced by nearest (jnp.repeat)
 
 Config variants (--versus KEY=VALUE[,KEY=VALUE...], repeatable): the step built with those config
-overrides (a setting of uagan_jax/ itself, e.g. model.strided_conv=im2col), timed against the
-config as given in the same alternating pairs.
+overrides (a setting of uagan_jax/ itself, e.g. model.strided_conv=canonical_vjp or
+model.resize=stencil), timed against the config as given in the same alternating pairs.
 
   python benchmarks/profile_step.py --config configs/stargan.py:demo --ablations no_gp,up_resize_conv
   python benchmarks/profile_step.py --config configs/stargan.py:demo --no-profile \
-      --versus model.strided_conv=im2col
+      --versus model.strided_conv=canonical_vjp
   python benchmarks/profile_step.py --config configs/segan.py:demo --steps 5
 """
 
@@ -189,21 +185,6 @@ def print_profile(compiled, steps: int, load_average: str):
 # ------------------------------------------------------------------------------------------------
 
 
-def _resize_slices(x: jax.Array) -> jax.Array:
-  """Bilinear x2 with half-pixel centres as two stencils: out[2i] = .25 x[i-1] + .75 x[i],
-  out[2i+1] = .75 x[i] + .25 x[i+1], edges clamped (what jax.image.resize computes)."""
-  def along(v, axis):
-    n = v.shape[axis]
-    first = jax.lax.slice_in_dim(v, 0, 1, axis=axis)
-    last = jax.lax.slice_in_dim(v, n - 1, n, axis=axis)
-    before = jnp.concatenate([first, jax.lax.slice_in_dim(v, 0, n - 1, axis=axis)], axis=axis)
-    after = jnp.concatenate([jax.lax.slice_in_dim(v, 1, n, axis=axis), last], axis=axis)
-    even, odd = 0.25 * before + 0.75 * v, 0.75 * v + 0.25 * after
-    stacked = jnp.stack([even, odd], axis=axis + 1)
-    return stacked.reshape(v.shape[:axis] + (2 * n,) + v.shape[axis + 1:])
-  return along(along(x, 1), 2)
-
-
 def _space_to_depth_conv(conv_class):
   """A Conv whose 4x4 stride-2 pad-1 layers compute the same sum as a 2x2 stride-1 conv on the
   space-to-depth input (same parameter, [4, 4, C, O]); so their gradients are stride-1 convs."""
@@ -233,33 +214,6 @@ def _space_to_depth_conv(conv_class):
   return SpaceToDepthConv
 
 
-def _im2col_conv(conv_class):
-  """A Conv whose 4x4 stride-2 pad-1 layers gather their 16 taps with strided slices and
-  contract them with one matmul (same parameter, [4, 4, C, O]): the kernel gradient is then a
-  matmul too, and the input gradient pads and adds."""
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-
-  class Im2colConv(conv_class):  # pylint: disable=missing-class-docstring
-
-    @nn.compact
-    def __call__(self, inputs):
-      if (tuple(self.kernel_size) != (4, 4) or tuple(self.strides or (1, 1)) != (2, 2)
-          or self.padding != ((1, 1), (1, 1))):
-        return super().__call__(inputs)
-      b, h, w, c = inputs.shape
-      kernel = self.param("kernel", self.kernel_init, (4, 4, c, self.features), self.param_dtype)
-      x = jnp.pad(inputs.astype(self.dtype or inputs.dtype), ((0, 0), (1, 1), (1, 1), (0, 0)))
-      taps = [x[:, dy:dy + h:2, dx:dx + w:2, :] for dy in range(4) for dx in range(4)]
-      patches = jnp.concatenate(taps, axis=-1)  # [b, h/2, w/2, 16 c], (dy, dx, c) order
-      y = jnp.dot(patches, kernel.reshape(16 * c, self.features).astype(patches.dtype))
-      if self.use_bias:
-        y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-      return y
-
-  Im2colConv.__name__ = conv_class.__name__
-  return Im2colConv
-
-
 @contextlib.contextmanager
 def ablation(name: str):
   """Patches the model code for one variant of the step; restores it on exit."""
@@ -277,7 +231,7 @@ def ablation(name: str):
   if name == "no_gp":
     patch(losses, "gradient_penalty", lambda **kwargs: jnp.zeros((), jnp.float32))
   elif name == "up_resize_conv":
-    def up(x, features, norm, *, name, dtype):
+    def up(x, features, norm, *, name, dtype, **_):
       b, h, w, c = x.shape
       x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
       x = nn.Conv(features, (3, 3), use_bias=False, dtype=dtype, name=name)(x)
@@ -291,12 +245,9 @@ def ablation(name: str):
     patch(segan, "segmentor_batch_norm", lambda **kwargs: (lambda: (lambda x: x)))
   elif name == "s2d_down":
     patch(nn, "Conv", _space_to_depth_conv(nn.Conv))
-  elif name == "im2col_down":
-    patch(nn, "Conv", _im2col_conv(nn.Conv))
-  elif name == "resize_slices":
-    patch(segan, "upsample2x", _resize_slices)
   elif name == "resize_nearest":
-    patch(segan, "upsample2x", lambda x: jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
+    patch(segan, "upsample2x",
+          lambda x, **_: jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
   elif name != "baseline":
     raise ValueError(f"unknown ablation {name!r}")
   try:
