@@ -29,6 +29,7 @@ if "UAGAN_JAX_CACHE" not in os.environ:
 
 import pathlib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -54,6 +55,14 @@ def load_test_config(*overrides: str, variant: str = ""):
   return config_lib.load_config(spec, list(overrides))
 
 
+def random_train_batch(batch: int = 8, size: int = 32, seed: int = 0) -> dict[str, np.ndarray]:
+  """A seeded random train-step batch: normal images, region maps ~30% on, modality ids."""
+  rng = np.random.default_rng(seed)
+  return {"image": rng.normal(size=(batch, size, size, 1)).astype(np.float32),
+          "regions": (rng.random((batch, size, size, 3)) > 0.7).astype(np.float32),
+          "modality": rng.integers(0, 4, batch).astype(np.int32)}
+
+
 def assert_one_line_error(code, err, *needles):
   """What a user must see on bad input: exit 2, one ``error: ...`` line naming each needle."""
   assert code == 2
@@ -70,7 +79,6 @@ def write_random_workdir(path, config, *, seed=0):
   # pylint: disable=g-import-not-at-top
   import functools
   import jax
-  import numpy as np
   from uagan_jax import checkpoint
   from uagan_jax import config as config_lib
   from uagan_jax import train_state

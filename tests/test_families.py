@@ -22,7 +22,8 @@ from uagan_jax.errors import UserError
 from uagan_jax.families import shared
 from uagan_jax.families import uagan as uagan_family
 
-from conftest import ROOT, TEST_CONFIG, assert_one_line_error, load_test_config, run_cli
+from conftest import (ROOT, TEST_CONFIG, assert_one_line_error, load_test_config,
+                      random_train_batch, run_cli)
 
 FAMILY_NAMES = ("unet", "segan", "stargan", "uagan")
 
@@ -235,10 +236,7 @@ def test_recipe_keys_at_their_defaults_leave_the_step_bit_identical(variant):
              "--config.optim.decay_end=2", "--config.optim.decay_final_fraction=0.5",
              "--config.loss.region_weights=()", "--config.loss.shape_loss=bce_dice",
              "--config.loss.scale_pooling=per_scale")
-  rng = np.random.default_rng(0)
-  batch = {"image": rng.normal(size=(8, 32, 32, 1)).astype(np.float32),
-           "regions": (rng.random((8, 32, 32, 3)) > 0.7).astype(np.float32),
-           "modality": rng.integers(0, 4, 8).astype(np.int32)}
+  batch = random_train_batch()
   results = []
   for overrides in ((), neutral):
     config = load_test_config("--config.data.augment=false", *overrides, variant=variant)

@@ -14,7 +14,7 @@ import pytest
 from uagan_jax import families, parallel, train, train_state
 from uagan_jax.models import stargan
 
-from conftest import load_test_config
+from conftest import load_test_config, random_train_batch
 
 # bfloat16 keeps an 8-bit significand (7 stored bits), so one rounding is off by at most 2**-9 of
 # the value and a few roundings in a row by a few times that. Each loss is a float32 mean over
@@ -28,10 +28,7 @@ STEPS = 3
 
 
 def _batch(seed=0, size=32):
-  rng = np.random.default_rng(seed)
-  return {"image": rng.normal(size=(GLOBAL_BATCH, size, size, 1)).astype(np.float32),
-          "regions": (rng.random((GLOBAL_BATCH, size, size, 3)) > 0.7).astype(np.float32),
-          "modality": rng.integers(0, 4, GLOBAL_BATCH).astype(np.int32)}
+  return random_train_batch(GLOBAL_BATCH, size, seed)
 
 
 def _variant(family: str) -> str:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import load_test_config
+from conftest import load_test_config, random_train_batch
 
 from uagan_jax import config as config_lib
 from uagan_jax import losses
@@ -287,10 +287,7 @@ def test_train_step_matches_xla_on_two_devices(variant, mode, impl):
   2-device mesh under each parallel mode: ``impl`` runs and gives XLA's metrics and
   parameters to rounding."""
   from uagan_jax import parallel, train, train_state  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(0)
-  batch = {"image": rng.normal(size=(8, 32, 32, 1)).astype(np.float32),
-           "regions": (rng.random((8, 32, 32, 3)) > 0.7).astype(np.float32),
-           "modality": rng.integers(0, 4, 8).astype(np.int32)}
+  batch = random_train_batch()
   results = {}
   for implementation in ("xla", impl):
     config = load_test_config("--config.data.augment=false", "--config.train.num_devices=2",

@@ -15,7 +15,7 @@ import pytest
 
 from uagan_jax import checkpoint, parallel, train, train_state
 
-from conftest import ROOT, TEST_CONFIG, load_test_config
+from conftest import ROOT, TEST_CONFIG, load_test_config, random_train_batch
 
 
 # --- The step ----------------------------------------------------------------------------------
@@ -25,10 +25,7 @@ GLOBAL_BATCH = 8
 
 
 def _batch(seed=0, size=32):
-  rng = np.random.default_rng(seed)
-  return {"image": rng.normal(size=(GLOBAL_BATCH, size, size, 1)).astype(np.float32),
-          "regions": (rng.random((GLOBAL_BATCH, size, size, 3)) > 0.7).astype(np.float32),
-          "modality": rng.integers(0, 4, GLOBAL_BATCH).astype(np.int32)}
+  return random_train_batch(GLOBAL_BATCH, size, seed)
 
 
 def _run(config, devices, steps):
