@@ -23,6 +23,10 @@ def get_config(variant: str = ""):
   c.data.tumour_free_fraction = 0.5  # translation learns from every brain slice
   c.train.n_critic = 5  # StarGAN's
   c.train.steps = 40_000
+  # Gradients as canonical convs XLA:CPU runs on Eigen: the :demo step 0.52x the time on one CPU
+  # thread, the same sums in another order ("xla" for the previous numbers bit for bit;
+  # docs/EXPERIMENTS.md, "Convolution gradients on XLA:CPU's fast path").
+  c.model.strided_conv = "canonical_vjp"
   config_lib.apply_full_recipe_augmentations(c)  # nnU-Net-like; off in :demo
   if variant == "demo":
     config_lib.apply_demo_sizes(c)

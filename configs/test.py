@@ -38,6 +38,7 @@ def get_config(variant: str = ""):
     c.model.fuse_reverse = True
     c.model.generator_output = "blend"
     c.model.discriminator_per_modality = True
+    c.model.strided_conv = "canonical_vjp"
     if variant == "uagan":
       c.model.generator_pair_heads = True
       c.model.fuse_reverse_stop_gradient = True

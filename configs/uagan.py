@@ -76,6 +76,11 @@ def get_config(variant: str = ""):
   # 5. The classification loss is what pulls G off its input; at 1 it also pulls T1 <-> T1ce off
   # the anatomy.
   c.loss.cls_weight = 0.5
+  # 6. Gradients as canonical convs XLA:CPU runs on Eigen: the :demo step 0.74x the time on one
+  # CPU thread, held-out Dice and PSNR within the run-to-run spread; the same sums in another
+  # order ("xla" for the previous numbers bit for bit; docs/EXPERIMENTS.md, "Convolution
+  # gradients on XLA:CPU's fast path").
+  c.model.strided_conv = "canonical_vjp"
   c.train.steps = 40_000
   config_lib.apply_full_recipe_augmentations(c)  # nnU-Net-like; off in :demo
   if variant == "demo":

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import load_test_config, random_train_batch
+from conftest import ROOT, load_test_config, random_train_batch
 
 from uagan_jax import config as config_lib
 from uagan_jax import losses
@@ -223,8 +223,9 @@ def test_networks_have_identical_parameters_and_close_outputs(network, impl):
 
 
 def test_default_discriminator_computes_exactly_nn_conv():
-  """At the default, the down layers are nn.Conv itself: a stack of nn.Conv(**DOWN) with the
-  same parameters gives bit-identical scores (today's program, unchanged)."""
+  """With ``"xla"`` (the default) the down layers are nn.Conv itself: a stack of nn.Conv(**DOWN)
+  with the same parameters gives bit-identical scores (the program before the other
+  implementations, unchanged)."""
   image = _normal((2, 32, 32, 1), 9)
   model = stargan.Discriminator(base_features=4, num_layers=3)
   variables = model.init(jax.random.key(0), image)
@@ -271,6 +272,10 @@ def test_config_rejects_unknown_strided_conv():
   with pytest.raises(UserError, match="model.strided_conv"):
     load_test_config("--config.model.strided_conv=fft")
   assert config_lib.base_config().model.strided_conv == "xla"
+  for recipe in ("stargan", "uagan"):  # measured there (docs/EXPERIMENTS.md)
+    recipe_config = config_lib.load_config(f"{ROOT / 'configs' / recipe}.py:demo", [])
+    assert recipe_config.model.strided_conv == "canonical_vjp"
+    assert load_test_config(variant=recipe).model.strided_conv == "canonical_vjp"
 
 
 # Two compiles each (minutes on 2 cores): canonical_vjp's stargan under shard_map (whose custom

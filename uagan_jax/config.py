@@ -71,15 +71,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.fuse_reverse_stop_gradient = False
   c.model.dtype = "float32"  # computation dtype: "float32" or "bfloat16" (params stay float32)
   # The 4x4 stride-2 convs (SegAN's S and C, StarGAN's G and D and G's transposed convs, UAGAN's
-  # streams): "xla", XLA's conv and autodiff's gradients; "im2col" (down convs only), 16 strided
-  # slices and one matmul; "canonical_vjp", XLA's convs with custom VJPs that keep every gradient
-  # (the penalty's second order too) a conv XLA:CPU runs on Eigen rather than as a plain loop.
-  # The same sums in another order and the same parameters (a checkpoint loads under any); see
-  # models/strided_conv.py and docs/EXPERIMENTS.md for what each costs.
+  # streams): "xla", XLA's conv and autodiff's gradients; "canonical_vjp", XLA's convs with
+  # custom VJPs that keep every gradient (the penalty's second order too) a conv XLA:CPU runs on
+  # Eigen rather than as a plain loop (the stargan :demo step 0.52x the time on one CPU thread,
+  # uagan 0.74x, segan unchanged; configs/stargan.py and configs/uagan.py use it); "im2col" (down
+  # convs only), 16 strided slices and one matmul. The same sums in another order and the same
+  # parameters (a checkpoint loads under any); models/strided_conv.py, docs/EXPERIMENTS.md.
   c.model.strided_conv = "xla"
   # The segmentor's bilinear x2 (segan, uagan): "jax_image", jax.image.resize (dense weight
-  # matrices), or "stencil", the same interpolation as shifted slices (its gradients add the same
-  # terms in another order); models/segan.py, upsample2x.
+  # matrices), or "stencil", shifted slices and two multiply-adds a pixel. The same
+  # interpolation; the gradients add the same terms in another order. models/segan.py,
+  # upsample2x; docs/EXPERIMENTS.md for why the default stays.
   c.model.resize = "jax_image"
 
   c.data = ml_collections.ConfigDict()
