@@ -143,8 +143,10 @@ def _typed_like(cotangent: jax.Array, primal: jax.Array) -> jax.Array:
   return cotangent
 
 
-def _down_fwd(x, kernel):
-  return _down(x, kernel), (x, kernel)
+def _keeping_operands(bilinear):
+  """The forward pass of a custom VJP on ``bilinear(a, b)``: its value, and both operands as the
+  residuals (each backward pass is the other two maps applied to them)."""
+  return lambda a, b: (bilinear(a, b), (a, b))
 
 
 def _down_bwd(residuals, h):
@@ -153,18 +155,10 @@ def _down_bwd(residuals, h):
           _typed_like(canonical_kernel_grad(x, h), kernel))
 
 
-def _up_fwd(g, kernel):
-  return _up(g, kernel), (g, kernel)
-
-
 def _up_bwd(residuals, h):
   g, kernel = residuals
   return (_typed_like(canonical_down(h, kernel), g),
           _typed_like(canonical_kernel_grad(h, g), kernel))
-
-
-def _kernel_grad_fwd(x, g):
-  return _kernel_grad(x, g), (x, g)
 
 
 def _kernel_grad_bwd(residuals, h):
@@ -172,9 +166,9 @@ def _kernel_grad_bwd(residuals, h):
   return _typed_like(canonical_up(g, h), x), _typed_like(canonical_down(x, h), g)
 
 
-canonical_down.defvjp(_down_fwd, _down_bwd)
-canonical_up.defvjp(_up_fwd, _up_bwd)
-canonical_kernel_grad.defvjp(_kernel_grad_fwd, _kernel_grad_bwd)
+canonical_down.defvjp(_keeping_operands(_down), _down_bwd)
+canonical_up.defvjp(_keeping_operands(_up), _up_bwd)
+canonical_kernel_grad.defvjp(_keeping_operands(_kernel_grad), _kernel_grad_bwd)
 
 
 def im2col_down(x: jax.Array, kernel: jax.Array) -> jax.Array:
