@@ -27,7 +27,7 @@ from uagan_jax.errors import UserError
 GENERATOR_NORMS = ("instance", "conditional_instance")
 # How the generator's last conv becomes the translated image (stargan.generator_output).
 GENERATOR_OUTPUTS = ("tanh", "residual", "blend")
-# How the encoders' 4x4 stride-2 convs are computed (uagan_jax/models/strided_conv.py).
+# How the 4x4 stride-2 convs and their transposes are computed (uagan_jax/models/strided_conv.py).
 STRIDED_CONVS = ("xla", "im2col", "canonical_vjp")
 # How the segmentor's bilinear x2 is computed (uagan_jax/models/segan.py, upsample2x).
 RESIZES = ("jax_image", "stencil")
