@@ -10,6 +10,14 @@ frameworks the same N threads (XLA's Eigen pool, torch.set_num_threads) and pins
 N cores; "1 thread" runs XLA single-threaded (--xla_cpu_multi_thread_eigen=false) and
 torch.set_num_threads(1) on one pinned core. Augmentation is off on both sides.
 
+With ``--breakdown`` each side is then profiled over ``steps`` more steps and its time split in
+two: the convolutions (every forward, gradient and transposed conv: XLA's executed convolution
+thunks, classified as in benchmarks/profile_step.py; PyTorch's self CPU time of its convolution
+ops under torch.profiler) and everything else. "ratio bound" is PyTorch's timed step (the median
+of the pairs) over the JAX step's convolution time alone: the ratio JAX would reach if everything
+but its convolutions took no time, i.e. how far XLA:CPU's convolution kernels can take the step;
+"GFLOP/s bound" likewise is the step's FLOPs over its convolution time.
+
 The roofline is measured in the same process: a large matmul and a large 3x3 conv in both
 frameworks, best GFLOP/s of several runs. A step's achieved GFLOP/s is XLA's cost-analysis FLOPs
 of the compiled step over its time (the same count for the PyTorch twin, which does the same
@@ -110,10 +118,42 @@ def roofline(repeats: int = 5) -> dict[str, float]:
     }
 
 
+def is_torch_convolution(op_name: str) -> bool:
+  """Whether a torch.profiler op (``aten::mkldnn_convolution``, ``aten::convolution_backward``,
+  ``aten::conv_transpose2d``...) is a convolution's forward or backward."""
+  return op_name.startswith("aten::") and "conv" in op_name
+
+
+def torch_breakdown(twin, batch, steps: int) -> dict:
+  """Milliseconds per twin step: all ops' self CPU time, and that of its convolutions."""
+  from torch import profiler  # pylint: disable=g-import-not-at-top
+  with profiler.profile(activities=[profiler.ProfilerActivity.CPU]) as trace:
+    for _ in range(steps):
+      twin.step(batch)
+  total = convolutions = 0.0
+  for event in trace.key_averages():
+    total += event.self_cpu_time_total
+    if is_torch_convolution(event.key):
+      convolutions += event.self_cpu_time_total
+  return {"step_ms": total / 1e3 / steps, "conv_ms": convolutions / 1e3 / steps}
+
+
+def jax_breakdown(compiled, state, steps: int) -> tuple[dict, object]:
+  """Milliseconds per JAX step: all executed XLA thunks, and its convolutions; and the state
+  after (the step donates its input)."""
+  import profile_step  # pylint: disable=g-import-not-at-top
+  seconds, _, state = profile_step.profile(compiled, steps, state=state)
+  instructions, computations = profile_step.parse_hlo(compiled.run.as_text())
+  convolutions = sum(value for name, value in seconds.items() if profile_step.is_convolution(
+      profile_step.categorise(name, instructions, computations)[0]))
+  return {"step_ms": 1e3 * sum(seconds.values()), "conv_ms": 1e3 * convolutions}, state
+
+
 def compare(family: str, size: str, *, pairs: int, steps: int, warmup: int,
-            overrides: Sequence[str] = ()) -> dict:
+            overrides: Sequence[str] = (), breakdown: bool = False) -> dict:
   """The JAX step and its PyTorch twin, ``pairs`` alternating pairs of ``steps`` timed steps;
-  ``overrides`` (``"KEY=VALUE"``) change the JAX side's config only."""
+  ``overrides`` (``"KEY=VALUE"``) change the JAX side's config only; ``breakdown`` adds each
+  side's convolution time (profiled after the timed pairs)."""
   # pylint: disable=g-import-not-at-top
   import jax
   import torch
@@ -158,7 +198,11 @@ def compare(family: str, size: str, *, pairs: int, steps: int, warmup: int,
     ratios.append(torch_seconds / jax_seconds)
     loads.append(float(load()) if load() != "n/a" else float("nan"))
   jax_sps = statistics.median(jax_speeds)
-  return {"family": family, "size": size, "recipe": recipe,
+  times = {}
+  if breakdown:
+    times["jax"], jax_state["state"] = jax_breakdown(compiled, jax_state["state"], steps)
+    times["torch"] = torch_breakdown(twin, batch, steps)
+  return {"breakdown": times, "family": family, "size": size, "recipe": recipe,
           "image_size": list(config.data.image_size), "batch": config.train.batch_size,
           "jax_steps_per_s": jax_sps, "torch_steps_per_s": statistics.median(torch_speeds),
           "ratio": statistics.median(ratios), "ratios": ratios,
@@ -184,7 +228,7 @@ def worker(args) -> int:
   for size in args.sizes.split(","):
     for family in args.families.split(","):
       result = compare(family, size, pairs=args.pairs, steps=args.steps, warmup=args.warmup,
-                       overrides=args.override)
+                       overrides=args.override, breakdown=args.breakdown)
       result["overrides"] = list(args.override)
       result["threads"] = threads
       print(_RESULT + json.dumps(result), flush=True)
@@ -226,6 +270,24 @@ def format_table(results: list[dict], rooflines: dict[int, dict]) -> str:
   return "\n".join(lines)
 
 
+def format_breakdown(results: list[dict]) -> str:
+  """The Markdown table of the steps' convolution time, for results measured with breakdown."""
+  lines = ["| step | threads | JAX ms/step: convs / rest | PyTorch ms/step: convs / rest "
+           "| convs JAX/PyTorch time | ratio bound (PyTorch's timed step / JAX convs) "
+           "| GFLOP/s bound (step FLOPs / JAX convs) |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
+  for r in results:
+    jax_times, torch_times = r["breakdown"]["jax"], r["breakdown"]["torch"]
+    lines.append(
+        f"| {r['family']} `{r['size']}` | {r['threads']} "
+        f"| {jax_times['conv_ms']:.0f} / {jax_times['step_ms'] - jax_times['conv_ms']:.0f} "
+        f"| {torch_times['conv_ms']:.0f} / {torch_times['step_ms'] - torch_times['conv_ms']:.0f} "
+        f"| {jax_times['conv_ms'] / torch_times['conv_ms']:.2f} "
+        f"| {1e3 / r['torch_steps_per_s'] / jax_times['conv_ms']:.2f} "
+        f"| {(r['flops'] or float('nan')) / jax_times['conv_ms'] / 1e6:.1f} |")
+  return "\n".join(lines)
+
+
 def worker_command(args, threads: int) -> list[str]:
   """The command line of the worker that measures one thread setting."""
   command = [sys.executable, os.path.abspath(__file__), "--worker", f"--threads-one={threads}",
@@ -234,6 +296,8 @@ def worker_command(args, threads: int) -> list[str]:
              *(f"--override={item}" for item in args.override)]
   if not args.roofline:
     command.append("--no-roofline")
+  if args.breakdown:
+    command.append("--breakdown")
   return command
 
 
@@ -247,6 +311,8 @@ def main(argv=None) -> int:
   parser.add_argument("--threads", default=f"{len(os.sched_getaffinity(0))},1",
                       help="thread settings, each in its own process (default: cores, then 1)")
   parser.add_argument("--no-roofline", dest="roofline", action="store_false")
+  parser.add_argument("--breakdown", action="store_true",
+                      help="also profile each side: its convolutions' time against the rest")
   parser.add_argument("--json", default="", help="also write every result to this file")
   parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                       help="a config override of the JAX side, e.g. model.strided_conv=im2col "
@@ -292,6 +358,9 @@ def main(argv=None) -> int:
       return 1
   print()
   print(format_table(results, rooflines))
+  if args.breakdown:
+    print()
+    print(format_breakdown(results))
   if args.json:
     with open(args.json, "w", encoding="utf-8") as f:
       json.dump({"results": results, "rooflines": {str(k): v for k, v in rooflines.items()}}, f,

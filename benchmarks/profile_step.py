@@ -120,10 +120,11 @@ def categorise(name: str, instructions: dict, computations: dict) -> tuple[str, 
   return category, phase
 
 
-def profile(compiled, steps: int) -> tuple[dict, float, object]:
+def profile(compiled, steps: int, state=None) -> tuple[dict, float, object]:
   """Thunk time (seconds per step) by executed instruction name, the wall time per step, and
-  the state after the steps (the step donates its input state)."""
-  state = compiled.state
+  the state after the steps (the step donates its input state: pass the latest one as ``state``
+  once ``compiled.state`` has been stepped)."""
+  state = compiled.state if state is None else state
   for _ in range(2):
     state, metrics = compiled.run(state, compiled.batch, compiled.key)
   jax.block_until_ready(metrics)
@@ -148,6 +149,12 @@ def profile(compiled, steps: int) -> tuple[dict, float, object]:
         if not event.name.startswith(_HOUSEKEEPING):
           seconds[event.name] += event.duration_ns * 1e-9 / steps
   return seconds, wall, state
+
+
+def is_convolution(category: str) -> bool:
+  """Whether a category of ``categorise`` is a convolution of some kind (forward, gradient,
+  transposed)."""
+  return "conv" in category
 
 
 def print_profile(compiled, steps: int, load_average: str):

@@ -42,7 +42,7 @@ def test_table_rows_come_from_the_measurements():
 def test_overrides_reach_the_worker_and_label_the_row():
   args = compare_torch.argparse.Namespace(
       families="stargan", sizes="demo", pairs=3, steps=2, warmup=1, roofline=False,
-      override=["model.strided_conv=im2col", "model.dtype=bfloat16"])
+      breakdown=False, override=["model.strided_conv=im2col", "model.dtype=bfloat16"])
   command = compare_torch.worker_command(args, 1)
   assert command[command.index("--worker") + 1:] == [
       "--threads-one=1", "--families=stargan", "--sizes=demo", "--pairs=3", "--steps=2",
@@ -59,3 +59,29 @@ def test_a_malformed_override_is_refused(capsys):
   with pytest.raises(SystemExit):
     compare_torch.main(["--override", "model.strided_conv"])
   assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_breakdown_reaches_the_worker_and_its_table_divides_the_right_times():
+  args = compare_torch.argparse.Namespace(
+      families="segan", sizes="demo", pairs=1, steps=1, warmup=1, roofline=True, breakdown=True,
+      override=[])
+  assert compare_torch.worker_command(args, 2)[-1] == "--breakdown"
+  result = {"family": "segan", "size": "demo", "threads": 2, "torch_steps_per_s": 2.0,
+            "flops": 15e9,
+            "breakdown": {"jax": {"step_ms": 800.0, "conv_ms": 600.0},
+                          "torch": {"step_ms": 480.0, "conv_ms": 400.0}}}
+  row = compare_torch.format_breakdown([result]).splitlines()[2]
+  cells = [c.strip() for c in row.strip("|").split("|")]
+  # JAX convs/rest, PyTorch convs/rest, conv time JAX/PyTorch, PyTorch's timed 500 ms / 600,
+  # 15 GFLOP in 0.6 s.
+  assert cells == ["segan `demo`", "2", "600 / 200", "400 / 80", "1.50", "0.83", "25.0"]
+
+
+def test_torch_convolution_ops_are_told_from_the_rest():
+  for name in ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::_convolution",
+               "aten::conv_transpose2d", "aten::convolution"):
+    assert compare_torch.is_torch_convolution(name), name
+  for name in ("aten::native_batch_norm", "aten::copy_", "aten::upsample_bilinear2d",
+               "Optimizer.step#Adam.step", "autograd::engine::evaluate_function: "
+               "ConvolutionBackward0"):
+    assert not compare_torch.is_torch_convolution(name), name

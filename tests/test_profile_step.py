@@ -51,6 +51,9 @@ def test_categorise_attributes_every_kind_of_instruction():
   assert categorise("resize")[0] == "bilinear resize"
   assert categorise("transpose_copy_fusion.4") == ("layout (copy/transpose)", "-")
   assert categorise("adam") == ("losses, Adam, RNG, metrics", "-")
+  convolutions = {name for name in instructions if profile_step.is_convolution(categorise(name)[0])}
+  assert convolutions == {"ynn_fusion.1", "convolution-base-dilated.2", "up", "gp",
+                          "conv_general_dilated.3"}
 
 
 def test_rewritten_conv_is_the_strided_conv():
