@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from uagan_jax.errors import UserError
-from uagan_jax.models import segan
+from uagan_jax.models import bilinear, segan
 from uagan_jax.models.segan import Critic, Segmentor, mask_image
 
 from conftest import load_test_config
@@ -98,6 +98,25 @@ def test_stencil_resize_equals_jax_image_with_gradients(shape):
   np.testing.assert_allclose(vjp(cotangent)[0], vjp_ref(cotangent)[0], rtol=0, atol=1e-5)
   with pytest.raises(ValueError, match="unknown resize"):
     segan.upsample2x(x, method="nearest")
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 4, 3), (1, 1, 3, 2)])
+def test_stencil_resize_second_order_gradients_equal_jax_image(shape):
+  """The stencil's VJP is its adjoint under a custom VJP whose own VJP is the stencil again: the
+  gradient of a function of the VJP (what a penalty on input gradients differentiates) equals
+  autodiff of jax.image.resize's, and the adjoint is the transpose (<up x, g> = <x, down g>)."""
+  x, cotangent = _random(shape, 3), _random((shape[0], 2 * shape[1], 2 * shape[2], shape[3]), 4)
+
+  def second_order(method):
+    def of_vjp(g):
+      return jnp.sum(jnp.sin(jax.vjp(lambda v: segan.upsample2x(v, method=method), x)[1](g)[0]))
+    return jax.grad(of_vjp)(cotangent)
+
+  np.testing.assert_allclose(second_order("stencil"), second_order("jax_image"), rtol=0,
+                             atol=1e-5)
+  down = bilinear.down_along(bilinear.down_along(cotangent, 1), 2)
+  np.testing.assert_allclose(jnp.vdot(bilinear.upsample2x(x), cotangent), jnp.vdot(x, down),
+                             rtol=1e-5)
 
 
 def test_stencil_resize_keeps_the_segmentor_parameters_and_output():

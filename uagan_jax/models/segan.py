@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from uagan_jax.config import RESIZES
+from uagan_jax.models import bilinear
 from uagan_jax.models.strided_conv import down_conv
 
 
@@ -26,32 +27,17 @@ def modality_planes(modality: jax.Array, *, num_modalities: int, height: int,
   return jnp.broadcast_to(one_hot[:, None, None, :], (modality.shape[0], height, width, num_modalities))
 
 
-def _bilinear2x_stencil(x: jax.Array) -> jax.Array:
-  """Bilinear x2 with half-pixel centres along H then W as two fixed stencils of shifted slices,
-  out[2i] = .25 x[i-1] + .75 x[i] and out[2i+1] = .75 x[i] + .25 x[i+1], edges clamped."""
-  def along(v, axis):
-    n = v.shape[axis]
-    first = jax.lax.slice_in_dim(v, 0, 1, axis=axis)
-    last = jax.lax.slice_in_dim(v, n - 1, n, axis=axis)
-    before = jnp.concatenate([first, jax.lax.slice_in_dim(v, 0, n - 1, axis=axis)], axis=axis)
-    after = jnp.concatenate([jax.lax.slice_in_dim(v, 1, n, axis=axis), last], axis=axis)
-    even, odd = 0.25 * before + 0.75 * v, 0.75 * v + 0.25 * after
-    interleaved = jnp.stack([even, odd], axis=axis + 1)
-    return interleaved.reshape(v.shape[:axis] + (2 * n,) + v.shape[axis + 1:])
-  return along(along(x, 1), 2)
-
-
 def upsample2x(x: jax.Array, *, method: str = "jax_image") -> jax.Array:
   """Bilinear resize by 2 (the SegAN decoder's upsampling, which avoids checkerboard artefacts).
 
   ``method`` (``model.resize``): ``"jax_image"``, `jax.image.resize`, which contracts each axis
   with a dense [2n, n] weight matrix (two non-zeros a row) and transposes around it, a quarter
-  of the segan :demo step on a CPU; or ``"stencil"``, the same interpolation as shifted slices
-  and two multiply-adds a pixel. Their outputs agree to float32 rounding; their gradients add
-  the same terms in another order.
+  of the segan :demo step on a CPU; or ``"stencil"`` (`bilinear.upsample2x`), the same
+  interpolation as two multiply-adds a pixel, with its adjoint as its gradient. Their outputs
+  agree to float32 rounding; their gradients add the same terms in another order.
   """
   if method == "stencil":
-    return _bilinear2x_stencil(x)
+    return bilinear.upsample2x(x)
   if method != "jax_image":
     raise ValueError(f"unknown resize {method!r}: use one of {RESIZES}")
   b, h, w, c = x.shape
