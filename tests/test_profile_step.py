@@ -32,6 +32,7 @@ ENTRY %main.1 (a: f32[16,48,48,8], b: f32[4,4,8,16]) -> f32[16,24,24,16] {
   %gp = f32[16,6,6,128]{3,2,1,0} convolution(%a, %b), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, metadata={op_name="jit(train_step)/jvp(transpose(jvp(Discriminator)))/src/conv_general_dilated"}
   %norm = f32[16,48,48,8]{3,2,1,0} fusion(%a), kind=kLoop, calls=%fused_conv2, metadata={op_name="jit(train_step)/jvp(Generator)/stem_norm/norm/mul"}
   %resize = f32[16,96,96,8]{3,2,1,0} fusion(%a), kind=kLoop, calls=%fused_conv2, metadata={op_name="jit(train_step)/jvp(Segmentor)/jit(_resize)/dot_general"}
+  %stencil = f32[16,96,96,8]{3,2,1,0} fusion(%a), kind=kLoop, calls=%fused_conv2, metadata={op_name="jit(train_step)/transpose(jvp(Segmentor))/resize_stencil/mul"}
   %transpose_copy_fusion.4 = f32[8,48,48,16]{3,2,1,0} fusion(%a), kind=kLoop, calls=%fused_conv2
   ROOT %adam = f32[4,4,8,16]{3,2,1,0} add(%b, %b), metadata={op_name="jit(train_step)/add"}
 }
@@ -49,6 +50,7 @@ def test_categorise_attributes_every_kind_of_instruction():
   assert categorise("gp") == ("convolution", "gradient penalty (2nd order)")
   assert categorise("norm") == ("norm (instance/batch)", "forward")
   assert categorise("resize")[0] == "bilinear resize"
+  assert categorise("stencil") == ("bilinear resize", "backward")  # model.resize=stencil
   assert categorise("transpose_copy_fusion.4") == ("layout (copy/transpose)", "-")
   assert categorise("adam") == ("losses, Adam, RNG, metrics", "-")
   convolutions = {name for name in instructions if profile_step.is_convolution(categorise(name)[0])}

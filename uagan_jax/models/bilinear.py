@@ -26,6 +26,9 @@ import jax.numpy as jnp
 from jax import lax
 
 
+SCOPE = "resize_stencil"  # the name scope of every operation here, in the HLO's op_name
+
+
 def _repeat_pairs(v: jax.Array, axis: int) -> jax.Array:
   """Every entry twice along ``axis`` ([.., n, ..] -> [.., 2n, ..]): a broadcast and a reshape,
   fused by XLA as index arithmetic."""
@@ -42,28 +45,30 @@ def _slice(v: jax.Array, start: int, stop: int, axis: int) -> jax.Array:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def up_along(v: jax.Array, axis: int) -> jax.Array:
   """Bilinear x2 along ``axis`` (half-pixel centres, edges clamped)."""
-  n = v.shape[axis]
-  before = jnp.concatenate([_slice(v, 0, 1, axis), _slice(v, 0, n - 1, axis)], axis=axis)
-  after = jnp.concatenate([_slice(v, 1, n, axis), _slice(v, n - 1, n, axis)], axis=axis)
-  even, odd = 0.25 * before + 0.75 * v, 0.75 * v + 0.25 * after
-  parity = [1] * v.ndim
-  parity[axis] = 2 * n
-  is_even = lax.broadcasted_iota(jnp.int32, parity, axis) % 2 == 0
-  return jnp.where(is_even, _repeat_pairs(even, axis), _repeat_pairs(odd, axis))
+  with jax.named_scope(SCOPE):  # so that profiles (benchmarks/profile_step.py) can name it
+    n = v.shape[axis]
+    before = jnp.concatenate([_slice(v, 0, 1, axis), _slice(v, 0, n - 1, axis)], axis=axis)
+    after = jnp.concatenate([_slice(v, 1, n, axis), _slice(v, n - 1, n, axis)], axis=axis)
+    even, odd = 0.25 * before + 0.75 * v, 0.75 * v + 0.25 * after
+    parity = [1] * v.ndim
+    parity[axis] = 2 * n
+    is_even = lax.broadcasted_iota(jnp.int32, parity, axis) % 2 == 0
+    return jnp.where(is_even, _repeat_pairs(even, axis), _repeat_pairs(odd, axis))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def down_along(g: jax.Array, axis: int) -> jax.Array:
   """The adjoint of `up_along` ([.., 2n, ..] -> [.., n, ..]): x[j] collects .75 from outputs 2j and
   2j+1, .25 from outputs 2j+2 and 2j-1, and the clamped edges' second .25."""
-  n = g.shape[axis] // 2
-  even = lax.slice_in_dim(g, 0, 2 * n, stride=2, axis=axis)
-  odd = lax.slice_in_dim(g, 1, 2 * n, stride=2, axis=axis)
-  # From out[2j+2] (x[j] is its left neighbour) and, at the last j, the clamped out[2n-1].
-  right = jnp.concatenate([_slice(even, 1, n, axis), _slice(odd, n - 1, n, axis)], axis=axis)
-  # From out[2j-1] (x[j] is its right neighbour) and, at j = 0, the clamped out[0].
-  left = jnp.concatenate([_slice(even, 0, 1, axis), _slice(odd, 0, n - 1, axis)], axis=axis)
-  return 0.75 * (even + odd) + 0.25 * (right + left)
+  with jax.named_scope(SCOPE):
+    n = g.shape[axis] // 2
+    even = lax.slice_in_dim(g, 0, 2 * n, stride=2, axis=axis)
+    odd = lax.slice_in_dim(g, 1, 2 * n, stride=2, axis=axis)
+    # From out[2j+2] (x[j] is its left neighbour) and, at the last j, the clamped out[2n-1].
+    right = jnp.concatenate([_slice(even, 1, n, axis), _slice(odd, n - 1, n, axis)], axis=axis)
+    # From out[2j-1] (x[j] is its right neighbour) and, at j = 0, the clamped out[0].
+    left = jnp.concatenate([_slice(even, 0, 1, axis), _slice(odd, 0, n - 1, axis)], axis=axis)
+    return 0.75 * (even + odd) + 0.25 * (right + left)
 
 
 # Both maps are linear: nothing to keep for the backward pass, which is the other map.
