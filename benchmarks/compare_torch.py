@@ -16,7 +16,9 @@ thunks, classified as in benchmarks/profile_step.py; PyTorch's self CPU time of 
 ops under torch.profiler) and everything else. "ratio bound" is PyTorch's timed step (the median
 of the pairs) over the JAX step's convolution time alone: the ratio JAX would reach if everything
 but its convolutions took no time, i.e. how far XLA:CPU's convolution kernels can take the step;
-"GFLOP/s bound" likewise is the step's FLOPs over its convolution time.
+"GFLOP/s bound" likewise is the step's FLOPs over its convolution time. One-thread runs only:
+with more threads both profilers record operations that overlap in time (XLA runs independent
+thunks concurrently, PyTorch's ops fan out to its pool), so their times do not add up to a step.
 
 The roofline is measured in the same process: a large matmul and a large 3x3 conv in both
 frameworks, best GFLOP/s of several runs. A step's achieved GFLOP/s is XLA's cost-analysis FLOPs
@@ -228,7 +230,7 @@ def worker(args) -> int:
   for size in args.sizes.split(","):
     for family in args.families.split(","):
       result = compare(family, size, pairs=args.pairs, steps=args.steps, warmup=args.warmup,
-                       overrides=args.override, breakdown=args.breakdown)
+                       overrides=args.override, breakdown=args.breakdown and threads == 1)
       result["overrides"] = list(args.override)
       result["threads"] = threads
       print(_RESULT + json.dumps(result), flush=True)
@@ -277,6 +279,8 @@ def format_breakdown(results: list[dict]) -> str:
            "| GFLOP/s bound (step FLOPs / JAX convs) |",
            "| --- | --- | --- | --- | --- | --- | --- |"]
   for r in results:
+    if not r.get("breakdown"):
+      continue  # a multi-threaded run (see the docstring)
     jax_times, torch_times = r["breakdown"]["jax"], r["breakdown"]["torch"]
     lines.append(
         f"| {r['family']} `{r['size']}` | {r['threads']} "
@@ -312,7 +316,8 @@ def main(argv=None) -> int:
                       help="thread settings, each in its own process (default: cores, then 1)")
   parser.add_argument("--no-roofline", dest="roofline", action="store_false")
   parser.add_argument("--breakdown", action="store_true",
-                      help="also profile each side: its convolutions' time against the rest")
+                      help="also profile each side: its convolutions' time against the rest "
+                           "(one-thread runs)")
   parser.add_argument("--json", default="", help="also write every result to this file")
   parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                       help="a config override of the JAX side, e.g. model.strided_conv=im2col "

@@ -66,7 +66,7 @@ def test_breakdown_reaches_the_worker_and_its_table_divides_the_right_times():
       families="segan", sizes="demo", pairs=1, steps=1, warmup=1, roofline=True, breakdown=True,
       override=[])
   assert compare_torch.worker_command(args, 2)[-1] == "--breakdown"
-  result = {"family": "segan", "size": "demo", "threads": 2, "torch_steps_per_s": 2.0,
+  result = {"family": "segan", "size": "demo", "threads": 1, "torch_steps_per_s": 2.0,
             "flops": 15e9,
             "breakdown": {"jax": {"step_ms": 800.0, "conv_ms": 600.0},
                           "torch": {"step_ms": 480.0, "conv_ms": 400.0}}}
@@ -74,7 +74,9 @@ def test_breakdown_reaches_the_worker_and_its_table_divides_the_right_times():
   cells = [c.strip() for c in row.strip("|").split("|")]
   # JAX convs/rest, PyTorch convs/rest, conv time JAX/PyTorch, PyTorch's timed 500 ms / 600,
   # 15 GFLOP in 0.6 s.
-  assert cells == ["segan `demo`", "2", "600 / 200", "400 / 80", "1.50", "0.83", "25.0"]
+  assert cells == ["segan `demo`", "1", "600 / 200", "400 / 80", "1.50", "0.83", "25.0"]
+  # A multi-threaded run is profiled without the breakdown (its op times overlap): no row.
+  assert len(compare_torch.format_breakdown([{**result, "breakdown": {}}]).splitlines()) == 2
 
 
 def test_torch_convolution_ops_are_told_from_the_rest():
