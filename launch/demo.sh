@@ -6,7 +6,8 @@
 #   bash launch/demo.sh --config.train.steps=100   # extra args go to 'uagan-jax train'
 #   MODEL=uagan bash launch/demo.sh           # another recipe's :demo (any configs/MODEL.py: unet,
 #                                             # stargan, uagan; 'uagan-jax train --help' lists them),
-#                                             # into runs/demo_uagan; ~20 min on 2 cores for uagan
+#                                             # into runs/demo_uagan; uagan took 33 min to train
+#                                             # and evaluate pinned to one core (stargan 14)
 #
 # Outputs (WORKDIR, default runs/demo): checkpoints/, config.json, splits.json, metrics.jsonl,
 # eval_test/{metrics.csv,summary.json}, figures/*.png, tensorboard/ (tensorboard --logdir
