@@ -154,7 +154,8 @@ def jax_breakdown(compiled, state, steps: int) -> tuple[dict, object]:
 def compare(family: str, size: str, *, pairs: int, steps: int, warmup: int,
             overrides: Sequence[str] = (), breakdown: bool = False) -> dict:
   """The JAX step and its PyTorch twin, ``pairs`` alternating pairs of ``steps`` timed steps;
-  ``overrides`` (``"KEY=VALUE"``) change the JAX side's config only; ``breakdown`` adds each
+  ``overrides`` (``"KEY=VALUE"``) change the config (the twin follows its sizes and ignores
+  JAX-only keys such as ``model.strided_conv``); ``breakdown`` adds each
   side's convolution time (profiled after the timed pairs)."""
   # pylint: disable=g-import-not-at-top
   import jax
@@ -292,6 +293,15 @@ def format_breakdown(results: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def save_json(path: str, results: list[dict], rooflines: dict[int, dict]) -> None:
+  """Every result and roofline so far to ``path`` (replaced whole, through a temporary file)."""
+  temporary = f"{path}.tmp"
+  with open(temporary, "w", encoding="utf-8") as f:
+    json.dump({"results": results, "rooflines": {str(k): v for k, v in rooflines.items()}}, f,
+              indent=1)
+  os.replace(temporary, path)
+
+
 def worker_command(args, threads: int) -> list[str]:
   """The command line of the worker that measures one thread setting."""
   command = [sys.executable, os.path.abspath(__file__), "--worker", f"--threads-one={threads}",
@@ -320,8 +330,9 @@ def main(argv=None) -> int:
                            "(one-thread runs)")
   parser.add_argument("--json", default="", help="also write every result to this file")
   parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                      help="a config override of the JAX side, e.g. model.strided_conv=im2col "
-                           "(repeatable; the PyTorch twin is unchanged)")
+                      help="a config override, e.g. model.strided_conv=im2col (repeatable; "
+                           "the PyTorch twin takes the sizes, e.g. train.batch_size, and ignores "
+                           "the JAX-only keys)")
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--threads-one", type=int, default=1, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
@@ -357,6 +368,8 @@ def main(argv=None) -> int:
                 f"steps/s, PyTorch {result['torch_steps_per_s']:.2f} steps/s, ratio "
                 f"{result['ratio']:.2f} (pairs {', '.join(f'{x:.2f}' for x in result['ratios'])}"
                 f"), load {result['load']}", flush=True)
+        if args.json:  # after every measurement: a full-size run stopped midway keeps its rows
+          save_json(args.json, results, rooflines)
     if process.returncode:
       print(f"error: the {threads}-thread worker failed (exit {process.returncode})",
             file=sys.stderr)
@@ -366,10 +379,6 @@ def main(argv=None) -> int:
   if args.breakdown:
     print()
     print(format_breakdown(results))
-  if args.json:
-    with open(args.json, "w", encoding="utf-8") as f:
-      json.dump({"results": results, "rooflines": {str(k): v for k, v in rooflines.items()}}, f,
-                indent=1)
   return 0
 
 

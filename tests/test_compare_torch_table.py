@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 import sys
 
@@ -87,3 +88,13 @@ def test_torch_convolution_ops_are_told_from_the_rest():
                "Optimizer.step#Adam.step", "autograd::engine::evaluate_function: "
                "ConvolutionBackward0"):
     assert not compare_torch.is_torch_convolution(name), name
+
+
+def test_results_are_saved_as_they_come(tmp_path):
+  path = str(tmp_path / "results.json")
+  compare_torch.save_json(path, [{"family": "segan"}], {1: {"jax_conv": 80.0}})
+  compare_torch.save_json(path, [{"family": "segan"}, {"family": "unet"}], {1: {"jax_conv": 80.0}})
+  saved = json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
+  assert [r["family"] for r in saved["results"]] == ["segan", "unet"]
+  assert saved["rooflines"] == {"1": {"jax_conv": 80.0}}
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]  # no temporary left

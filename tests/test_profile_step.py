@@ -101,3 +101,17 @@ def test_versus_builds_the_config_with_the_overrides():
   # Without overrides, the config's own value (the stargan variant's canonical_vjp).
   assert profile_step.load_config("configs/test.py:stargan", []).model.strided_conv == \
       "canonical_vjp"
+
+
+def test_run_steps_advances_the_state_and_takes_zero_steps():
+  """benchmarks/step.py's run_steps, which every benchmark times: ``count`` steps from the state
+  (0 is a warm-up of nothing, e.g. ``compare_torch.py --warmup 0``)."""
+  import step as step_bench  # pylint: disable=g-import-not-at-top
+  compiled = step_bench.CompiledStep(
+      run=jax.jit(lambda state, batch, key: (state + batch["x"], {"state": state})),
+      state=jnp.zeros(()), batch={"x": jnp.ones(())}, key=jax.random.key(0), mesh=None,
+      flops=None, compile_seconds=0.0)
+  state, seconds = step_bench.run_steps(compiled, compiled.state, 3)
+  assert float(state) == 3.0 and seconds >= 0
+  state, _ = step_bench.run_steps(compiled, state, 0)
+  assert float(state) == 3.0
