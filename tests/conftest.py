@@ -63,6 +63,36 @@ def random_train_batch(batch: int = 8, size: int = 32, seed: int = 0) -> dict[st
           "modality": rng.integers(0, 4, batch).astype(np.int32)}
 
 
+def one_step_on_two_devices(*overrides: str, variant: str = ""):
+  """``(nets, metrics)`` after one configs/test.py[:variant] step (augmentation off, with
+  ``overrides``) on a 2-device mesh from `random_train_batch`: for comparing implementations."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from uagan_jax import parallel, train, train_state  # pylint: disable=g-import-not-at-top
+  config = load_test_config("--config.data.augment=false", "--config.train.num_devices=2",
+                            *overrides, variant=variant)
+  mesh = parallel.make_mesh(2)
+  state = train_state.init_state(config, mesh)
+  step = train.make_step(config, mesh, donate=False)
+  state, metrics = step(state, parallel.shard_batch(random_train_batch(), mesh),
+                        jax.random.fold_in(state.base_key, 0))
+  return jax.device_get((state.nets, metrics))
+
+
+def assert_steps_agree(result, reference):
+  """Two `one_step_on_two_devices` results equal to rounding: the metrics to 1e-4, the
+  parameters to a few learning rates (after one Adam step a parameter moves by about the learning
+  rate whatever its gradient's size, so rounding in a gradient near zero can flip a step's sign)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  (nets, metrics), (nets_ref, metrics_ref) = result, reference
+  assert set(metrics) == set(metrics_ref)
+  for name in metrics_ref:
+    np.testing.assert_allclose(metrics[name], metrics_ref[name], rtol=1e-4, atol=1e-6,
+                               err_msg=name)
+  assert jax.tree.structure(nets) == jax.tree.structure(nets_ref)
+  for a, b in zip(jax.tree.leaves(nets), jax.tree.leaves(nets_ref)):
+    np.testing.assert_allclose(a, b, rtol=0, atol=3e-3)
+
+
 def assert_one_line_error(code, err, *needles):
   """What a user must see on bad input: exit 2, one ``error: ...`` line naming each needle."""
   assert code == 2

@@ -9,7 +9,7 @@ from uagan_jax.errors import UserError
 from uagan_jax.models import bilinear, segan
 from uagan_jax.models.segan import Critic, Segmentor, mask_image
 
-from conftest import load_test_config, random_train_batch
+from conftest import assert_steps_agree, load_test_config, one_step_on_two_devices
 
 
 def test_segmentor_outputs_one_logit_map_per_region():
@@ -138,22 +138,5 @@ def test_config_rejects_unknown_resize():
 def test_stencil_resize_train_step_matches_jax_image_on_two_devices():
   """One segan step of configs/test.py on a 2-device mesh (shard_map: the stencil's custom VJPs
   see device-varying activations) gives jax_image's metrics and parameters to rounding."""
-  from uagan_jax import parallel, train, train_state  # pylint: disable=g-import-not-at-top
-  batch = random_train_batch()
-  results = {}
-  for resize in ("jax_image", "stencil"):
-    config = load_test_config("--config.data.augment=false", "--config.train.num_devices=2",
-                              f"--config.model.resize={resize}")
-    mesh = parallel.make_mesh(2)
-    state = train_state.init_state(config, mesh)
-    step = train.make_step(config, mesh, donate=False)
-    state, metrics = step(state, parallel.shard_batch(batch, mesh),
-                          jax.random.fold_in(state.base_key, 0))
-    results[resize] = jax.device_get((state.nets, metrics))
-  (nets, metrics), (nets_ref, metrics_ref) = results["stencil"], results["jax_image"]
-  for name in metrics_ref:
-    np.testing.assert_allclose(metrics[name], metrics_ref[name], rtol=1e-4, atol=1e-6,
-                               err_msg=name)
-  # One Adam step moves a parameter by about the learning rate whatever its gradient's size.
-  for a, b in zip(jax.tree.leaves(nets), jax.tree.leaves(nets_ref)):
-    np.testing.assert_allclose(a, b, rtol=0, atol=3e-3)
+  assert_steps_agree(one_step_on_two_devices("--config.model.resize=stencil"),
+                     one_step_on_two_devices("--config.model.resize=jax_image"))

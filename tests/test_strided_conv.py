@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, load_test_config, random_train_batch
+from conftest import (ROOT, assert_steps_agree, load_test_config,
+                      one_step_on_two_devices)
 
 from uagan_jax import config as config_lib
 from uagan_jax import losses
@@ -291,29 +292,10 @@ def test_train_step_matches_xla_on_two_devices(variant, mode, impl):
   """One step of configs/test.py (stargan's and uagan's D with the gradient penalty) on a
   2-device mesh under each parallel mode: ``impl`` runs and gives XLA's metrics and
   parameters to rounding."""
-  from uagan_jax import parallel, train, train_state  # pylint: disable=g-import-not-at-top
-  batch = random_train_batch()
-  results = {}
-  for implementation in ("xla", impl):
-    config = load_test_config("--config.data.augment=false", "--config.train.num_devices=2",
-                              f"--config.train.parallel_mode={mode}",
-                              f"--config.model.strided_conv={implementation}", variant=variant)
-    mesh = parallel.make_mesh(2)
-    state = train_state.init_state(config, mesh)
-    step = train.make_step(config, mesh, donate=False)
-    state, metrics = step(state, parallel.shard_batch(batch, mesh),
-                          jax.random.fold_in(state.base_key, 0))
-    results[implementation] = jax.device_get((state.nets, metrics))
-  (nets, metrics), (nets_ref, metrics_ref) = results[impl], results["xla"]
-  assert set(metrics) == set(metrics_ref)
-  for name in metrics_ref:
-    np.testing.assert_allclose(metrics[name], metrics_ref[name], rtol=1e-4, atol=1e-6,
-                               err_msg=name)
-  assert jax.tree.structure(nets) == jax.tree.structure(nets_ref)
-  # After one Adam step a parameter moves by about the learning rate whatever its gradient's size,
-  # so rounding in a gradient near zero can flip a step's sign: compare to a few learning rates.
-  for a, b in zip(jax.tree.leaves(nets), jax.tree.leaves(nets_ref)):
-    np.testing.assert_allclose(a, b, rtol=0, atol=3e-3)
+  results = {implementation: one_step_on_two_devices(
+      f"--config.train.parallel_mode={mode}", f"--config.model.strided_conv={implementation}",
+      variant=variant) for implementation in ("xla", impl)}
+  assert_steps_agree(results[impl], results["xla"])
 
 
 def _non_canonical_convolutions(strided_conv: str) -> list[str]:
