@@ -227,6 +227,7 @@ def translate_file(input_path: str | os.PathLike, output_path: str | os.PathLike
 
   volume, slices = volume_io.load_brain_image(case, source, verb="translate", log=log)
   image = volume.images[source]
+  checks.log_background_note(volume, case, source, log=log)
   warning = checks.skull_strip_warning(image, path=checks.image_name(case, source))
   if warning is not None:
     log(f"warning: {warning}")

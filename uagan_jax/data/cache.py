@@ -12,7 +12,8 @@ writes, per case, a folder ``CACHE/cases/<case_id>/`` holding
 * ``meta.json``: the source files (size, modification time), the canonical shape and the brain
   box, per modality the float64 mean and standard deviation of the brain voxels (the z-score's
   statistics, computed as `preprocess.zscore_brain` does on the whole volume), which axial slices
-  have brain, its `checks.Occupancy` (the skull-strip check's measurements), per slice the
+  have brain, its `checks.Occupancy` (the skull-strip check's measurements) and the value of a
+  constant non-zero background that `readers.load_case` set to 0 (or null), per slice the
   bounding box of the tumour, and a CRC32 of every stored slice.
 
 The folder is written under a temporary name and renamed when complete, so an interrupted
@@ -45,7 +46,9 @@ from uagan_jax.data import MODALITIES, checks, preprocess, readers, resample
 from uagan_jax.errors import UserError
 
 # Bumped whenever what is stored, or how, changes: a cache of another version is prepared again.
-FORMAT_VERSION = 3
+# 4: a constant non-zero background is stored as 0 (`checks.constant_background`), and meta.json
+# records its value.
+FORMAT_VERSION = 4
 CASES_DIR = "cases"
 MANIFEST = "manifest.json"
 META = "meta.json"
@@ -171,8 +174,10 @@ def prepare_case(case: readers.CaseFiles, cases_dir: pathlib.Path, *,
         "dtype": str(data.dtype), "mean": float(values.mean()) if values.size else 0.0,
         "std": float(values.std()) if values.size else 0.0,
         "has_brain": [int(z) for z in np.flatnonzero(brain.any(axis=(0, 1)))],
-        # Of the file as it is, not as resampled: the skull-strip check is about the scan.
+        # Of the file as read (a constant background 0), not as resampled: the skull-strip
+        # check is about the scan.
         "occupancy": dataclasses.asdict(checks.occupancy(volume.images[modality])),
+        "background": volume.backgrounds.get(modality),
         "crc32": _crcs(data)}
   if label is not None:
     data = _slice_major(label, box)
@@ -248,8 +253,17 @@ def input_warnings(case: readers.CaseFiles, meta: dict) -> list[str]:
   return warnings
 
 
+def input_messages(case: readers.CaseFiles, meta: dict) -> list[str]:
+  """The lines to log for a prepared case's image files, from its meta.json: ``note: ...`` for
+  each whose constant background was set to 0 (`checks.background_note`), then ``warning: ...``
+  for each that does not look skull-stripped (`input_warnings`)."""
+  notes = [f"note: {checks.background_note(info['background'], path=checks.image_name(case, m))}"
+           for m, info in meta["modalities"].items() if info.get("background") is not None]
+  return notes + [f"warning: {warning}" for warning in input_warnings(case, meta)]
+
+
 def _prepare_worker(job) -> tuple[str, str | None, list[str], bool]:
-  """(case id, None, its input warnings, whether it was resampled) or (case id, the error, [],
+  """(case id, None, its input messages, whether it was resampled) or (case id, the error, [],
   False)."""
   case, cases_dir, spacing = job
   try:
@@ -260,7 +274,7 @@ def _prepare_worker(job) -> tuple[str, str | None, list[str], bool]:
   if meta is None:
     return (case_id, f"{cases_dir / case_id / META}: {unreadable} right after it was written", [],
             False)
-  return case_id, None, input_warnings(case, meta), meta["spacing"] != meta["source_spacing"]
+  return case_id, None, input_messages(case, meta), meta["spacing"] != meta["source_spacing"]
 
 
 def prepare(data_dir: str | os.PathLike, cache_dir: str | os.PathLike, *,
@@ -277,7 +291,8 @@ def prepare(data_dir: str | os.PathLike, cache_dir: str | os.PathLike, *,
       process.
     spacing: the training voxel size in mm (``data.spacing``): cases of another spacing are
       resampled to it (`prepare_case`); None keeps each case's own.
-    log: progress lines, with the count and an ETA, and once per image file that does not look
+    log: progress lines, with the count and an ETA, and once per image file whose constant
+      background was taken for 0 a ``note: ...`` line, once per image file that does not look
       skull-stripped a ``warning: ...`` line (`checks`), for reused cases too (from meta.json).
 
   Returns:
@@ -304,9 +319,9 @@ def prepare(data_dir: str | os.PathLike, cache_dir: str | os.PathLike, *,
     if reason is not None:
       todo.append(case)
       reasons[reason] = reasons.get(reason, 0) + 1
-    else:  # reused: its warnings are logged now, those of the cases to prepare when prepared
-      for warning in input_warnings(case, meta):
-        log(f"warning: {warning}")
+    else:  # reused: its messages are logged now, those of the cases to prepare when prepared
+      for message in input_messages(case, meta):
+        log(message)
   if not todo:
     log(f"cache {cache_dir}: all {len(cases)} cases prepared and up to date")
   else:
@@ -325,12 +340,12 @@ def prepare(data_dir: str | os.PathLike, cache_dir: str | os.PathLike, *,
       results = pool.imap(_prepare_worker, jobs)
     try:
       resampled = 0
-      for done, (case_id, error, warnings, was_resampled) in enumerate(results, 1):
+      for done, (case_id, error, messages, was_resampled) in enumerate(results, 1):
         if error is not None:
           raise UserError(error)
         resampled += was_resampled
-        for warning in warnings:
-          log(f"warning: {warning}")
+        for message in messages:
+          log(message)
         elapsed = time.time() - started
         if done == len(todo) or done % max(1, len(todo) // 20) == 0 or len(todo) <= 20:
           log(f"  prepared {done}/{len(todo)} cases ({case_id}), {elapsed:.0f} s, "

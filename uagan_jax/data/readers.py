@@ -46,7 +46,7 @@ from nibabel import orientations
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
-from uagan_jax.data import MODALITIES
+from uagan_jax.data import MODALITIES, checks
 from uagan_jax.errors import UserError
 
 LAYOUTS = ("brats2021", "brats2023", "upenn", "msd")
@@ -191,11 +191,14 @@ class Volume:
 
   Attributes:
     case_id: The case's id.
-    images: Canonical modality -> float32 (X, Y, Z) raw intensities (scaling applied).
+    images: Canonical modality -> float32 (X, Y, Z) raw intensities (scaling applied), a
+      constant background other than 0 set to 0 (`checks.zero_background`).
     label: uint8 (X, Y, Z) raw label values, or None.
     affine: The canonical (RAS) affine.
     spacing: Voxel size in mm along the canonical axes.
     source: Geometry of the source file, to undo the reorientation.
+    backgrounds: Modality -> the value of its file's constant background, where it was not 0
+      and was set to 0 (`checks.constant_background`); the other modalities are absent.
   """
   case_id: str
   images: dict[str, np.ndarray]
@@ -203,6 +206,7 @@ class Volume:
   affine: np.ndarray
   spacing: tuple[float, float, float]
   source: SourceGeometry
+  backgrounds: dict[str, float] = dataclasses.field(default_factory=dict)
 
   def to_source_orientation(self, array_xyz: np.ndarray) -> np.ndarray:
     """Maps a canonical (X, Y, Z, ...) array back to the source file's voxel order.
@@ -743,7 +747,9 @@ def load_case(case: CaseFiles, *, modalities: Sequence[str] = MODALITIES,
   """Loads the requested modalities (and the label) of one case in RAS canonical orientation.
 
   Only the requested modalities are read (unpaired training needs one per case); an msd 4D file
-  is decompressed once per call.
+  is decompressed once per call. An image whose background is a constant other than 0 (the
+  volume's minimum, e.g. a z-scored brain's; `checks.constant_background`) has it set to 0 here,
+  the one place every command reads through, and its value recorded in `Volume.backgrounds`.
 
   Args:
     case: The case, from `find_cases`.
@@ -798,6 +804,12 @@ def load_case(case: CaseFiles, *, modalities: Sequence[str] = MODALITIES,
     _check_same_grid(reference, case.label, image, _orientation(case.label, image))
     label = _to_label(case.label, _read(case.label, image), convention=case.label_convention)
 
+  backgrounds = {}
+  for m in modalities:
+    raw[m], value = checks.zero_background(raw[m])
+    if value is not None:
+      backgrounds[m] = value
+
   ref_path, ref_image, ref_shape, ref_ornt = reference
   to_canonical = ref_ornt  # io_orientation: for each source axis, its RAS axis and flip
   canonical_affine = ref_image.affine @ orientations.inv_ornt_aff(to_canonical, ref_shape)
@@ -810,7 +822,7 @@ def load_case(case: CaseFiles, *, modalities: Sequence[str] = MODALITIES,
                           header=ref_image.header.copy(), to_canonical=to_canonical,
                           image_class=type(ref_image))
   return Volume(case_id=case.case_id, images=images, label=label, affine=canonical_affine,
-                spacing=spacing, source=source)
+                spacing=spacing, source=source, backgrounds=backgrounds)
 
 
 def _check_same_grid(reference, path: pathlib.Path, image, ornt: np.ndarray) -> None:
