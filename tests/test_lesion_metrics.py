@@ -287,6 +287,111 @@ def test_min_cost_assignment_is_optimal():
     assert sum(cost[r, c] for r, c in pairs) == pytest.approx(cost[best_rows, best_columns].sum())
 
 
+def test_min_cost_assignment_is_optimal_with_ties():
+  # Tied costs, as lesion matching produces them (equal Dice, and the 1 + 1e-6 of every pair that
+  # does not overlap): the total is still the least (which of the tied assignments is taken is
+  # the solver's choice, and scipy's is not always the same).
+  rng = np.random.default_rng(1)
+  for trial in range(300):
+    shape = tuple(rng.integers(1, 9, 2))
+    if trial % 2:
+      cost = rng.integers(0, 3, shape).astype(float)
+    else:
+      cost = np.where(rng.random(shape) < 0.3, 1 - rng.integers(1, 4, shape) / 4, 1 + 1e-6)
+    pairs = metrics._min_cost_assignment(cost)  # pylint: disable=protected-access
+    rows, columns = zip(*pairs)
+    assert len(pairs) == min(cost.shape) and len(set(rows)) == len(set(columns)) == len(pairs)
+    best_rows, best_columns = scipy.optimize.linear_sum_assignment(cost)
+    assert sum(cost[r, c] for r, c in pairs) == pytest.approx(cost[best_rows, best_columns].sum(),
+                                                              abs=1e-12)
+
+
+def _matching_cost(predicted_labels, n_predicted, true_labels, n_true):
+  """Panoptica's cost matrix (true lesions x predicted lesions), lesion by lesion."""
+  cost = np.full((n_true, n_predicted), 1 + 1e-6)
+  for t in range(1, n_true + 1):
+    true_lesion = true_labels == t
+    for p in np.unique(predicted_labels[true_lesion]):
+      if p:
+        predicted_lesion = predicted_labels == p
+        cost[t - 1, p - 1] = 1 - 2 * np.count_nonzero(true_lesion & predicted_lesion) / (
+            np.count_nonzero(true_lesion) + np.count_nonzero(predicted_lesion))
+  return cost
+
+
+def _matching_is_unique(predicted, truth):
+  """Whether one set of matches alone reaches the least total cost: forbidding any of the matches
+  costs more (an assignment with a different match set leaves out one of these)."""
+  predicted_labels, n_predicted = metrics.label_components(predicted)
+  true_labels, n_true = metrics.label_components(truth)
+  matches = metrics.match_lesions(predicted_labels, n_predicted, true_labels, n_true)
+  cost = _matching_cost(predicted_labels, n_predicted, true_labels, n_true)
+  rows, columns = scipy.optimize.linear_sum_assignment(cost)
+  least = cost[rows, columns].sum()
+  for t, p, _ in matches:
+    forbidden = cost.copy()
+    forbidden[t - 1, p - 1] = 10.0
+    rows, columns = scipy.optimize.linear_sum_assignment(forbidden)
+    if forbidden[rows, columns].sum() <= least + 1e-9:
+      return False
+  return True
+
+
+def _lesion_masks(seed, shape=(30, 28, 20)):
+  """Many small lesions: thresholded smoothed noise, the prediction a perturbed copy."""
+  rng = np.random.default_rng(seed)
+  truth = scipy.ndimage.gaussian_filter(rng.standard_normal(shape), 1.2)
+  predicted = scipy.ndimage.gaussian_filter(
+      truth + 0.6 * scipy.ndimage.gaussian_filter(rng.standard_normal(shape), 1.2), 1.2)
+  return predicted > np.quantile(predicted, 0.85), truth > np.quantile(truth, 0.85)
+
+
+def test_lesion_metrics_are_orientation_invariant_when_the_matching_is_unique():
+  # Flips and axis permutations (the spacing permuted with the axes) renumber the lesions (raster
+  # order) but change no Dice, surface or distance: with a unique optimal matching every number
+  # is the same.
+  spacing = (1.0, 1.5, 2.0)
+  orientations = [((0, 1, 2), (0,)), ((0, 1, 2), (1, 2)), ((1, 0, 2), ()), ((2, 1, 0), (0, 1, 2))]
+  checked = 0
+  for seed in range(3):
+    predicted, truth = _lesion_masks(seed)
+    if not _matching_is_unique(predicted, truth):
+      continue
+    checked += 1
+    reference = metrics.lesion_metrics(predicted, truth, spacing=spacing)
+    assert reference["true_positives"] >= 8 and reference["false_positives"] >= 2
+    assert reference["counted_lesions"] < reference["true_lesions"]  # small ones left out
+    for axes, flipped in orientations:
+      p, t = (np.flip(np.transpose(x, axes), flipped) for x in (predicted, truth))
+      values = metrics.lesion_metrics(p, t, spacing=tuple(spacing[a] for a in axes))
+      for key, value in reference.items():
+        assert values[key] == pytest.approx(value, rel=1e-12, abs=1e-9), (seed, axes, flipped, key)
+  assert checked >= 2
+
+
+def test_tied_matchings_are_broken_by_lesion_numbering():
+  # One true lesion (54 voxels) overlapped by two predicted lesions of 3 voxels, one voxel each:
+  # equal Dice, so two optimal matchings, with different HD95. Which one is taken follows the
+  # lesions' numbering (raster order), so it changes with the array's orientation; the Dice-based
+  # numbers do not.
+  truth, predicted = np.zeros((14, 7, 7), bool), np.zeros((14, 7, 7), bool)
+  truth[4:10, 1:4, 1:4] = True
+  predicted[2:5, 1, 1] = True  # the truth's corner voxel and 2 voxels out along x
+  predicted[7, 2, 3:6] = True  # a voxel of its z face and 2 voxels out along z
+  predicted_labels, _ = metrics.label_components(predicted)
+  candidates = [(metrics.pooled_hd95(predicted_labels == p, truth, spacing=(1, 1, 1)) + PENALTY) / 2
+                for p in (1, 2)]
+  assert abs(candidates[0] - candidates[1]) > 0.5
+  seen = set()
+  for flipped in [(), (0,), (2,), (0, 1, 2)]:
+    values = metrics.lesion_metrics(np.flip(predicted, flipped), np.flip(truth, flipped),
+                                    spacing=(1, 1, 1))
+    assert values["lesion_dice"] == pytest.approx(1 / 57)  # (2/57 + 0) / 2: the other is an FP
+    assert values["lesion_hd95"] in candidates
+    seen.add(candidates.index(values["lesion_hd95"]))
+  assert seen == {0, 1}
+
+
 def test_matching_is_one_to_one_and_maximises_the_summed_dice():
   # 1D lesions: true T1 = [0, 10), T2 = [14, 24); predicted P1 = [4, 20) overlaps both, P2 =
   # [0, 3) overlaps T1 only.

@@ -542,7 +542,9 @@ def match_lesions(predicted_labels: np.ndarray, n_predicted: int, true_labels: n
   Every (true, predicted) pair whose Dice exceeds 1e-6 (in practice: that overlap at all) costs
   ``1 - Dice``, any other pair ``1 + 1e-6``; the assignment of least total cost is taken and its
   pairs of cost below 1 are the matches. So the matches maximise the summed Dice, and a lesion
-  overlapping two others is matched to one of them only.
+  overlapping two others is matched to one of them only. Among tied assignments (equal summed
+  Dice) the solver keeps the first it reaches, which follows the lesions' numbering (raster
+  order), as Panoptica's choice follows its own numbering: docs/EVALUATION.md, "Ties".
 
   Args:
     predicted_labels: int array, predicted lesions numbered 1..n_predicted (0 background).
