@@ -28,6 +28,8 @@ def get_config(variant: str = ""):
   # docs/EXPERIMENTS.md, "Convolution gradients on XLA:CPU's fast path").
   c.model.strided_conv = "canonical_vjp"
   config_lib.apply_full_recipe_augmentations(c)  # nnU-Net-like; off in :demo
+  # D judges the intensity-augmented slices G translates as real too (the base's
+  # data.augment_discriminator_real=True; false shows D the slices with no intensity change).
   if variant == "demo":
     config_lib.apply_demo_sizes(c)
     c.train.n_critic = 1  # within a CPU demo's budget G must learn every step

@@ -252,3 +252,81 @@ def test_recipe_keys_at_their_defaults_leave_the_step_bit_identical(variant):
     np.testing.assert_array_equal(metrics_a[name], metrics_b[name], err_msg=name)
   for a, b in zip(jax.tree.leaves(nets_a), jax.tree.leaves(nets_b)):
     np.testing.assert_array_equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------------
+# What StarGAN's D judges as real (data.augment_discriminator_real)
+# ------------------------------------------------------------------------------------------------
+
+# Spatial and intensity augmentation both drawn for every example (the jitter is the base's 0.1).
+ROTATE = ("--config.data.augmentations.rotation_p=1.0",)
+INTENSITY = ("--config.data.augmentations.brightness_p=1.0",
+             "--config.data.augmentations.gamma_p=1.0", "--config.data.augmentations.bias_p=1.0")
+NO_INTENSITY = ("--config.data.intensity_scale=0.0", "--config.data.intensity_shift=0.0")
+
+
+@pytest.fixture(scope="module")
+def real_images_of_a_step():
+  """``images(*overrides) -> (D's real, G's real input, the batch / clip)``: one configs/test.py
+  :stargan step from `random_train_batch`, as `train.train_step` augments it, with a stand-in
+  family's phases that return what `shared.discriminator_real` gives and what G would see."""
+  from uagan_jax import train  # pylint: disable=g-import-not-at-top
+  batch = random_train_batch()
+  mesh = parallel.make_mesh(1)
+  state = train_state.init_state(load_test_config(variant="stargan"), mesh)
+
+  def train_phases(state, inputs, *, networks, config):
+    del networks
+    return state.nets, {"discriminator": shared.discriminator_real(inputs, config),
+                        "generator": inputs.image / config.data.clip}, {}
+
+  def images(*overrides):
+    config = load_test_config(*overrides, variant="stargan")
+    step = train.make_step(config, mesh, donate=False)
+    stand_in = type("StandIn", (), {"train_phases": staticmethod(train_phases)})
+    with pytest.MonkeyPatch.context() as patch:
+      patch.setattr(families, "implementation", lambda name: stand_in)
+      _, metrics = step(state, parallel.shard_batch(batch, mesh),
+                        jax.random.fold_in(state.base_key, 0))
+    metrics = jax.device_get(metrics)
+    return metrics["discriminator"], metrics["generator"], batch["image"] / config.data.clip
+
+  return images
+
+
+def test_by_default_the_discriminator_judges_the_augmented_images_the_generator_translates(
+    real_images_of_a_step):
+  config = load_test_config(variant="stargan")
+  assert config.data.augment_discriminator_real  # the default: the behaviour before the key
+  disc, gen, _ = real_images_of_a_step(*ROTATE, *INTENSITY)
+  np.testing.assert_array_equal(disc, gen)
+  # By construction: the very array G's phase scales (the step's program is unchanged).
+  image = jnp.ones((2, 4, 4, 1))
+  inputs = train_state.StepInputs(image=image, regions=jnp.zeros((2, 4, 4, 3)),
+                                  modality=jnp.zeros(2, jnp.int32),
+                                  example_keys=jax.random.split(jax.random.key(0), 2))
+  real = image / config.data.clip
+  assert shared.discriminator_real(inputs, config, real=real) is real
+
+
+def test_the_key_shows_the_discriminator_the_same_slices_without_intensity_augmentation(
+    real_images_of_a_step):
+  disc, gen, raw = real_images_of_a_step(*ROTATE, *INTENSITY,
+                                         "--config.data.augment_discriminator_real=false")
+  assert not np.allclose(disc, gen)  # G still gets the intensity augmentation, D not
+  # D's images are the step's own rotations of the batch with no intensity change: those G gets
+  # when the config has no intensity augmentation at all.
+  _, spatial_only, _ = real_images_of_a_step(*ROTATE, *NO_INTENSITY)
+  np.testing.assert_allclose(disc, spatial_only, rtol=1e-6, atol=1e-6)  # the programs round apart
+  assert not np.allclose(disc, raw)  # rotated, as G's input is
+  np.testing.assert_array_equal(disc == 0, gen == 0)  # the same brain, the same geometry
+  # Without data.augment there is nothing to take off: D sees the batch as G does.
+  config = load_test_config("--config.data.augment=false",
+                            "--config.data.augment_discriminator_real=false", variant="stargan")
+  image = jnp.asarray(raw)
+  inputs = train_state.StepInputs(image=image * config.data.clip,
+                                  regions=jnp.zeros((8, 32, 32, 3)),
+                                  modality=jnp.zeros(8, jnp.int32),
+                                  example_keys=jax.random.split(jax.random.key(0), 8))
+  np.testing.assert_array_equal(shared.discriminator_real(inputs, config),
+                                inputs.image / config.data.clip)

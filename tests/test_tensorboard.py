@@ -18,6 +18,7 @@ from tensorboardX.proto import event_pb2
 from tensorboardX.record_writer import masked_crc32c
 
 from uagan_jax import cli, tensorboard
+from uagan_jax import validation as validation_lib
 from uagan_jax.errors import UserError
 
 from conftest import TEST_CONFIG
@@ -57,21 +58,25 @@ def event_files(workdir) -> list:
   return sorted(p for p in folder.iterdir() if ".tfevents." in p.name) if folder.exists() else []
 
 
-def shown(workdir) -> tuple[dict, dict]:
+def shown(workdir, *, texts: dict | None = None) -> tuple[dict, dict]:
   """(scalars {tag: {step: value}}, images {tag: {step: Image proto}}) as TensorBoard shows
   them: files in name order, a ``SessionLog.START`` at step s discarding what earlier events
-  logged at steps >= s (its purge of orphaned data)."""
-  scalars, images = {}, {}
+  logged at steps >= s (its purge of orphaned data). Texts go into ``texts`` ({tag: {step:
+  str}}), if given."""
+  scalars, images, texts = {}, {}, {} if texts is None else texts
   for path in event_files(workdir):
     for event in read_events(path):
       if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
-        for series in (*scalars.values(), *images.values()):
+        for series in (*scalars.values(), *images.values(), *texts.values()):
           for step in [s for s in series if s >= event.step]:
             del series[step]
       for value in event.summary.value:
         if value.HasField("image"):
           images.setdefault(value.tag, {})[event.step] = value.image
+        elif value.metadata.plugin_data.plugin_name == "text":
+          texts.setdefault(value.tag, {})[event.step] = value.tensor.string_val[0].decode()
         else:
+          assert value.HasField("simple_value"), value
           scalars.setdefault(value.tag, {})[event.step] = value.simple_value
   return scalars, images
 
@@ -81,14 +86,16 @@ def _jsonl(path) -> list[dict]:
 
 
 def _assert_scalars_are_the_rows(scalars: dict, rows: list[dict], prefix: str = "") -> None:
-  """Every value of every row, and nothing else, under ``prefix + name`` at the row's step."""
+  """Every value of every row, and nothing else, under ``prefix + name`` at the row's step
+  (but the validation rows' number of cases, a count: no curve)."""
   tags = {tag: series for tag, series in scalars.items() if tag.startswith(prefix)
           and (prefix or not tag.startswith("validation/"))}
-  expected = {prefix + k for row in rows for k in row if k != "step"}
+  skipped = ("step", "cases") if prefix == "validation/" else ("step",)
+  expected = {prefix + k for row in rows for k in row if k not in skipped}
   assert set(tags) == expected
   for row in rows:
     for name, value in row.items():
-      if name != "step":
+      if name not in skipped:
         assert tags[prefix + name][row["step"]] == pytest.approx(value, rel=1e-6, abs=1e-7)
   for series in tags.values():
     assert sorted(series) == [row["step"] for row in rows]
@@ -112,12 +119,19 @@ def segan_run(synth_data, tmp_path_factory):
 def test_events_hold_every_logged_value_validation_dice_and_panels(segan_run):
   files = event_files(segan_run)
   assert len(files) == 1
-  scalars, images = shown(segan_run)
+  texts = {}
+  scalars, images = shown(segan_run, texts=texts)
   _assert_scalars_are_the_rows(scalars, _jsonl(segan_run / "metrics.jsonl"))
   validation = _jsonl(segan_run / "validation.jsonl")
   assert [row["step"] for row in validation] == [2, 4]
   _assert_scalars_are_the_rows(scalars, validation, prefix="validation/")
   assert {"validation/dice/WT", "validation/dice/mean", "validation/dice/flair/ET"} <= set(scalars)
+  # The number of val cases is a count, not a curve: one text at the first validation step.
+  assert all(row["cases"] == 2 for row in validation)
+  assert "validation/cases" not in scalars
+  assert not [tag for tag in scalars if "cases" in tag]
+  assert texts == {"validation/cases/text_summary": {2: validation_lib.describe_cases(2)}}
+  assert texts["validation/cases/text_summary"][2].startswith("2 val cases: ")
   assert set(images) == {"panels/segmentation"}  # segan does not translate
   assert sorted(images["panels/segmentation"]) == [2, 4]
   for step, image in images["panels/segmentation"].items():

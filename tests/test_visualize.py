@@ -30,7 +30,7 @@ def test_dice_loss_and_validation_dice_are_labelled_apart(tmp_path):
     dice_loss = [t for t in titles if t.startswith("seg/dice")]
     assert len(dice_loss) == 1
     assert "Dice loss (train)" in dice_loss[0] and "1 - soft Dice" in dice_loss[0]
-    assert panels[dice_loss[0]].get_ylabel() == "loss"
+    assert panels[dice_loss[0]].get_ylabel() == "Dice loss (1 - soft Dice)"
     # the loss is plotted as logged (1 - soft Dice), not turned into a Dice
     np.testing.assert_allclose(panels[dice_loss[0]].lines[0].get_ydata(),
                                [1 / s for s in range(1, 6)])
@@ -49,8 +49,64 @@ def test_dice_loss_and_validation_dice_are_labelled_apart(tmp_path):
 
 def test_panel_labels():
   assert visualize.train_panel_labels("seg/dice")[0].startswith("seg/dice: Dice loss (train)")
-  assert visualize.train_panel_labels("seg/bce") == ("seg/bce (train)", "")
-  assert visualize.train_panel_labels("gen/total") == ("gen/total (train)", "loss")
+  assert visualize.train_panel_labels("seg/bce") == ("seg/bce (train)", "binary cross-entropy")
+  assert visualize.train_panel_labels("gen/total") == ("gen/total (train)",
+                                                        "weighted sum of the terms")
+  assert visualize.train_panel_labels("disc/wgan")[1] == "WGAN loss: D(fake) - D(real)"
+  assert visualize.train_panel_labels("gen/wgan")[1] == "WGAN loss: -D(fake)"
+  assert visualize.train_panel_labels("new/some_term")[1] == "some term"  # unknown: its name
+
+
+# Every loss a family logs (segan, stargan, uagan with every optional term), with the norms and
+# weights the figure leaves out.
+EVERY_LOSS = ("seg/dice", "seg/bce", "seg/weighted_ce", "seg/adversarial", "seg/shape",
+              "seg/total", "critic/l1", "critic/gradient_penalty", "disc/wgan",
+              "disc/gradient_penalty", "disc/cls", "disc/total", "gen/wgan", "gen/cls",
+              "gen/cycle", "gen/identity", "gen/total")
+
+
+def test_every_subplot_of_the_training_curves_has_a_y_label(tmp_path):
+  (tmp_path / "metrics.jsonl").write_text("".join(
+      json.dumps({"step": s, **{k: 1.0 / s for k in EVERY_LOSS}, "gen/grad_norm": 2.0,
+                  "seg/shape_weight": 0.5}) + "\n" for s in range(1, 4)))
+  (tmp_path / "validation.jsonl").write_text(
+      json.dumps({"step": 2, "cases": 2, **{f"dice/{r}": 0.5 for r in REGIONS}}) + "\n")
+  fig = visualize.training_curves_figure(tmp_path / "metrics.jsonl",
+                                         tmp_path / "validation.jsonl")
+  try:
+    drawn = [ax for ax in fig.axes if ax.lines]
+    assert len(drawn) == len(EVERY_LOSS) + 1  # + validation Dice
+    labels = {ax.get_title(): ax.get_ylabel() for ax in drawn}
+    assert all(label.strip() for label in labels.values()), labels
+    for key in EVERY_LOSS:
+      title, ylabel = visualize.train_panel_labels(key)
+      assert labels[title] == ylabel
+      assert ylabel not in ("", "loss"), key  # names the quantity
+  finally:
+    plt.close(fig)
+
+
+class _Volume:
+  def __init__(self, images):
+    self.images = images
+
+
+def test_the_dice_above_a_prediction_says_it_is_the_cases_3d_dice():
+  scores = {"dice_WT": 0.812, "dice_TC": 0.7, "dice_ET": 0.549}
+  assert visualize.case_dice_label(scores) == "3D Dice of the case: WT 0.81 TC 0.70 ET 0.55"
+  rng = np.random.default_rng(0)
+  truth = np.zeros((12, 12, 5, 3), bool)
+  truth[3:8, 3:8, 2, 0] = True
+  predictions = {m: np.roll(truth, 1, axis=0) for m in ("t1", "flair")}
+  volume = _Volume({m: rng.normal(size=(12, 12, 5)) for m in predictions})
+  fig = visualize.segmentation_panel_figure(volume, truth, predictions, title="case",
+                                            scores={"t1": scores, "flair": scores})
+  try:
+    titles = [ax.get_title() for ax in fig.axes]
+    predicted = [t for t in titles if t.startswith("prediction")]
+    assert predicted == ["prediction\n3D Dice of the case: WT 0.81 TC 0.70 ET 0.55"] * 2
+  finally:
+    plt.close(fig)
 
 
 def test_training_curves_still_writes_the_png_and_returns_its_path(tmp_path):

@@ -2,9 +2,10 @@
 
 Process 0 writes ``<workdir>/tensorboard/events.out.tfevents.*`` (``train.tensorboard``, on by
 default): every value of each ``metrics.jsonl`` row as a scalar of the same name at its step,
-every value of each ``validation.jsonl`` row as ``validation/<name>``, and at the validation
-steps a segmentation panel (``panels/segmentation``: image, truth, prediction per modality, the
-first validated case) and, for families that translate, a translation panel
+every value of each ``validation.jsonl`` row as ``validation/<name>`` (but ``cases``, a count
+and not a curve: it is one text, ``validation/cases``, at the run's first validation), and at the
+validation steps a segmentation panel (``panels/segmentation``: image, truth, prediction per
+modality, the first validated case) and, for families that translate, a translation panel
 (``panels/translation``), the pictures `uagan_jax.visualize` draws for ``evaluate``.
 
 The events are written with tensorboardX (its ``EventsWriter``, record framing and summary
@@ -70,6 +71,11 @@ class EventLog:
     for name, value in values.items():
       summary.value.extend(summary_lib.scalar(prefix + name, float(value)).value)
     self._write(event_pb2.Event(step=step, summary=summary))
+
+  def text(self, step: int, tag: str, text: str) -> None:
+    """A text at ``step`` (TensorBoard's Text tab; its tag is ``tag + "/text_summary"``), not
+    flushed yet."""
+    self._write(event_pb2.Event(step=step, summary=summary_lib.text(tag, text)))
 
   def image(self, step: int, tag: str, pixels: np.ndarray) -> None:
     """An (H, W, 3) uint8 RGB image, stored as PNG, at ``step`` (not flushed yet)."""

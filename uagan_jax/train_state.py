@@ -101,6 +101,9 @@ class StepInputs:
   regions: jax.Array  # [b, H, W, 3]
   modality: jax.Array  # [b] source modality ids
   example_keys: jax.Array  # [b] one key per example, from its global index
+  # [b, H, W, 1] the batch as read, before data.augment (for data.augment_discriminator_real);
+  # a family that does not read it leaves the step's program as it was.
+  unaugmented_image: jax.Array | None = None
 
 
 def stream(example_keys: jax.Array, tag: int) -> jax.Array:

@@ -6,8 +6,9 @@ it is cheap enough to run every few hundred steps. The rows go to ``validation.j
 checkpoint with the highest mean Dice is kept in ``checkpoints_best/``, its score stored with it.
 
 It only reads the state, so training takes the same path, bit for bit, with or without it.
-With an `uagan_jax.tensorboard.EventLog` the rows also go to TensorBoard as scalars, with a
-segmentation panel of the first val case (`TranslationPanel` draws the translation panel).
+With an `uagan_jax.tensorboard.EventLog` the rows also go to TensorBoard as scalars (but the
+number of val cases, a count, which goes once as text), with a segmentation panel of the first val
+case (`TranslationPanel` draws the translation panel).
 
 With several processes, process 0 alone validates (on its own replica of the state, so the
 numbers are those of one process) and writes the rows; it sends the score to the others, and all
@@ -28,6 +29,12 @@ import numpy as np
 from uagan_jax import checkpoint, distributed, evaluate, inference, visualize
 from uagan_jax.data import MODALITIES, REGIONS, readers
 from uagan_jax.train_utils import MetricsLog
+
+
+def describe_cases(count: int) -> str:
+  """The text TensorBoard shows under ``validation/cases``."""
+  return (f"{count} val case{'s' if count != 1 else ''}: validation/dice/* is the 3D Dice of each "
+          "case, averaged over them (and over the modalities where the tag names none)")
 
 
 class Validator:
@@ -79,8 +86,8 @@ class Validator:
     return row
 
   def panel_pixels(self, title: str) -> np.ndarray:
-    """The segmentation panel of ``example`` (`visualize.segmentation_panel`, Dice above each
-    prediction) as (H, W, 3) uint8 pixels."""
+    """The segmentation panel of ``example`` (`visualize.segmentation_panel`, the case's 3D Dice
+    above each prediction, `visualize.case_dice_label`) as (H, W, 3) uint8 pixels."""
     case_id, volume, truth, predictions, dice = self.example
     scores = {m: {f"dice_{region}": float(dice[m][i]) for i, region in enumerate(REGIONS)}
               for m in predictions}
@@ -138,6 +145,7 @@ class Validation:
     self.validator = Validator(config, cases) if self.main else None
     self.rows = (MetricsLog(workdir / "validation.jsonl", resume_step=resume_step)
                  if self.main else None)
+    self._described = False  # the number of val cases written to the events (once a run)
     self.checkpoints = checkpoint.Checkpointer(workdir / inference.CHECKPOINT_DIRS["best"],
                                                every=1, keep=1, best_metric="dice_mean")
     self.best_step = self.checkpoints.latest_step()
@@ -162,8 +170,13 @@ class Validation:
       return time.time() - started
     self.rows.write(row)
     if self.events is not None:
-      self.events.scalars(step, {k: v for k, v in row.items() if k != "step"},
+      # The row's values over steps, as curves; the number of cases is the same at every step,
+      # a count to read once, not a curve.
+      self.events.scalars(step, {k: v for k, v in row.items() if k not in ("step", "cases")},
                           prefix="validation/")
+      if not self._described:
+        self.events.text(step, "validation/cases", describe_cases(row["cases"]))
+        self._described = True
       self.events.image(step, "panels/segmentation", self.validator.panel_pixels(f"step {step}"))
       self.events.flush()
     regions = "  ".join(f"{r} {row[f'dice/{r}']:.3f}" for r in REGIONS)

@@ -51,6 +51,16 @@ def _display(array_xy: np.ndarray) -> np.ndarray:
   return np.flipud(np.swapaxes(array_xy, 0, 1))
 
 
+CASE_DICE_LABEL = "3D Dice of the case"
+
+
+def case_dice_label(scores: dict[str, float]) -> str:
+  """The Dice line above a prediction: ``scores`` (``{"dice_WT": ..., ...}``, as
+  `evaluate.score_case` gives) are of the whole case's volume, not of the slice drawn, and the
+  text says so: "3D Dice of the case: WT 0.81 TC 0.70 ET 0.55"."""
+  return f"{CASE_DICE_LABEL}: " + " ".join(f"{r} {scores[f'dice_{r}']:.2f}" for r in REGIONS)
+
+
 def segmentation_panel(volume, truth: np.ndarray, predictions: dict[str, np.ndarray],
                        path: pathlib.Path, *, title: str,
                        scores: dict[str, dict[str, float]] | None = None) -> pathlib.Path:
@@ -65,8 +75,8 @@ def segmentation_panel(volume, truth: np.ndarray, predictions: dict[str, np.ndar
     predictions: modality -> (X, Y, Z, 3) boolean predicted regions.
     path: PNG to write (folders are created).
     title: figure title.
-    scores: modality -> ``{"dice_WT": ..., ...}`` (`evaluate.score_case`), shown above each
-      prediction.
+    scores: modality -> ``{"dice_WT": ..., ...}`` (`evaluate.score_case`): the 3D Dice of the
+      whole case, shown above each prediction as such (`case_dice_label`).
 
   Returns:
     ``path``.
@@ -88,7 +98,7 @@ def segmentation_panel_figure(volume, truth: np.ndarray, predictions: dict[str, 
     image = volume.images[modality][:, :, z]
     label = "prediction"
     if scores and modality in scores:
-      label += "\nDice " + " ".join(f"{r} {scores[modality][f'dice_{r}']:.2f}" for r in REGIONS)
+      label += "\n" + case_dice_label(scores[modality])
     panels = [(overlay(image, np.zeros(image.shape + (3,), bool), alpha=0), modality.upper()),
               (overlay(image, truth[:, :, z]), "ground truth"),
               (overlay(image, predictions[modality][:, :, z]), label)]
@@ -154,15 +164,39 @@ def _is_loss(key: str) -> bool:
 VALIDATION_DICE_TITLE = "Dice (validation, mean over modalities)"
 
 
+# The y-label of each training loss, by the last part of its ``metrics.jsonl`` key (``seg/bce`` ->
+# "bce"); `losses` and `families.shared` define them. A key not listed is labelled by its name.
+_LOSS_QUANTITIES = {
+    "dice": "Dice loss (1 - soft Dice)",
+    "bce": "binary cross-entropy",
+    "weighted_ce": "class-weighted cross-entropy",
+    "adversarial": "multi-scale L1 (S vs C)",
+    "l1": "multi-scale L1 (C maximises)",
+    "shape": "shape loss",
+    "gradient_penalty": "gradient penalty",
+    "cls": "modality cross-entropy",
+    "cycle": "cycle L1",
+    "identity": "identity L1",
+    "total": "weighted sum of the terms",
+}
+_WGAN_QUANTITIES = {"disc": "WGAN loss: D(fake) - D(real)", "gen": "WGAN loss: -D(fake)"}
+
+
 def train_panel_labels(key: str) -> tuple[str, str]:
   """(title, y-label) of the subplot of ``metrics.jsonl`` column ``key``: a training-batch loss.
 
-  The Dice term (``seg/dice``) is the soft Dice *loss*, 1 - soft Dice on the training batch
-  (lower is better); it is named so, and kept apart from the validation Dice (higher is better).
+  The y-label names the quantity (never empty). The Dice term (``seg/dice``) is the soft Dice
+  *loss*, 1 - soft Dice on the training batch (lower is better); it is named so, and kept apart
+  from the validation Dice (higher is better).
   """
-  if key == "dice" or key.endswith("/dice"):
-    return f"{key}: Dice loss (train)\n= 1 - soft Dice, lower is better", "loss"
-  return f"{key} (train)", "loss" if key.endswith("/total") else ""
+  group, _, name = key.rpartition("/")
+  if name == "wgan":
+    quantity = _WGAN_QUANTITIES.get(group, "WGAN loss")
+  else:
+    quantity = _LOSS_QUANTITIES.get(name, name.replace("_", " "))
+  if name == "dice":
+    return f"{key}: Dice loss (train)\n= 1 - soft Dice, lower is better", quantity
+  return f"{key} (train)", quantity
 
 
 def training_curves_figure(metrics_path: pathlib.Path, validation_path: pathlib.Path | None):

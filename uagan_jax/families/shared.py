@@ -22,11 +22,12 @@ import ml_collections
 import optax
 
 from uagan_jax import losses, parallel
-from uagan_jax.data import MODALITIES
+from uagan_jax.data import MODALITIES, augment
 from uagan_jax.models import stargan
 from uagan_jax.models.segan import Critic, Segmentor, mask_image
-from uagan_jax.train_state import (DISC_PENALTY_STREAM, PENALTY_STREAM, TARGET_STREAM, InitSpec,
-                                   NetState, StepInputs, TrainState, stream)
+from uagan_jax.train_state import (AUGMENT_STREAM, DISC_PENALTY_STREAM, PENALTY_STREAM,
+                                   TARGET_STREAM, InitSpec, NetState, StepInputs, TrainState,
+                                   stream)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -260,9 +261,38 @@ def discriminate_fn(networks) -> Callable:
   return discriminate
 
 
+def discriminator_real(inputs: StepInputs, config, *, real: jax.Array | None = None
+                       ) -> jax.Array:
+  """The real images D judges, scaled into tanh's [-1, 1] by the z-score clip as G's input is.
+
+  With ``data.augment_discriminator_real`` (the default), or without ``data.augment``, they are
+  the images G translates, ``inputs.image / clip`` (``real``, returned as it is, when given):
+  augmented, intensity changes and all. Without it, they are the same slices with the flips and
+  spatial transforms alone (the step's own draws, `uagan_jax.train.train_step`'s, so the geometry
+  is the one G's input has), no intensity change: D learns what stored scans look like, not that
+  augmented intensities (which may lie past the clip, where G's tanh cannot follow) are real.
+  """
+  if config.data.augment_discriminator_real or not config.data.augment:
+    return inputs.image / config.data.clip if real is None else real
+  if inputs.unaugmented_image is None:
+    raise ValueError("data.augment_discriminator_real=false needs StepInputs.unaugmented_image")
+  settings = {**config.data.augmentations.to_dict(),
+              **{f"{name}_p": 0.0 for name in augment.INTENSITY_TRANSFORMS}}
+  raw = inputs.unaugmented_image
+  # The same call as the step's (and so the same flips and warps), less every intensity change:
+  # a jitter of U(0, 0) is x * 1 + 0, exact; the region maps are not needed.
+  image, _ = augment.augment_batch(raw, jnp.zeros_like(raw), stream(inputs.example_keys,
+                                                                    AUGMENT_STREAM),
+                                   intensity_scale=0.0, intensity_shift=0.0,
+                                   augmentations=settings)
+  return image / config.data.clip
+
+
 def update_discriminator(disc_state: NetState, inputs: StepInputs, real: jax.Array, fake: jax.Array,
                          target: jax.Array, *, networks, config) -> tuple[NetState, dict, dict]:
-  """StarGAN's D ascends: WGAN-GP on real vs translated images, + classification of the real."""
+  """StarGAN's D ascends: WGAN-GP on real vs translated images, + classification of the real.
+
+  ``real`` is what D judges as real (`discriminator_real`), ``fake`` G's translations."""
   source = inputs.modality
   discriminate = discriminate_fn(networks)
 
@@ -354,7 +384,9 @@ def translation_phases(state: TrainState, inputs: StepInputs, *, role: str, gene
     generate: ``generate(params, batch_stats, real, source, target) -> (outputs, batch_stats)``:
       ``outputs`` holds ``fake`` = G(real, target), ``reconstructed`` = G(fake, source), with
       ``loss.identity_weight`` ``same_domain`` = G(real, source), and whatever the family's hooks
-      read. ``real`` is the image scaled into tanh's [-1, 1] by the z-score clip.
+      read. ``real`` is the image scaled into tanh's [-1, 1] by the z-score clip. D's real
+      images are `discriminator_real`'s: these, or without ``data.augment_discriminator_real``
+      the same slices before any intensity augmentation.
     update_other_critics: ``(new_nets, outputs) -> (metrics, gradients)``, after D's update:
       updates the family's other critics in ``new_nets`` in place.
     extend_objective: ``(outputs, total, terms, new_nets) -> total``: adds the family's terms
@@ -370,8 +402,8 @@ def translation_phases(state: TrainState, inputs: StepInputs, *, role: str, gene
 
   # Critics' phase ------------------------------------------------------------------------------
   new_nets["discriminator"], disc_metrics, gradients["discriminator"] = update_discriminator(
-      state.nets["discriminator"], inputs, real, outputs["fake"], target, networks=networks,
-      config=config)
+      state.nets["discriminator"], inputs, discriminator_real(inputs, config, real=real),
+      outputs["fake"], target, networks=networks, config=config)
   metrics.update(disc_metrics)
   if update_other_critics is not None:
     critic_metrics, critic_gradients = update_other_critics(new_nets, outputs)
