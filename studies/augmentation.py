@@ -1,0 +1,49 @@
+"""Scanner-shift augmentation, measured: each family's demo recipe with and without it.
+
+For unet, segan and uagan, ``<family>_off`` is the ``:demo`` recipe as it is (flips and intensity
+jitter only) and ``<family>_on`` adds the ``data.augmentations`` of the full recipes
+(`uagan_jax.config.FULL_RECIPE_AUGMENTATIONS`, nnU-Net-like); same data, seeds 0, 1 and 2, and
+steps. Each model segments the held-out phantoms and every case of ``data_shifted``, phantoms
+with other contrasts, noise and bias (never trained on), from every modality; on is compared
+with off per family.
+
+  uagan-jax synth --out data_synth --cases 80 --seed 0 --shape 96 96 64
+  uagan-jax synth --out data_shifted --cases 12 --seed 1 --shape 96 96 64 \
+      --contrast-jitter 0.2 --noise 3 --bias 2.5
+  uagan-jax study studies/augmentation.py --out runs/augmentation \
+      [--external ../shared/data/upenn_gbm_00003_11]
+
+``:segan`` keeps segan's two arms only (the measurement docs/EXPERIMENTS.md quotes);
+``:smoke``: 2 steps, one seed, two test cases, no external set (a check that the study runs,
+not a result). Runs resume: the same command again trains only what is missing.
+"""
+
+import ml_collections
+
+from uagan_jax import config as config_lib
+
+FAMILIES = ("unet", "segan", "uagan")
+
+
+def get_config(variant: str = ""):
+  if variant not in ("", "segan", "smoke"):
+    raise ValueError(f"unknown variant {variant!r} (known: segan, smoke)")
+  on = tuple(f"--config.data.augmentations.{key}={value!r}"
+             for key, value in config_lib.FULL_RECIPE_AUGMENTATIONS.items())
+  families = ("segan",) if variant == "segan" else FAMILIES
+  s = ml_collections.ConfigDict()
+  s.data = "data_synth"
+  s.external = ("data_shifted",)
+  s.seeds = (0, 1, 2)
+  s.arms = {}
+  for family in families:
+    s.arms[f"{family}_off"] = {"recipe": f"configs/{family}.py:demo"}
+    s.arms[f"{family}_on"] = {"recipe": f"configs/{family}.py:demo", "overrides": on}
+  s.comparisons = tuple((f"{family}_on", f"{family}_off") for family in families)
+  s.metrics = ("dice", "hd95")
+  if variant == "smoke":
+    s.external = ()
+    s.seeds = (0,)
+    s.overrides = ("--config.train.steps=2", "--config.train.validate_every=0",
+                   "--config.eval.max_cases=2")
+  return s

@@ -1,0 +1,41 @@
+"""The README's results table: every segmenting family (unet, segan, uagan) on held-out synthetic
+cases, on phantoms from another "scanner", and (optionally) on a real case.
+
+Each family's ``:demo`` recipe (same sizes, steps and data; one model for all modalities,
+unpaired), trained with seeds 0, 1 and 2. Every model segments the held-out test cases of its
+seed's split and every case of the external folders from each modality, scored as
+``uagan-jax evaluate`` scores them; uagan is compared with unet and with segan, and segan with
+unet. The data (synthetic phantoms; the shifted set never trained on):
+
+  uagan-jax synth --out data_synth --cases 80 --seed 0 --shape 96 96 64
+  uagan-jax synth --out data_shifted --cases 12 --seed 1 --shape 96 96 64 \
+      --contrast-jitter 0.2 --noise 3 --bias 2.5
+  uagan-jax study studies/results_table.py --out runs/results_table \
+      [--external ../shared/data/upenn_gbm_00003_11]
+
+``:smoke`` runs the same arms for 2 steps with one seed and no external set (a check that the
+study runs end to end, not a result). Runs resume: the same command again trains only what is
+missing; ``--config.train.steps=300`` (after the options) shortens every arm.
+"""
+
+import ml_collections
+
+FAMILIES = ("unet", "segan", "uagan")
+
+
+def get_config(variant: str = ""):
+  s = ml_collections.ConfigDict()
+  s.data = "data_synth"
+  s.external = ("data_shifted",)
+  s.seeds = (0, 1, 2)
+  s.arms = {family: {"recipe": f"configs/{family}.py:demo"} for family in FAMILIES}
+  s.comparisons = (("uagan", "unet"), ("uagan", "segan"), ("segan", "unet"))
+  s.metrics = ("dice", "hd95")
+  if variant == "smoke":
+    s.external = ()
+    s.seeds = (0,)
+    s.overrides = ("--config.train.steps=2", "--config.train.validate_every=0",
+                   "--config.eval.max_cases=2")
+  elif variant:
+    raise ValueError(f"unknown variant {variant!r} (known: smoke)")
+  return s
