@@ -1,4 +1,4 @@
-"""UAGAN (Yuan et al. 2019), the default: one network translates any modality into any other and
+"""UAGAN (Yuan et al. 2019): one network translates any modality into any other and
 segments the tumour from any single modality, trained on unpaired images.
 
 The translation stream (StarGAN's G) and the segmentation stream (SegAN's S) exchange decoder
@@ -18,7 +18,7 @@ A sixth comes from the base config: G's norms are conditioned on the target moda
 as in configs/segan.py. Measurements of each: docs/EXPERIMENTS.md.
 
   uagan-jax train --config configs/uagan.py --data /data/BraTS2021 --workdir runs/uagan
-  uagan-jax train --config configs/uagan.py:demo --data data_synth --workdir runs/uagan_demo
+  uagan-jax train --config configs/uagan.py:demo --data data_synth --workdir runs/demo_uagan
   uagan-jax train --config configs/uagan.py:demo --config.model.fuse=false ...   # the ablation
 
 `:paper` is the official UAGAN run as its launch script sets it (github.com/mangoyuan/UAGAN at
@@ -83,6 +83,8 @@ def get_config(variant: str = ""):
   c.model.strided_conv = "canonical_vjp"
   c.train.steps = 40_000
   config_lib.apply_full_recipe_augmentations(c)  # nnU-Net-like; off in :demo
+  # D judges the intensity-augmented slices G translates as real too (the base's
+  # data.augment_discriminator_real=True; false shows D the slices with no intensity change).
   if variant == "demo":
     config_lib.apply_demo_sizes(c)
     # The shape loss asks S to segment G's images; ramp it over the whole short run, as G only

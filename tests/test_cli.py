@@ -135,6 +135,79 @@ def test_changed_config_does_not_destroy_checkpoints(capsys, synth_data, tmp_pat
   assert (tmp_path / "work" / "config.json").read_text() == config_before
 
 
+def test_a_workdir_of_another_family_is_refused_naming_what_it_holds(capsys, synth_data,
+                                                                    tmp_path):
+  code, _, err = _train(capsys, synth_data, tmp_path, "--config.train.steps=1")
+  assert code == 0, err
+  record = json.loads((tmp_path / "work" / "run.json").read_text())
+  assert record == {"recipe": TEST_CONFIG, "overrides": ["--config.train.steps=1"]}
+  config_before = (tmp_path / "work" / "config.json").read_text()
+  code, _, err = run_cli(capsys, "train", "--config", f"{TEST_CONFIG}:unet", "--data", synth_data,
+                         "--workdir", tmp_path / "work", "--no-eval")
+  assert_one_line_error(code, err, f"{tmp_path / 'work'} holds a segan run ({TEST_CONFIG})",
+                        f"this command trains unet ({TEST_CONFIG}:unet)", "another --workdir")
+  assert "data:" not in capsys.readouterr().out  # refused before the data is read
+  assert (tmp_path / "work" / "config.json").read_text() == config_before
+  # Resuming the same run keeps the record of how it was started.
+  code, _, err = _train(capsys, synth_data, tmp_path, "--config.train.steps=2")
+  assert code == 0, err
+  assert json.loads((tmp_path / "work" / "run.json").read_text()) == record
+
+
+def _help_workflow(capsys):
+  """The commands of 'uagan-jax --help''s workflow, as printed, each split into words."""
+  lines = _help(capsys).splitlines()
+  start = next(i for i, line in enumerate(lines) if line.startswith("typical workflow"))
+  commands = [line.split()[1:] for line in lines[start:] if line.startswith("  uagan-jax ")]
+  assert [c[0] for c in commands] == ["synth", "train", "evaluate", "predict", "translate"]
+  return commands
+
+
+def _run_workflow(capsys, tmp_path, monkeypatch, commands, *, recipe=None, steps=2):
+  """Runs the workflow's commands one after the other in a fresh folder (with configs/), with
+  fewer and smaller phantoms, ``steps`` training steps and, given ``recipe``, that recipe in
+  place of the printed one; everything else (workdirs, files, options) as printed."""
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "configs").symlink_to(ROOT / "configs")
+  for argv in commands:
+    argv = list(argv)
+    if argv[0] == "synth":
+      argv[argv.index("--cases") + 1] = "10"
+      at = argv.index("--shape") + 1
+      argv[at:at + 3] = ["48", "48", "32"]
+    if argv[0] == "train":
+      if recipe is not None:
+        argv[argv.index("--config") + 1] = recipe
+      argv += [f"--config.train.steps={steps}", f"--config.train.validate_every={steps}",
+               "--config.eval.val_max_cases=1", "--config.data.val_fraction=0.2", "--no-eval"]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 0, (argv, err)
+  assert (tmp_path / "seg.nii.gz").is_file() and (tmp_path / "flair.nii.gz").is_file()
+  workdir = tmp_path / "runs" / "demo_uagan"
+  assert (workdir / "eval_test_best" / "summary.json").is_file()
+  return workdir
+
+
+def test_the_help_workflow_runs_as_printed(capsys, tmp_path, monkeypatch):
+  """The printed workflow runs, command after command, on small phantoms; its recipe is swapped
+  for the test config's uagan variant of the same family (the :demo networks compile for minutes
+  on 2 cores; the slow test below runs them)."""
+  commands = _help_workflow(capsys)
+  train = commands[1]
+  assert train[train.index("--config") + 1] == "configs/uagan.py:demo"
+  # launch/demo.sh with MODEL=uagan trains into the workdir the workflow then uses.
+  demo = (ROOT / "launch" / "demo.sh").read_text()
+  assert 'default_workdir=runs/demo_$MODEL' in demo
+  assert all(c[c.index("--workdir") + 1] == "runs/demo_uagan" for c in commands[1:])
+  _run_workflow(capsys, tmp_path, monkeypatch, commands, recipe=f"{ROOT}/configs/test.py:uagan")
+
+
+@pytest.mark.slow
+def test_the_help_workflow_runs_as_printed_with_its_recipe(capsys, tmp_path, monkeypatch):
+  """As above with the printed recipe, configs/uagan.py:demo (two steps)."""
+  _run_workflow(capsys, tmp_path, monkeypatch, _help_workflow(capsys))
+
+
 def test_console_script_prints_no_traceback(tmp_path):
   """The installed entry point, as a user runs it, in its own process."""
   result = subprocess.run([sys.executable, "-m", "uagan_jax", "train", "--config", TEST_CONFIG,
@@ -156,8 +229,11 @@ def test_synth_then_train_then_evaluate(capsys, tmp_path):
                             "--workdir", work, "--config.train.steps=2")
   assert code == 0, err
   for line in ("step 1/2", "seg/dice", "critic/l1", "steps/s", "ETA",
-               "Segmentation of 1 test cases", "HD95 mm WT"):
+               "Segmentation of 1 test case, latest checkpoint (step 2): the case's values",
+               "HD95 mm WT"):
     assert line in out
+  table = out[out.index("Segmentation of 1 test case"):].splitlines()[2:6]
+  assert table and not any("±" in line for line in table)  # no spread of one value
   for name in ("config.json", "splits.json", "metrics.jsonl", "eval_test/metrics.csv",
                "eval_test/summary.json", "figures/training_curves.png"):
     assert (work / name).is_file(), name
@@ -454,25 +530,25 @@ def test_one_case_trains_names_its_untrained_modalities_and_scores_an_external_t
   # The default split is empty: asking for it is asking for nothing.
   code, _, err = run_cli(capsys, "evaluate", "--workdir", work, "--data", one)
   assert_one_line_error(code, err, "splits.json", "the test split has no cases")
-  # Another folder is an external test set: every case, into eval_data_<folder>/.
+  # Another folder is an external test set: every case, into eval_external_<folder>/.
   external = tmp_path / "external"
   for number, case in enumerate(cases[1:3]):
     _copy_case(case, external, f"External_{number}")
   code, out, err = run_cli(capsys, "evaluate", "--workdir", work, "--data", external)
   assert code == 0, err
   assert "Segmentation of 2 data_external cases" in out
-  rows = (work / "eval_data_external" / "metrics.csv").read_text().splitlines()
+  rows = (work / "eval_external_external" / "metrics.csv").read_text().splitlines()
   assert rows[0].startswith("case,modality,dice_WT,")
   assert sorted({tuple(r.split(",")[:2]) for r in rows[1:]}) == sorted(
       (f"External_{n}", m) for n in range(2) for m in MODALITIES)
-  summary = json.loads((work / "eval_data_external" / "summary.json").read_text())
+  summary = json.loads((work / "eval_external_external" / "summary.json").read_text())
   assert summary["case_ids"] == ["External_0", "External_1"]
   assert summary["split"] == "data_external" and summary["data"] == str(external)
   assert set(summary["segmentation"]) == set(MODALITIES)
   # --split all names the same thing; a folder holding the training case is no test set.
   code, out, err = run_cli(capsys, "evaluate", "--workdir", work, "--data", external, "--split",
                            "all", "--checkpoint", "latest")
-  assert code == 0 and (work / "eval_data_external" / "summary.json").is_file(), err
+  assert code == 0 and (work / "eval_external_external" / "summary.json").is_file(), err
   code, _, err = run_cli(capsys, "evaluate", "--workdir", work, "--data", one, "--split", "all")
   assert_one_line_error(code, err, str(one), "1 case(s) the run trained or validated on",
                         "OnlyCase", "--split test")

@@ -219,7 +219,7 @@ def test_evaluate_split_scores_the_runs_split_or_every_case_of_an_external_folde
                                                                                   tmp_path):
   """The run's data folder (splits.json "data"): its split, as always. The same data moved:
   refused without --split (it holds training cases), its split with one. Any other folder: every
-  case, into eval_data_<folder>/, which a folder named like a split does not confuse with it."""
+  case, into eval_external_<folder>/, which a folder named like a split does not confuse with it."""
   config, workdir, ids = _run_on_synth_data(synth_data, tmp_path)
   quiet = dict(curves=False, log=lambda _: None)
   own = evaluate.evaluate_split(config, workdir=workdir, data_dir=synth_data, **quiet)
@@ -245,7 +245,7 @@ def test_evaluate_split_scores_the_runs_split_or_every_case_of_an_external_folde
   # The same scans under other names: the same numbers, in their own folder.
   assert [{**r, "case": None} for r in scored["rows"]] == [{**r, "case": None}
                                                           for r in own["rows"]]
-  assert json.loads((workdir / "eval_data_test" / "summary.json").read_text())["case_ids"] == [
+  assert json.loads((workdir / "eval_external_test" / "summary.json").read_text())["case_ids"] == [
       "Other_0", "Other_1"]
   assert json.loads((workdir / "eval_test" / "summary.json").read_text())["case_ids"] == ids[6:]
   with pytest.raises(UserError, match="--split every: use train, val, test or all"):

@@ -225,12 +225,14 @@ def test_train_on_a_reused_cache_warns_once(unstripped_data, trained):
 
 
 def test_train_preparing_its_own_cache_warns_once(unstripped_data, tmp_path, capsys):
-  data, _, flair = unstripped_data
+  """Once over the training and its final evaluation, which reads the file again."""
+  data, case_id, flair = unstripped_data
   code, out, err = run_cli(capsys, "train", "--config", TEST_CONFIG,
                            "--data", data, "--cache", tmp_path / "cache", "--workdir",
-                           tmp_path / "work", "--config.train.steps=1", "--no-eval")
+                           tmp_path / "work", "--config.train.steps=1")
   assert code == 0, err
   assert "preparing 8 of 8 cases" in out
+  assert f"({case_id})" in out  # the final evaluation read the case
   _assert_one_warning(out, flair)
 
 

@@ -7,6 +7,7 @@ the grid and the label values, does not depend on the weights. A stargan workdir
 alone: the family is refused before any checkpoint is read.
 """
 
+import csv
 import json
 import os
 import re
@@ -19,7 +20,7 @@ from nibabel import orientations
 
 import jax
 
-from uagan_jax import cli, families, inference, metrics, predict, timing, train_state
+from uagan_jax import cli, evaluate, families, inference, metrics, predict, timing, train_state
 from uagan_jax import config as config_lib
 from uagan_jax.data import MODALITIES, preprocess, readers, resample, synthetic
 from uagan_jax.errors import UserError
@@ -621,3 +622,50 @@ def test_a_checkpoint_without_leaf_digests_is_restored_and_verified_whole(workdi
   _, step = inference.load_network(config, workdir, role="segmentor", log=notes.append)
   assert step == 1
   assert len(notes) == 1 and "does not match the digest" in notes[0], notes
+
+
+# --- One segmentation, scored as written --------------------------------------------------------
+
+
+def _disagreeing_channels(slices, modality_id):  # pylint: disable=unused-argument
+  """Region channels that do not nest: TC wider than WT, ET partly outside both."""
+  probs = np.zeros(slices.shape + (3,), np.float32)
+  probs[..., 0] = slices > 2.0
+  probs[..., 1] = slices > 1.5
+  probs[..., 2] = (slices > 0.3) & (slices < 0.6) | (slices > 2.5)
+  return probs
+
+
+@pytest.mark.parametrize("nesting", ["inner_wins", "outer_gates"])
+def test_evaluate_scores_the_label_map_predict_writes(capsys, workdirs, synth_data, tmp_path,
+                                                      monkeypatch, nesting):
+  """Every row of evaluate's metrics.csv equals the metrics of predict's file for that case and
+  modality, read back from disk and scored against the label file: one segmentation, whatever
+  the channels say (here they disagree, as an undertrained model's do)."""
+  monkeypatch.setattr(inference.SlicePredictor, "__call__",
+                      lambda self, slices, modality_id: _disagreeing_channels(slices, modality_id))
+  workdir = tmp_path / "w"
+  shutil.copytree(workdirs["segan"], workdir)
+  config = json.loads((workdir / "config.json").read_text())
+  config["eval"]["nesting"] = nesting
+  (workdir / "config.json").write_text(json.dumps(config))
+  code, _, err = run_cli(capsys, "evaluate", "--workdir", workdir, "--data", synth_data,
+                         "--split", "test")
+  assert code == 0, err
+  with (workdir / "eval_test" / "metrics.csv").open() as f:
+    rows = list(csv.DictReader(f))
+  assert rows
+  cases = {c.case_id: c for c in readers.find_cases(synth_data)}
+  for row in rows:
+    case = cases[row["case"]]
+    output = tmp_path / f"{row['case']}_{row['modality']}.nii.gz"
+    _predict(capsys, workdir, case.images[row["modality"]], output, modality=row["modality"])
+    written = nib.as_closest_canonical(nib.load(output))
+    predicted = readers.labels_to_regions(np.asanyarray(written.dataobj), convention="brats")
+    truth = readers.labels_to_regions(
+        np.asanyarray(nib.as_closest_canonical(nib.load(case.label)).dataobj),
+        convention=case.label_convention)
+    scores = evaluate.score_case(predicted, truth, spacing=written.header.get_zooms()[:3])
+    for key, value in scores.items():
+      assert float(row[key]) == pytest.approx(value, rel=1e-9, abs=1e-12), (row["case"],
+                                                                           row["modality"], key)

@@ -33,8 +33,8 @@ def test_recipe_trains_and_evaluates_on_synthetic_data(recipe, synth_data, tmp_p
   out = capsys.readouterr().out
   assert "step 2/2" in out
   family = families.get(recipe)
-  assert ("Segmentation of 1 test cases" in out) == family.segments
-  assert ("Translation on 1 test cases" in out) == family.translates
+  assert ("Segmentation of 1 test case," in out) == family.segments
+  assert ("Translation on 1 test case," in out) == family.translates
 
 
 @pytest.mark.slow
@@ -172,7 +172,7 @@ def test_uagan_paper_trains_at_tiny_sizes(synth_data, tmp_path, capsys):
   assert [row["step"] for row in rows] == [1, 2, 3]
   for row in rows:
     assert row["seg/weighted_ce"] > 0 and row["seg/shape"] > 0
-  assert "Segmentation of 1 test cases" in out
+  assert "Segmentation of 1 test case," in out
 
 
 def test_segan_paper_trains_at_tiny_sizes(synth_data, tmp_path, capsys):
@@ -187,7 +187,7 @@ def test_segan_paper_trains_at_tiny_sizes(synth_data, tmp_path, capsys):
   rows = _metrics(workdir)
   assert [row["step"] for row in rows] == [1, 2, 3]
   assert all(row["seg/adversarial"] > 0 and "seg/weighted_ce" not in row for row in rows)
-  assert "Segmentation of 1 test cases" in out
+  assert "Segmentation of 1 test case," in out
 
 
 @pytest.mark.parametrize("override,needles", [

@@ -275,21 +275,35 @@ def _top_description() -> str:
   ])
 
 
+# The workflow 'uagan-jax --help' prints, one command a line (tests/test_cli.py runs it). The
+# uagan recipe both segments and translates, in the workdir launch/demo.sh gives it.
+WORKFLOW = (
+    "uagan-jax synth    --out data_synth --cases 80 --seed 0 --shape 96 96 64",
+    "uagan-jax train    --config configs/uagan.py:demo --data data_synth --workdir runs/demo_uagan",
+    "uagan-jax evaluate --workdir runs/demo_uagan --data data_synth --checkpoint best",
+    "uagan-jax predict  --workdir runs/demo_uagan --input data_synth/SynthBraTS_00000 "
+    "--modality flair --output seg.nii.gz",
+    "uagan-jax translate --workdir runs/demo_uagan --input data_synth/SynthBraTS_00000 "
+    "--source t1 --target flair --output flair.nii.gz",
+)
+
+
 def _top_epilog() -> str:
   return "\n".join([
-      "typical workflow (synthetic data, a CPU-sized demo):",
-      "  uagan-jax synth    --out data_synth --cases 80 --shape 96 96 64",
-      "  uagan-jax train    --config configs/uagan.py:demo --data data_synth --workdir runs/demo",
-      "  uagan-jax evaluate --workdir runs/demo --data data_synth",
-      "  uagan-jax predict  --workdir runs/demo --input data_synth/SynthBraTS_00000 \\",
-      "                     --modality flair --output seg.nii.gz",
-      "  uagan-jax translate --workdir runs/demo --input data_synth/SynthBraTS_00000 \\",
-      "                     --source t1 --target flair --output flair.nii.gz",
+      "typical workflow (synthetic data, a CPU-sized demo; the first two lines are what",
+      "'MODEL=uagan bash launch/demo.sh' runs, 'bash launch/demo.sh' trains segan into",
+      "runs/demo instead):",
+      *(f"  {line}" for line in WORKFLOW),
       "",
       _wrap("Run 'uagan-jax COMMAND --help' for a command's options; 'uagan-jax train --help' "
             "lists the recipes and the --config.KEY=VALUE overrides. Bad input ends with one "
             "line 'error: ...' on stderr and exit code 2.", indent=""),
   ])
+
+
+CHECKPOINT_HELP = ("which checkpoint of --workdir: the newest, the best by validation Dice "
+                   "(train.validate_every; checkpoints_best/) or the step number of one kept in "
+                   "checkpoints/")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -394,7 +408,8 @@ def _build_parser() -> argparse.ArgumentParser:
       "another data folder (an external test set): per case, region (WT, TC, "
       f"ET) and modality Dice, HD95, ... for the models that segment ({_either(segments)}); per "
       f"modality pair PSNR, SSIM and MAE for the models that translate ({_either(translates)}). "
-      "Writes WORKDIR/eval_SPLIT/, or WORKDIR/eval_data_FOLDER/ for an external test set "
+      "Writes WORKDIR/eval_SPLIT/ (eval_SPLIT_best/ with --checkpoint best), or "
+      "WORKDIR/eval_external_FOLDER/ for an external test set "
       "(metrics.csv, summary.json, PNG panels).")
   evaluate.add_argument("--workdir", required=True, type=pathlib.Path, metavar="DIR",
                         help="training workdir (holds config.json, splits.json, checkpoints/)")
@@ -408,9 +423,8 @@ def _build_parser() -> argparse.ArgumentParser:
                              "moved or copied too), or all: every case of --data as an external "
                              "test set (default: the run's config eval.split, normally test, "
                              "for the run's data folder; all for any other folder)")
-  evaluate.add_argument("--checkpoint", default="latest", choices=("latest", "best"),
-                        help="the newest checkpoint, or the best by validation Dice "
-                             "(train.validate_every)")
+  evaluate.add_argument("--checkpoint", default="latest", metavar="latest|best|STEP",
+                        help=CHECKPOINT_HELP)
 
   translate = add(
       "translate", f"translate a NIfTI volume into another MRI modality ({', '.join(translates)} "
@@ -447,11 +461,41 @@ def _build_parser() -> argparse.ArgumentParser:
   predict.add_argument("--labels", default="brats", choices=("brats", "brats2023", "msd"),
                        help="label values: brats 1 NCR, 2 ED, 4 ET; brats2023 1, 2, 3; msd "
                             "(Task01) 1 ED, 2 NCR, 3 ET (default: %(default)s)")
+  predict.add_argument("--checkpoint", default="latest", metavar="latest|best|STEP",
+                       help=CHECKPOINT_HELP)
   predict.add_argument("--batch-size", type=int, default=None, metavar="N",
                        help="slices per forward pass (default: the config's eval.batch_size)")
   predict.add_argument("--timing", action="store_true",
                        help="end with one line of where the wall time went: the command line, "
                             "import, load model, read, compile, segment, write (seconds)")
+  study = add(
+      "study", "train and score every arm x seed of a study file, then compare the arms "
+               "(intervals, p-values, table, figure)",
+      "Reads a study file (a Python file like the recipes: its get_config() names the arms, "
+      "each a recipe with overrides, the seeds, the data and the external test sets, and the "
+      "comparisons, arm A against arm B; the studies/ folder of the source checkout has "
+      "examples), trains every arm x seed into OUT/runs/ARM/seedK (a run already finished is "
+      "only scored again; a failed run is recorded and the others go on), scores each like "
+      "'uagan-jax evaluate' (the held-out test split and every external folder), and writes "
+      "OUT/study.json, OUT/study.md and OUT/study.png: per arm, region and modality the mean "
+      "and standard deviation over seeds and a 95% bootstrap interval over cases and seeds; "
+      "per comparison the paired per-case difference, its interval and a Wilcoxon signed-rank "
+      "p-value. Exit code 0 all runs scored, 1 some failed, 2 a bad study file, 143/130 "
+      "stopped by SIGTERM/SIGINT (run the same command to resume).",
+      usage="%(prog)s [-h] STUDY.py[:VARIANT] --out DIR [--data DIR] [--external DIR]\n"
+            "                       [--config.KEY=VALUE ...]")
+  study.add_argument("study", metavar="STUDY.py[:VARIANT]",
+                     help="the study file, optionally with :VARIANT passed to its get_config "
+                          "(e.g. studies/results_table.py:smoke) (required)")
+  study.add_argument("--out", required=True, type=pathlib.Path, metavar="DIR",
+                     help="the study's folder: runs/, study.json, study.md, study.png; the "
+                          "same command again resumes it")
+  study.add_argument("--data", default=None, type=pathlib.Path, metavar="DIR",
+                     help="the training data folder, in place of the study file's data "
+                          "(default: the study's)")
+  study.add_argument("--external", action="append", default=[], type=pathlib.Path,
+                     metavar="DIR", help="one more external test set, scored whole; may be "
+                                         "repeated (default: the study's only)")
   parser.description = _top_description() + "\n\n" + _command_list(parser)
   return parser
 
@@ -527,7 +571,8 @@ def _train(args, overrides) -> int:
   _enable_compilation_cache()
   try:
     train.train_and_evaluate(config, workdir=args.workdir, data_dir=args.data,
-                             cache_dir=args.cache, log=_log, evaluate_after=not args.no_eval)
+                             cache_dir=args.cache, log=_log, evaluate_after=not args.no_eval,
+                             recipe=args.config, overrides=overrides)
   except TrainingDiverged as e:
     raise UserError(f"training diverged at {e}") from None
   except Interrupted as e:
@@ -546,6 +591,16 @@ def _evaluate(args) -> None:
   config = config_lib.from_json_file(args.workdir / "config.json")
   evaluate.evaluate_split(config, workdir=args.workdir, data_dir=args.data, split=args.split,
                           checkpoint=args.checkpoint, log=_log)
+
+
+def _study(args, overrides) -> int:
+  """Runs a study; returns its exit code (`study.run_study`). ``overrides``: the
+  ``--config.KEY=VALUE`` items after the options, for every arm."""
+  from uagan_jax import study  # pylint: disable=g-import-not-at-top
+  loaded = study.load_study(args.study, overrides=overrides, data=args.data,
+                            external=args.external)
+  _enable_compilation_cache()
+  return study.run_study(loaded, out=args.out, log=_log)
 
 
 def _translate(args) -> None:
@@ -570,7 +625,8 @@ def _predict(args, main_started: float) -> None:
   # pylint: enable=g-import-not-at-top
   started = time.time()
   results = predict.predict(args.input, args.output, modality=args.modality, labels=args.labels,
-                            workdir=args.workdir, batch_size=args.batch_size, log=_log,
+                            workdir=args.workdir, batch_size=args.batch_size,
+                            checkpoint=args.checkpoint, log=_log,
                             stopwatch=stopwatch)
   if len(results) == 1:
     _log(f"wrote {results[0].output} ({args.labels} labels: {results[0].summary()}) "
@@ -613,6 +669,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{', '.join(_subcommands(parser).choices)} (see '{parser.prog} --help')")
     if args.command == "train":
       return _train(args, rest)
+    elif args.command == "study":
+      return _study(args, rest)
     elif rest:
       raise UserError(f"unexpected argument {rest[0]!r}")
     elif args.command == "prepare":

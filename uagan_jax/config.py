@@ -100,6 +100,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.augment = True  # random in-plane flips and intensity jitter, on device, per example
   c.data.intensity_scale = 0.1
   c.data.intensity_shift = 0.1
+  # stargan, uagan: what D judges as real. True: the augmented slices G translates, intensity
+  # changes and all (the jitter above and the intensity transforms below), so D also learns that
+  # augmented intensities are real. False: the same slices with the flips and spatial transforms
+  # only (the same draws), no intensity change: D judges scans as stored, while G, its cycle
+  # target and S still get the full augmentation (families/shared.py, discriminator_real).
+  # Other families ignore it.
+  c.data.augment_discriminator_real = True
   # Scanner-shift augmentation (data/augment.py), with data.augment: each transform hits an
   # example with probability *_p and draws its strength from the range beside it. All off here, so
   # the base keeps its numbers; the full recipes turn them on (configs/*.py, nnU-Net's values).
@@ -211,6 +218,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.max_cases = 0  # 0 = every case of the split
   c.eval.panels = 4  # cases drawn as PNG panels
   c.eval.val_max_cases = 0  # validation during training scores the first N val cases; 0 = all
+  # How the three thresholded region maps are made nested (WT contains TC contains ET) before
+  # anything is scored, drawn or written (uagan_jax/regions.py): "inner_wins" (a voxel any region
+  # claims stays tumour, the inner region's label wins: nnU-Net's region-to-label conversion) or
+  # "outer_gates" (TC only inside WT, ET only inside TC). Predict, evaluate, validation and the
+  # figures all see the same nested maps, so evaluate scores the label map predict writes.
+  c.eval.nesting = "inner_wins"
   return c
 
 
@@ -310,6 +323,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                     f"{' or '.join(STRIDED_CONVS)}")
   if config.model.resize not in RESIZES:
     raise UserError(f"config model.resize={config.model.resize!r}: use {' or '.join(RESIZES)}")
+  if config.eval.nesting not in ("inner_wins", "outer_gates"):
+    raise UserError(f"config eval.nesting={config.eval.nesting!r}: use inner_wins or outer_gates")
   if config.train.parallel_mode not in ("shard_map", "pmap"):
     raise UserError(f"config train.parallel_mode={config.train.parallel_mode!r}: use shard_map or pmap")
   _validate_recipe_keys(config)

@@ -24,7 +24,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from uagan_jax import families, inference, visualize
+from uagan_jax import families, inference, visualize, volume_io
 from uagan_jax import metrics as metrics_lib
 from uagan_jax.data import MODALITIES, REGIONS, checks, readers, resample
 from uagan_jax.errors import UserError
@@ -125,7 +125,7 @@ def summarise(rows: Sequence[dict], modalities: Sequence[str]) -> dict:
 
 def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
                    data_dir: pathlib.Path, split: str | None = None, state=None,
-                   checkpoint: str = "latest", curves: bool = True,
+                   checkpoint: str = "latest", curves: bool = False, input_notes: bool = True,
                    log: Callable[[str], None] = print) -> dict:
   """Scores every case of ``split`` (or of an external test set) from each modality; writes CSV,
   JSON, PNG panels.
@@ -134,7 +134,7 @@ def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
     config: the run's config.
     workdir: the training workdir (its ``splits.json`` names the cases; outputs go to
       ``workdir/eval_<split>/``, or ``eval_<split>_best/`` for the best checkpoint; for an
-      external test set ``eval_data_<folder name>/``).
+      external test set ``eval_external_<folder name>/``).
     data_dir: the data folder the run was trained on (``splits.json`` "data"), or any other
       folder of cases: an external test set, scored whole unless ``split`` names a split (the
       run's data moved or copied).
@@ -142,8 +142,13 @@ def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
       (refused if it holds a case the run trained or validated on); default
       ``config.eval.split``, or "all" where ``data_dir`` is not the run's data folder.
     state: a train state to evaluate; default: the ``checkpoint`` in ``workdir``.
-    checkpoint: without ``state``: "latest" or "best" (see `load_state`).
-    curves: also draw ``figures/training_curves.png`` from the workdir's logs.
+    checkpoint: without ``state``: "latest", "best" or a step number (see `load_state`);
+      the outputs go to ``eval_<split>/``, ``eval_<split>_best/`` or ``eval_<split>_step<N>/``.
+    input_notes: say, per image file, where its constant background was set to 0 and where it
+      does not look skull-stripped (`checks`); off where the caller said so already (training,
+      whose data preparation names every file of the data folder once).
+    curves: also draw ``figures/training_curves.png`` from the workdir's logs (training draws it
+      when it ends; evaluating a finished run leaves it as it is).
     log: where progress, the table and a ``warning: ...`` per image file that does not look
       skull-stripped (`checks`) go.
 
@@ -163,8 +168,8 @@ def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
     # An external test set: every case of the folder, none of which the run has seen.
     cases = {c.case_id: c for c in readers.find_cases(data_dir)}
     case_ids = _external_case_ids(cases, data_dir, splits)
-    split = f"data_{pathlib.Path(data_dir).resolve().name}"
-    log(f"scoring every case of {data_dir} ({len(case_ids)} cases) as an external test set "
+    split = f"external_{pathlib.Path(data_dir).resolve().name}"
+    log(f"scoring every case of {data_dir} ({count(len(case_ids), 'case')}) as an external test set "
         f"(the run's data folder is {splits.get('data')})")
     if config.eval.max_cases:
       case_ids = case_ids[:config.eval.max_cases]
@@ -193,15 +198,26 @@ def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
   translator = (inference.SliceTranslator(config, inference.translation_variables(state, config),
                                           batch_size=config.eval.batch_size)
                 if translates else None)
-  out_dir = workdir / (f"eval_{split}" if checkpoint == "latest" else f"eval_{split}_{checkpoint}")
+  checkpoint = inference.check_checkpoint(checkpoint)
+  suffix = {"latest": "", "best": "_best"}.get(checkpoint, f"_step{checkpoint}")
+  out_dir = workdir / f"eval_{split}{suffix}"
   figures = workdir / "figures"
   out_dir.mkdir(parents=True, exist_ok=True)
   modalities = [m for m in MODALITIES if m in config.data.modalities]
+  trained = volume_io.trained_modalities(config, workdir=workdir)
+  untrained = [m for m in modalities if m not in trained]
+  if untrained:
+    # Scored all the same (a researcher may want to see how a model does on a modality it never
+    # saw), but never mistaken for a trained one: a note here and a '*' in the table.
+    log(f"note: the model never trained on {', '.join(untrained)} (splits.json: training gave "
+        f"slices of {', '.join(trained) or 'no modality'} only); they are scored all the same "
+        "and marked * in the table")
   rows, translation_rows = [], []
   started = time.time()
   for number, case_id in enumerate(case_ids, 1):
     volume = readers.load_case(cases[case_id], modalities=modalities, with_label=segments)
-    for modality in modalities:
+    for modality in modalities if input_notes else ():
+      checks.log_background_note(volume, cases[case_id], modality, log=log)
       warning = checks.skull_strip_warning(volume.images[modality],
                                            path=checks.image_name(cases[case_id], modality))
       if warning is not None:
@@ -232,16 +248,18 @@ def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
         f"ETA {elapsed / number * (len(case_ids) - number):.0f} s")
 
   report = {"step": step, "split": split, "data": str(pathlib.Path(data_dir).absolute()),
-            "checkpoint": checkpoint, "cases": len(case_ids), "case_ids": case_ids}
+            "checkpoint": checkpoint, "cases": len(case_ids), "case_ids": case_ids,
+            "nesting": config.eval.nesting, "untrained_modalities": untrained}
   summary = {}
   if rows:
     summary = summarise(rows, modalities)
     report["definitions"] = definitions()
     report["segmentation"] = summary
     _write_csv(out_dir / "metrics.csv", rows)
-    log(format_table(summary, modalities,
-                     title=f"Segmentation of {len(case_ids)} {split} cases, {checkpoint} "
-                           f"checkpoint (step {step}): mean ± std over cases"))
+    spread = "mean ± std over cases" if len(case_ids) > 1 else "the case's values"
+    log(format_table(summary, modalities, cases=len(case_ids), untrained=untrained,
+                     title=f"Segmentation of {count(len(case_ids), f'{split} case')}, "
+                           f"{_checkpoint_words(checkpoint, step)}: {spread}"))
   if translation_rows:
     report["translation_mean"] = {
         f"{a}->{b}": {k: float(np.mean([r[k] for r in translation_rows
@@ -250,7 +268,7 @@ def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
         for a in modalities for b in modalities if a != b}
     _write_csv(out_dir / "translation.csv", translation_rows)
     log(format_translation_table(report["translation_mean"],
-                                 title=f"Translation on {len(case_ids)} {split} cases, step {step} "
+                                 title=f"Translation on {count(len(case_ids), f'{split} case')}, step {step} "
                                        "(normalised intensities; identity = the source image as is)"))
   (out_dir / "summary.json").write_text(json.dumps(report, indent=2))
   if curves and (workdir / "metrics.jsonl").is_file():
@@ -406,12 +424,29 @@ def format_translation_table(summary: dict[str, dict], *, title: str) -> str:
   return "\n".join(lines)
 
 
-def format_table(summary: dict, modalities: Sequence[str], *, title: str) -> str:
+def _checkpoint_words(checkpoint: str, step: int) -> str:
+  """'latest checkpoint (step 600)', 'best checkpoint (step 400)', 'checkpoint of step 200'."""
+  if checkpoint in ("latest", "best"):
+    return f"{checkpoint} checkpoint (step {step})"
+  return f"checkpoint of step {step}"
+
+
+def count(number: int, noun: str) -> str:
+  """'1 case', '16 cases'."""
+  return f"{number} {noun}" + ("" if number == 1 else "s")
+
+
+def format_table(summary: dict, modalities: Sequence[str], *, title: str,
+                 cases: int | None = None, untrained: Sequence[str] = ()) -> str:
   """Dice and HD95 (mm) per modality and region, mean ± std over cases (a `summarise` result), as
-  a fixed-width table; the last column is the modality's Dice averaged over the regions."""
+  a fixed-width table; the last column is the modality's Dice averaged over the regions. With
+  ``cases`` 1 the cells are that case's values (a standard deviation of one value says nothing);
+  the ``untrained`` modalities are marked with a '*'."""
   penalty = metrics_lib.EMPTY_HD95_PENALTY_MM
 
   def cell(stats, digits):
+    if cases == 1:
+      return f"{stats['mean']:.{digits}f}"
     return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
 
   header = (f"{'modality':<9}" + "".join(f"{'Dice ' + r:>15}" for r in REGIONS)
@@ -419,9 +454,12 @@ def format_table(summary: dict, modalities: Sequence[str], *, title: str) -> str
   lines = [title, header]
   for modality in modalities:
     regions = summary[modality]
-    lines.append(f"{modality:<9}" + "".join(f"{cell(regions[r]['dice'], 3):>15}" for r in REGIONS)
+    name = f"{modality}*" if modality in untrained else modality
+    lines.append(f"{name:<9}" + "".join(f"{cell(regions[r]['dice'], 3):>15}" for r in REGIONS)
                  + "".join(f"{cell(regions[r]['hd95'], 1):>16}" for r in REGIONS)
                  + f"{np.mean([regions[r]['dice']['mean'] for r in REGIONS]):>11.3f}")
   lines.append(f"(BraTS rules for empty masks: both empty Dice 1, HD95 0; one empty Dice 0, "
                f"HD95 {penalty:g} mm. Medians and the other metrics: summary.json, metrics.csv)")
+  if untrained:
+    lines.append("(* a modality the model never trained on)")
   return "\n".join(lines)

@@ -29,7 +29,7 @@ import numpy as np
 
 from uagan_jax import checkpoint as checkpoint_lib
 from uagan_jax import config as config_lib
-from uagan_jax import families, timing, train_state
+from uagan_jax import families, regions, timing, train_state
 from uagan_jax.data import MODALITIES, REGIONS, preprocess, resample
 from uagan_jax.errors import UserError
 
@@ -195,6 +195,10 @@ def segment_volume(predictor: SlicePredictor, image: np.ndarray, *, modality: st
       1%, the image is resampled to ``data.spacing`` (linearly), segmented there, and the
       per-region probabilities resampled linearly onto the image's grid and thresholded at 0.5
       (nnU-Net's way). None: the image is taken to be at ``data.spacing``.
+
+  Returns:
+    bool (X, Y, Z, 3) WT/TC/ET, nested by ``eval.nesting`` (`regions.nest`): what ``predict``
+    writes, ``evaluate`` and validation score and the figures draw.
   """
   resampled = _at_training_spacing(image, spacing, config)
   work = image if resampled is None else resampled
@@ -203,9 +207,11 @@ def segment_volume(predictor: SlicePredictor, image: np.ndarray, *, modality: st
   if has_brain.any():  # slices without brain are background by definition, as in training
     probs[has_brain] = predictor(slices[has_brain], MODALITIES.index(modality))
   if resampled is None:
-    return preprocess.slices_to_volume(probs > 0.5, window, fill=False)
-  probs = preprocess.slices_to_volume(probs, window, fill=0.0)
-  return resample.resize(probs, image.shape) > 0.5
+    masks = preprocess.slices_to_volume(probs > 0.5, window, fill=False)
+  else:
+    probs = preprocess.slices_to_volume(probs, window, fill=0.0)
+    masks = resample.resize(probs, image.shape) > 0.5
+  return regions.nest(masks, rule=config.eval.nesting)
 
 
 def translate_volume(translator: SliceTranslator, image: np.ndarray, *, source: str,
@@ -248,8 +254,9 @@ def load_state(config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
   Args:
     config: the run's config.
     workdir: the training workdir.
-    checkpoint: "latest" (the newest checkpoint in ``checkpoints/``) or "best" (the one kept in
-      ``checkpoints_best/`` for the highest validation Dice, see ``train.validate_every``).
+    checkpoint: "latest" (the newest checkpoint in ``checkpoints/``), "best" (the one kept in
+      ``checkpoints_best/`` for the highest validation Dice, see ``train.validate_every``) or a
+      step number of ``checkpoints/`` (that one, no fallback).
     log: where the note on an unreadable checkpoint goes.
     part: restore only these subtrees of the state (nested dicts of abstract arrays, see
       `checkpoint.Checkpointer.restore_part`), returned in place of the state.
@@ -260,8 +267,9 @@ def load_state(config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
   """
   if log is None:
     log = lambda message: print(f"warning: {message}", file=sys.stderr, flush=True)
+  checkpoint = check_checkpoint(checkpoint)
   if checkpoint not in CHECKPOINT_DIRS:
-    raise UserError(f"--checkpoint {checkpoint}: use {' or '.join(CHECKPOINT_DIRS)}")
+    return _load_step(config, pathlib.Path(workdir), step=int(checkpoint), part=part)
   directory = pathlib.Path(workdir) / CHECKPOINT_DIRS[checkpoint]
   checkpoints = step = None
   if directory.is_dir():
@@ -284,6 +292,38 @@ def load_state(config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
   return state, step
 
 
+def check_checkpoint(checkpoint: str | int) -> str:
+  """``--checkpoint``: "latest", "best" or a step number (as a string); UserError otherwise."""
+  text = str(checkpoint).strip().lower()
+  if text in CHECKPOINT_DIRS or (text.isdigit() and int(text) >= 0):
+    return str(int(text)) if text.isdigit() else text
+  raise UserError(f"--checkpoint {checkpoint}: use {', '.join(CHECKPOINT_DIRS)} or a step number")
+
+
+def _load_step(config: ml_collections.ConfigDict, workdir: pathlib.Path, *, step: int, part):
+  """`load_state` of one named step of ``checkpoints/``: no fallback, it is that step or an
+  error naming the steps there are."""
+  directory = workdir / CHECKPOINT_DIRS["latest"]
+  steps = []
+  if directory.is_dir():
+    checkpoints = checkpoint_lib.Checkpointer(directory, every=1, keep=1_000_000)
+    steps = checkpoints.all_steps()
+  if step not in steps:
+    if steps:
+      checkpoints.close()
+    kept = f"the kept steps are {', '.join(map(str, steps))}" if steps else "there is none"
+    raise UserError(f"{directory}: no checkpoint of step {step} ({kept}; "
+                    "train.keep_checkpoints keeps the newest)")
+  try:
+    if part is None:
+      return checkpoints.restore(step, train_state.abstract_state(config)), step
+    return checkpoints.restore_part(step, part), step
+  except checkpoint_lib.CheckpointUnreadable as e:
+    raise UserError(f"{directory / str(step)}: checkpoint unreadable ({e})") from None
+  finally:
+    checkpoints.close()
+
+
 def _variables(state, role: str) -> dict:
   net = state.nets[role]
   return jax.device_get({"params": net.params, "batch_stats": net.batch_stats})
@@ -300,7 +340,8 @@ def translation_variables(state, config: ml_collections.ConfigDict) -> dict:
 
 
 def load_network(config: ml_collections.ConfigDict, workdir: pathlib.Path, *, role: str,
-                 log: Callable[[str], None] | None = None) -> tuple[dict, int]:
+                 log: Callable[[str], None] | None = None,
+                 checkpoint: str = "latest") -> tuple[dict, int]:
   """The variables (``params``, ``batch_stats``) of one network of the newest checkpoint.
 
   Only that network's arrays are read (not the optimizer states or the other networks), each
@@ -316,9 +357,9 @@ def load_network(config: ml_collections.ConfigDict, workdir: pathlib.Path, *, ro
   """
   part = {"nets": {role: train_state.abstract_variables(config, role)}}
   try:
-    restored, step = load_state(config, workdir, log=log, part=part)
+    restored, step = load_state(config, workdir, log=log, part=part, checkpoint=checkpoint)
   except checkpoint_lib.NoLeafDigests:
-    state, step = load_state(config, workdir, log=log)
+    state, step = load_state(config, workdir, log=log, checkpoint=checkpoint)
     return _variables(state, role), step
   return jax.device_get(restored["nets"][role]), step
 
@@ -330,7 +371,9 @@ def _join(words: Sequence[str], conjunction: str) -> str:
 
 
 def load_model(workdir: str | os.PathLike, *, capability: str, task: str,
-               network_only: bool = False) -> tuple[ml_collections.ConfigDict, object, int]:
+               network_only: bool = False, checkpoint: str = "latest",
+               check: Callable[[ml_collections.ConfigDict], None] | None = None
+               ) -> tuple[ml_collections.ConfigDict, object, int]:
   """The config, newest train state and its step of a training workdir.
 
   Args:
@@ -341,6 +384,9 @@ def load_model(workdir: str | os.PathLike, *, capability: str, task: str,
     network_only: Read only the variables of the network that does the job (the family's
       ``SEGMENTATION_ROLE`` or ``TRANSLATION_ROLE``, `load_network`) and return them in place
       of the state.
+    checkpoint: "latest", "best" or a step (`load_state`).
+    check: Called with the config before any checkpoint is read (e.g. to refuse a modality
+      the model never trained on without paying for the load).
 
   Returns:
     (config, train state on one device or the network's variables, checkpoint step).
@@ -355,10 +401,12 @@ def load_model(workdir: str | os.PathLike, *, capability: str, task: str,
     able = families.with_capability(**{capability: True})
     raise UserError(f"{workdir}: model family {config.model.name} does not {task} (only "
                     f"{_join(able, 'and')} do); use a {_join(able, 'or')} workdir")
+  if check is not None:
+    check(config)
   if network_only:
     family = families.implementation(config.model.name)
     role = family.SEGMENTATION_ROLE if capability == "segments" else family.TRANSLATION_ROLE
-    variables, step = load_network(config, workdir, role=role)
+    variables, step = load_network(config, workdir, role=role, checkpoint=checkpoint)
     return config, variables, int(step)
-  state, step = load_state(config, workdir)
+  state, step = load_state(config, workdir, checkpoint=checkpoint)
   return config, state, int(step)

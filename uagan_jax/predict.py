@@ -1,7 +1,7 @@
 """Whole-volume segmentation: NIfTI scans in, tumour label maps on the scans' own grids out.
 
 ``uagan-jax predict --workdir W --input PATH --modality flair --output SEG.nii.gz`` segments with
-the newest checkpoint of a trained model whose family segments (`families.with_capability`). What
+the newest checkpoint (``--checkpoint best`` or ``STEP`` for another) of a trained model whose family segments (`families.with_capability`). What
 ``PATH`` is decides what ``--output`` is:
 
 * one .nii/.nii.gz image of modality ``--modality`` -> ``--output`` is one .nii/.nii.gz file;
@@ -143,13 +143,16 @@ class VolumeSegmentor:
 
 
 def load_segmentor(workdir: str | os.PathLike, *, batch_size: int | None = None,
-                   stopwatch: timing.Stopwatch | None = None) -> VolumeSegmentor:
-  """Loads the segmentation network of the newest checkpoint in a training workdir.
+                   stopwatch: timing.Stopwatch | None = None, checkpoint: str = "latest",
+                   modality: str | None = None) -> VolumeSegmentor:
+  """Loads the segmentation network of a checkpoint in a training workdir.
 
   Args:
     workdir: A workdir written by ``uagan-jax train`` (``config.json``, ``checkpoints/``).
     batch_size: Slices per forward pass; default the config's ``eval.batch_size``.
     stopwatch: Where the segmentor counts its compilations ("compile").
+    checkpoint: "latest" (the newest), "best" (by validation Dice) or a step number.
+    modality: Refuse, before the checkpoint is read, a modality the model never trained on.
 
   Returns:
     The `VolumeSegmentor`.
@@ -161,8 +164,13 @@ def load_segmentor(workdir: str | os.PathLike, *, batch_size: int | None = None,
   if batch_size is not None and batch_size < 1:
     raise UserError(f"--batch-size {batch_size}: must be at least 1")
   workdir = pathlib.Path(workdir)
+  check = None
+  if modality is not None:
+    check = lambda config: volume_io.check_trained_modality(config, modality, flag="--modality",
+                                                             workdir=workdir)
   config, variables, step = inference.load_model(workdir, capability="segments",
-                                                 task="segment", network_only=True)
+                                                 task="segment", network_only=True,
+                                                 checkpoint=checkpoint, check=check)
   return VolumeSegmentor(config, variables, step=step,
                          workdir=workdir, batch_size=batch_size, stopwatch=stopwatch)
 
@@ -223,7 +231,7 @@ def plan(input_path: str | os.PathLike, output_path: str | os.PathLike, *,
 def predict(input_path: str | os.PathLike, output_path: str | os.PathLike, *, modality: str,
             labels: str = "brats", workdir: str | os.PathLike | None = None,
             segmentor: VolumeSegmentor | None = None, batch_size: int | None = None,
-            log: Callable[[str], None] = print,
+            checkpoint: str = "latest", log: Callable[[str], None] = print,
             stopwatch: timing.Stopwatch | None = None) -> list[PredictionResult]:
   """Segments a NIfTI image, a case folder or a data folder of cases into label maps.
 
@@ -237,6 +245,8 @@ def predict(input_path: str | os.PathLike, output_path: str | os.PathLike, *, mo
     workdir: The training workdir of a segmenting model; its newest checkpoint segments.
     segmentor: An already loaded model (from `load_segmentor`), instead of ``workdir``.
     batch_size: With ``workdir``: slices per forward pass (default the config's eval.batch_size).
+    checkpoint: With ``workdir``: "latest" (the newest checkpoint), "best" (the best by
+      validation Dice, ``checkpoints_best/``) or a step number of ``checkpoints/``.
     log: Where progress goes.
     stopwatch: Counts the wall time of loading the model, reading, compiling, segmenting and
       writing (``uagan-jax predict --timing``); with ``segmentor``, its compilations are counted
@@ -263,9 +273,12 @@ def predict(input_path: str | os.PathLike, output_path: str | os.PathLike, *, mo
   if segmentor is None:
     log(f"loading the model in {workdir}")
     with stopwatch.phase("load model"):
-      segmentor = load_segmentor(workdir, batch_size=batch_size, stopwatch=stopwatch)
+      segmentor = load_segmentor(workdir, batch_size=batch_size, stopwatch=stopwatch,
+                                 checkpoint=checkpoint, modality=modality)
   segmentor.check_modality(modality)
-  log(f"model: {segmentor.config.model.name}, checkpoint step {segmentor.step}")
+  which = {"latest": "newest", "best": "best"}.get(inference.check_checkpoint(checkpoint),
+                                                    "chosen")
+  log(f"model: {segmentor.config.model.name}, {which} checkpoint, step {segmentor.step}")
   if many:
     log(f"segmenting the {modality} images of {len(jobs)} cases in {input_path} into "
         f"{output_path}/<case_id>.nii.gz ({labels} labels)")
@@ -293,6 +306,7 @@ def _predict_case(segmentor: VolumeSegmentor, case: readers.CaseFiles, output: p
     volume, slices = volume_io.load_brain_image(case, modality, verb="segment", log=step_log)
     image = volume.images[modality]
     warning = checks.skull_strip_warning(image, path=checks.image_name(case, modality))
+  checks.log_background_note(volume, case, modality, log=log)
   if warning is not None:
     log(f"warning: {warning}")
   resampled = segmentor.needs_resampling(volume.spacing)

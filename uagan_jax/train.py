@@ -66,7 +66,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *
         image, regions, stream(example_keys, AUGMENT_STREAM),
         intensity_scale=config.data.intensity_scale, intensity_shift=config.data.intensity_shift,
         augmentations=config.data.augmentations.to_dict())
-  inputs = StepInputs(image=image, regions=regions, modality=modality, example_keys=example_keys)
+  inputs = StepInputs(image=image, regions=regions, modality=modality, example_keys=example_keys,
+                      unaugmented_image=batch["image"])
   family = families.implementation(config.model.name)
   new_nets, metrics, gradients = family.train_phases(state, inputs, networks=networks,
                                                      config=config)
@@ -93,7 +94,8 @@ def make_step(config: ml_collections.ConfigDict, mesh, *, donate: bool = True,
 def train_and_evaluate(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
                        data_dir: pathlib.Path, cache_dir: pathlib.Path | None = None,
                        log: Callable[[str], None] = print,
-                       evaluate_after: bool = True) -> TrainState:
+                       evaluate_after: bool = True, recipe: str | None = None,
+                       overrides=()) -> TrainState:
   """Trains ``config`` on the data in ``data_dir``, checkpointing and logging into ``workdir``.
 
   The data folder is prepared into ``cache_dir`` first (default: `cache.default_location`;
@@ -105,6 +107,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, *, workdir: pathlib.Pa
   ``figures/training_curves.png``, and with ``train.tensorboard`` ``tensorboard/`` (the same
   values and panels as TensorBoard events, `uagan_jax.tensorboard`); then evaluates the held-out
   split (see `uagan_jax.evaluate`), or says in one line that it has no cases (a one-case data set trains all the same).
+
+  ``recipe`` and ``overrides`` (the ``--config`` spec and its ``--config.KEY=VALUE``s) are
+  recorded in ``run.json`` when the run starts, so that a workdir names the run it holds: a run
+  of another model family is refused before any data is read.
 
   Holds ``<workdir>/.lock`` throughout (`workdir.WorkdirLock`): a second run on the same workdir
   is refused while this one lives.
@@ -122,17 +128,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, *, workdir: pathlib.Pa
   if not distributed.is_main():
     # The processes of one run share its workdir: process 0 holds the lock for all of them.
     return _train_locked(config, workdir=workdir, data_dir=data_dir, cache_dir=cache_dir,
-                         log=log, evaluate_after=evaluate_after)
+                         log=log, evaluate_after=evaluate_after, recipe=recipe,
+                         overrides=overrides)
   with workdir_lib.WorkdirLock(workdir, log=log):
     return _train_locked(config, workdir=workdir, data_dir=data_dir, cache_dir=cache_dir,
-                         log=log, evaluate_after=evaluate_after)
+                         log=log, evaluate_after=evaluate_after, recipe=recipe,
+                         overrides=overrides)
 
 
 def _train_locked(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
                   data_dir: pathlib.Path, cache_dir: pathlib.Path | None,
-                  log: Callable[[str], None], evaluate_after: bool) -> TrainState:
+                  log: Callable[[str], None], evaluate_after: bool, recipe: str | None,
+                  overrides) -> TrainState:
   """`train_and_evaluate` with the workdir's lock held."""
   family = families.get(config.model.name)
+  workdir_lib.check_same_family(workdir, family=family.name, recipe=recipe)
   # Several processes (`uagan_jax.distributed`): every one runs this function in step; process 0
   # alone logs and writes files, all join the checkpoints.
   main = distributed.is_main()
@@ -188,7 +198,11 @@ def _train_locked(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
                                         keep=config.train.keep_checkpoints)
   # Unreadable checkpoints newer than the newest readable one are moved aside, so that the
   # replayed steps can be saved again.
-  restored = checkpoints.restore_newest(state, log=log, set_aside=True)
+  try:
+    restored = checkpoints.restore_newest(state, log=log, set_aside=True)
+  except UserError as e:
+    held = workdir_lib.held_run(workdir)
+    raise UserError(f"{e} ({workdir} holds {held})" if held else str(e)) from None
   if restored is not None:
     state, latest = restored
     log(f"resumed from {checkpoints.directory / str(latest)}")
@@ -196,6 +210,7 @@ def _train_locked(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
   # record of the run whose checkpoints are in this workdir.
   if main:
     workdir_lib.atomic_write_text(workdir / "config.json", config_lib.to_json(config))
+    workdir_lib.write_run_record(workdir, recipe=recipe, overrides=overrides)
     workdir_lib.atomic_write_text(workdir / "splits.json", json.dumps(
         _splits_record(data, data_dir, train_input), indent=2))
   start = int(jax.device_get(state.step))
@@ -314,7 +329,9 @@ def _train_locked(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
         f"{workdir} --data DIR")
   elif evaluate_after:
     evaluate.evaluate_split(config, workdir=workdir, data_dir=data_dir,
-                            state=distributed.local_copy(state), curves=False, log=log)
+                            state=distributed.local_copy(state), curves=False, log=log,
+                            # The data preparation above named each input file's problems.
+                            input_notes=False)
   distributed.wait_for_all("evaluated")
   return state
 

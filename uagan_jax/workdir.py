@@ -230,3 +230,51 @@ def _who(holder: dict) -> str:
     return "holder unknown"
   return (f"process {holder.get('pid')} on host {holder.get('host')}, started "
           f"{holder.get('started')}")
+
+
+# ------------------------------------------------------------------------------------------------
+# What a workdir holds
+# ------------------------------------------------------------------------------------------------
+
+# The recipe a run was started with (``--config FILE[:variant]`` and its overrides): config.json
+# holds the resolved values, this file how they were asked for, so that a refusal can name it.
+RUN_RECORD = "run.json"
+
+
+def write_run_record(workdir: pathlib.Path, *, recipe: str | None, overrides=()) -> None:
+  """Records the recipe of a run once: a resumed run keeps the record of the run it resumes."""
+  path = pathlib.Path(workdir) / RUN_RECORD
+  if recipe is None or path.exists():
+    return
+  atomic_write_text(path, json.dumps({"recipe": recipe, "overrides": list(overrides)}, indent=2))
+
+
+def held_run(workdir: pathlib.Path) -> str | None:
+  """'a segan run (configs/segan.py:demo)': what a workdir with a config.json holds, or None."""
+  workdir = pathlib.Path(workdir)
+  try:
+    family = json.loads((workdir / "config.json").read_text())["model"]["name"]
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+  try:
+    recipe = json.loads((workdir / RUN_RECORD).read_text()).get("recipe")
+  except (OSError, ValueError, AttributeError):
+    recipe = None
+  return f"a {family} run" + (f" ({recipe})" if recipe else "")
+
+
+def check_same_family(workdir: pathlib.Path, *, family: str, recipe: str | None) -> None:
+  """Refuses, in one line naming what is there, to train ``family`` into a workdir whose
+  checkpoints belong to a run of another model family (checked before any data is read)."""
+  workdir = pathlib.Path(workdir)
+  checkpoints = workdir / "checkpoints"
+  if not (checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())):
+    return
+  try:
+    held = json.loads((workdir / "config.json").read_text())["model"]["name"]
+  except (OSError, ValueError, KeyError, TypeError):
+    return  # nothing to compare with; the checkpoint's own shapes are checked on restore
+  if held != family:
+    asked = f"{family}" + (f" ({recipe})" if recipe else "")
+    raise UserError(f"{workdir} holds {held_run(workdir)}; this command trains {asked}: use "
+                    f"another --workdir (or delete {workdir} to start afresh)")
