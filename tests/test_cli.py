@@ -172,14 +172,15 @@ def _run_workflow(capsys, tmp_path, monkeypatch, commands, *, recipe=None, steps
   for argv in commands:
     argv = list(argv)
     if argv[0] == "synth":
-      argv[argv.index("--cases") + 1] = "10"
+      argv[argv.index("--cases") + 1] = "8"
       at = argv.index("--shape") + 1
-      argv[at:at + 3] = ["48", "48", "32"]
+      argv[at:at + 3] = ["32", "32", "32"]
     if argv[0] == "train":
       if recipe is not None:
         argv[argv.index("--config") + 1] = recipe
       argv += [f"--config.train.steps={steps}", f"--config.train.validate_every={steps}",
-               "--config.eval.val_max_cases=1", "--config.data.val_fraction=0.2", "--no-eval"]
+               "--config.eval.val_max_cases=1", "--config.data.val_fraction=0.2",
+               "--config.data.spacing=(2.0, 2.0, 2.0)", "--no-eval"]
     code, _, err = run_cli(capsys, *argv)
     assert code == 0, (argv, err)
   assert (tmp_path / "seg.nii.gz").is_file() and (tmp_path / "flair.nii.gz").is_file()
@@ -238,9 +239,18 @@ def test_synth_then_train_then_evaluate(capsys, tmp_path):
                "eval_test/summary.json", "figures/training_curves.png"):
     assert (work / name).is_file(), name
   assert list((work / "figures").glob("test_*.png"))
+  curves = (work / "figures" / "training_curves.png").stat().st_mtime_ns
   code, out, err = run_cli(capsys, "evaluate", "--workdir", work, "--data", data)
   assert code == 0, err
   assert "Dice WT" in out and "flair" in out
+  # Evaluating a finished run leaves the training curves as training drew them.
+  assert (work / "figures" / "training_curves.png").stat().st_mtime_ns == curves
+  code, out, err = run_cli(capsys, "evaluate", "--workdir", work, "--data", data,
+                           "--checkpoint", "2")
+  assert code == 0, err
+  assert "checkpoint of step 2" in out
+  assert (work / "eval_test_step2" / "summary.json").is_file()
+  assert json.loads((work / "eval_test_step2" / "summary.json").read_text())["checkpoint"] == "2"
   code, _, err = run_cli(capsys, "evaluate", "--workdir", tmp_path / "nothing", "--data", data)
   assert_one_line_error(code, err, "config.json", "not found")
 
@@ -536,14 +546,22 @@ def test_one_case_trains_names_its_untrained_modalities_and_scores_an_external_t
     _copy_case(case, external, f"External_{number}")
   code, out, err = run_cli(capsys, "evaluate", "--workdir", work, "--data", external)
   assert code == 0, err
-  assert "Segmentation of 2 data_external cases" in out
+  assert "Segmentation of 2 external_external cases" in out
+  # The modalities it never trained on are scored all the same, but said and starred.
+  notes = [line for line in out.splitlines() if "note: the model never trained on" in line]
+  assert len(notes) == 1 and ", ".join(untrained) in notes[0], out
+  table = out[out.index("Segmentation of 2"):].splitlines()
+  assert any(line.startswith(f"{untrained[0]}* ") for line in table)
+  assert any(line.startswith(f"{trained} ") for line in table)
+  assert "(* a modality the model never trained on)" in out
   rows = (work / "eval_external_external" / "metrics.csv").read_text().splitlines()
   assert rows[0].startswith("case,modality,dice_WT,")
   assert sorted({tuple(r.split(",")[:2]) for r in rows[1:]}) == sorted(
       (f"External_{n}", m) for n in range(2) for m in MODALITIES)
   summary = json.loads((work / "eval_external_external" / "summary.json").read_text())
   assert summary["case_ids"] == ["External_0", "External_1"]
-  assert summary["split"] == "data_external" and summary["data"] == str(external)
+  assert summary["split"] == "external_external" and summary["data"] == str(external)
+  assert summary["untrained_modalities"] == untrained
   assert set(summary["segmentation"]) == set(MODALITIES)
   # --split all names the same thing; a folder holding the training case is no test set.
   code, out, err = run_cli(capsys, "evaluate", "--workdir", work, "--data", external, "--split",

@@ -241,7 +241,7 @@ def test_evaluate_split_scores_the_runs_split_or_every_case_of_an_external_folde
       shutil.copy(path, folder / path.name.replace(case_id, f"Other_{number}"))
   scored = evaluate.evaluate_split(config, workdir=workdir, data_dir=external, **quiet)
   assert scored["report"]["case_ids"] == ["Other_0", "Other_1"]
-  assert scored["report"]["split"] == "data_test"
+  assert scored["report"]["split"] == "external_test"
   # The same scans under other names: the same numbers, in their own folder.
   assert [{**r, "case": None} for r in scored["rows"]] == [{**r, "case": None}
                                                           for r in own["rows"]]
@@ -265,7 +265,7 @@ def test_other_scans_under_the_training_cases_names_are_an_external_test_set(syn
                           shift=synthetic.ScannerShift(noise=3.0))
   assert sorted(p.name for p in other.iterdir() if p.is_dir()) == ids[:2]  # training names
   scored = evaluate.evaluate_split(config, workdir=workdir, data_dir=other, **quiet)
-  assert scored["report"]["case_ids"] == ids[:2] and scored["report"]["split"] == "data_shifted"
+  assert scored["report"]["case_ids"] == ids[:2] and scored["report"]["split"] == "external_shifted"
   copy = tmp_path / "copy"
   shutil.copytree(synth_data / ids[0], copy / ids[0])
   with pytest.raises(UserError, match=r"holds 1 case\(s\) the run trained"):

@@ -442,6 +442,14 @@ def test_a_modality_training_never_saw_is_refused(capsys, case_dir, tmp_path):
   assert_one_line_error(code, err, "--modality flair", "trained on t2 only", "splits.json",
                         "each of its 1 training case(s) contributed one modality")
   assert not output.exists()
+  # Refused before any checkpoint is read.
+  def no_load(*args, **kwargs):
+    raise AssertionError("the checkpoint was read before the modality was refused")
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(inference, "load_state", no_load)
+    code, _, err = run_cli(capsys, "predict", "--workdir", workdir, "--input", case_dir,
+                           "--modality", "flair", "--output", output)
+  assert_one_line_error(code, err, "--modality flair", "trained on t2 only")
   _predict(capsys, workdir, case_dir, output, modality="t2")
   assert output.is_file()
 
@@ -669,3 +677,26 @@ def test_evaluate_scores_the_label_map_predict_writes(capsys, workdirs, synth_da
     for key, value in scores.items():
       assert float(row[key]) == pytest.approx(value, rel=1e-9, abs=1e-12), (row["case"],
                                                                            row["modality"], key)
+
+
+def test_checkpoint_chooses_the_step_and_a_missing_one_is_one_line(capsys, workdirs, case_dir,
+                                                                 tmp_path):
+  """``--checkpoint latest|best|STEP``: a kept step segments with its own weights; a step not
+  kept, a best checkpoint never kept and a word that is neither are each one line."""
+  workdir = workdirs["segan"]
+  steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps[-1] == 2
+  out = _predict(capsys, workdir, case_dir, tmp_path / "latest.nii.gz", "--checkpoint", "latest")
+  assert "checkpoint step 2 (the newest)" in out
+  out = _predict(capsys, workdir, case_dir, tmp_path / "step.nii.gz", "--checkpoint",
+                 str(steps[-1]))
+  assert "checkpoint step 2 (--checkpoint)" in out
+  assert (tmp_path / "step.nii.gz").read_bytes() == (tmp_path / "latest.nii.gz").read_bytes()
+  for checkpoint, needles in (("7", ("no checkpoint of step 7", "the kept steps are")),
+                              ("best", ("no best checkpoint",)),
+                              ("newest", ("--checkpoint newest", "a step number"))):
+    code, _, err = run_cli(capsys, "predict", "--workdir", workdir, "--input", case_dir,
+                           "--modality", "flair", "--output", tmp_path / "x.nii.gz",
+                           "--checkpoint", checkpoint)
+    assert_one_line_error(code, err, *needles)
+  assert not (tmp_path / "x.nii.gz").exists()

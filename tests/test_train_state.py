@@ -9,7 +9,7 @@ import pytest
 
 from uagan_jax import families, parallel, train_state
 
-from conftest import load_test_config
+from conftest import ROOT, TEST_CONFIG, load_test_config
 
 # configs/test.py's variants and the family each one trains.
 VARIANTS = {"": "segan", "unet": "unet", "stargan": "stargan", "uagan": "uagan"}
@@ -107,3 +107,34 @@ def test_stream_gives_each_tag_its_own_keys():
   all_keys = [k.tobytes() for keys in data.values() for k in keys]
   all_keys += [k.tobytes() for k in np.asarray(jax.random.key_data(example_keys))]
   assert len(set(all_keys)) == len(all_keys)
+
+
+def _init_at_both_levels(spec):
+  """The initial state compiled as `init_state` compiles it and at XLA's default level."""
+  from uagan_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config(spec, [])
+  mesh = parallel.make_mesh(0)
+  fast = train_state.init_state(config, mesh)
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  default = jax.jit(functools.partial(train_state.create_train_state, config,
+                                      train_state.build_networks(config)),
+                    out_shardings=sharding)()
+  return fast, default
+
+
+@pytest.mark.parametrize("variant", ["unet", ""], ids=["unet", "segan"])
+def test_the_init_program_at_its_lower_optimisation_level_gives_the_same_bits(variant):
+  """`init_state` compiles at LLVM level 1 (several times faster): the same initial state, to
+  the bit, as the default level."""
+  fast, default = _init_at_both_levels(f"{TEST_CONFIG}:{variant}" if variant else TEST_CONFIG)
+  assert _leaves_equal(fast, default)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", [f"configs/{family}.py{variant}" for family in
+                                  ("unet", "segan", "stargan", "uagan")
+                                  for variant in ("", ":demo")] + ["configs/test.py:stargan",
+                                                                   "configs/test.py:uagan"])
+def test_every_recipes_init_program_gives_the_same_bits_at_the_lower_level(spec):
+  fast, default = _init_at_both_levels(str(ROOT / spec))
+  assert _leaves_equal(fast, default)

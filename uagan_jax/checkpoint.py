@@ -25,6 +25,7 @@ digest. A checkpoint written before leaf digests existed cannot be verified in p
 from __future__ import annotations
 
 import hashlib
+import logging
 import pathlib
 from collections.abc import Callable
 
@@ -36,6 +37,28 @@ import orbax.checkpoint as ocp
 from uagan_jax import workdir as workdir_lib
 from uagan_jax.errors import UserError
 from uagan_jax.train_utils import TrainingDiverged
+
+
+def _save_replicated_arrays_whole() -> None:
+  """Orbax's jax.Array handler without replica-parallel saving.
+
+  By default Orbax splits each replicated array into one slice per replica so that the devices
+  write in parallel, and cuts those slices with a small compiled program per array shape: on a
+  CPU host that costs seconds per save (a configs/test.py:uagan state on 4 devices: the first
+  save 6.2 s -> 1.8 s, later ones 1.1 s -> 0.7 s), for a train state of at most a few hundred
+  MB. Without it, the first replica writes each array whole: the same files, the same values.
+  """
+  absl_logger = logging.getLogger("absl")
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)  # Orbax warns that it replaces its default handler
+  try:
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+  finally:
+    absl_logger.setLevel(level)
+
+
+_save_replicated_arrays_whole()
 
 
 class NonFiniteState(TrainingDiverged):

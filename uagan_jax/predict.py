@@ -276,9 +276,9 @@ def predict(input_path: str | os.PathLike, output_path: str | os.PathLike, *, mo
       segmentor = load_segmentor(workdir, batch_size=batch_size, stopwatch=stopwatch,
                                  checkpoint=checkpoint, modality=modality)
   segmentor.check_modality(modality)
-  which = {"latest": "newest", "best": "best"}.get(inference.check_checkpoint(checkpoint),
-                                                    "chosen")
-  log(f"model: {segmentor.config.model.name}, {which} checkpoint, step {segmentor.step}")
+  which = {"latest": "the newest", "best": "the best by validation Dice"}.get(
+      inference.check_checkpoint(checkpoint), "--checkpoint")
+  log(f"model: {segmentor.config.model.name}, checkpoint step {segmentor.step} ({which})")
   if many:
     log(f"segmenting the {modality} images of {len(jobs)} cases in {input_path} into "
         f"{output_path}/<case_id>.nii.gz ({labels} labels)")

@@ -82,14 +82,21 @@ def _inside(shape) -> tuple[slice, ...]:
                else slice(None) for n in shape)
 
 
-def _background_tolerance(value: float) -> float:
-  return BACKGROUND_RTOL * max(abs(value), 1.0)
+def _background_tolerance(image: np.ndarray, value: float) -> float:
+  # Relative to the volume's own range, never an absolute number: a volume stored at 1e-24 (a
+  # scaling factor gone wrong) is no more "constant" than one at 1e3.
+  return BACKGROUND_RTOL * float(np.max(image) - value)
 
 
-def background_mask(image: np.ndarray, value: float) -> np.ndarray:
+def background_mask(image: np.ndarray, value: float, *, tolerance: float | None = None
+                    ) -> np.ndarray:
   """Where ``image`` holds its constant background ``value`` (from `constant_background`, so
-  its minimum): every voxel within `BACKGROUND_RTOL` of it, wherever it is."""
-  return np.asarray(image) <= value + _background_tolerance(value)
+  its minimum): every voxel within `BACKGROUND_RTOL` of the volume's range (max - value) of it,
+  wherever it is; ``tolerance`` gives that distance where ``image`` is part of a volume."""
+  image = np.asarray(image)
+  if tolerance is None:
+    tolerance = _background_tolerance(image, value)
+  return image <= value + tolerance
 
 
 def constant_background(image: np.ndarray) -> float | None:
@@ -97,7 +104,7 @@ def constant_background(image: np.ndarray) -> float | None:
 
   Rule: the background is the volume's minimum when that is not 0 and at least
   `BACKGROUND_BORDER_FRACTION` of the border voxels (`BORDER_LAYERS` of every face) equal it
-  (within `BACKGROUND_RTOL`). That is a skull-stripped brain z-scored with its background left
+  (within `BACKGROUND_RTOL` of the volume's range). That is a skull-stripped brain z-scored with its background left
   at the minimum (-2.7 to -6.2 for BraTS-style scans), or a scan offset by a constant. Untouched:
   a volume whose minimum is 0 (a background already 0: every skull-stripped scan, the phantoms);
   one whose minimum is inside the brain (its border is not at the minimum, e.g. a z-scored brain
@@ -119,8 +126,9 @@ def constant_background(image: np.ndarray) -> float | None:
   value = float(image.min())
   if value == 0.0:
     return None
-  at_value = (np.count_nonzero(background_mask(image, value))
-              - np.count_nonzero(background_mask(inner, value)))
+  tolerance = _background_tolerance(image, value)
+  at_value = (np.count_nonzero(background_mask(image, value, tolerance=tolerance))
+              - np.count_nonzero(background_mask(inner, value, tolerance=tolerance)))
   if at_value < BACKGROUND_BORDER_FRACTION * border_size:
     return None
   return value
