@@ -299,7 +299,7 @@ def test_a_case_at_another_spacing_is_resampled_to_the_training_spacing(tmp_path
   synthetic.write_dataset(tmp_path / "data", cases=1, seed=3, shape=(32, 32, 32), spacing=2.0)
   case = readers.find_cases(tmp_path / "data")[0]
   lines = _prepared(tmp_path / "data", tmp_path / "cache", spacing=(1.0, 1.0, 1.0))
-  assert any("resampled 1 of the 1 cases to the training spacing 1x1x1 mm" in line
+  assert any("resampled 1 of the 1 case to the training spacing 1x1x1 mm" in line
              for line in lines), lines
   meta = _meta(tmp_path / "cache", case)
   assert meta["spacing"] == [1.0, 1.0, 1.0] and meta["source_spacing"] == [2.0, 2.0, 2.0]
@@ -331,12 +331,12 @@ def test_the_training_spacing_decides_whether_a_prepared_case_is_reused(tmp_path
   _prepared(tmp_path / "data", cache_dir)  # its own spacing
   assert _meta(cache_dir, case)["spacing"] == [2.0, 2.0, 2.0]
   # At its own spacing (within the tolerance) it is reused, at another it is prepared again.
-  assert any("all 1 cases prepared and up to date" in line
+  assert any("its one case prepared and up to date" in line
              for line in _prepared(tmp_path / "data", cache_dir, spacing=(2.01, 2.0, 2.0)))
   lines = _prepared(tmp_path / "data", cache_dir, spacing=(1.0, 1.0, 1.0))
   assert any("prepared at another voxel spacing" in line for line in lines), lines
   assert _meta(cache_dir, case)["spacing"] == [1.0, 1.0, 1.0]
-  assert any("all 1 cases prepared and up to date" in line
+  assert any("its one case prepared and up to date" in line
              for line in _prepared(tmp_path / "data", cache_dir, spacing=(1.0, 1.0, 1.0)))
   lines = _prepared(tmp_path / "data", cache_dir, spacing=(2.0, 2.0, 2.0))
   assert any("prepared at another voxel spacing" in line for line in lines), lines

@@ -2,9 +2,11 @@
 
   uagan-jax synth    --out DIR --cases N --seed S [--shape X Y Z]
   uagan-jax train    --config configs/segan.py[:variant] --data DIR --workdir W [--config.a.b=v ...]
-  uagan-jax evaluate --workdir W --data DIR [--split test|all] [--checkpoint latest|best]
+  uagan-jax evaluate --workdir W --data DIR [--split test|all] [--checkpoint latest|best|STEP]
   uagan-jax translate --workdir W --input FILE --source t1 --target flair --output OUT.nii.gz
   uagan-jax predict  --workdir W --input FILE|CASE|DATA --modality flair --output SEG.nii.gz|DIR
+                     [--checkpoint latest|best|STEP]
+  uagan-jax study    STUDY.py[:variant] --out DIR [--config.a.b=v ...]
 
 Bad input (a missing or corrupt file, an unknown config key, ...) ends with one line
 ``error: <file or key>: <problem>`` on stderr and exit code 2, never a traceback; so does a

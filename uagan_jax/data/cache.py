@@ -323,7 +323,8 @@ def prepare(data_dir: str | os.PathLike, cache_dir: str | os.PathLike, *,
       for message in input_messages(case, meta):
         log(message)
   if not todo:
-    log(f"cache {cache_dir}: all {len(cases)} cases prepared and up to date")
+    log(f"cache {cache_dir}: " + ("its one case" if len(cases) == 1 else f"all {len(cases)} cases")
+        + " prepared and up to date")
   else:
     why = "; ".join(f"{n} {reason}" for reason, n in reasons.items())
     workers = min(workers or os.cpu_count() or 1, len(todo))
@@ -355,7 +356,7 @@ def prepare(data_dir: str | os.PathLike, cache_dir: str | os.PathLike, *,
         pool.terminate()
         pool.join()
     if resampled:
-      log(f"resampled {resampled} of the {len(todo)} cases to the training spacing "
+      log(f"resampled {resampled} of the {len(todo)} case{'' if len(todo) == 1 else 's'} to the training spacing "
           f"{'x'.join(f'{float(s):g}' for s in spacing)} mm (data.spacing; theirs differed by "
           f"more than {resample.TOLERANCE:.0%})")
   manifest = {"format_version": FORMAT_VERSION,
