@@ -444,25 +444,30 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     UserError: unknown file or key, or a value of the wrong type.
   """
   path_str, _, arg = spec.partition(":")
-  path = pathlib.Path(path_str)
-  if not path.is_file():
-    raise UserError(f"{path}: config file not found")
-  module_spec = importlib.util.spec_from_file_location(f"_uagan_config_{path.stem}", path)
-  module = importlib.util.module_from_spec(module_spec)
-  try:
-    module_spec.loader.exec_module(module)
-  except SyntaxError as e:
-    raise UserError(f"{path}: syntax error in config file (line {e.lineno}: {e.msg})") from None
-  if not hasattr(module, "get_config"):
-    raise UserError(f"{path}: config file defines no get_config()")
-  try:
-    config = module.get_config(arg) if arg else module.get_config()
-  except ValueError as e:  # e.g. an unknown variant after the ':'
-    raise UserError(f"{path}: {e}") from None
+  config = call_get_config(pathlib.Path(path_str), arg, kind="config")
   apply_overrides(config, overrides)
   validate(config)
   config.lock()
   return config
+
+
+def call_get_config(path: pathlib.Path, arg: str, *, kind: str):
+  """``get_config(arg)`` (``get_config()`` for an empty ``arg``) of the Python file ``path``: a
+  recipe (``kind`` "config") or a study file ("study"); every problem is a one-line UserError."""
+  if not path.is_file():
+    raise UserError(f"{path}: {kind} file not found")
+  module_spec = importlib.util.spec_from_file_location(f"_uagan_{kind}_{path.stem}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise UserError(f"{path}: syntax error in {kind} file (line {e.lineno}: {e.msg})") from None
+  if not hasattr(module, "get_config"):
+    raise UserError(f"{path}: {kind} file defines no get_config()")
+  try:
+    return module.get_config(arg) if arg else module.get_config()
+  except ValueError as e:  # e.g. an unknown variant after the ':'
+    raise UserError(f"{path}: {e}") from None
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:

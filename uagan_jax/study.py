@@ -49,7 +49,6 @@ seeds that scored it.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import pathlib
@@ -62,6 +61,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from uagan_jax import config as config_lib
 from uagan_jax import stats
 from uagan_jax.errors import UserError
 
@@ -243,20 +243,7 @@ def load_study(spec: str, *, overrides: Sequence[str] = (), data: pathlib.Path |
 
 def _read_study_file(path: pathlib.Path, arg: str) -> dict:
   """``get_config(arg)`` of the study file, as a plain dict."""
-  if not path.is_file():
-    raise UserError(f"{path}: study file not found")
-  module_spec = importlib.util.spec_from_file_location(f"_uagan_study_{path.stem}", path)
-  module = importlib.util.module_from_spec(module_spec)
-  try:
-    module_spec.loader.exec_module(module)
-  except SyntaxError as e:
-    raise UserError(f"{path}: syntax error in study file (line {e.lineno}: {e.msg})") from None
-  if not hasattr(module, "get_config"):
-    raise UserError(f"{path}: study file defines no get_config()")
-  try:
-    raw = module.get_config(arg) if arg else module.get_config()
-  except ValueError as e:  # e.g. an unknown variant after the ':'
-    raise UserError(f"{path}: {e}") from None
+  raw = config_lib.call_get_config(path, arg, kind="study")
   if hasattr(raw, "to_dict"):
     raw = raw.to_dict()
   if not isinstance(raw, dict):
@@ -271,7 +258,6 @@ def _tuple(value) -> tuple:
 
 
 def _arm_config(path: pathlib.Path, name: str, recipe: str, overrides: Sequence[str]):
-  from uagan_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   try:
     return config_lib.load_config(recipe, list(overrides))
   except UserError as e:
@@ -311,7 +297,6 @@ _CHANGEABLE = ("eval", "train.steps")
 def _config_difference(run: Run) -> str | None:
   """The first key (outside `_CHANGEABLE`) where the workdir's config.json differs from the
   run's config, or None: a study file edited since must not score a model of the old config."""
-  from uagan_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   path = run.workdir / "config.json"
   if not path.is_file():
     return None
