@@ -21,6 +21,7 @@ not a result). Runs resume: the same command again trains only what is missing.
 import ml_collections
 
 from uagan_jax import config as config_lib
+from uagan_jax import study
 
 FAMILIES = ("unet", "segan", "uagan")
 
@@ -42,8 +43,5 @@ def get_config(variant: str = ""):
   s.comparisons = tuple((f"{family}_on", f"{family}_off") for family in families)
   s.metrics = ("dice", "hd95")
   if variant == "smoke":
-    s.external = ()
-    s.seeds = (0,)
-    s.overrides = ("--config.train.steps=2", "--config.train.validate_every=0",
-                   "--config.eval.max_cases=2")
+    study.smoke(s)
   return s

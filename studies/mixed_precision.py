@@ -18,6 +18,8 @@ Runs resume: the same command again trains only what is missing.
 
 import ml_collections
 
+from uagan_jax import study
+
 
 def get_config(variant: str = ""):
   if variant not in ("", "uagan", "smoke"):
@@ -31,7 +33,5 @@ def get_config(variant: str = ""):
   s.comparisons = (("bfloat16", "float32"),)
   s.metrics = ("dice", "hd95")
   if variant == "smoke":
-    s.seeds = (0,)
-    s.overrides = ("--config.train.steps=2", "--config.train.validate_every=0",
-                   "--config.eval.max_cases=2")
+    study.smoke(s)
   return s

@@ -20,6 +20,8 @@ missing; ``--config.train.steps=300`` (after the options) shortens every arm.
 
 import ml_collections
 
+from uagan_jax import study
+
 FAMILIES = ("unet", "segan", "uagan")
 
 
@@ -32,10 +34,7 @@ def get_config(variant: str = ""):
   s.comparisons = (("uagan", "unet"), ("uagan", "segan"), ("segan", "unet"))
   s.metrics = ("dice", "hd95")
   if variant == "smoke":
-    s.external = ()
-    s.seeds = (0,)
-    s.overrides = ("--config.train.steps=2", "--config.train.validate_every=0",
-                   "--config.eval.max_cases=2")
+    study.smoke(s)
   elif variant:
     raise ValueError(f"unknown variant {variant!r} (known: smoke)")
   return s

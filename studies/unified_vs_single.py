@@ -22,6 +22,8 @@ not a result. Runs resume: the same command again trains only what is missing.
 
 import ml_collections
 
+from uagan_jax import study
+
 
 def get_config(variant: str = ""):
   protocol, _, smoke = variant.partition("_") if variant != "smoke" else ("", "", "smoke")
@@ -38,7 +40,5 @@ def get_config(variant: str = ""):
   s.comparisons = (("unified", "single"),)
   s.metrics = ("dice", "hd95")
   if smoke:
-    s.seeds = (0,)
-    s.overrides = ("--config.train.steps=2", "--config.train.validate_every=0",
-                   "--config.eval.max_cases=2")
+    study.smoke(s)
   return s

@@ -304,12 +304,12 @@ def _load_step(config: ml_collections.ConfigDict, workdir: pathlib.Path, *, step
   """`load_state` of one named step of ``checkpoints/``: no fallback, it is that step or an
   error naming the steps there are."""
   directory = workdir / CHECKPOINT_DIRS["latest"]
-  steps = []
+  checkpoints, steps = None, []
   if directory.is_dir():
     checkpoints = checkpoint_lib.Checkpointer(directory, every=1, keep=1_000_000)
     steps = checkpoints.all_steps()
   if step not in steps:
-    if steps:
+    if checkpoints is not None:
       checkpoints.close()
     kept = f"the kept steps are {', '.join(map(str, steps))}" if steps else "there is none"
     raise UserError(f"{directory}: no checkpoint of step {step} ({kept}; "

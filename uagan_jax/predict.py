@@ -1,8 +1,8 @@
 """Whole-volume segmentation: NIfTI scans in, tumour label maps on the scans' own grids out.
 
 ``uagan-jax predict --workdir W --input PATH --modality flair --output SEG.nii.gz`` segments with
-the newest checkpoint (``--checkpoint best`` or ``STEP`` for another) of a trained model whose family segments (`families.with_capability`). What
-``PATH`` is decides what ``--output`` is:
+the newest checkpoint (``--checkpoint best`` or ``STEP`` for another) of a trained model whose
+family segments (`families.with_capability`). What ``PATH`` is decides what ``--output`` is:
 
 * one .nii/.nii.gz image of modality ``--modality`` -> ``--output`` is one .nii/.nii.gz file;
 * one case folder of any known layout (`readers.find_cases`) -> its ``--modality`` image is

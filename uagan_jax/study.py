@@ -74,7 +74,18 @@ HELD_OUT = "test"  # the name of the held-out test set (the runs' test split)
 POOLED = "all"  # the modality entry of the mean over modalities
 # Higher is better for these metrics (the others are distances or volumes).
 _HIGHER_IS_BETTER = ("dice", "sensitivity", "specificity", "lesion_dice")
+# What a study file's ``:smoke`` variant changes (`smoke`).
+SMOKE_OVERRIDES = ("--config.train.steps=2", "--config.train.validate_every=0",
+                   "--config.eval.max_cases=2")
 _STEP_LINE = re.compile(r"^step (\d+)/(\d+)\b")
+
+
+def smoke(study_config) -> None:
+  """Makes a study file's config its ``:smoke`` variant, in place: every arm for 2 steps with one
+  seed, two test cases and no external set; a check that the study runs end to end, not a result."""
+  study_config.seeds = (0,)
+  study_config.external = ()
+  study_config.overrides = SMOKE_OVERRIDES
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,7 +33,7 @@ from uagan_jax.train_utils import MetricsLog
 
 def describe_cases(count: int) -> str:
   """The text TensorBoard shows under ``validation/cases``."""
-  return (f"{count} val case{'s' if count != 1 else ''}: validation/dice/* is the 3D Dice of each "
+  return (f"{evaluate.count(count, 'val case')}: validation/dice/* is the 3D Dice of each "
           "case, averaged over them (and over the modalities where the tag names none)")
 
 

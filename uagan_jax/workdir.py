@@ -249,12 +249,19 @@ def write_run_record(workdir: pathlib.Path, *, recipe: str | None, overrides=())
   atomic_write_text(path, json.dumps({"recipe": recipe, "overrides": list(overrides)}, indent=2))
 
 
+def _held_family(workdir: pathlib.Path) -> str | None:
+  """The model family of the run whose config.json is in ``workdir``, or None."""
+  try:
+    return json.loads((pathlib.Path(workdir) / "config.json").read_text())["model"]["name"]
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+
+
 def held_run(workdir: pathlib.Path) -> str | None:
   """'a segan run (configs/segan.py:demo)': what a workdir with a config.json holds, or None."""
   workdir = pathlib.Path(workdir)
-  try:
-    family = json.loads((workdir / "config.json").read_text())["model"]["name"]
-  except (OSError, ValueError, KeyError, TypeError):
+  family = _held_family(workdir)
+  if family is None:
     return None
   try:
     recipe = json.loads((workdir / RUN_RECORD).read_text()).get("recipe")
@@ -270,11 +277,10 @@ def check_same_family(workdir: pathlib.Path, *, family: str, recipe: str | None)
   checkpoints = workdir / "checkpoints"
   if not (checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())):
     return
-  try:
-    held = json.loads((workdir / "config.json").read_text())["model"]["name"]
-  except (OSError, ValueError, KeyError, TypeError):
-    return  # nothing to compare with; the checkpoint's own shapes are checked on restore
-  if held != family:
+  held = _held_family(workdir)
+  # Without a readable config.json there is nothing to compare with; the checkpoint's own shapes
+  # are checked on restore.
+  if held is not None and held != family:
     asked = f"{family}" + (f" ({recipe})" if recipe else "")
     raise UserError(f"{workdir} holds {held_run(workdir)}; this command trains {asked}: use "
                     f"another --workdir (or delete {workdir} to start afresh)")

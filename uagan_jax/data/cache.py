@@ -356,7 +356,8 @@ def prepare(data_dir: str | os.PathLike, cache_dir: str | os.PathLike, *,
         pool.terminate()
         pool.join()
     if resampled:
-      log(f"resampled {resampled} of the {len(todo)} case{'' if len(todo) == 1 else 's'} to the training spacing "
+      cases_word = "case" if len(todo) == 1 else "cases"
+      log(f"resampled {resampled} of the {len(todo)} {cases_word} to the training spacing "
           f"{'x'.join(f'{float(s):g}' for s in spacing)} mm (data.spacing; theirs differed by "
           f"more than {resample.TOLERANCE:.0%})")
   manifest = {"format_version": FORMAT_VERSION,

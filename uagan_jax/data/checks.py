@@ -49,9 +49,9 @@ NONZERO_THRESHOLD = 0.75
 # voxels equals it: exactly the border the skull-strip check would let pass once that value is 0
 # (a stripped brain touches at most 0.19 of its border even cropped to its box, see above).
 BACKGROUND_BORDER_FRACTION = 1.0 - BORDER_NONZERO_THRESHOLD
-# "Equals the minimum" within this tolerance, relative to the minimum's magnitude (absolute
-# below 1): a float file's background is normally one float value, but a pipeline that computed
-# it in float64 and wrote float32 may leave voxels a few float32 steps (1.2e-7 relative) apart.
+# "Equals the minimum" within this tolerance, relative to the volume's range (max - min): a float
+# file's background is normally one float value, but a pipeline that computed it in float64 and
+# wrote float32 may leave voxels a few float32 steps (1.2e-7 relative) apart.
 BACKGROUND_RTOL = 1e-6
 ADVICE = ("skull-strip it first, e.g. with HD-BET or SynthStrip: the brain z-score and the slices "
           "take every non-zero voxel for brain, and the models are trained on skull-stripped "
@@ -104,8 +104,9 @@ def constant_background(image: np.ndarray) -> float | None:
 
   Rule: the background is the volume's minimum when that is not 0 and at least
   `BACKGROUND_BORDER_FRACTION` of the border voxels (`BORDER_LAYERS` of every face) equal it
-  (within `BACKGROUND_RTOL` of the volume's range). That is a skull-stripped brain z-scored with its background left
-  at the minimum (-2.7 to -6.2 for BraTS-style scans), or a scan offset by a constant. Untouched:
+  (within `BACKGROUND_RTOL` of the volume's range). That is a skull-stripped brain z-scored with
+  its background left at the minimum (-2.7 to -6.2 for BraTS-style scans), or a scan offset by a
+  constant. Untouched:
   a volume whose minimum is 0 (a background already 0: every skull-stripped scan, the phantoms);
   one whose minimum is inside the brain (its border is not at the minimum, e.g. a z-scored brain
   whose background is 0); a head with skull, scalp and background noise (its border is not one
@@ -154,7 +155,7 @@ def background_note(value: float, *, path) -> str:
 def log_background_note(volume, case, modality: str, *, log) -> None:
   """Logs ``note: <background_note>`` where `readers.load_case` set the constant background of
   ``volume``'s ``modality`` (of `readers.CaseFiles` ``case``) to 0 (`Volume.backgrounds`)."""
-  value = getattr(volume, "backgrounds", {}).get(modality)
+  value = volume.backgrounds.get(modality)
   if value is not None:
     log(f"note: {background_note(value, path=image_name(case, modality))}")
 
