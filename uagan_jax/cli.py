@@ -6,6 +6,9 @@
   uagan-jax translate --workdir W --input FILE --source t1 --target flair --output OUT.nii.gz
   uagan-jax predict  --workdir W --input FILE|CASE|DATA --modality flair --output SEG.nii.gz|DIR
                      [--checkpoint latest|best|STEP]
+  uagan-jax export   --workdir W [--checkpoint latest|best|STEP] --output MODEL.zip [--force]
+  (predict, translate: --model MODEL.zip in place of --workdir; evaluate: --model MODEL.zip
+  --out DIR)
   uagan-jax study    STUDY.py[:variant] --out DIR [--config.a.b=v ...]
 
 Bad input (a missing or corrupt file, an unknown config key, ...) ends with one line
@@ -306,6 +309,19 @@ def _top_epilog() -> str:
 CHECKPOINT_HELP = ("which checkpoint of --workdir: the newest, the best by validation Dice "
                    "(train.validate_every; checkpoints_best/) or the step number of one kept in "
                    "checkpoints/")
+# --checkpoint of the commands that also take --model (a model file holds one checkpoint).
+CHECKPOINT_OR_MODEL_HELP = (CHECKPOINT_HELP + "; not with --model, which holds the one it was "
+                            "exported from (default: latest)")
+
+
+def _add_model_source(parser: argparse.ArgumentParser, *, workdir_help: str) -> None:
+  """``--workdir DIR | --model MODEL.zip``: exactly one, where the model comes from."""
+  group = parser.add_mutually_exclusive_group(required=True)
+  group.add_argument("--workdir", type=pathlib.Path, metavar="DIR",
+                     help=f"{workdir_help} (default: none; this or --model is required)")
+  group.add_argument("--model", type=pathlib.Path, metavar="MODEL.zip",
+                     help="a model file written by 'uagan-jax export', in place of --workdir "
+                          "(default: none)")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -413,8 +429,8 @@ def _build_parser() -> argparse.ArgumentParser:
       "Writes WORKDIR/eval_SPLIT/ (eval_SPLIT_best/ with --checkpoint best), or "
       "WORKDIR/eval_external_FOLDER/ for an external test set "
       "(metrics.csv, summary.json, PNG panels).")
-  evaluate.add_argument("--workdir", required=True, type=pathlib.Path, metavar="DIR",
-                        help="training workdir (holds config.json, splits.json, checkpoints/)")
+  _add_model_source(evaluate,
+                    workdir_help="training workdir (holds config.json, splits.json, checkpoints/)")
   evaluate.add_argument("--data", required=True, type=pathlib.Path, metavar="DIR",
                         help="the data folder the model was trained on (its --split is "
                              "scored), or any other folder of cases: an external test set, "
@@ -425,8 +441,11 @@ def _build_parser() -> argparse.ArgumentParser:
                              "moved or copied too), or all: every case of --data as an external "
                              "test set (default: the run's config eval.split, normally test, "
                              "for the run's data folder; all for any other folder)")
-  evaluate.add_argument("--checkpoint", default="latest", metavar="latest|best|STEP",
-                        help=CHECKPOINT_HELP)
+  evaluate.add_argument("--checkpoint", default=None, metavar="latest|best|STEP",
+                        help=CHECKPOINT_OR_MODEL_HELP)
+  evaluate.add_argument("--out", default=None, type=pathlib.Path, metavar="DIR",
+                        help="the folder that receives eval_SPLIT.../ and figures/ in place of "
+                             "the workdir (default: --workdir; required with --model)")
 
   translate = add(
       "translate", f"translate a NIfTI volume into another MRI modality ({', '.join(translates)} "
@@ -434,8 +453,7 @@ def _build_parser() -> argparse.ArgumentParser:
       "Translates one image (or a one-case folder's image of --source) into the --target "
       "modality with the newest checkpoint of a model that translates "
       f"({_either(translates)}); writes float32 on the input's grid and header.")
-  translate.add_argument("--workdir", required=True, type=pathlib.Path, metavar="DIR",
-                         help=f"training workdir of a {_either(translates)} model")
+  _add_model_source(translate, workdir_help=f"training workdir of a {_either(translates)} model")
   translate.add_argument("--input", required=True, type=pathlib.Path, metavar="PATH",
                          help="a .nii/.nii.gz image, or a case folder holding one case")
   translate.add_argument("--source", required=True, metavar="MODALITY",
@@ -451,8 +469,7 @@ def _build_parser() -> argparse.ArgumentParser:
       "Segments one image, one case folder or a data folder of cases with the newest "
       f"checkpoint of a model that segments ({_either(segments)}); writes uint8 label maps "
       "with the input's shape, affine, qform/sform codes and header.")
-  predict.add_argument("--workdir", required=True, type=pathlib.Path, metavar="DIR",
-                       help=f"training workdir of a {_either(segments)} model")
+  _add_model_source(predict, workdir_help=f"training workdir of a {_either(segments)} model")
   predict.add_argument("--input", required=True, type=pathlib.Path, metavar="PATH",
                        help="a .nii/.nii.gz image, a case folder, or a data folder of cases")
   predict.add_argument("--modality", required=True,
@@ -463,13 +480,33 @@ def _build_parser() -> argparse.ArgumentParser:
   predict.add_argument("--labels", default="brats", choices=("brats", "brats2023", "msd"),
                        help="label values: brats 1 NCR, 2 ED, 4 ET; brats2023 1, 2, 3; msd "
                             "(Task01) 1 ED, 2 NCR, 3 ET (default: %(default)s)")
-  predict.add_argument("--checkpoint", default="latest", metavar="latest|best|STEP",
-                       help=CHECKPOINT_HELP)
+  predict.add_argument("--checkpoint", default=None, metavar="latest|best|STEP",
+                       help=CHECKPOINT_OR_MODEL_HELP)
   predict.add_argument("--batch-size", type=int, default=None, metavar="N",
                        help="slices per forward pass (default: the config's eval.batch_size)")
   predict.add_argument("--timing", action="store_true",
                        help="end with one line of where the wall time went: the command line, "
                             "import, load model, read, compile, segment, write (seconds)")
+  export = add(
+      "export", "write a trained model as one file to hand on: config, inference networks, "
+                "model card (read by --model)",
+      "Writes one checkpoint of a training workdir as one zip file that predict, evaluate and "
+      "translate read with --model: the run's config, the networks that run at inference only "
+      "(the segmentation and/or translation network; no optimizer states, critics or "
+      "discriminators) with a SHA-256 per array, the workdir's splits.json and "
+      "postprocessing.json where present, and a model card (model_card.json, MODEL_CARD.md: "
+      "family, modalities, spacing, slice size, training data, steps, validation and test "
+      "metrics, version, commands). Reading it verifies every member; the format is in "
+      "docs/MODEL_FILE.md. The file is written under a temporary name and renamed.")
+  export.add_argument("--workdir", required=True, type=pathlib.Path, metavar="DIR",
+                      help="the training workdir to export")
+  export.add_argument("--checkpoint", default="latest", metavar="latest|best|STEP",
+                      help=CHECKPOINT_HELP)
+  export.add_argument("--output", required=True, type=pathlib.Path, metavar="MODEL.zip",
+                      help="the model file to write; its folder is created")
+  export.add_argument("--force", action="store_true",
+                      help="replace an existing --output (without it, an existing file is "
+                           "refused)")
   study = add(
       "study", "train and score every arm x seed of a study file, then compare the arms "
                "(intervals, p-values, table, figure)",
@@ -587,12 +624,43 @@ def _train(args, overrides) -> int:
 def _evaluate(args) -> None:
   # pylint: disable=g-import-not-at-top
   from uagan_jax import config as config_lib
-  from uagan_jax import evaluate
+  from uagan_jax import evaluate, model_file
   # pylint: enable=g-import-not-at-top
+  _refuse_checkpoint_with_model(args)
+  if args.model is None:
+    _enable_compilation_cache()
+    config = config_lib.from_json_file(args.workdir / "config.json")
+    evaluate.evaluate_split(config, workdir=args.workdir, data_dir=args.data, split=args.split,
+                            checkpoint=args.checkpoint or "latest", out=args.out, log=_log)
+    return
+  if args.out is None:
+    raise UserError(f"--model {args.model}: give --out DIR too, the folder that receives the "
+                    "evaluation (a model file has no workdir to write into)")
+  model = model_file.read(args.model)
   _enable_compilation_cache()
-  config = config_lib.from_json_file(args.workdir / "config.json")
-  evaluate.evaluate_split(config, workdir=args.workdir, data_dir=args.data, split=args.split,
-                          checkpoint=args.checkpoint, log=_log)
+  evaluate.evaluate_split(model.config, model=model, data_dir=args.data, split=args.split,
+                          out=args.out, log=_log)
+
+
+def _refuse_checkpoint_with_model(args) -> None:
+  if args.model is not None and args.checkpoint is not None:
+    raise UserError(f"--checkpoint {args.checkpoint}: {args.model} holds one checkpoint, the "
+                    "one it was exported from; --checkpoint is for --workdir")
+
+
+def _export(args, argv: list[str]) -> None:
+  """``argv``: the command line, for the model card."""
+  import shlex  # pylint: disable=g-import-not-at-top
+  from uagan_jax import model_file  # pylint: disable=g-import-not-at-top
+  started = time.time()
+  result = model_file.export(args.workdir, output=args.output, checkpoint=args.checkpoint,
+                             force=args.force, command=shlex.join(["uagan-jax", *argv]),
+                             log=lambda message: print(f"warning: {message}", file=sys.stderr,
+                                                       flush=True))
+  _log(f"wrote {result.output} ({result.size / 1e6:.2f} MB: {result.arrays} arrays, "
+       f"{result.values:,} values of the {' and '.join(result.roles)} network"
+       f"{'s' if len(result.roles) > 1 else ''}; step {result.step}, {result.checkpoint} "
+       f"checkpoint) in {time.time() - started:.1f} s")
 
 
 def _study(args, overrides) -> int:
@@ -610,7 +678,8 @@ def _translate(args) -> None:
   _enable_compilation_cache()
   started = time.time()
   result = translate.translate_file(args.input, args.output, source=args.source,
-                                    target=args.target, workdir=args.workdir, log=_log)
+                                    target=args.target, workdir=args.workdir or args.model,
+                                    log=_log)
   _log(f"wrote {result.output} ({result.target} from {result.source}, {result.slices} slices) "
        f"in {time.time() - started:.1f} s")
 
@@ -619,6 +688,7 @@ def _predict(args, main_started: float) -> None:
   """``main_started``: `time.perf_counter` when `main` began (the command line's parsing)."""
   # pylint: disable=g-import-not-at-top
   from uagan_jax import timing
+  _refuse_checkpoint_with_model(args)
   stopwatch = timing.Stopwatch()
   stopwatch.add("command line", time.perf_counter() - main_started)
   with stopwatch.phase("import"):
@@ -627,8 +697,8 @@ def _predict(args, main_started: float) -> None:
   # pylint: enable=g-import-not-at-top
   started = time.time()
   results = predict.predict(args.input, args.output, modality=args.modality, labels=args.labels,
-                            workdir=args.workdir, batch_size=args.batch_size,
-                            checkpoint=args.checkpoint, log=_log,
+                            workdir=args.workdir or args.model, batch_size=args.batch_size,
+                            checkpoint=args.checkpoint or "latest", log=_log,
                             stopwatch=stopwatch)
   if len(results) == 1:
     _log(f"wrote {results[0].output} ({args.labels} labels: {results[0].summary()}) "
@@ -685,6 +755,8 @@ def main(argv: list[str] | None = None) -> int:
       _translate(args)
     elif args.command == "predict":
       _predict(args, started)
+    elif args.command == "export":
+      _export(args, argv)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     return 2

@@ -553,6 +553,16 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 
 def from_json_file(path: pathlib.Path) -> ml_collections.ConfigDict:
   """The resolved config a training run wrote to its workdir, with lists turned back to tuples."""
+  try:
+    text = path.read_text()
+  except FileNotFoundError:
+    raise UserError(f"{path}: not found; is this a training workdir?") from None
+  return from_json_text(text, name=str(path))
+
+
+def from_json_text(text: str, *, name: str) -> ml_collections.ConfigDict:
+  """`from_json_file` of a config.json already read (e.g. from a model file); ``name`` says
+  where it came from in the message on invalid JSON."""
   def tuples(value):
     if isinstance(value, dict):
       return {k: tuples(v) for k, v in value.items()}
@@ -560,11 +570,9 @@ def from_json_file(path: pathlib.Path) -> ml_collections.ConfigDict:
       return tuple(tuples(v) for v in value)
     return value
   try:
-    raw = json.loads(path.read_text())
-  except FileNotFoundError:
-    raise UserError(f"{path}: not found; is this a training workdir?") from None
+    raw = json.loads(text)
   except json.JSONDecodeError as e:
-    raise UserError(f"{path}: not valid JSON ({e})") from None
+    raise UserError(f"{name}: not valid JSON ({e})") from None
   config = base_config()
   config.update(tuples(raw))
   config.lock()

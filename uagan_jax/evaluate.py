@@ -123,10 +123,11 @@ def summarise(rows: Sequence[dict], modalities: Sequence[str]) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
+def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path | None = None,
                    data_dir: pathlib.Path, split: str | None = None, state=None,
                    checkpoint: str = "latest", curves: bool = False, input_notes: bool = True,
-                   log: Callable[[str], None] = print) -> dict:
+                   log: Callable[[str], None] = print, model=None,
+                   out: pathlib.Path | None = None) -> dict:
   """Scores every case of ``split`` (or of an external test set) from each modality; writes CSV,
   JSON, PNG panels.
 
@@ -135,6 +136,11 @@ def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
     workdir: the training workdir (its ``splits.json`` names the cases; outputs go to
       ``workdir/eval_<split>/``, or ``eval_<split>_best/`` for the best checkpoint; for an
       external test set ``eval_external_<folder name>/``).
+    model: in place of ``workdir``, a `model_file.ModelFile` (``config`` its config): its
+      networks are scored, its ``splits.json`` names the cases, and the outputs go to ``out``
+      as they would go to the workdir (the suffix that of the checkpoint it was exported from).
+    out: the folder that receives ``eval_<split>.../`` and ``figures/`` (default the workdir;
+      required with ``model``).
     data_dir: the data folder the run was trained on (``splits.json`` "data"), or any other
       folder of cases: an external test set, scored whole unless ``split`` names a split (the
       run's data moved or copied).
@@ -157,11 +163,21 @@ def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
     {modality: {region: {metric: {"mean", "std", "median"}}}}, "report": <summary.json>,
     "step": step}``.
   """
-  workdir = pathlib.Path(workdir)
-  splits_path = workdir / "splits.json"
-  if not splits_path.is_file():
-    raise UserError(f"{splits_path}: not found; is {workdir} a training workdir?")
-  splits = json.loads(splits_path.read_text())
+  if (workdir is None) == (model is None):
+    raise ValueError("pass exactly one of workdir and model")
+  if model is None:
+    workdir = pathlib.Path(workdir)
+    out = workdir if out is None else pathlib.Path(out)
+    splits_path = workdir / "splits.json"
+    if not splits_path.is_file():
+      raise UserError(f"{splits_path}: not found; is {workdir} a training workdir?")
+    splits = json.loads(splits_path.read_text())
+  else:
+    if out is None:
+      raise ValueError("a model file has no folder of its own: pass out")
+    out = pathlib.Path(out)
+    splits_path = f"{model.path}: splits.json"
+    splits = model.training_record or {}
   if split not in (None, *SPLITS, "all"):
     raise UserError(f"--split {split}: use {', '.join(SPLITS)} or all")
   if split == "all" or (split is None and not _is_run_data(data_dir, splits)):
@@ -175,6 +191,9 @@ def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
       case_ids = case_ids[:config.eval.max_cases]
   else:
     split = split or config.eval.split
+    if split not in splits:  # a model file exported from a workdir without splits.json
+      raise UserError(f"{model.path}: holds no {split} split (its workdir had no splits.json); "
+                      "score a folder of cases as an external test set: --split all")
     case_ids = list(splits[split])
     if config.eval.max_cases:
       case_ids = case_ids[:config.eval.max_cases]
@@ -186,25 +205,32 @@ def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
       raise UserError(f"{data_dir}: cases of the {split} split are missing: "
                       f"{', '.join(missing[:5])}")
 
-  if state is not None:
-    step = int(jax.device_get(state.step))
-    checkpoint = "latest"  # the trainer's final state
+  if model is not None:
+    step, checkpoint = model.step, model.checkpoint
+    variables = model.network
   else:
-    state, step = inference.load_state(config, workdir, checkpoint=checkpoint)
+    if state is not None:
+      step = int(jax.device_get(state.step))
+      checkpoint = "latest"  # the trainer's final state
+    else:
+      state, step = inference.load_state(config, workdir, checkpoint=checkpoint)
+    variables = lambda capability: (inference.segmentation_variables if capability == "segments"
+                                    else inference.translation_variables)(state, config)
   family = families.get(config.model.name)
   segments, translates = family.segments, family.translates
-  predictor = (inference.SlicePredictor(config, inference.segmentation_variables(state, config),
+  predictor = (inference.SlicePredictor(config, variables("segments"),
                                         batch_size=config.eval.batch_size) if segments else None)
-  translator = (inference.SliceTranslator(config, inference.translation_variables(state, config),
+  translator = (inference.SliceTranslator(config, variables("translates"),
                                           batch_size=config.eval.batch_size)
                 if translates else None)
   checkpoint = inference.check_checkpoint(checkpoint)
   suffix = {"latest": "", "best": "_best"}.get(checkpoint, f"_step{checkpoint}")
-  out_dir = workdir / f"eval_{split}{suffix}"
-  figures = workdir / "figures"
+  out_dir = out / f"eval_{split}{suffix}"
+  figures = out / "figures"
   out_dir.mkdir(parents=True, exist_ok=True)
   modalities = [m for m in MODALITIES if m in config.data.modalities]
-  trained = volume_io.trained_modalities(config, workdir=workdir)
+  trained = volume_io.trained_modalities(config,
+                                         workdir=workdir if model is None else model.path)
   untrained = [m for m in modalities if m not in trained]
   if untrained:
     # Scored all the same (a researcher may want to see how a model does on a modality it never
@@ -271,7 +297,7 @@ def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
                                  title=f"Translation on {count(len(case_ids), f'{split} case')}, step {step} "
                                        "(normalised intensities; identity = the source image as is)"))
   (out_dir / "summary.json").write_text(json.dumps(report, indent=2))
-  if curves and (workdir / "metrics.jsonl").is_file():
+  if curves and workdir is not None and (workdir / "metrics.jsonl").is_file():
     visualize.training_curves(workdir / "metrics.jsonl", workdir / "validation.jsonl",
                               figures / "training_curves.png")
   log(f"per-case rows and summary.json in {out_dir}, figures in {figures}")

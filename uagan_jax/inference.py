@@ -11,7 +11,8 @@ functions; nothing here asks which family it is.
   axial slices that hold its whole brain (`preprocess.brain_window`: the centred crop of training
   wherever that holds it), and the result put back on the volume's own grid.
 * `translate_slices`: a stack of normalised slices through the translator, brain slices only.
-* `load_state`, `load_model`: a workdir's checkpoint; `segmentation_variables` and
+* `load_state`, `load_model`: a workdir's checkpoint (`load_model`: or a model file's networks,
+  `model_file`); `segmentation_variables` and
   `translation_variables`: the variables of the network that does the job; `load_network`:
   those variables alone, read from the checkpoint without the rest of the state.
 """
@@ -29,7 +30,7 @@ import numpy as np
 
 from uagan_jax import checkpoint as checkpoint_lib
 from uagan_jax import config as config_lib
-from uagan_jax import families, regions, timing, train_state
+from uagan_jax import families, model_file, regions, timing, train_state
 from uagan_jax.data import MODALITIES, REGIONS, preprocess, resample
 from uagan_jax.errors import UserError
 
@@ -370,14 +371,26 @@ def _join(words: Sequence[str], conjunction: str) -> str:
   return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} {conjunction} {words[-1]}"
 
 
+def check_capability(config: ml_collections.ConfigDict, *, capability: str, task: str,
+                     source: pathlib.Path, kind: str = "workdir") -> None:
+  """UserError unless the model family of ``config`` (from ``source``, a workdir or a model
+  file: ``kind``) has ``capability`` ("segments" or "translates"); ``task``: the job as a verb."""
+  if not getattr(families.get(config.model.name), capability):
+    able = families.with_capability(**{capability: True})
+    raise UserError(f"{source}: model family {config.model.name} does not {task} (only "
+                    f"{_join(able, 'and')} do); use a {_join(able, 'or')} {kind}")
+
+
 def load_model(workdir: str | os.PathLike, *, capability: str, task: str,
                network_only: bool = False, checkpoint: str = "latest",
                check: Callable[[ml_collections.ConfigDict], None] | None = None
                ) -> tuple[ml_collections.ConfigDict, object, int]:
-  """The config, newest train state and its step of a training workdir.
+  """The config, newest train state and its step of a training workdir (or a model file).
 
   Args:
-    workdir: A workdir written by ``uagan-jax train`` (``config.json``, ``checkpoints/``).
+    workdir: A workdir written by ``uagan-jax train`` (``config.json``, ``checkpoints/``), or a
+      model file written by ``uagan-jax export`` (`model_file`: ``network_only`` only, and the
+      one checkpoint it holds: ``checkpoint`` "latest", the default).
     capability: What the caller needs the model to do: "segments" or "translates" (a
       `families.Family` attribute).
     task: The job as a verb, for the message, e.g. "translate".
@@ -395,12 +408,14 @@ def load_model(workdir: str | os.PathLike, *, capability: str, task: str,
     UserError: No config.json or checkpoint, or a model family that cannot do the job.
   """
   workdir = pathlib.Path(workdir)
+  if model_file.is_model_file(workdir):
+    if not network_only:
+      raise ValueError("a model file holds the inference networks only: pass network_only")
+    return model_file.load_model(workdir, capability=capability, task=task,
+                                 checkpoint=checkpoint, check=check)
   config = config_lib.from_json_file(workdir / "config.json")
-  if not getattr(families.get(config.model.name), capability):
-    # Checked before the checkpoint is read: there is nothing in it that could do the job.
-    able = families.with_capability(**{capability: True})
-    raise UserError(f"{workdir}: model family {config.model.name} does not {task} (only "
-                    f"{_join(able, 'and')} do); use a {_join(able, 'or')} workdir")
+  # Checked before the checkpoint is read: there is nothing in it that could do the job.
+  check_capability(config, capability=capability, task=task, source=workdir)
   if check is not None:
     check(config)
   if network_only:

@@ -49,7 +49,7 @@ from collections.abc import Callable
 import ml_collections
 import numpy as np
 
-from uagan_jax import inference, timing, volume_io
+from uagan_jax import inference, model_file, timing, volume_io
 from uagan_jax.data import checks, readers, resample
 from uagan_jax.errors import UserError
 
@@ -148,7 +148,8 @@ def load_segmentor(workdir: str | os.PathLike, *, batch_size: int | None = None,
   """Loads the segmentation network of a checkpoint in a training workdir.
 
   Args:
-    workdir: A workdir written by ``uagan-jax train`` (``config.json``, ``checkpoints/``).
+    workdir: A workdir written by ``uagan-jax train`` (``config.json``, ``checkpoints/``), or a
+      model file written by ``uagan-jax export`` (`model_file`).
     batch_size: Slices per forward pass; default the config's ``eval.batch_size``.
     stopwatch: Where the segmentor counts its compilations ("compile").
     checkpoint: "latest" (the newest), "best" (by validation Dice) or a step number.
@@ -242,7 +243,8 @@ def predict(input_path: str | os.PathLike, output_path: str | os.PathLike, *, mo
       the folder that receives ``<case_id>.nii.gz`` per case. Folders are created.
     modality: The modality to segment (case-insensitive; one of `uagan_jax.data.MODALITIES`).
     labels: The label convention to write: "brats" (1, 2, 4), "brats2023" or "msd" (1, 2, 3).
-    workdir: The training workdir of a segmenting model; its newest checkpoint segments.
+    workdir: The training workdir of a segmenting model; its newest checkpoint segments. Or a
+      model file written by ``uagan-jax export`` (`model_file`; ``checkpoint`` left "latest").
     segmentor: An already loaded model (from `load_segmentor`), instead of ``workdir``.
     batch_size: With ``workdir``: slices per forward pass (default the config's eval.batch_size).
     checkpoint: With ``workdir``: "latest" (the newest checkpoint), "best" (the best by
@@ -278,6 +280,8 @@ def predict(input_path: str | os.PathLike, output_path: str | os.PathLike, *, mo
   segmentor.check_modality(modality)
   which = {"latest": "the newest", "best": "the best by validation Dice"}.get(
       inference.check_checkpoint(checkpoint), "--checkpoint")
+  if workdir is not None and model_file.is_model_file(workdir):
+    which = "the one the model file holds"
   log(f"model: {segmentor.config.model.name}, checkpoint step {segmentor.step} ({which})")
   if many:
     log(f"segmenting the {modality} images of {len(jobs)} cases in {input_path} into "

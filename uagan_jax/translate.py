@@ -141,7 +141,8 @@ def load_translator(workdir: str | os.PathLike) -> VolumeTranslator:
   """Loads the translation network of the newest checkpoint in a training workdir.
 
   Args:
-    workdir: A workdir written by ``uagan-jax train`` (``config.json``, ``checkpoints/``).
+    workdir: A workdir written by ``uagan-jax train`` (``config.json``, ``checkpoints/``), or a
+      model file written by ``uagan-jax export`` (`model_file`).
 
   Returns:
     The `VolumeTranslator`.
@@ -151,10 +152,9 @@ def load_translator(workdir: str | os.PathLike) -> VolumeTranslator:
       (segan, unet).
   """
   workdir = pathlib.Path(workdir)
-  config, state, step = inference.load_model(workdir, capability="translates",
-                                             task="translate")
-  return VolumeTranslator(config, inference.translation_variables(state, config), step=step,
-                          workdir=workdir)
+  config, variables, step = inference.load_model(workdir, capability="translates",
+                                                 task="translate", network_only=True)
+  return VolumeTranslator(config, variables, step=step, workdir=workdir)
 
 
 def restore_intensities(translated: np.ndarray, image: np.ndarray) -> np.ndarray:

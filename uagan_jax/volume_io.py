@@ -52,9 +52,13 @@ def check_modality(name: str, *, flag: str = "--modality") -> str:
 
 
 def _training_record(workdir: pathlib.Path | None) -> dict | None:
-  """The workdir's ``splits.json`` (what training saw), or None where there is none."""
+  """The workdir's ``splits.json`` (what training saw), or None where there is none; ``workdir``
+  may be a model file (`model_file`), which carries its workdir's."""
   if workdir is None:
     return None
+  from uagan_jax import model_file  # pylint: disable=g-import-not-at-top
+  if model_file.is_model_file(workdir):
+    return model_file.read_json(workdir, model_file.SPLITS)
   path = pathlib.Path(workdir) / "splits.json"
   if not path.is_file():
     return None
