@@ -642,6 +642,19 @@ def _evaluate(args) -> None:
                           out=args.out, log=_log)
 
 
+def _model_or_workdir(args):
+  """Where the model comes from: ``--workdir``, or ``--model`` (a file: one that is missing or
+  a folder is refused here, where a path without a file would pass for a workdir)."""
+  if args.model is None:
+    return args.workdir
+  if args.model.is_dir():
+    raise UserError(f"{args.model}: a folder; --model takes a model file written by 'uagan-jax "
+                    "export' (a training workdir goes to --workdir)")
+  if not args.model.exists():
+    raise UserError(f"{args.model}: no such file")
+  return args.model
+
+
 def _refuse_checkpoint_with_model(args) -> None:
   if args.model is not None and args.checkpoint is not None:
     raise UserError(f"--checkpoint {args.checkpoint}: {args.model} holds one checkpoint, the "
@@ -678,7 +691,7 @@ def _translate(args) -> None:
   _enable_compilation_cache()
   started = time.time()
   result = translate.translate_file(args.input, args.output, source=args.source,
-                                    target=args.target, workdir=args.workdir or args.model,
+                                    target=args.target, workdir=_model_or_workdir(args),
                                     log=_log)
   _log(f"wrote {result.output} ({result.target} from {result.source}, {result.slices} slices) "
        f"in {time.time() - started:.1f} s")
@@ -689,6 +702,7 @@ def _predict(args, main_started: float) -> None:
   # pylint: disable=g-import-not-at-top
   from uagan_jax import timing
   _refuse_checkpoint_with_model(args)
+  source = _model_or_workdir(args)
   stopwatch = timing.Stopwatch()
   stopwatch.add("command line", time.perf_counter() - main_started)
   with stopwatch.phase("import"):
@@ -697,7 +711,7 @@ def _predict(args, main_started: float) -> None:
   # pylint: enable=g-import-not-at-top
   started = time.time()
   results = predict.predict(args.input, args.output, modality=args.modality, labels=args.labels,
-                            workdir=args.workdir or args.model, batch_size=args.batch_size,
+                            workdir=source, batch_size=args.batch_size,
                             checkpoint=args.checkpoint or "latest", log=_log,
                             stopwatch=stopwatch)
   if len(results) == 1:
