@@ -10,7 +10,6 @@ refusals) does not depend on training.
 import hashlib
 import io
 import json
-import pathlib
 import shutil
 import zipfile
 
