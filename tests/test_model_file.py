@@ -340,6 +340,9 @@ BROKEN = {
     "changed card": (lambda s, t: _rewrite(s, t, lambda m: m.update(
         {model_file.CARD_MARKDOWN: b"# another model"})),
                      ["MODEL_CARD.md does not match its SHA-256"]),
+    "malformed manifest": (lambda s, t: _rewrite(s, t, lambda m: _set_manifest(
+        m, {**_manifest(m), "arrays": [{"member": ["not", "a", "name"]}]})),
+                           ["manifest.json is not a complete manifest"]),
     "no manifest": (lambda s, t: _rewrite(s, t, lambda m: m.pop(model_file.MANIFEST)),
                     ["not a uagan-jax model file (no manifest.json"]),
 }

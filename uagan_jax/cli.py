@@ -428,7 +428,8 @@ def _build_parser() -> argparse.ArgumentParser:
       f"modality pair PSNR, SSIM and MAE for the models that translate ({_either(translates)}). "
       "Writes WORKDIR/eval_SPLIT/ (eval_SPLIT_best/ with --checkpoint best), or "
       "WORKDIR/eval_external_FOLDER/ for an external test set "
-      "(metrics.csv, summary.json, PNG panels).")
+      "(metrics.csv, summary.json, PNG panels); with --out DIR (required with --model "
+      "MODEL.zip, a file from 'uagan-jax export') into DIR in place of the workdir.")
   _add_model_source(evaluate,
                     workdir_help="training workdir (holds config.json, splits.json, checkpoints/)")
   evaluate.add_argument("--data", required=True, type=pathlib.Path, metavar="DIR",

@@ -60,6 +60,8 @@ CARD_MARKDOWN = "MODEL_CARD.md"
 ARRAYS = "arrays"
 # Copied from the workdir as they are, where present.
 _COPIED = (SPLITS, POSTPROCESSING)
+# What the manifest says of each array.
+_ARRAY_KEYS = ("member", "role", "path", "dtype", "shape", "sha256")
 # A name of the variable tree that can be a member's path as it is.
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
@@ -492,6 +494,13 @@ class ModelFile:
     return self.variables[role]
 
 
+def _is_array_entry(entry) -> bool:
+  """Whether a manifest's array entry has every key, each of the type the reader needs."""
+  return (isinstance(entry, dict) and all(key in entry for key in _ARRAY_KEYS)
+          and all(isinstance(entry[key], str) for key in ("member", "role", "dtype", "sha256"))
+          and isinstance(entry["path"], list) and isinstance(entry["shape"], list))
+
+
 class _Archive:
   """An open model file whose members are read, and checked, one at a time."""
 
@@ -543,21 +552,20 @@ class _Archive:
       raise UserError(f"{self.path}: made by uagan_jax {manifest.get('package_version', '?')} "
                       f"(model file format {version}); this is version {package_version()}, "
                       f"which reads format {FORMAT_VERSION}: upgrade")
-    try:
-      arrays, files = manifest["arrays"], manifest["files"]
-      for entry in arrays:
-        for key in ("member", "role", "path", "dtype", "shape", "sha256"):
-          entry[key]  # pylint: disable=pointless-statement
-      manifest["checkpoint"]["step"]  # pylint: disable=pointless-statement
-      files.items()
-    except (KeyError, TypeError, AttributeError) as e:
-      raise UserError(f"{self.path}: {MANIFEST} lacks {e} (damaged or edited)") from None
+    arrays, files = manifest.get("arrays"), manifest.get("files")
+    checkpoint = manifest.get("checkpoint")
+    if (not isinstance(arrays, list) or not isinstance(files, dict)
+        or not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("step"), int)
+        or not all(_is_array_entry(entry) for entry in arrays)):
+      raise UserError(f"{self.path}: {MANIFEST} is not a complete manifest (its arrays, files "
+                      "or checkpoint are missing or malformed: damaged or edited)")
     listed = {MANIFEST, *files, *(entry["member"] for entry in arrays)}
-    for name in sorted(listed - self.names):
-      raise UserError(f"{self.path}: member {name} is missing (the manifest lists it); the file "
-                      "is incomplete")
-    for name in sorted(self.names - listed):
-      raise UserError(f"{self.path}: member {name} is not in the manifest (added to the file "
+    missing, extra = sorted(listed - self.names), sorted(self.names - listed)
+    if missing:
+      raise UserError(f"{self.path}: member {missing[0]} is missing (the manifest lists it); the "
+                      "file is incomplete")
+    if extra:
+      raise UserError(f"{self.path}: member {extra[0]} is not in the manifest (added to the file "
                       "after it was written?)")
     return manifest
 

@@ -2,7 +2,9 @@
 
 ``uagan-jax predict --workdir W --input PATH --modality flair --output SEG.nii.gz`` segments with
 the newest checkpoint (``--checkpoint best`` or ``STEP`` for another) of a trained model whose
-family segments (`families.with_capability`). What ``PATH`` is decides what ``--output`` is:
+family segments (`families.with_capability`); ``--model MODEL.zip`` in place of ``--workdir``
+segments with a model file from ``uagan-jax export`` (`model_file`), identically. What ``PATH``
+is decides what ``--output`` is:
 
 * one .nii/.nii.gz image of modality ``--modality`` -> ``--output`` is one .nii/.nii.gz file;
 * one case folder of any known layout (`readers.find_cases`) -> its ``--modality`` image is

@@ -2,7 +2,8 @@
 
 ``uagan-jax translate --workdir W --input FILE --source t1 --target flair --output OUT.nii.gz``
 runs the translation network of a trained stargan or uagan model (StarGAN's generator, UAGAN's
-translation stream) over every axial slice of a volume:
+translation stream; ``--model MODEL.zip`` in place of ``--workdir``: a model file from
+``uagan-jax export``, `model_file`) over every axial slice of a volume:
 
 1. The input is read like training data (`readers.load_case`: RAS canonical orientation, the
    one-line `UserError`s for missing, truncated or NaN files). Where its voxel size differs from
