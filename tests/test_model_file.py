@@ -399,3 +399,18 @@ def test_export_refuses_an_existing_output_unless_forced(capsys, workdirs, tmp_p
   code, _, err = run_cli(capsys, "export", "--workdir", workdirs["segan"], "--output", tmp_path)
   assert_one_line_error(code, err, tmp_path, "a folder")
   assert not (tmp_path / "b.zip").exists()
+
+
+def test_the_card_in_markdown_names_translation_and_external_scores(workdirs, models):
+  card = dict(model_file.read(models["uagan"]).card)
+  card["external"] = [{"folder": "eval_external_shifted", "cases": 12, "checkpoint": "best",
+                       "step": 600,
+                       "segmentation_mean": {"t2": {"WT": {"dice": 0.875, "hd95": 4.25}}},
+                       "translation_mean": {"t1->flair": {"psnr": 21.5, "ssim": 0.625,
+                                                          "mae": 0.125}}}]
+  markdown = model_file.card_markdown(card)
+  for text in ("- eval_external_shifted: 12 cases, best checkpoint (step 600)",
+               "  - t2: WT Dice 0.875 / HD95 4.2 mm",
+               "  - t1->flair: PSNR 21.50 dB, SSIM 0.625, MAE 0.125",
+               "## Test metrics\n\nAbsent (no eval_test*/summary.json in the workdir)."):
+    assert text in markdown, text
