@@ -6,6 +6,7 @@
   uagan-jax translate --workdir W --input FILE --source t1 --target flair --output OUT.nii.gz
   uagan-jax predict  --workdir W --input FILE|CASE|DATA --modality flair --output SEG.nii.gz|DIR
                      [--checkpoint latest|best|STEP]
+  uagan-jax postprocess --workdir W --data DIR [--checkpoint latest|best|STEP]
   uagan-jax study    STUDY.py[:variant] --out DIR [--config.a.b=v ...]
 
 Bad input (a missing or corrupt file, an unknown config key, ...) ends with one line
@@ -308,6 +309,11 @@ CHECKPOINT_HELP = ("which checkpoint of --workdir: the newest, the best by valid
                    "checkpoints/")
 
 
+NO_POSTPROCESSING_HELP = ("do not apply --workdir's postprocessing.json (chosen on the "
+                          "validation cases by 'uagan-jax postprocess'); without the file "
+                          "nothing is applied anyway")
+
+
 def _build_parser() -> argparse.ArgumentParser:
   segments = families.with_capability(segments=True)
   translates = families.with_capability(translates=True)
@@ -427,6 +433,8 @@ def _build_parser() -> argparse.ArgumentParser:
                              "for the run's data folder; all for any other folder)")
   evaluate.add_argument("--checkpoint", default="latest", metavar="latest|best|STEP",
                         help=CHECKPOINT_HELP)
+  evaluate.add_argument("--no-postprocessing", action="store_true",
+                        help=NO_POSTPROCESSING_HELP)
 
   translate = add(
       "translate", f"translate a NIfTI volume into another MRI modality ({', '.join(translates)} "
@@ -467,9 +475,32 @@ def _build_parser() -> argparse.ArgumentParser:
                        help=CHECKPOINT_HELP)
   predict.add_argument("--batch-size", type=int, default=None, metavar="N",
                        help="slices per forward pass (default: the config's eval.batch_size)")
+  predict.add_argument("--no-postprocessing", action="store_true",
+                       help=NO_POSTPROCESSING_HELP)
   predict.add_argument("--timing", action="store_true",
                        help="end with one line of where the wall time went: the command line, "
                             "import, load model, read, compile, segment, write (seconds)")
+  postprocess = add(
+      "postprocess", "choose the post-processing (small components removed, small enhancing "
+                     "tumour relabelled) on the validation cases",
+      "Segments every case of the workdir's validation split (splits.json val; never the test "
+      "split) once from each modality the model trained on, then chooses per modality and "
+      "region the smallest connected-component size (mm^3) below which components are removed, "
+      "and the enhancing-tumour volume below which ET is relabelled as tumour core, from a small "
+      "grid (0 = off), maximising the mean lesion-wise Dice (BraTS 2023+). Writes "
+      "WORKDIR/postprocessing.json, which predict and evaluate then apply "
+      "(--no-postprocessing: not).")
+  postprocess.add_argument("--workdir", required=True, type=pathlib.Path, metavar="DIR",
+                           help=f"training workdir of a {_either(segments)} model with a val "
+                                "split (data.val_fraction > 0)")
+  postprocess.add_argument("--data", required=True, type=pathlib.Path, metavar="DIR",
+                           help="the data folder the model was trained on (its val cases are "
+                                "read from it)")
+  postprocess.add_argument("--checkpoint", default="latest", metavar="latest|best|STEP",
+                           help=CHECKPOINT_HELP)
+  postprocess.add_argument("--batch-size", type=int, default=None, metavar="N",
+                           help="slices per forward pass (default: the config's "
+                                "eval.batch_size)")
   study = add(
       "study", "train and score every arm x seed of a study file, then compare the arms "
                "(intervals, p-values, table, figure)",
@@ -592,7 +623,17 @@ def _evaluate(args) -> None:
   _enable_compilation_cache()
   config = config_lib.from_json_file(args.workdir / "config.json")
   evaluate.evaluate_split(config, workdir=args.workdir, data_dir=args.data, split=args.split,
-                          checkpoint=args.checkpoint, log=_log)
+                          checkpoint=args.checkpoint, postprocessing=not args.no_postprocessing,
+                          log=_log)
+
+
+def _postprocess(args) -> None:
+  from uagan_jax import postprocess  # pylint: disable=g-import-not-at-top
+  _enable_compilation_cache()
+  started = time.time()
+  postprocess.choose(workdir=args.workdir, data_dir=args.data, checkpoint=args.checkpoint,
+                     batch_size=args.batch_size, log=_log)
+  _log(f"done in {time.time() - started:.0f} s")
 
 
 def _study(args, overrides) -> int:
@@ -628,7 +669,8 @@ def _predict(args, main_started: float) -> None:
   started = time.time()
   results = predict.predict(args.input, args.output, modality=args.modality, labels=args.labels,
                             workdir=args.workdir, batch_size=args.batch_size,
-                            checkpoint=args.checkpoint, log=_log,
+                            checkpoint=args.checkpoint,
+                            postprocessing=not args.no_postprocessing, log=_log,
                             stopwatch=stopwatch)
   if len(results) == 1:
     _log(f"wrote {results[0].output} ({args.labels} labels: {results[0].summary()}) "
@@ -685,6 +727,8 @@ def main(argv: list[str] | None = None) -> int:
       _translate(args)
     elif args.command == "predict":
       _predict(args, started)
+    elif args.command == "postprocess":
+      _postprocess(args)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     return 2
