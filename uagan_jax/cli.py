@@ -485,7 +485,7 @@ def _build_parser() -> argparse.ArgumentParser:
                      "tumour relabelled) on the validation cases",
       "Segments every case of the workdir's validation split (splits.json val; never the test "
       "split) once from each modality the model trained on, then chooses per modality and "
-      "region the smallest connected-component size (mm^3) below which components are removed, "
+      "region the connected-component size (mm^3) below which components are removed, "
       "and the enhancing-tumour volume below which ET is relabelled as tumour core, from a small "
       "grid (0 = off), maximising the mean lesion-wise Dice (BraTS 2023+). Writes "
       "WORKDIR/postprocessing.json, which predict and evaluate then apply "
