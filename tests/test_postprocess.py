@@ -223,6 +223,7 @@ def test_postprocess_chooses_on_the_val_cases_only_and_writes_the_file(chosen):
   report = json.loads((workdir / "postprocessing.json").read_text())
   assert report["case_ids"] == splits["val"] and report["cases"] == 2
   assert report["split"] == "val" and report["step"] == 2 and report["checkpoint"] == "latest"
+  assert report["pooled"] is False
   assert set(report["modalities"]) == {"t1", "t1ce", "t2", "flair"}
   flair = report["modalities"]["flair"]
   # The 8-voxel corner component (8 mm^3 at the phantoms' 1 mm) is removed (with a few specks
@@ -234,6 +235,24 @@ def test_postprocess_chooses_on_the_val_cases_only_and_writes_the_file(chosen):
   assert report["grid"]["min_component_mm3"][0] == 0.0
   assert "segmented 2/2 val cases" in output and "wrote" in output and "flair" in output
   assert "lesion Dice WT" in output
+
+
+def test_pooled_chooses_one_rule_for_every_modality_through_the_command_line(
+    capsys, val_workdir, synth_data, tmp_path, monkeypatch):
+  monkeypatch.setattr(inference.SlicePredictor, "__call__",
+                      lambda self, slices, modality_id: _spurious_wt(slices, modality_id))
+  workdir = tmp_path / "w"
+  shutil.copytree(val_workdir, workdir)
+  code, out, err = run_cli(capsys, "postprocess", "--workdir", workdir, "--data", synth_data,
+                           "--pooled")
+  assert code == 0, err
+  report = json.loads((workdir / "postprocessing.json").read_text())
+  assert report["pooled"] is True and "pooled" in report["objective"]
+  rules = [entry["rule"] for entry in report["modalities"].values()]
+  assert len(rules) == 4 and all(rule == rules[0] for rule in rules)
+  # Every modality's spurious corner component is in the pool: it is removed.
+  assert rules[0]["min_component_mm3"]["WT"] > 8
+  assert f"wrote {workdir / 'postprocessing.json'}" in out
 
 
 def _predict(capsys, workdir, case_dir, output, *extra):

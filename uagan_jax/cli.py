@@ -6,7 +6,7 @@
   uagan-jax translate --workdir W --input FILE --source t1 --target flair --output OUT.nii.gz
   uagan-jax predict  --workdir W --input FILE|CASE|DATA --modality flair --output SEG.nii.gz|DIR
                      [--checkpoint latest|best|STEP]
-  uagan-jax postprocess --workdir W --data DIR [--checkpoint latest|best|STEP]
+  uagan-jax postprocess --workdir W --data DIR [--checkpoint latest|best|STEP] [--pooled]
   uagan-jax study    STUDY.py[:variant] --out DIR [--config.a.b=v ...]
 
 Bad input (a missing or corrupt file, an unknown config key, ...) ends with one line
@@ -501,6 +501,9 @@ def _build_parser() -> argparse.ArgumentParser:
   postprocess.add_argument("--batch-size", type=int, default=None, metavar="N",
                            help="slices per forward pass (default: the config's "
                                 "eval.batch_size)")
+  postprocess.add_argument("--pooled", action="store_true",
+                           help="one rule for every modality, chosen on the val cases segmented "
+                                "from all of them together, instead of a rule per modality")
   study = add(
       "study", "train and score every arm x seed of a study file, then compare the arms "
                "(intervals, p-values, table, figure)",
@@ -632,7 +635,7 @@ def _postprocess(args) -> None:
   _enable_compilation_cache()
   started = time.time()
   postprocess.choose(workdir=args.workdir, data_dir=args.data, checkpoint=args.checkpoint,
-                     batch_size=args.batch_size, log=_log)
+                     batch_size=args.batch_size, pooled=args.pooled, log=_log)
   _log(f"done in {time.time() - started:.0f} s")
 
 

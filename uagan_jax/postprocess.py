@@ -18,7 +18,8 @@ writes them and ``evaluate`` scores them:
 mean lesion-wise Dice (the BraTS 2023+ ranking metric, `metrics.lesion_metrics`) over segmented
 cases; `choose` (``uagan-jax postprocess``) does that on a workdir's validation split, never its
 test split, per input modality (the unified model's errors differ by modality: from T1 it
-predicts many small false-positive WT components, from FLAIR few), and writes
+predicts many small false-positive WT components, from FLAIR few; ``--pooled``: one rule for all,
+chosen on every modality's segmentations together), and writes
 ``<workdir>/postprocessing.json`` (`FILE_NAME`), which `load` reads back for ``predict`` and
 ``evaluate``. The file's keys are described in docs/EVALUATION.md.
 """
@@ -382,7 +383,7 @@ def format_table(report: dict) -> str:
 
 
 def choose(*, workdir: str | os.PathLike, data_dir: str | os.PathLike,
-           checkpoint: str = "latest", batch_size: int | None = None,
+           checkpoint: str = "latest", batch_size: int | None = None, pooled: bool = False,
            log: Callable[[str], None] = print) -> dict:
   """``uagan-jax postprocess``: chooses a rule per modality on the workdir's validation split and
   writes ``<workdir>/postprocessing.json``.
@@ -395,6 +396,8 @@ def choose(*, workdir: str | os.PathLike, data_dir: str | os.PathLike,
     data_dir: The data folder it was trained on (its val cases are read from there).
     checkpoint: "latest", "best" or a step: the checkpoint that segments.
     batch_size: Slices per forward pass (default the config's eval.batch_size).
+    pooled: Choose one rule for every modality, on the val cases of all of them together
+      (``--pooled``), instead of a rule per modality on its own cases.
     log: Where progress, the table and the file's name go.
 
   Returns:
@@ -441,12 +444,16 @@ def choose(*, workdir: str | os.PathLike, data_dir: str | os.PathLike,
             "step": int(segmentor.step), "data": str(data_dir.absolute()), "split": "val",
             "cases": len(case_ids), "case_ids": case_ids,
             "objective": "per region, the mean lesion-wise Dice (BraTS 2023+) over the val cases "
-                         "of each input modality; ties keep the smaller size (0: off)",
+                         + ("segmented from every modality, pooled: one rule for all" if pooled
+                            else "of each input modality: a rule per modality")
+                         + "; ties keep the smaller size (0: off)",
+            "pooled": pooled,
             "grid": {"min_component_mm3": list(SIZE_GRID_MM3),
                      "et_relabel_mm3": list(ET_RELABEL_GRID_MM3)},
             "modalities": {}}
+  common = choose_rule([c for m in modalities for c in cases[m]]) if pooled else None
   for modality in modalities:
-    rule = choose_rule(cases[modality])
+    rule = common if pooled else choose_rule(cases[modality])
     report["modalities"][modality] = {
         "rule": rule.to_json(), "description": rule.describe(),
         "before": scores(cases[modality], Rule()), "after": scores(cases[modality], rule)}
