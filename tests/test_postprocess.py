@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from uagan_jax import cli, inference, metrics, postprocess
+from uagan_jax import cli, inference, metrics, postprocess, predict
 from uagan_jax.data import readers
 from uagan_jax.errors import UserError
 
@@ -328,6 +328,10 @@ def test_evaluate_applies_it_records_it_and_the_flag_turns_it_off(capsys, chosen
   assert means[()] > means[("--no-postprocessing",)]
 
 
+def _never(*args, **kwargs):
+  raise AssertionError("the model was loaded")
+
+
 def test_a_missing_val_split_and_a_damaged_file_are_one_line(capsys, val_workdir, synth_data,
                                                              tmp_path):
   workdir = tmp_path / "w"
@@ -349,7 +353,10 @@ def test_a_missing_val_split_and_a_damaged_file_are_one_line(capsys, val_workdir
       postprocess.load(workdir)
     for command in (("predict", "--input", case_dir, "--modality", "flair", "--output",
                      tmp_path / "x.nii.gz"), ("evaluate", "--data", synth_data)):
-      code, _, err = run_cli(capsys, command[0], "--workdir", workdir, *command[1:])
+      with pytest.MonkeyPatch.context() as patch:  # reported before any checkpoint is read
+        for module, name in ((predict, "load_segmentor"), (inference, "load_state")):
+          patch.setattr(module, name, _never)
+        code, _, err = run_cli(capsys, command[0], "--workdir", workdir, *command[1:])
       assert_one_line_error(code, err, path, "damaged post-processing file")
   # --no-postprocessing does not read it at all.
   code, _, err = run_cli(capsys, "predict", "--workdir", workdir, "--input", case_dir,

@@ -3,9 +3,10 @@
   uagan-jax synth    --out DIR --cases N --seed S [--shape X Y Z]
   uagan-jax train    --config configs/segan.py[:variant] --data DIR --workdir W [--config.a.b=v ...]
   uagan-jax evaluate --workdir W --data DIR [--split test|all] [--checkpoint latest|best|STEP]
+                     [--no-postprocessing]
   uagan-jax translate --workdir W --input FILE --source t1 --target flair --output OUT.nii.gz
   uagan-jax predict  --workdir W --input FILE|CASE|DATA --modality flair --output SEG.nii.gz|DIR
-                     [--checkpoint latest|best|STEP]
+                     [--checkpoint latest|best|STEP] [--no-postprocessing]
   uagan-jax postprocess --workdir W --data DIR [--checkpoint latest|best|STEP] [--pooled]
   uagan-jax study    STUDY.py[:variant] --out DIR [--config.a.b=v ...]
 

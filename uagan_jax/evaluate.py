@@ -189,6 +189,8 @@ def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path,
       raise UserError(f"{data_dir}: cases of the {split} split are missing: "
                       f"{', '.join(missing[:5])}")
 
+  if postprocessing:
+    postprocess.load(workdir)  # a damaged postprocessing.json is reported before the model loads
   if state is not None:
     step = int(jax.device_get(state.step))
     checkpoint = "latest"  # the trainer's final state

@@ -279,6 +279,8 @@ def predict(input_path: str | os.PathLike, output_path: str | os.PathLike, *, mo
   jobs, many = plan(input_path, output_path, modality=modality)
 
   if segmentor is None:
+    if postprocessing:
+      postprocess.load(workdir)  # a damaged postprocessing.json costs no model load either
     log(f"loading the model in {workdir}")
     with stopwatch.phase("load model"):
       segmentor = load_segmentor(workdir, batch_size=batch_size, stopwatch=stopwatch,
