@@ -53,8 +53,8 @@ def test_every_family_module_gives_what_its_table_entry_promises(name):
 
 # Modules that run whatever family a config names: none of them may name one.
 GENERIC_MODULES = ("train.py", "train_state.py", "train_utils.py", "inference.py", "evaluate.py",
-                   "validation.py", "predict.py", "translate.py", "volume_io.py", "checkpoint.py",
-                   "parallel.py", "data/input_pipeline.py")
+                   "validation.py", "predict.py", "postprocess.py", "translate.py", "volume_io.py",
+                   "checkpoint.py", "parallel.py", "data/input_pipeline.py")
 
 
 @pytest.mark.parametrize("module", GENERIC_MODULES)

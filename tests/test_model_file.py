@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from uagan_jax import families, inference, model_file, predict, train_state
+from uagan_jax import families, inference, model_file, postprocess, predict, train_state
 from uagan_jax import config as config_lib
 
 from conftest import assert_one_line_error, load_test_config, run_cli, write_random_workdir
@@ -29,7 +29,10 @@ VALIDATION_ROWS = [
     {"step": 3, "cases": 1, "dice/WT": 0.6, "dice/TC": 0.5, "dice/ET": 0.4, "dice/mean": 0.5},
 ]
 SEGAN_SEED = 14
-POSTPROCESSING = {"version": 1, "rules": [{"region": "ET", "min_voxels": 5}]}
+# A post-processing file as `uagan-jax postprocess` writes it (enhancing-tumour components below
+# 5 mm^3 removed from FLAIR's segmentation), which predict and evaluate apply from either source.
+POSTPROCESSING = {"format": postprocess.FORMAT, "step": 2, "cases": 2,
+                  "modalities": {"flair": {"rule": postprocess.Rule((0, 0, 5), 0).to_json()}}}
 
 
 def _cases(data):
@@ -254,8 +257,17 @@ def test_evaluate_with_the_model_scores_as_the_workdir(capsys, workdirs, models,
     assert code == 0, err
   files = [outs["--workdir"] / "eval_test" / name for name in ("metrics.csv", "summary.json")]
   assert all(path.is_file() for path in files)
-  for path in files:
-    assert (outs["--model"] / path.relative_to(outs["--workdir"])).read_text() == path.read_text()
+  csv = files[0]
+  assert (outs["--model"] / csv.relative_to(outs["--workdir"])).read_text() == csv.read_text()
+  summaries = [json.loads((out / "eval_test" / "summary.json").read_text())
+               for out in outs.values()]
+  # Both applied the same post-processing; only where it was read from differs.
+  files_read = [summary["postprocessing"].pop("file") for summary in summaries]
+  assert files_read == [str(workdirs["segan"] / "postprocessing.json"),
+                        f"{models['segan']}:postprocessing.json"]
+  assert summaries[0] == summaries[1]
+  assert summaries[0]["postprocessing"]["rules"] == {"flair": POSTPROCESSING["modalities"][
+      "flair"]["rule"]}
   assert not (workdirs["segan"] / "eval_test").exists()  # --out kept the workdir as it was
 
 

@@ -20,7 +20,8 @@ from nibabel import orientations
 
 import jax
 
-from uagan_jax import cli, evaluate, families, inference, metrics, predict, timing, train_state
+from uagan_jax import (cli, evaluate, families, inference, metrics, postprocess, predict, timing,
+                       train_state)
 from uagan_jax import config as config_lib
 from uagan_jax.data import MODALITIES, preprocess, readers, resample, synthetic
 from uagan_jax.errors import UserError
@@ -644,12 +645,15 @@ def _disagreeing_channels(slices, modality_id):  # pylint: disable=unused-argume
   return probs
 
 
-@pytest.mark.parametrize("nesting", ["inner_wins", "outer_gates"])
+@pytest.mark.parametrize("nesting,postprocessing", [("inner_wins", False),
+                                                     ("outer_gates", False),
+                                                     ("inner_wins", True)])
 def test_evaluate_scores_the_label_map_predict_writes(capsys, workdirs, synth_data, tmp_path,
-                                                      monkeypatch, nesting):
+                                                      monkeypatch, nesting, postprocessing):
   """Every row of evaluate's metrics.csv equals the metrics of predict's file for that case and
   modality, read back from disk and scored against the label file: one segmentation, whatever
-  the channels say (here they disagree, as an undertrained model's do)."""
+  the channels say (here they disagree, as an undertrained model's do), post-processed or not
+  (a postprocessing.json in the workdir, whose every rule changes these masks)."""
   monkeypatch.setattr(inference.SlicePredictor, "__call__",
                       lambda self, slices, modality_id: _disagreeing_channels(slices, modality_id))
   workdir = tmp_path / "w"
@@ -657,9 +661,24 @@ def test_evaluate_scores_the_label_map_predict_writes(capsys, workdirs, synth_da
   config = json.loads((workdir / "config.json").read_text())
   config["eval"]["nesting"] = nesting
   (workdir / "config.json").write_text(json.dumps(config))
-  code, _, err = run_cli(capsys, "evaluate", "--workdir", workdir, "--data", synth_data,
-                         "--split", "test")
+  if postprocessing:
+    rule = postprocess.Rule((20, 10, 5), 150)
+    postprocess.write(workdir / postprocess.FILE_NAME, {
+        "format": postprocess.FORMAT, "step": 2, "cases": 1,
+        "modalities": {m: {"rule": rule.to_json()} for m in MODALITIES}})
+  code, out, err = run_cli(capsys, "evaluate", "--workdir", workdir, "--data", synth_data,
+                           "--split", "test")
   assert code == 0, err
+  assert ("post-processing (" in out) == postprocessing
+  if postprocessing:  # the rules change what is scored
+    code, _, err = run_cli(capsys, "evaluate", "--workdir", workdir, "--data", synth_data,
+                           "--split", "test", "--no-postprocessing")
+    assert code == 0, err
+    unprocessed = (workdir / "eval_test" / "metrics.csv").read_text()
+    code, _, err = run_cli(capsys, "evaluate", "--workdir", workdir, "--data", synth_data,
+                           "--split", "test")
+    assert code == 0, err
+    assert (workdir / "eval_test" / "metrics.csv").read_text() != unprocessed
   with (workdir / "eval_test" / "metrics.csv").open() as f:
     rows = list(csv.DictReader(f))
   assert rows

@@ -24,7 +24,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from uagan_jax import families, inference, visualize, volume_io
+from uagan_jax import families, inference, postprocess, visualize, volume_io
 from uagan_jax import metrics as metrics_lib
 from uagan_jax.data import MODALITIES, REGIONS, checks, readers, resample
 from uagan_jax.errors import UserError
@@ -126,8 +126,8 @@ def summarise(rows: Sequence[dict], modalities: Sequence[str]) -> dict:
 def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path | None = None,
                    data_dir: pathlib.Path, split: str | None = None, state=None,
                    checkpoint: str = "latest", curves: bool = False, input_notes: bool = True,
-                   log: Callable[[str], None] = print, model=None,
-                   out: pathlib.Path | None = None) -> dict:
+                   postprocessing: bool = True, log: Callable[[str], None] = print,
+                   model=None, out: pathlib.Path | None = None) -> dict:
   """Scores every case of ``split`` (or of an external test set) from each modality; writes CSV,
   JSON, PNG panels.
 
@@ -153,6 +153,9 @@ def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path |
     input_notes: say, per image file, where its constant background was set to 0 and where it
       does not look skull-stripped (`checks`); off where the caller said so already (training,
       whose data preparation names every file of the data folder once).
+    postprocessing: apply the workdir's ``postprocessing.json`` (`postprocess`, as ``predict``
+      does) to each segmentation before it is scored, where there is one; a line says which and
+      summary.json records it ("postprocessing"). False: ``--no-postprocessing``.
     curves: also draw ``figures/training_curves.png`` from the workdir's logs (training draws it
       when it ends; evaluating a finished run leaves it as it is).
     log: where progress, the table and a ``warning: ...`` per image file that does not look
@@ -205,6 +208,9 @@ def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path |
       raise UserError(f"{data_dir}: cases of the {split} split are missing: "
                       f"{', '.join(missing[:5])}")
 
+  source = workdir if model is None else model.path  # where splits, post-processing come from
+  if postprocessing:
+    postprocess.load(source)  # a damaged postprocessing.json is reported before the model loads
   if model is not None:
     step, checkpoint = model.step, model.checkpoint
     variables = model.network
@@ -229,8 +235,9 @@ def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path |
   figures = out / "figures"
   out_dir.mkdir(parents=True, exist_ok=True)
   modalities = [m for m in MODALITIES if m in config.data.modalities]
-  trained = volume_io.trained_modalities(config,
-                                         workdir=workdir if model is None else model.path)
+  processing = (postprocess.for_run(source, enabled=postprocessing, step=step,
+                                    modalities=modalities, log=log) if segments else None)
+  trained = volume_io.trained_modalities(config, workdir=source)
   untrained = [m for m in modalities if m not in trained]
   if untrained:
     # Scored all the same (a researcher may want to see how a model does on a modality it never
@@ -255,6 +262,9 @@ def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path |
         predictions[modality] = inference.segment_volume(predictor, volume.images[modality],
                                                modality=modality, config=config,
                                                spacing=volume.spacing)
+        if processing is not None:
+          predictions[modality] = processing.apply(predictions[modality], modality=modality,
+                                                   spacing=volume.spacing)
         scores[modality] = score_case(predictions[modality], truth, spacing=volume.spacing)
         rows.append({"case": case_id, "modality": modality, **scores[modality]})
       if number <= config.eval.panels:
@@ -275,7 +285,8 @@ def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path |
 
   report = {"step": step, "split": split, "data": str(pathlib.Path(data_dir).absolute()),
             "checkpoint": checkpoint, "cases": len(case_ids), "case_ids": case_ids,
-            "nesting": config.eval.nesting, "untrained_modalities": untrained}
+            "nesting": config.eval.nesting, "untrained_modalities": untrained,
+            "postprocessing": None if processing is None else processing.summary(step)}
   summary = {}
   if rows:
     summary = summarise(rows, modalities)

@@ -28,11 +28,15 @@ Per image:
    the code path of evaluation) and are put back on the canonical grid: the crop/pad undone, the
    per-region probabilities resampled linearly onto the input's grid where the input was
    resampled (nnU-Net's way), then thresholded at 0.5.
-4. The regions (WT, TC, ET) become labels (`readers.regions_to_labels`): ET -> enhancing,
+4. Where the workdir holds a ``postprocessing.json`` (chosen on its validation cases by
+   ``uagan-jax postprocess``), its rule for ``--modality`` is applied to the nested regions
+   (`postprocess`: small components removed, a small enhancing tumour relabelled); a line says
+   which. ``--no-postprocessing``: not.
+5. The regions (WT, TC, ET) become labels (`readers.regions_to_labels`): ET -> enhancing,
    TC minus ET -> necrotic/non-enhancing core, WT minus TC -> oedema; the values are those of
    ``--labels``: brats (default; 1 NCR, 2 ED, 4 ET), brats2023 (1 NCR, 2 ED, 3 ET) or msd
    (Task01_BrainTumour: 1 oedema, 2 non-enhancing, 3 enhancing).
-5. The label map is written as uint8 on the input file's grid: same shape, affine, qform/sform
+6. The label map is written as uint8 on the input file's grid: same shape, affine, qform/sform
    codes and header (`readers.Volume.to_source_image`, the reorientation undone), atomically
    (`volume_io.write_nifti`). An existing output is replaced, as ``uagan-jax translate`` does;
    a file of an input case (any modality, the label) never is.
@@ -51,7 +55,7 @@ from collections.abc import Callable
 import ml_collections
 import numpy as np
 
-from uagan_jax import inference, model_file, timing, volume_io
+from uagan_jax import inference, model_file, postprocess, timing, volume_io
 from uagan_jax.data import checks, readers, resample
 from uagan_jax.errors import UserError
 
@@ -234,7 +238,8 @@ def plan(input_path: str | os.PathLike, output_path: str | os.PathLike, *,
 def predict(input_path: str | os.PathLike, output_path: str | os.PathLike, *, modality: str,
             labels: str = "brats", workdir: str | os.PathLike | None = None,
             segmentor: VolumeSegmentor | None = None, batch_size: int | None = None,
-            checkpoint: str = "latest", log: Callable[[str], None] = print,
+            checkpoint: str = "latest", postprocessing: bool = True,
+            log: Callable[[str], None] = print,
             stopwatch: timing.Stopwatch | None = None) -> list[PredictionResult]:
   """Segments a NIfTI image, a case folder or a data folder of cases into label maps.
 
@@ -251,6 +256,9 @@ def predict(input_path: str | os.PathLike, output_path: str | os.PathLike, *, mo
     batch_size: With ``workdir``: slices per forward pass (default the config's eval.batch_size).
     checkpoint: With ``workdir``: "latest" (the newest checkpoint), "best" (the best by
       validation Dice, ``checkpoints_best/``) or a step number of ``checkpoints/``.
+    postprocessing: Apply the model's workdir's ``postprocessing.json`` (`postprocess`, chosen by
+      ``uagan-jax postprocess`` on its validation cases) where there is one; a line says which.
+      False: ``--no-postprocessing``.
     log: Where progress goes.
     stopwatch: Counts the wall time of loading the model, reading, compiling, segmenting and
       writing (``uagan-jax predict --timing``); with ``segmentor``, its compilations are counted
@@ -275,6 +283,8 @@ def predict(input_path: str | os.PathLike, output_path: str | os.PathLike, *, mo
   jobs, many = plan(input_path, output_path, modality=modality)
 
   if segmentor is None:
+    if postprocessing:
+      postprocess.load(workdir)  # a damaged postprocessing.json costs no model load either
     log(f"loading the model in {workdir}")
     with stopwatch.phase("load model"):
       segmentor = load_segmentor(workdir, batch_size=batch_size, stopwatch=stopwatch,
@@ -285,6 +295,8 @@ def predict(input_path: str | os.PathLike, output_path: str | os.PathLike, *, mo
   if workdir is not None and model_file.is_model_file(workdir):
     which = "the one the model file holds"
   log(f"model: {segmentor.config.model.name}, checkpoint step {segmentor.step} ({which})")
+  processing = postprocess.for_run(segmentor.workdir, enabled=postprocessing, step=segmentor.step,
+                                   modalities=[modality], log=log)
   if many:
     log(f"segmenting the {modality} images of {len(jobs)} cases in {input_path} into "
         f"{output_path}/<case_id>.nii.gz ({labels} labels)")
@@ -293,7 +305,7 @@ def predict(input_path: str | os.PathLike, output_path: str | os.PathLike, *, mo
   started = time.time()
   for number, (case, output) in enumerate(jobs, 1):
     result = _predict_case(segmentor, case, output, modality=modality, labels=labels, log=log,
-                           steps=not many, stopwatch=stopwatch)
+                           steps=not many, stopwatch=stopwatch, processing=processing)
     results.append(result)
     if many:
       elapsed = time.time() - started
@@ -304,8 +316,10 @@ def predict(input_path: str | os.PathLike, output_path: str | os.PathLike, *, mo
 
 def _predict_case(segmentor: VolumeSegmentor, case: readers.CaseFiles, output: pathlib.Path, *,
                   modality: str, labels: str, log: Callable[[str], None], steps: bool,
-                  stopwatch: timing.Stopwatch) -> PredictionResult:
-  """Segments one case and writes its label map; ``steps``: log each step, not only notes."""
+                  stopwatch: timing.Stopwatch,
+                  processing: postprocess.PostProcessing | None = None) -> PredictionResult:
+  """Segments one case and writes its label map; ``steps``: log each step, not only notes;
+  ``processing``: the post-processing applied to the nested regions before they become labels."""
   step_log = log if steps else lambda _: None
   image_file = case.images[modality]
   with stopwatch.phase("read"):
@@ -322,8 +336,10 @@ def _predict_case(segmentor: VolumeSegmentor, case: readers.CaseFiles, output: p
   step_log(f"segmenting {slices} slices (volume {'x'.join(map(str, image.shape))} canonical, "
            f"{volume_io.format_spacing(volume.spacing)})")
   with stopwatch.phase("segment"):
-    label_map = readers.regions_to_labels(
-        segmentor.segment(image, modality=modality, spacing=volume.spacing), convention=labels)
+    regions = segmentor.segment(image, modality=modality, spacing=volume.spacing)
+    if processing is not None:
+      regions = processing.apply(regions, modality=modality, spacing=volume.spacing)
+    label_map = readers.regions_to_labels(regions, convention=labels)
   step_log(f"writing {output}")
   with stopwatch.phase("write"):
     volume_io.write_nifti(volume.to_source_image(label_map, dtype=OUTPUT_DTYPE), output)
