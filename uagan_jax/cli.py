@@ -3,9 +3,11 @@
   uagan-jax synth    --out DIR --cases N --seed S [--shape X Y Z]
   uagan-jax train    --config configs/segan.py[:variant] --data DIR --workdir W [--config.a.b=v ...]
   uagan-jax evaluate --workdir W --data DIR [--split test|all] [--checkpoint latest|best|STEP]
+                     [--no-tta] [--timing] [--workdir W2 ... --out DIR]
   uagan-jax translate --workdir W --input FILE --source t1 --target flair --output OUT.nii.gz
   uagan-jax predict  --workdir W --input FILE|CASE|DATA --modality flair --output SEG.nii.gz|DIR
-                     [--checkpoint latest|best|STEP]
+                     [--checkpoint latest|best|STEP] [--no-tta] [--save-probabilities]
+                     [--workdir W2 ...] [--timing]
   uagan-jax study    STUDY.py[:variant] --out DIR [--config.a.b=v ...]
 
 Bad input (a missing or corrupt file, an unknown config key, ...) ends with one line
@@ -305,7 +307,25 @@ def _top_epilog() -> str:
 
 CHECKPOINT_HELP = ("which checkpoint of --workdir: the newest, the best by validation Dice "
                    "(train.validate_every; checkpoints_best/) or the step number of one kept in "
-                   "checkpoints/")
+                   "checkpoints/; repeat it for an ensemble (see --workdir) (default: latest)")
+# Test-time augmentation is on by default in predict and evaluate: it raised Dice on the measured
+# runs (docs/EXPERIMENTS.md, "Test-time augmentation").
+TTA_DEFAULT = True
+TTA_HELP = ("test-time augmentation: each slice also segmented mirrored along H, along W and "
+            "both, the four probability maps (mirrored back) averaged before the threshold, as "
+            "nnU-Net mirrors; about 4x the network's time. --no-tta: one pass, as before")
+
+
+def _ensemble_help(model: str, command: str) -> str:
+  """--workdir's help: one model, or several (an ensemble) and how they pair with --checkpoint."""
+  out = (" An ensemble's scores go to --out DIR (needed with several models)."
+         if command == "evaluate" else "")
+  return (f"training workdir of {model}; repeat it for an ensemble. Pairing with "
+          "--checkpoint: one --workdir and N --checkpoint = that workdir at each checkpoint; N "
+          "--workdir and one --checkpoint (or none: latest) = each at it; N and N = paired in "
+          "order; other counts are an error. Each model segments at its own config's spacing and "
+          "slice size, and must segment the modality; their probabilities are averaged (after "
+          "TTA), thresholded once at 0.5 and nested by the first model's eval.nesting." + out)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -410,11 +430,15 @@ def _build_parser() -> argparse.ArgumentParser:
       "another data folder (an external test set): per case, region (WT, TC, "
       f"ET) and modality Dice, HD95, ... for the models that segment ({_either(segments)}); per "
       f"modality pair PSNR, SSIM and MAE for the models that translate ({_either(translates)}). "
-      "Writes WORKDIR/eval_SPLIT/ (eval_SPLIT_best/ with --checkpoint best), or "
-      "WORKDIR/eval_external_FOLDER/ for an external test set "
-      "(metrics.csv, summary.json, PNG panels).")
+      "Writes WORKDIR/eval_SPLIT/ (eval_SPLIT_best/ with --checkpoint best, eval_SPLIT_stepN/ "
+      "with --checkpoint N), or WORKDIR/eval_external_FOLDER/ for an external test set "
+      "(metrics.csv, summary.json, PNG panels); with test-time augmentation (the default) the "
+      "name ends in _tta (eval_test_tta/), so a run with and one without never overwrite each "
+      "other. Several --workdir/--checkpoint: an ensemble, written to --out DIR.")
   evaluate.add_argument("--workdir", required=True, type=pathlib.Path, metavar="DIR",
-                        help="training workdir (holds config.json, splits.json, checkpoints/)")
+                        action="append",
+                        help=_ensemble_help("a model (holds config.json, splits.json, "
+                                            "checkpoints/)", "evaluate"))
   evaluate.add_argument("--data", required=True, type=pathlib.Path, metavar="DIR",
                         help="the data folder the model was trained on (its --split is "
                              "scored), or any other folder of cases: an external test set, "
@@ -425,8 +449,19 @@ def _build_parser() -> argparse.ArgumentParser:
                              "moved or copied too), or all: every case of --data as an external "
                              "test set (default: the run's config eval.split, normally test, "
                              "for the run's data folder; all for any other folder)")
-  evaluate.add_argument("--checkpoint", default="latest", metavar="latest|best|STEP",
-                        help=CHECKPOINT_HELP)
+  evaluate.add_argument("--checkpoint", default=None, metavar="latest|best|STEP",
+                        action="append", help=CHECKPOINT_HELP)
+  evaluate.add_argument("--tta", default=TTA_DEFAULT, action=argparse.BooleanOptionalAction,
+                        help=TTA_HELP + "; with TTA the folder's name ends in _tta "
+                             "(eval_test_tta/, ...) and summary.json says tta: true")
+  evaluate.add_argument("--out", default=None, type=pathlib.Path, metavar="DIR",
+                        help="write metrics.csv, summary.json and figures/ here instead of "
+                             "WORKDIR/eval_.../; needed for an ensemble (default: the "
+                             "workdir's eval_... folder)")
+  evaluate.add_argument("--timing", action="store_true",
+                        help="end with one line of where the wall time went: import, load "
+                             "model, read, segment, compile, tta, score, figures, write "
+                             "(seconds)")
 
   translate = add(
       "translate", f"translate a NIfTI volume into another MRI modality ({', '.join(translates)} "
@@ -452,7 +487,8 @@ def _build_parser() -> argparse.ArgumentParser:
       f"checkpoint of a model that segments ({_either(segments)}); writes uint8 label maps "
       "with the input's shape, affine, qform/sform codes and header.")
   predict.add_argument("--workdir", required=True, type=pathlib.Path, metavar="DIR",
-                       help=f"training workdir of a {_either(segments)} model")
+                       action="append",
+                       help=_ensemble_help(f"a {_either(segments)} model", "predict"))
   predict.add_argument("--input", required=True, type=pathlib.Path, metavar="PATH",
                        help="a .nii/.nii.gz image, a case folder, or a data folder of cases")
   predict.add_argument("--modality", required=True,
@@ -463,13 +499,21 @@ def _build_parser() -> argparse.ArgumentParser:
   predict.add_argument("--labels", default="brats", choices=("brats", "brats2023", "msd"),
                        help="label values: brats 1 NCR, 2 ED, 4 ET; brats2023 1, 2, 3; msd "
                             "(Task01) 1 ED, 2 NCR, 3 ET (default: %(default)s)")
-  predict.add_argument("--checkpoint", default="latest", metavar="latest|best|STEP",
-                       help=CHECKPOINT_HELP)
+  predict.add_argument("--checkpoint", default=None, metavar="latest|best|STEP",
+                       action="append", help=CHECKPOINT_HELP)
+  predict.add_argument("--tta", default=TTA_DEFAULT, action=argparse.BooleanOptionalAction,
+                       help=TTA_HELP)
+  predict.add_argument("--save-probabilities", action="store_true",
+                       help="also write, beside each label file, the probabilities that were "
+                            "thresholded (after TTA and the ensemble's mean, before nesting): "
+                            "<output stem>_probabilities.nii.gz, float32 X x Y x Z x 3 with "
+                            "volumes WT, TC, ET, on the input's grid and affine")
   predict.add_argument("--batch-size", type=int, default=None, metavar="N",
                        help="slices per forward pass (default: the config's eval.batch_size)")
   predict.add_argument("--timing", action="store_true",
                        help="end with one line of where the wall time went: the command line, "
-                            "import, load model, read, compile, segment, write (seconds)")
+                            "import, load model, read, compile, segment, tta (the mirrored "
+                            "passes), write (seconds)")
   study = add(
       "study", "train and score every arm x seed of a study file, then compare the arms "
                "(intervals, p-values, table, figure)",
@@ -584,15 +628,25 @@ def _train(args, overrides) -> int:
   return 0
 
 
-def _evaluate(args) -> None:
+def _evaluate(args, main_started: float) -> None:
+  """``main_started``: `time.perf_counter` when `main` began (the command line's parsing)."""
   # pylint: disable=g-import-not-at-top
-  from uagan_jax import config as config_lib
-  from uagan_jax import evaluate
+  from uagan_jax import timing
+  stopwatch = timing.Stopwatch()
+  stopwatch.add("command line", time.perf_counter() - main_started)
+  with stopwatch.phase("import"):
+    from uagan_jax import config as config_lib
+    from uagan_jax import evaluate, inference
+    _enable_compilation_cache()
   # pylint: enable=g-import-not-at-top
-  _enable_compilation_cache()
-  config = config_lib.from_json_file(args.workdir / "config.json")
-  evaluate.evaluate_split(config, workdir=args.workdir, data_dir=args.data, split=args.split,
-                          checkpoint=args.checkpoint, log=_log)
+  models = inference.pair_models(args.workdir, args.checkpoint)
+  (workdir, checkpoint), ensemble = models[0], models[1:]
+  config = config_lib.from_json_file(workdir / "config.json")
+  evaluate.evaluate_split(config, workdir=workdir, data_dir=args.data, split=args.split,
+                          checkpoint=checkpoint, log=_log, tta=args.tta, ensemble=ensemble,
+                          out=args.out, stopwatch=stopwatch)
+  if args.timing:
+    _log(stopwatch.summary())
 
 
 def _study(args, overrides) -> int:
@@ -628,8 +682,9 @@ def _predict(args, main_started: float) -> None:
   started = time.time()
   results = predict.predict(args.input, args.output, modality=args.modality, labels=args.labels,
                             workdir=args.workdir, batch_size=args.batch_size,
-                            checkpoint=args.checkpoint, log=_log,
-                            stopwatch=stopwatch)
+                            checkpoint=args.checkpoint or "latest", log=_log,
+                            stopwatch=stopwatch, tta=args.tta,
+                            save_probabilities=args.save_probabilities)
   if len(results) == 1:
     _log(f"wrote {results[0].output} ({args.labels} labels: {results[0].summary()}) "
          f"in {time.time() - started:.1f} s")
@@ -680,7 +735,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "synth":
       _synth(args)
     elif args.command == "evaluate":
-      _evaluate(args)
+      _evaluate(args, started)
     elif args.command == "translate":
       _translate(args)
     elif args.command == "predict":
