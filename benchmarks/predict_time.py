@@ -15,6 +15,10 @@ bytes.
   python benchmarks/predict_time.py --input CASE_DIR/UPENN-GBM-00003_11_FLAIR.nii.gz
   python benchmarks/predict_time.py --input FLAIR.nii.gz --families segan --runs 5
   python benchmarks/predict_time.py --input FLAIR.nii.gz --no-timing   # a tree without --timing
+  python benchmarks/predict_time.py --input FLAIR.nii.gz --no-tta   # one pass per slice
+
+``predict`` mirrors each slice by default (test-time augmentation; its mirrored passes are the
+phase ``tta``); ``--no-tta`` times the single pass, the ``predict`` of before TTA.
 """
 
 from __future__ import annotations
@@ -75,10 +79,12 @@ def ensure_workdir(root: pathlib.Path, family: str) -> pathlib.Path:
 
 
 def run_predict(workdir: pathlib.Path, image: pathlib.Path, output: pathlib.Path, *,
-                modality: str, compilation_cache: pathlib.Path, timing: bool) -> dict:
-  """One ``uagan-jax predict`` process: {"wall": s, phase: s, ..., "sha256": of the output}."""
+                modality: str, compilation_cache: pathlib.Path, timing: bool,
+                extra: tuple[str, ...] = ()) -> dict:
+  """One ``uagan-jax predict`` process: {"wall": s, phase: s, ..., "sha256": of the output}.
+  ``extra``: more arguments for predict (e.g. ``--no-tta``)."""
   argv = _command("predict", "--workdir", str(workdir), "--input", str(image), "--modality",
-                  modality, "--output", str(output), *(["--timing"] if timing else []))
+                  modality, "--output", str(output), *(["--timing"] if timing else []), *extra)
   load = _loadavg()
   before = resource.getrusage(resource.RUSAGE_CHILDREN)
   started = time.perf_counter()
@@ -117,10 +123,12 @@ def main(argv=None) -> int:
                       help="where the workdirs, phantoms and outputs are kept (reused)")
   parser.add_argument("--no-timing", action="store_true",
                       help="wall time only (for a tree whose predict has no --timing)")
+  parser.add_argument("--no-tta", action="store_true",
+                      help="pass --no-tta: one pass per slice, no test-time mirroring")
   args = parser.parse_args(argv)
 
   args.root.mkdir(parents=True, exist_ok=True)
-  phases = ["start-up", "import", "load model", "read", "compile", "segment", "write"]
+  phases = ["start-up", "import", "load model", "read", "compile", "segment", "tta", "write"]
   print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs; input {args.input}")
   for family in args.families:
     workdir = ensure_workdir(args.root, family)
@@ -131,7 +139,8 @@ def main(argv=None) -> int:
       for run in range(args.runs + 1):
         result = run_predict(workdir, args.input, args.root / f"{family}_seg.nii.gz",
                              modality=args.modality, compilation_cache=pathlib.Path(cache),
-                             timing=not args.no_timing)
+                             timing=not args.no_timing,
+                             extra=("--no-tta",) if args.no_tta else ())
         results.append(result)
         print(_row("cold cache" if run == 0 else f"warm {run}", result, phases), flush=True)
     warm = results[1:]

@@ -185,7 +185,7 @@ def _run_workflow(capsys, tmp_path, monkeypatch, commands, *, recipe=None, steps
     assert code == 0, (argv, err)
   assert (tmp_path / "seg.nii.gz").is_file() and (tmp_path / "flair.nii.gz").is_file()
   workdir = tmp_path / "runs" / "demo_uagan"
-  assert (workdir / "eval_test_best" / "summary.json").is_file()
+  assert (workdir / "eval_test_best_tta" / "summary.json").is_file()  # TTA, the default
   return workdir
 
 
@@ -249,8 +249,15 @@ def test_synth_then_train_then_evaluate(capsys, tmp_path):
                            "--checkpoint", "2")
   assert code == 0, err
   assert "checkpoint of step 2" in out
-  assert (work / "eval_test_step2" / "summary.json").is_file()
-  assert json.loads((work / "eval_test_step2" / "summary.json").read_text())["checkpoint"] == "2"
+  assert (work / "eval_test_step2_tta" / "summary.json").is_file()  # TTA, the default
+  summary = json.loads((work / "eval_test_step2_tta" / "summary.json").read_text())
+  assert summary["checkpoint"] == "2" and summary["tta"] is True
+  # Training's own evaluation (one pass per slice) is still there, and so is --no-tta's.
+  assert json.loads((work / "eval_test" / "summary.json").read_text())["tta"] is False
+  code, out, err = run_cli(capsys, "evaluate", "--workdir", work, "--data", data,
+                           "--checkpoint", "2", "--no-tta")
+  assert code == 0 and "mirrored" not in out, err
+  assert json.loads((work / "eval_test_step2" / "summary.json").read_text())["tta"] is False
   code, _, err = run_cli(capsys, "evaluate", "--workdir", tmp_path / "nothing", "--data", data)
   assert_one_line_error(code, err, "config.json", "not found")
 
@@ -541,7 +548,8 @@ def test_one_case_trains_names_its_untrained_modalities_and_scores_an_external_t
   # The default split is empty: asking for it is asking for nothing.
   code, _, err = run_cli(capsys, "evaluate", "--workdir", work, "--data", one)
   assert_one_line_error(code, err, "splits.json", "the test split has no cases")
-  # Another folder is an external test set: every case, into eval_external_<folder>/.
+  # Another folder is an external test set: every case, into eval_external_<folder>_tta/
+  # (mirrored, the default).
   external = tmp_path / "external"
   for number, case in enumerate(cases[1:3]):
     _copy_case(case, external, f"External_{number}")
@@ -555,11 +563,11 @@ def test_one_case_trains_names_its_untrained_modalities_and_scores_an_external_t
   assert any(line.startswith(f"{untrained[0]}* ") for line in table)
   assert any(line.startswith(f"{trained} ") for line in table)
   assert "(* a modality the model never trained on)" in out
-  rows = (work / "eval_external_external" / "metrics.csv").read_text().splitlines()
+  rows = (work / "eval_external_external_tta" / "metrics.csv").read_text().splitlines()
   assert rows[0].startswith("case,modality,dice_WT,")
   assert sorted({tuple(r.split(",")[:2]) for r in rows[1:]}) == sorted(
       (f"External_{n}", m) for n in range(2) for m in MODALITIES)
-  summary = json.loads((work / "eval_external_external" / "summary.json").read_text())
+  summary = json.loads((work / "eval_external_external_tta" / "summary.json").read_text())
   assert summary["case_ids"] == ["External_0", "External_1"]
   assert summary["split"] == "external_external" and summary["data"] == str(external)
   assert summary["untrained_modalities"] == untrained
@@ -567,7 +575,7 @@ def test_one_case_trains_names_its_untrained_modalities_and_scores_an_external_t
   # --split all names the same thing; a folder holding the training case is no test set.
   code, out, err = run_cli(capsys, "evaluate", "--workdir", work, "--data", external, "--split",
                            "all", "--checkpoint", "latest")
-  assert code == 0 and (work / "eval_external_external" / "summary.json").is_file(), err
+  assert code == 0 and (work / "eval_external_external_tta" / "summary.json").is_file(), err
   code, _, err = run_cli(capsys, "evaluate", "--workdir", work, "--data", one, "--split", "all")
   assert_one_line_error(code, err, str(one), "1 case(s) the run trained or validated on",
                         "OnlyCase", "--split test")

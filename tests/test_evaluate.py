@@ -270,3 +270,57 @@ def test_other_scans_under_the_training_cases_names_are_an_external_test_set(syn
   shutil.copytree(synth_data / ids[0], copy / ids[0])
   with pytest.raises(UserError, match=r"holds 1 case\(s\) the run trained"):
     evaluate.evaluate_split(config, workdir=workdir, data_dir=copy, **quiet)
+
+
+def test_tta_and_ensembles_write_their_own_folders(capsys, synth_data, tmp_path):
+  """TTA goes to eval_<split>_tta/ (summary.json tta: true), beside eval_<split>/ of one pass; an
+  ensemble goes to --out DIR (eval_<split>_ensemble[_tta]/, figures/), and the same workdir
+  twice scores as the workdir alone."""
+  from uagan_jax import timing  # pylint: disable=g-import-not-at-top
+  from conftest import assert_one_line_error, run_cli  # pylint: disable=g-import-not-at-top
+  config, workdir, ids = _run_on_synth_data(synth_data, tmp_path)
+  quiet = dict(curves=False, log=lambda _: None)
+  plain = evaluate.evaluate_split(config, workdir=workdir, data_dir=synth_data, **quiet)
+  stopwatch = timing.Stopwatch()
+  mirrored = evaluate.evaluate_split(config, workdir=workdir, data_dir=synth_data, tta=True,
+                                     stopwatch=stopwatch, **quiet)
+  for folder, tta in (("eval_test", False), ("eval_test_tta", True)):
+    summary = json.loads((workdir / folder / "summary.json").read_text())
+    assert summary["tta"] is tta and summary["case_ids"] == ids[6:]
+    assert summary["models"] == [{"workdir": str(workdir), "checkpoint": "latest", "step": 1}]
+  assert plain["rows"] != mirrored["rows"]  # random weights: the mirrorings disagree
+  assert {"load model", "read", "segment", "compile", "tta", "score"} <= set(stopwatch.seconds)
+  assert stopwatch.seconds["tta"] > 0
+
+  out = tmp_path / "ensemble"
+  twice = evaluate.evaluate_split(config, workdir=workdir, data_dir=synth_data, tta=True,
+                                  ensemble=[(workdir, "latest")], out=out, **quiet)
+  assert twice["rows"] == mirrored["rows"]
+  summary = json.loads((out / "eval_test_ensemble_tta" / "summary.json").read_text())
+  assert summary["tta"] is True and len(summary["models"]) == 2
+  assert (out / "eval_test_ensemble_tta" / "metrics.csv").is_file()
+  assert list((out / "figures").glob("test_*_ensemble_tta.png"))
+
+  # An ensemble has no workdir of its own: --out is needed, in one line.
+  code, _, err = run_cli(capsys, "evaluate", "--workdir", workdir, "--workdir", workdir,
+                         "--data", synth_data)
+  assert_one_line_error(code, err, "an ensemble of 2 models", "--out DIR")
+  code, _, err = run_cli(capsys, "evaluate", "--workdir", workdir, "--workdir", workdir,
+                         "--checkpoint", "latest", "--checkpoint", "best", "--checkpoint", "1",
+                         "--data", synth_data, "--out", out)
+  assert_one_line_error(code, err, "2 --workdir and 3 --checkpoint")
+  # A model that trained on a scored case, or does not segment a scored modality: named.
+  other = write_random_workdir(tmp_path / "other", config, seed=1)
+  (other / "splits.json").write_text(json.dumps(
+      {"data": str(synth_data), "train": ids[5:7], "val": [], "test": ids[7:]}))
+  with pytest.raises(UserError, match=rf"{other}: the run trained or validated on 1 of the 2 "
+                                      r"test cases scored \(" + ids[6]):
+    evaluate.evaluate_split(config, workdir=workdir, data_dir=synth_data,
+                            ensemble=[(other, "latest")], out=out, **quiet)
+  fewer = load_test_config("--config.data.modalities=('t1', 't2')", variant="unet")
+  narrow = write_random_workdir(tmp_path / "narrow", fewer)
+  (narrow / "splits.json").write_text(json.dumps(
+      {"data": str(synth_data), "train": ids[:6], "val": [], "test": ids[6:]}))
+  with pytest.raises(UserError, match=rf"{narrow}: the model does not segment t1ce, flair"):
+    evaluate.evaluate_split(config, workdir=workdir, data_dir=synth_data,
+                            ensemble=[(narrow, "latest")], out=out, **quiet)

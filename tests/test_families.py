@@ -162,7 +162,7 @@ def test_a_family_registered_in_a_test_trains_evaluates_and_predicts(toy_family,
   code, _, err = run_cli(capsys, "evaluate", "--workdir", workdir, "--data", synth_data,
                          "--split", "val")
   assert code == 0, err
-  assert (workdir / "eval_val" / "metrics.csv").is_file()
+  assert (workdir / "eval_val_tta" / "metrics.csv").is_file()  # TTA: the default
 
   output = tmp_path / "toy_seg.nii.gz"
   code, out, err = run_cli(capsys, "predict", "--workdir", workdir, "--input", case_dir,

@@ -253,7 +253,7 @@ def test_evaluate_with_the_model_scores_as_the_workdir(capsys, workdirs, models,
   outs = {"--workdir": tmp_path / "from_workdir", "--model": tmp_path / "from_model"}
   for flag, source in (("--workdir", workdirs["segan"]), ("--model", models["segan"])):
     code, _, err = run_cli(capsys, "evaluate", flag, source, "--data", synth_data,
-                           "--split", "test", "--out", outs[flag])
+                           "--split", "test", "--out", outs[flag], "--no-tta")
     assert code == 0, err
   files = [outs["--workdir"] / "eval_test" / name for name in ("metrics.csv", "summary.json")]
   assert all(path.is_file() for path in files)
@@ -263,6 +263,8 @@ def test_evaluate_with_the_model_scores_as_the_workdir(capsys, workdirs, models,
                for out in outs.values()]
   # Both applied the same post-processing; only where it was read from differs.
   files_read = [summary["postprocessing"].pop("file") for summary in summaries]
+  assert [summary["models"][0].pop("workdir") for summary in summaries] == [
+      str(workdirs["segan"]), str(models["segan"])]
   assert files_read == [str(workdirs["segan"] / "postprocessing.json"),
                         f"{models['segan']}:postprocessing.json"]
   assert summaries[0] == summaries[1]

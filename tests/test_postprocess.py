@@ -212,7 +212,9 @@ def chosen(val_workdir, synth_data, tmp_path_factory):
     patch.setattr(readers, "load_case",
                   lambda case, **kwargs: read.append(case.case_id) or original(case, **kwargs))
     lines = []
-    postprocess.choose(workdir=workdir, data_dir=synth_data, log=lines.append)
+    # One pass per slice: `_spurious_wt` is not mirror-symmetric, so test-time augmentation
+    # would average its corner component away.
+    postprocess.choose(workdir=workdir, data_dir=synth_data, tta=False, log=lines.append)
   return workdir, read, "\n".join(lines)
 
 
@@ -223,7 +225,7 @@ def test_postprocess_chooses_on_the_val_cases_only_and_writes_the_file(chosen):
   report = json.loads((workdir / "postprocessing.json").read_text())
   assert report["case_ids"] == splits["val"] and report["cases"] == 2
   assert report["split"] == "val" and report["step"] == 2 and report["checkpoint"] == "latest"
-  assert report["pooled"] is False
+  assert report["pooled"] is False and report["tta"] is False
   assert set(report["modalities"]) == {"t1", "t1ce", "t2", "flair"}
   flair = report["modalities"]["flair"]
   # The 8-voxel corner component (8 mm^3 at the phantoms' 1 mm) is removed (with a few specks
@@ -244,7 +246,7 @@ def test_pooled_chooses_one_rule_for_every_modality_through_the_command_line(
   workdir = tmp_path / "w"
   shutil.copytree(val_workdir, workdir)
   code, out, err = run_cli(capsys, "postprocess", "--workdir", workdir, "--data", synth_data,
-                           "--pooled")
+                           "--pooled", "--no-tta")
   assert code == 0, err
   report = json.loads((workdir / "postprocessing.json").read_text())
   assert report["pooled"] is True and "pooled" in report["objective"]
@@ -256,8 +258,9 @@ def test_pooled_chooses_one_rule_for_every_modality_through_the_command_line(
 
 
 def _predict(capsys, workdir, case_dir, output, *extra):
+  """predict of one case, one pass per slice (the post-processing was chosen so)."""
   code, out, err = run_cli(capsys, "predict", "--workdir", workdir, "--input", case_dir,
-                            "--modality", "flair", "--output", output, *extra)
+                            "--modality", "flair", "--output", output, "--no-tta", *extra)
   assert code == 0, err
   return out
 
@@ -306,7 +309,7 @@ def test_an_exported_model_carries_the_file_and_predict_model_applies_it(
   for name, extra in (("model", ()), ("model_off", ("--no-postprocessing",))):
     code, out, err = run_cli(capsys, "predict", "--model", model, "--input", case_dir,
                              "--modality", "flair", "--output", tmp_path / f"{name}.nii.gz",
-                             *extra)
+                             "--no-tta", *extra)
     assert code == 0, err
     outputs[name] = out
   rule = postprocess.load(model).rules["flair"]
@@ -329,6 +332,19 @@ def test_a_rule_chosen_for_another_step_is_applied_with_a_note(capsys, chosen, s
   case_dir = sorted(p for p in synth_data.iterdir() if p.is_dir())[0]
   out = _predict(capsys, workdir, case_dir, tmp_path / "seg.nii.gz")
   assert "note: chosen for step 1, applied to step 2" in out
+  assert "test-time augmentation]" not in out
+
+
+def test_a_rule_chosen_without_tta_says_so_when_applied_with_it(capsys, chosen, synth_data,
+                                                                tmp_path):
+  """The rule was chosen on single-pass segmentations (`chosen`: tta=False); predict with its
+  default test-time augmentation applies it with a note, and --no-tta without one."""
+  case_dir = sorted(p for p in synth_data.iterdir() if p.is_dir())[0]
+  code, out, err = run_cli(capsys, "predict", "--workdir", chosen[0], "--input", case_dir,
+                           "--modality", "flair", "--output", tmp_path / "seg.nii.gz", "--tta")
+  assert code == 0, err
+  assert ("[note: chosen on segmentations without test-time augmentation, applied to "
+          "segmentations with test-time augmentation]") in out
 
 
 def test_evaluate_applies_it_records_it_and_the_flag_turns_it_off(capsys, chosen, synth_data,
@@ -340,7 +356,7 @@ def test_evaluate_applies_it_records_it_and_the_flag_turns_it_off(capsys, chosen
   means = {}
   for extra in ((), ("--no-postprocessing",)):
     code, out, err = run_cli(capsys, "evaluate", "--workdir", workdir, "--data", synth_data,
-                             "--split", "test", *extra)
+                             "--split", "test", "--no-tta", *extra)
     assert code == 0, err
     summary = json.loads((workdir / "eval_test" / "summary.json").read_text())
     means[extra] = summary["segmentation"]["flair"]["WT"]["lesion_dice"]["mean"]

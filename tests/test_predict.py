@@ -8,6 +8,7 @@ alone: the family is refused before any checkpoint is read.
 """
 
 import csv
+import inspect
 import json
 import os
 import re
@@ -22,6 +23,7 @@ import jax
 
 from uagan_jax import (cli, evaluate, families, inference, metrics, postprocess, predict, timing,
                        train_state)
+from uagan_jax import regions as regions_lib
 from uagan_jax import config as config_lib
 from uagan_jax.data import MODALITIES, preprocess, readers, resample, synthetic
 from uagan_jax.errors import UserError
@@ -111,7 +113,7 @@ def test_single_file_equals_segment_volume_on_the_source_grid(capsys, workdirs, 
       readers.CaseFiles(case_id="sal", layout="brats2021", images={"flair": source}, label=None),
       modalities=("flair",), with_label=False)
   regions = inference.segment_volume(predictor, volume.images["flair"], modality="flair",
-                                    config=config)
+                                    config=config, tta=True)  # predict mirrors by default
   canonical = readers.regions_to_labels(regions, convention="brats")
   got = _data(output)
   np.testing.assert_array_equal(got, volume.to_source_orientation(canonical))
@@ -267,10 +269,12 @@ def test_another_spacing_is_resampled_to_the_models_and_back(capsys, workdirs, t
   dice = metrics.dice(predicted, truth)
   print(f"WT Dice at {spacing} mm: {dice:.3f}, reference at 1 mm: {reference:.3f}")
   assert dice > reference - 0.08
-  # The network saw the volume at 1 mm: the slices of the resampled image, its whole brain.
+  # The network saw the volume at 1 mm: the slices of the resampled image, its whole brain
+  # (each slice four times: as it is and its three mirrorings, the default test-time augmentation).
   at_model = resample.image_to_spacing(flair, spacing, (1.0, 1.0, 1.0))
   window = preprocess.brain_window(np.any(at_model != 0, axis=2), size=(32, 32), stride=4)
-  assert sum(n for n, _, _ in seen) == np.count_nonzero(np.any(at_model != 0, axis=(0, 1)))
+  brain_slices = np.count_nonzero(np.any(at_model != 0, axis=(0, 1)))
+  assert [n for n, _, _ in seen] == [brain_slices, 3 * brain_slices]
   assert {(h, w) for _, h, w in seen} == {window.size}
   # Shifted by two voxels (of about 20 across the tumour), the same mask fails that threshold.
   assert metrics.dice(np.roll(predicted, 2, axis=0), truth) < reference - 0.08
@@ -424,9 +428,12 @@ def test_predict_help_lists_the_options(capsys):
     cli.main(["predict", "--help"])
   out = capsys.readouterr().out
   for option in ("--workdir", "--input", "--modality", "--output", "--labels", "--batch-size",
-                 "brats,brats2023,msd"):
+                 "brats,brats2023,msd", "--no-tta", "--save-probabilities",
+                 "_probabilities.nii.gz", "paired in order"):
     assert option in out
   assert tuple(predict.LABEL_CONVENTIONS) == ("brats", "brats2023", "msd")
+  # The library's default is the command's.
+  assert inspect.signature(predict.predict).parameters["tta"].default is cli.TTA_DEFAULT
 
 
 def test_a_modality_training_never_saw_is_refused(capsys, case_dir, tmp_path):
@@ -480,8 +487,9 @@ def test_timing_names_every_phase_and_they_add_up(capsys, workdirs, case_dir, tm
   assert len(lines) == 1 and lines[0] == out.rstrip().splitlines()[-1], out
   parts = re.findall(r"([a-z][a-z ]*?) ([0-9.]+) s", lines[0].split("timing: ")[1])
   names = [name for name, _ in parts]
-  assert names == ["command line", "import", "load model", "read", "segment", "compile", "write",
-                   "total"], lines[0]
+  assert names == ["command line", "import", "load model", "read", "segment", "compile", "tta",
+                   "write", "total"], lines[0]
+  assert seconds_of(lines[0], "tta") > 0  # the mirrored passes, apart from the first one
   seconds = [float(value) for _, value in parts]
   assert seconds[names.index("compile")] > 0  # a new segmentor compiles its program once
   assert abs(sum(seconds[:-1]) - seconds[-1]) <= 0.01 * len(seconds)  # rounding of each part
@@ -489,6 +497,15 @@ def test_timing_names_every_phase_and_they_add_up(capsys, workdirs, case_dir, tm
   quiet = _predict(capsys, workdirs["segan"], case_dir, tmp_path / "again.nii.gz")
   assert "timing:" not in quiet
   assert (tmp_path / "again.nii.gz").read_bytes() == (tmp_path / "seg.nii.gz").read_bytes()
+  # Without TTA there is no mirrored pass to count.
+  out = _predict(capsys, workdirs["segan"], case_dir, tmp_path / "plain.nii.gz", "--timing",
+                 "--no-tta")
+  assert " tta " not in out.rstrip().splitlines()[-1]
+
+
+def seconds_of(line, phase):
+  """The seconds of ``phase`` in a ``timing:`` line."""
+  return float(re.search(rf"[:,] {phase} ([0-9.]+) s", line).group(1))
 
 
 @pytest.mark.parametrize("family", ["segan", "uagan"])
@@ -645,48 +662,62 @@ def _disagreeing_channels(slices, modality_id):  # pylint: disable=unused-argume
   return probs
 
 
-@pytest.mark.parametrize("nesting,postprocessing", [("inner_wins", False),
-                                                     ("outer_gates", False),
-                                                     ("inner_wins", True)])
+def _leaning_channels(slices, modality_id):
+  """`_disagreeing_channels` fading along H and W: the mirrorings of test-time augmentation see
+  other probabilities, so their mean thresholds differently from the one pass."""
+  probs = _disagreeing_channels(slices, modality_id)
+  height, width = slices.shape[1:3]
+  ramp = (np.linspace(0.2, 1.0, height)[:, None] * np.linspace(0.5, 1.0, width)[None, :])
+  return (probs * ramp[None, :, :, None]).astype(np.float32)
+
+
+@pytest.mark.parametrize("nesting,tta,postprocessing", [("inner_wins", False, True),
+                                                         ("outer_gates", False, False),
+                                                         ("inner_wins", True, False),
+                                                         ("outer_gates", True, False)])
 def test_evaluate_scores_the_label_map_predict_writes(capsys, workdirs, synth_data, tmp_path,
-                                                      monkeypatch, nesting, postprocessing):
+                                                      monkeypatch, nesting, tta, postprocessing):
   """Every row of evaluate's metrics.csv equals the metrics of predict's file for that case and
   modality, read back from disk and scored against the label file: one segmentation, whatever
-  the channels say (here they disagree, as an undertrained model's do), post-processed or not
-  (a postprocessing.json in the workdir, whose every rule changes these masks)."""
+  the channels say (here they disagree, as an undertrained model's do), with test-time
+  augmentation (eval_test_tta/) or without (--no-tta, eval_test/), post-processed or not (a
+  postprocessing.json in the workdir, whose every rule changes these masks)."""
+  channels = _leaning_channels if tta else _disagreeing_channels
   monkeypatch.setattr(inference.SlicePredictor, "__call__",
-                      lambda self, slices, modality_id: _disagreeing_channels(slices, modality_id))
+                      lambda self, slices, modality_id: channels(slices, modality_id))
   workdir = tmp_path / "w"
   shutil.copytree(workdirs["segan"], workdir)
   config = json.loads((workdir / "config.json").read_text())
   config["eval"]["nesting"] = nesting
   (workdir / "config.json").write_text(json.dumps(config))
+  flag = "--tta" if tta else "--no-tta"
+  folder = workdir / ("eval_test_tta" if tta else "eval_test")
   if postprocessing:
     rule = postprocess.Rule((20, 10, 5), 150)
     postprocess.write(workdir / postprocess.FILE_NAME, {
         "format": postprocess.FORMAT, "step": 2, "cases": 1,
         "modalities": {m: {"rule": rule.to_json()} for m in MODALITIES}})
+    code, _, err = run_cli(capsys, "evaluate", "--workdir", workdir, "--data", synth_data,
+                           "--split", "test", flag, "--no-postprocessing")
+    assert code == 0, err
+    unprocessed = (folder / "metrics.csv").read_text()
   code, out, err = run_cli(capsys, "evaluate", "--workdir", workdir, "--data", synth_data,
-                           "--split", "test")
+                           "--split", "test", flag)
   assert code == 0, err
   assert ("post-processing (" in out) == postprocessing
   if postprocessing:  # the rules change what is scored
-    code, _, err = run_cli(capsys, "evaluate", "--workdir", workdir, "--data", synth_data,
-                           "--split", "test", "--no-postprocessing")
-    assert code == 0, err
-    unprocessed = (workdir / "eval_test" / "metrics.csv").read_text()
-    code, _, err = run_cli(capsys, "evaluate", "--workdir", workdir, "--data", synth_data,
-                           "--split", "test")
-    assert code == 0, err
-    assert (workdir / "eval_test" / "metrics.csv").read_text() != unprocessed
-  with (workdir / "eval_test" / "metrics.csv").open() as f:
+    assert (folder / "metrics.csv").read_text() != unprocessed
+  assert json.loads((folder / "summary.json").read_text())["tta"] is tta
+  assert not (workdir / ("eval_test" if tta else "eval_test_tta")).exists()
+  with (folder / "metrics.csv").open() as f:
     rows = list(csv.DictReader(f))
   assert rows
   cases = {c.case_id: c for c in readers.find_cases(synth_data)}
   for row in rows:
     case = cases[row["case"]]
     output = tmp_path / f"{row['case']}_{row['modality']}.nii.gz"
-    _predict(capsys, workdir, case.images[row["modality"]], output, modality=row["modality"])
+    _predict(capsys, workdir, case.images[row["modality"]], output, flag,
+             modality=row["modality"])
     written = nib.as_closest_canonical(nib.load(output))
     predicted = readers.labels_to_regions(np.asanyarray(written.dataobj), convention="brats")
     truth = readers.labels_to_regions(
@@ -719,3 +750,204 @@ def test_checkpoint_chooses_the_step_and_a_missing_one_is_one_line(capsys, workd
                            "--checkpoint", checkpoint)
     assert_one_line_error(code, err, *needles)
   assert not (tmp_path / "x.nii.gz").exists()
+
+
+# --- Test-time augmentation, probability maps, ensembles -----------------------------------------
+
+
+def _segan_predictor(workdirs, checkpoint="latest"):
+  config = config_lib.from_json_file(workdirs["segan"] / "config.json")
+  state, _ = inference.load_state(config, workdirs["segan"], checkpoint=checkpoint)
+  return config, inference.SlicePredictor(config, inference.segmentation_variables(state, config),
+                                          batch_size=config.eval.batch_size)
+
+
+def _single_pass_segmentation(predictor, image, *, modality, config):
+  """`inference.segment_volume` as it was before test-time augmentation, from the predictor's
+  one pass: the network's probabilities thresholded per slice, put back, nested."""
+  (slices,), (has_brain,), window = inference.whole_brain_slices([image], config)
+  probs = np.zeros(slices.shape + (3,), np.float32)
+  probs[has_brain] = predictor(slices[has_brain], MODALITIES.index(modality))
+  masks = preprocess.slices_to_volume(probs > 0.5, window, fill=False)
+  return regions_lib.nest(masks, rule=config.eval.nesting)
+
+
+def _canonical_flair(case_dir):
+  return readers.load_case(readers.find_cases(case_dir)[0], modalities=("flair",),
+                           with_label=False)
+
+
+def test_tta_is_the_mean_of_the_four_mirrored_passes(workdirs, case_dir):
+  config, predictor = _segan_predictor(workdirs)
+  image = _canonical_flair(case_dir).images["flair"]
+  (slices,), (has_brain,), _ = inference.whole_brain_slices([image], config)
+  slices = slices[has_brain]
+  assert slices.shape[0] % predictor.batch_size != 0  # the last batch is a padded one
+  flair = MODALITIES.index("flair")
+  # By hand: each mirroring (none, H, W, both) through the network, mirrored back, the mean.
+  passes = [np.flip(predictor(np.flip(slices, axes), flair), axes)
+            for axes in ((), (1,), (2,), (1, 2))]
+  by_hand = (passes[0] + passes[1] + passes[2] + passes[3]) / np.float32(4)
+  got = predictor.probabilities(slices, flair, tta=True)
+  assert got.dtype == np.float32 and got.shape == slices.shape + (3,)
+  np.testing.assert_allclose(got, by_hand, rtol=1e-6, atol=1e-7)
+  assert not np.allclose(got, passes[0], atol=1e-4)  # the mirrorings do change the answer
+  np.testing.assert_array_equal(predictor.probabilities(slices, flair), passes[0])
+  # On a volume: the mirrored mean on the brain slices, thresholded and nested.
+  volume = inference.segment_probabilities(predictor, image, modality="flair", config=config,
+                                           tta=True)
+  assert volume.dtype == np.float32 and volume.shape == image.shape + (3,)
+  np.testing.assert_array_equal(inference.segment_volume(predictor, image, modality="flair",
+                                                         config=config, tta=True),
+                                inference.to_regions(volume, config=config))
+
+
+def test_no_tta_writes_the_single_pass_segmentation(capsys, workdirs, case_dir, tmp_path):
+  """--no-tta is the segmentation of before test-time augmentation, voxel for voxel; the default
+  (TTA) is the mirrored one."""
+  config, predictor = _segan_predictor(workdirs)
+  volume = _canonical_flair(case_dir)
+  single = _single_pass_segmentation(predictor, volume.images["flair"], modality="flair",
+                                     config=config)
+  out = _predict(capsys, workdirs["segan"], case_dir, tmp_path / "plain.nii.gz", "--no-tta")
+  assert "test-time augmentation" not in out
+  np.testing.assert_array_equal(
+      _data(tmp_path / "plain.nii.gz"),
+      volume.to_source_orientation(readers.regions_to_labels(single, convention="brats")))
+  out = _predict(capsys, workdirs["segan"], case_dir, tmp_path / "tta.nii.gz")
+  assert "test-time augmentation: the mean over the 4 in-plane mirrorings" in out
+  mirrored = inference.segment_volume(predictor, volume.images["flair"], modality="flair",
+                                      config=config, tta=True)
+  np.testing.assert_array_equal(
+      _data(tmp_path / "tta.nii.gz"),
+      volume.to_source_orientation(readers.regions_to_labels(mirrored, convention="brats")))
+
+
+def test_saved_probabilities_threshold_to_the_label_map(capsys, workdirs, case_dir, tmp_path):
+  """--save-probabilities: float32 X x Y x Z x 3 (WT, TC, ET) beside the label file, on the
+  input's grid and affine; thresholded at 0.5 and nested they are the label map's regions."""
+  source = _reoriented_flair(case_dir, tmp_path / "sal_flair.nii.gz")
+  output = tmp_path / "out" / "seg.nii"
+  out = _predict(capsys, workdirs["segan"], source, output, "--save-probabilities")
+  saved = tmp_path / "out" / "seg_probabilities.nii.gz"
+  assert f"writing {saved}" in out
+  assert sorted(p.name for p in output.parent.iterdir()) == ["seg.nii", saved.name]
+  assert saved.read_bytes()[:2] == b"\x1f\x8b"  # gzip-compressed
+  image, ref = nib.load(saved), nib.load(source)
+  assert image.shape == ref.shape + (3,) and image.get_data_dtype() == np.float32
+  np.testing.assert_array_equal(image.affine, ref.affine)
+  assert int(image.get_qform(coded=True)[1]) == int(ref.get_qform(coded=True)[1])
+  assert int(image.get_sform(coded=True)[1]) == int(ref.get_sform(coded=True)[1])
+  assert b"WT, TC, ET" in image.header["descrip"].tobytes()
+  assert image.header["intent_name"].tobytes().rstrip(b"\0") == b"WT,TC,ET"
+  probabilities = np.asanyarray(image.dataobj)
+  assert probabilities.dtype == np.float32 and 0 <= probabilities.min() <= probabilities.max() <= 1
+  config = config_lib.from_json_file(workdirs["segan"] / "config.json")
+  labels = readers.regions_to_labels(inference.to_regions(probabilities, config=config),
+                                     convention="brats")
+  np.testing.assert_array_equal(labels, _data(output))
+  assert np.any(labels)
+  # The data folder: <case_id>_probabilities.nii.gz beside each <case_id>.nii.gz.
+  folder = tmp_path / "folder"
+  predict.predict(case_dir.parent, folder, modality="t2", workdir=workdirs["segan"],
+                  save_probabilities=True, tta=True, log=lambda _: None)
+  names = sorted(p.name for p in folder.iterdir())
+  case_ids = sorted(p.name for p in case_dir.parent.iterdir() if p.is_dir())
+  assert names == sorted([f"{c}.nii.gz" for c in case_ids]
+                         + [f"{c}_probabilities.nii.gz" for c in case_ids])
+
+
+def test_an_ensemble_of_one_workdir_twice_equals_the_workdir_alone(capsys, workdirs, case_dir,
+                                                                   tmp_path):
+  _predict(capsys, workdirs["segan"], case_dir, tmp_path / "alone.nii.gz",
+           "--save-probabilities")
+  out = _predict(capsys, workdirs["segan"], case_dir, tmp_path / "twice.nii.gz",
+                 "--workdir", workdirs["segan"], "--save-probabilities")
+  assert "loading 2 models" in out and "an ensemble of 2 models" in out
+  assert "nested by the first's eval.nesting inner_wins" in out
+  for name in ("alone", "twice"):
+    assert (tmp_path / f"{name}.nii.gz").is_file()
+  assert (tmp_path / "twice.nii.gz").read_bytes() == (tmp_path / "alone.nii.gz").read_bytes()
+  assert ((tmp_path / "twice_probabilities.nii.gz").read_bytes()
+          == (tmp_path / "alone_probabilities.nii.gz").read_bytes())
+
+
+def test_an_ensemble_of_two_checkpoints_thresholds_their_mean(capsys, workdirs, case_dir,
+                                                              tmp_path):
+  """One workdir, --checkpoint 1 --checkpoint 2: the mean of the two models' (mirrored)
+  probabilities, thresholded once and nested; each model alone differs."""
+  volume = _canonical_flair(case_dir)
+  image = volume.images["flair"]
+  segmentors = [predict.load_segmentor(workdirs["segan"], checkpoint=c) for c in ("1", "2")]
+  probabilities = [s.probabilities(image, modality="flair", spacing=volume.spacing, tta=True)
+                   for s in segmentors]
+  mean = (probabilities[0] + probabilities[1]) / np.float32(2)
+  expected = readers.regions_to_labels(
+      inference.to_regions(mean, config=segmentors[0].config), convention="brats")
+  out = _predict(capsys, workdirs["segan"], case_dir, tmp_path / "ensemble.nii.gz",
+                 "--checkpoint", "1", "--checkpoint", "2", "--save-probabilities")
+  assert "segan step 1 of" in out and "segan step 2 of" in out
+  np.testing.assert_array_equal(_data(tmp_path / "ensemble.nii.gz"),
+                                volume.to_source_orientation(expected))
+  np.testing.assert_allclose(
+      np.asanyarray(nib.load(tmp_path / "ensemble_probabilities.nii.gz").dataobj),
+      volume.to_source_orientation(mean), rtol=0, atol=1e-7)
+  assert not np.array_equal(probabilities[0], probabilities[1])
+  # Two workdirs paired with two checkpoints are the same models.
+  _predict(capsys, workdirs["segan"], case_dir, tmp_path / "paired.nii.gz", "--workdir",
+           workdirs["segan"], "--checkpoint", "1", "--checkpoint", "2")
+  assert ((tmp_path / "paired.nii.gz").read_bytes()
+          == (tmp_path / "ensemble.nii.gz").read_bytes())
+
+
+def test_bad_ensembles_are_one_line(capsys, workdirs, case_dir, tmp_path):
+  output = tmp_path / "seg.nii.gz"
+
+  def run(*extra, modality="flair"):
+    return run_cli(capsys, "predict", "--workdir", workdirs["segan"], "--input", case_dir,
+                   "--modality", modality, "--output", output, *extra)
+
+  code, _, err = run("--workdir", workdirs["segan"], "--checkpoint", "1", "--checkpoint", "2",
+                     "--checkpoint", "latest")
+  assert_one_line_error(code, err, "2 --workdir and 3 --checkpoint", "paired in order")
+  code, _, err = run("--checkpoint", "1", "--checkpoint", "sometime")
+  assert_one_line_error(code, err, "--checkpoint sometime")
+  # A model that never trained on the modality is named, before any checkpoint is read.
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(inference, "load_state", lambda *a, **k: pytest.fail("a checkpoint was read"))
+    code, _, err = run("--workdir", workdirs["unet"])
+  assert_one_line_error(code, err, "--modality flair", f"the model in {workdirs['unet']}",
+                        "trained on t1, t2 only")
+  code, _, err = run("--workdir", workdirs["stargan"])
+  assert_one_line_error(code, err, workdirs["stargan"], "stargan does not segment")
+  assert not output.exists()
+  # Models of other configs: each at its own (unet: t1 and t2 only, random weights).
+  _predict(capsys, workdirs["segan"], case_dir, output, "--workdir", workdirs["unet"],
+           modality="t2")
+  _assert_same_grid(output, case_dir / f"{case_dir.name}_t2.nii.gz")
+
+
+def test_validation_never_mirrors(workdirs, synth_data, monkeypatch):
+  """Validation during training segments one pass per slice, as before TTA existed."""
+  from uagan_jax import validation  # pylint: disable=g-import-not-at-top
+  config = config_lib.from_json_file(workdirs["segan"] / "config.json")
+  state, _ = inference.load_state(config, workdirs["segan"])
+  seen = []
+  original = inference.SlicePredictor.probabilities
+
+  def spy(self, slices, modality_id, *, tta=False):
+    seen.append(tta)
+    return original(self, slices, modality_id, tta=tta)
+
+  monkeypatch.setattr(inference.SlicePredictor, "probabilities", spy)
+  case = readers.find_cases(synth_data)[0]
+  row = validation.Validator(config, [case])(state)
+  assert seen and not any(seen)
+  _, predictor = _segan_predictor(workdirs)
+  volume = readers.load_case(case, modalities=MODALITIES, with_label=True)
+  truth = evaluate.truth_regions(volume, case)
+  for modality in MODALITIES:
+    single = _single_pass_segmentation(predictor, volume.images[modality], modality=modality,
+                                       config=config)
+    dice = evaluate.dice_per_region(single, truth)
+    assert row[f"dice/{modality}/WT"] == pytest.approx(float(dice[0]), abs=0)

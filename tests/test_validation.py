@@ -184,7 +184,7 @@ def test_cli_evaluates_the_best_checkpoint_or_says_there_is_none(capsys, runs):
   out, err = capsys.readouterr()
   assert code == 0, err
   assert "best checkpoint" in out and "HD95 mm WT" in out and "flair" in out
-  rows = _read_csv(root / "straight" / "eval_val_best" / "metrics.csv")
+  rows = _read_csv(root / "straight" / "eval_val_best_tta" / "metrics.csv")  # TTA: the default
   assert {r["case"] for r in rows} == set(runs["splits"]["val"])
   code = cli.main(["evaluate", "--workdir", str(root / "off"), "--data", str(data),
                    "--checkpoint", "best"])

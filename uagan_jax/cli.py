@@ -3,10 +3,12 @@
   uagan-jax synth    --out DIR --cases N --seed S [--shape X Y Z]
   uagan-jax train    --config configs/segan.py[:variant] --data DIR --workdir W [--config.a.b=v ...]
   uagan-jax evaluate --workdir W --data DIR [--split test|all] [--checkpoint latest|best|STEP]
-                     [--no-postprocessing]
+                     [--no-tta] [--timing] [--no-postprocessing] [--out DIR]
+                     [--workdir W2 ... --checkpoint C ...: an ensemble]
   uagan-jax translate --workdir W --input FILE --source t1 --target flair --output OUT.nii.gz
   uagan-jax predict  --workdir W --input FILE|CASE|DATA --modality flair --output SEG.nii.gz|DIR
-                     [--checkpoint latest|best|STEP] [--no-postprocessing]
+                     [--checkpoint latest|best|STEP] [--no-tta] [--save-probabilities]
+                     [--no-postprocessing] [--workdir W2 ...] [--timing]
   uagan-jax postprocess --workdir W --data DIR [--checkpoint latest|best|STEP] [--pooled]
   uagan-jax export   --workdir W [--checkpoint latest|best|STEP] --output MODEL.zip [--force]
   (predict, translate: --model MODEL.zip in place of --workdir; evaluate: --model MODEL.zip
@@ -311,15 +313,20 @@ def _top_epilog() -> str:
 CHECKPOINT_HELP = ("which checkpoint of --workdir: the newest, the best by validation Dice "
                    "(train.validate_every; checkpoints_best/) or the step number of one kept in "
                    "checkpoints/")
-# --checkpoint of the commands that also take --model (a model file holds one checkpoint).
-CHECKPOINT_OR_MODEL_HELP = (CHECKPOINT_HELP + "; not with --model, which holds the one it was "
-                            "exported from (default: latest)")
+# --checkpoint of the commands that also take --model (a model file holds one checkpoint) and
+# ensembles (--workdir and --checkpoint repeated).
+CHECKPOINT_OR_MODEL_HELP = (CHECKPOINT_HELP + "; repeat it for an ensemble (see --workdir); not "
+                            "with --model, which holds the one it was exported from (default: "
+                            "latest)")
 
 
-def _add_model_source(parser: argparse.ArgumentParser, *, workdir_help: str) -> None:
-  """``--workdir DIR | --model MODEL.zip``: exactly one, where the model comes from."""
+def _add_model_source(parser: argparse.ArgumentParser, *, workdir_help: str,
+                      ensembles: bool = False) -> None:
+  """``--workdir DIR | --model MODEL.zip``: exactly one kind, where the model comes from;
+  ``ensembles``: --workdir may be repeated (an ensemble)."""
   group = parser.add_mutually_exclusive_group(required=True)
   group.add_argument("--workdir", type=pathlib.Path, metavar="DIR",
+                     action="append" if ensembles else "store",
                      help=f"{workdir_help} (default: none; this or --model is required)")
   group.add_argument("--model", type=pathlib.Path, metavar="MODEL.zip",
                      help="a model file written by 'uagan-jax export', in place of --workdir "
@@ -329,6 +336,26 @@ def _add_model_source(parser: argparse.ArgumentParser, *, workdir_help: str) -> 
 NO_POSTPROCESSING_HELP = ("do not apply the model's postprocessing.json (chosen on the "
                           "validation cases by 'uagan-jax postprocess'); without the file "
                           "nothing is applied anyway")
+
+
+# Test-time augmentation is on by default in predict and evaluate: it raised Dice on the measured
+# runs (docs/EXPERIMENTS.md, "Test-time augmentation").
+TTA_DEFAULT = True
+TTA_HELP = ("test-time augmentation: each slice also segmented mirrored along H, along W and "
+            "both, the four probability maps (mirrored back) averaged before the threshold, as "
+            "nnU-Net mirrors; about 4x the network's time. --no-tta: one pass, as before")
+
+
+def _ensemble_help(model: str, command: str) -> str:
+  """--workdir's help: one model, or several (an ensemble) and how they pair with --checkpoint."""
+  out = (" An ensemble's scores go to --out DIR (needed with several models)."
+         if command == "evaluate" else "")
+  return (f"training workdir of {model}; repeat it for an ensemble. Pairing with "
+          "--checkpoint: one --workdir and N --checkpoint = that workdir at each checkpoint; N "
+          "--workdir and one --checkpoint (or none: latest) = each at it; N and N = paired in "
+          "order; other counts are an error. Each model segments at its own config's spacing and "
+          "slice size, and must segment the modality; their probabilities are averaged (after "
+          "TTA), thresholded once at 0.5 and nested by the first model's eval.nesting." + out)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -433,12 +460,16 @@ def _build_parser() -> argparse.ArgumentParser:
       "another data folder (an external test set): per case, region (WT, TC, "
       f"ET) and modality Dice, HD95, ... for the models that segment ({_either(segments)}); per "
       f"modality pair PSNR, SSIM and MAE for the models that translate ({_either(translates)}). "
-      "Writes WORKDIR/eval_SPLIT/ (eval_SPLIT_best/ with --checkpoint best), or "
-      "WORKDIR/eval_external_FOLDER/ for an external test set "
-      "(metrics.csv, summary.json, PNG panels); with --out DIR (required with --model "
-      "MODEL.zip, a file from 'uagan-jax export') into DIR in place of the workdir.")
-  _add_model_source(evaluate,
-                    workdir_help="training workdir (holds config.json, splits.json, checkpoints/)")
+      "Writes WORKDIR/eval_SPLIT/ (eval_SPLIT_best/ with --checkpoint best, eval_SPLIT_stepN/ "
+      "with --checkpoint N, eval_SPLIT_ensemble/ for an ensemble), or "
+      "WORKDIR/eval_external_FOLDER/ for an external test set (metrics.csv, summary.json, PNG "
+      "panels); with test-time augmentation the name ends in _tta (eval_test_tta/), so a run "
+      "with and one without never overwrite each other; with --out DIR (required with --model "
+      "MODEL.zip, a file from 'uagan-jax export', and with an ensemble) into DIR in place of the "
+      "workdir.")
+  _add_model_source(evaluate, ensembles=True,
+                    workdir_help=_ensemble_help("a model (holds config.json, splits.json, "
+                                                "checkpoints/)", "evaluate"))
   evaluate.add_argument("--data", required=True, type=pathlib.Path, metavar="DIR",
                         help="the data folder the model was trained on (its --split is "
                              "scored), or any other folder of cases: an external test set, "
@@ -450,12 +481,20 @@ def _build_parser() -> argparse.ArgumentParser:
                              "test set (default: the run's config eval.split, normally test, "
                              "for the run's data folder; all for any other folder)")
   evaluate.add_argument("--checkpoint", default=None, metavar="latest|best|STEP",
-                        help=CHECKPOINT_OR_MODEL_HELP)
+                        action="append", help=CHECKPOINT_OR_MODEL_HELP)
+  evaluate.add_argument("--tta", default=TTA_DEFAULT, action=argparse.BooleanOptionalAction,
+                        help=TTA_HELP + "; with TTA the folder's name ends in _tta "
+                             "(eval_test_tta/, ...) and summary.json says tta: true")
   evaluate.add_argument("--out", default=None, type=pathlib.Path, metavar="DIR",
                         help="the folder that receives eval_SPLIT.../ and figures/ in place of "
-                             "the workdir (default: --workdir; required with --model)")
+                             "the workdir (default: --workdir; required with --model and with "
+                             "an ensemble)")
   evaluate.add_argument("--no-postprocessing", action="store_true",
                         help=NO_POSTPROCESSING_HELP)
+  evaluate.add_argument("--timing", action="store_true",
+                        help="end with one line of where the wall time went: import, load "
+                             "model, read, segment, compile, tta, score, figures, write "
+                             "(seconds)")
 
   translate = add(
       "translate", f"translate a NIfTI volume into another MRI modality ({', '.join(translates)} "
@@ -479,7 +518,8 @@ def _build_parser() -> argparse.ArgumentParser:
       "Segments one image, one case folder or a data folder of cases with the newest "
       f"checkpoint of a model that segments ({_either(segments)}); writes uint8 label maps "
       "with the input's shape, affine, qform/sform codes and header.")
-  _add_model_source(predict, workdir_help=f"training workdir of a {_either(segments)} model")
+  _add_model_source(predict, ensembles=True,
+                    workdir_help=_ensemble_help(f"a {_either(segments)} model", "predict"))
   predict.add_argument("--input", required=True, type=pathlib.Path, metavar="PATH",
                        help="a .nii/.nii.gz image, a case folder, or a data folder of cases")
   predict.add_argument("--modality", required=True,
@@ -491,14 +531,22 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="label values: brats 1 NCR, 2 ED, 4 ET; brats2023 1, 2, 3; msd "
                             "(Task01) 1 ED, 2 NCR, 3 ET (default: %(default)s)")
   predict.add_argument("--checkpoint", default=None, metavar="latest|best|STEP",
-                       help=CHECKPOINT_OR_MODEL_HELP)
+                       action="append", help=CHECKPOINT_OR_MODEL_HELP)
+  predict.add_argument("--tta", default=TTA_DEFAULT, action=argparse.BooleanOptionalAction,
+                       help=TTA_HELP)
+  predict.add_argument("--save-probabilities", action="store_true",
+                       help="also write, beside each label file, the probabilities that were "
+                            "thresholded (after TTA and the ensemble's mean, before nesting): "
+                            "<output stem>_probabilities.nii.gz, float32 X x Y x Z x 3 with "
+                            "volumes WT, TC, ET, on the input's grid and affine")
   predict.add_argument("--batch-size", type=int, default=None, metavar="N",
                        help="slices per forward pass (default: the config's eval.batch_size)")
   predict.add_argument("--no-postprocessing", action="store_true",
                        help=NO_POSTPROCESSING_HELP)
   predict.add_argument("--timing", action="store_true",
                        help="end with one line of where the wall time went: the command line, "
-                            "import, load model, read, compile, segment, write (seconds)")
+                            "import, load model, read, compile, segment, tta (the mirrored "
+                            "passes), write (seconds)")
   export = add(
       "export", "write a trained model as one file to hand on: config, inference networks, "
                 "model card (read by --model)",
@@ -540,6 +588,10 @@ def _build_parser() -> argparse.ArgumentParser:
   postprocess.add_argument("--batch-size", type=int, default=None, metavar="N",
                            help="slices per forward pass (default: the config's "
                                 "eval.batch_size)")
+  postprocess.add_argument("--tta", default=TTA_DEFAULT, action=argparse.BooleanOptionalAction,
+                           help="segment the val cases with test-time augmentation, as predict "
+                                "and evaluate do by default (--no-tta: one pass, for a model "
+                                "that will be used with --no-tta); recorded in the file")
   postprocess.add_argument("--pooled", action="store_true",
                            help="one rule for every modality, chosen on the val cases segmented "
                                 "from all of them together, instead of a rule per modality")
@@ -657,26 +709,35 @@ def _train(args, overrides) -> int:
   return 0
 
 
-def _evaluate(args) -> None:
+def _evaluate(args, main_started: float) -> None:
+  """``main_started``: `time.perf_counter` when `main` began (the command line's parsing)."""
   # pylint: disable=g-import-not-at-top
-  from uagan_jax import config as config_lib
-  from uagan_jax import evaluate, model_file
+  from uagan_jax import timing
+  stopwatch = timing.Stopwatch()
+  stopwatch.add("command line", time.perf_counter() - main_started)
+  with stopwatch.phase("import"):
+    from uagan_jax import config as config_lib
+    from uagan_jax import evaluate, inference, model_file
+    _enable_compilation_cache()
   # pylint: enable=g-import-not-at-top
   _refuse_checkpoint_with_model(args)
+  common = dict(data_dir=args.data, split=args.split, out=args.out, tta=args.tta,
+                postprocessing=not args.no_postprocessing, stopwatch=stopwatch, log=_log)
   if args.model is None:
-    _enable_compilation_cache()
-    config = config_lib.from_json_file(args.workdir / "config.json")
-    evaluate.evaluate_split(config, workdir=args.workdir, data_dir=args.data, split=args.split,
-                            checkpoint=args.checkpoint or "latest", out=args.out,
-                            postprocessing=not args.no_postprocessing, log=_log)
-    return
-  if args.out is None:
-    raise UserError(f"--model {args.model}: give --out DIR too, the folder that receives the "
-                    "evaluation (a model file has no workdir to write into)")
-  model = model_file.read(args.model)
-  _enable_compilation_cache()
-  evaluate.evaluate_split(model.config, model=model, data_dir=args.data, split=args.split,
-                          out=args.out, postprocessing=not args.no_postprocessing, log=_log)
+    models = inference.pair_models(args.workdir, args.checkpoint)
+    (workdir, checkpoint), ensemble = models[0], models[1:]
+    config = config_lib.from_json_file(workdir / "config.json")
+    evaluate.evaluate_split(config, workdir=workdir, checkpoint=checkpoint, ensemble=ensemble,
+                            **common)
+  else:
+    if args.out is None:
+      raise UserError(f"--model {args.model}: give --out DIR too, the folder that receives the "
+                      "evaluation (a model file has no workdir to write into)")
+    with stopwatch.phase("load model"):
+      model = model_file.read(_model_or_workdir(args))
+    evaluate.evaluate_split(model.config, model=model, **common)
+  if args.timing:
+    _log(stopwatch.summary())
 
 
 def _model_or_workdir(args):
@@ -694,7 +755,9 @@ def _model_or_workdir(args):
 
 def _refuse_checkpoint_with_model(args) -> None:
   if args.model is not None and args.checkpoint is not None:
-    raise UserError(f"--checkpoint {args.checkpoint}: {args.model} holds one checkpoint, the "
+    given = (" ".join(map(str, args.checkpoint)) if isinstance(args.checkpoint, list)
+             else args.checkpoint)
+    raise UserError(f"--checkpoint {given}: {args.model} holds one checkpoint, the "
                     "one it was exported from; --checkpoint is for --workdir")
 
 
@@ -718,7 +781,7 @@ def _postprocess(args) -> None:
   _enable_compilation_cache()
   started = time.time()
   postprocess.choose(workdir=args.workdir, data_dir=args.data, checkpoint=args.checkpoint,
-                     batch_size=args.batch_size, pooled=args.pooled, log=_log)
+                     batch_size=args.batch_size, pooled=args.pooled, tta=args.tta, log=_log)
   _log(f"done in {time.time() - started:.0f} s")
 
 
@@ -760,7 +823,8 @@ def _predict(args, main_started: float) -> None:
                             workdir=source, batch_size=args.batch_size,
                             checkpoint=args.checkpoint or "latest",
                             postprocessing=not args.no_postprocessing, log=_log,
-                            stopwatch=stopwatch)
+                            stopwatch=stopwatch, tta=args.tta,
+                            save_probabilities=args.save_probabilities)
   if len(results) == 1:
     _log(f"wrote {results[0].output} ({args.labels} labels: {results[0].summary()}) "
          f"in {time.time() - started:.1f} s")
@@ -811,7 +875,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "synth":
       _synth(args)
     elif args.command == "evaluate":
-      _evaluate(args)
+      _evaluate(args, started)
     elif args.command == "translate":
       _translate(args)
     elif args.command == "predict":

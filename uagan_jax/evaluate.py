@@ -8,11 +8,19 @@ What each metric means, the empty-mask rules and the files written (``eval_<spli
 writes the same definitions into every ``summary.json``.
 
 `uagan_jax.validation` is the cheaper variant the trainer runs every ``train.validate_every``
-steps (Dice only, no files).
+steps (Dice only, no files, never test-time augmentation).
+
+With ``tta`` the probabilities are averaged over the in-plane mirrorings of the slices
+(`inference.SlicePredictor.probabilities`) and the folder is ``eval_<split>..._tta/``; with
+``ensemble`` the probabilities of several checkpoints (of one or several workdirs) are averaged
+(`inference.mean_probabilities`), thresholded once and nested by the first model's
+``eval.nesting``, into the folder ``out`` (docs/EVALUATION.md, "Test-time augmentation and
+ensembles").
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -24,7 +32,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from uagan_jax import families, inference, postprocess, visualize, volume_io
+from uagan_jax import families, inference, postprocess, timing, visualize, volume_io
 from uagan_jax import metrics as metrics_lib
 from uagan_jax.data import MODALITIES, REGIONS, checks, readers, resample
 from uagan_jax.errors import UserError
@@ -127,7 +135,9 @@ def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path |
                    data_dir: pathlib.Path, split: str | None = None, state=None,
                    checkpoint: str = "latest", curves: bool = False, input_notes: bool = True,
                    postprocessing: bool = True, log: Callable[[str], None] = print,
-                   model=None, out: pathlib.Path | None = None) -> dict:
+                   model=None, out: pathlib.Path | None = None, tta: bool = False,
+                   ensemble: Sequence[tuple[pathlib.Path, str]] = (),
+                   stopwatch: timing.Stopwatch | None = None) -> dict:
   """Scores every case of ``split`` (or of an external test set) from each modality; writes CSV,
   JSON, PNG panels.
 
@@ -135,12 +145,13 @@ def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path |
     config: the run's config.
     workdir: the training workdir (its ``splits.json`` names the cases; outputs go to
       ``workdir/eval_<split>/``, or ``eval_<split>_best/`` for the best checkpoint; for an
-      external test set ``eval_external_<folder name>/``).
+      external test set ``eval_external_<folder name>/``; ``eval_<split>_ensemble/`` for an
+      ``ensemble``; ``_tta`` appended with ``tta``).
     model: in place of ``workdir``, a `model_file.ModelFile` (``config`` its config): its
       networks are scored, its ``splits.json`` names the cases, and the outputs go to ``out``
       as they would go to the workdir (the suffix that of the checkpoint it was exported from).
-    out: the folder that receives ``eval_<split>.../`` and ``figures/`` (default the workdir;
-      required with ``model``).
+    out: the folder that receives ``eval_<split>.../`` and ``figures/`` in place of the
+      workdir (required with ``model`` and with ``ensemble``).
     data_dir: the data folder the run was trained on (``splits.json`` "data"), or any other
       folder of cases: an external test set, scored whole unless ``split`` names a split (the
       run's data moved or copied).
@@ -153,13 +164,23 @@ def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path |
     input_notes: say, per image file, where its constant background was set to 0 and where it
       does not look skull-stripped (`checks`); off where the caller said so already (training,
       whose data preparation names every file of the data folder once).
-    postprocessing: apply the workdir's ``postprocessing.json`` (`postprocess`, as ``predict``
-      does) to each segmentation before it is scored, where there is one; a line says which and
-      summary.json records it ("postprocessing"). False: ``--no-postprocessing``.
+    postprocessing: apply the model's ``postprocessing.json`` (its workdir's or model file's;
+      `postprocess`, as ``predict`` does) to each segmentation before it is scored, where there
+      is one; a line says which and summary.json records it ("postprocessing"). False:
+      ``--no-postprocessing``. An ensemble is not post-processed (a note says so).
     curves: also draw ``figures/training_curves.png`` from the workdir's logs (training draws it
       when it ends; evaluating a finished run leaves it as it is).
     log: where progress, the table and a ``warning: ...`` per image file that does not look
       skull-stripped (`checks`) go.
+    tta: test-time augmentation: average each model's probabilities over the in-plane
+      mirrorings of the slices (`inference.SlicePredictor.probabilities`). Training's own
+      evaluation and validation never mirror.
+    ensemble: more models, (workdir, checkpoint) each, whose segmentation probabilities are
+      averaged with this one's (`inference.mean_probabilities`) before the one threshold and
+      this config's ``eval.nesting``; each must have ``splits.json`` and none may have trained
+      or validated on a scored case. Segmentation only (translation is scored per model).
+    stopwatch: counts the wall time of loading, reading, compiling, segmenting (``tta``: the
+      mirrored passes apart), scoring and drawing (``uagan-jax evaluate --timing``).
 
   Returns:
     ``{"rows": [...per case and modality...], "translation_rows": [...], "summary":
@@ -168,6 +189,15 @@ def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path |
   """
   if (workdir is None) == (model is None):
     raise ValueError("pass exactly one of workdir and model")
+  ensemble = [(pathlib.Path(w), inference.check_checkpoint(c)) for w, c in ensemble]
+  if ensemble and model is not None:
+    raise ValueError("an ensemble is of workdirs")
+  if ensemble and out is None:
+    raise UserError(f"an ensemble of {len(ensemble) + 1} models belongs to no one workdir: name "
+                    "the folder its scores go to with --out DIR")
+  if ensemble and state is not None:
+    raise ValueError("state is one model's; an ensemble is loaded from its workdirs")
+  phase = stopwatch.phase if stopwatch is not None else lambda _: contextlib.nullcontext()
   if model is None:
     workdir = pathlib.Path(workdir)
     out = workdir if out is None else pathlib.Path(out)
@@ -207,48 +237,100 @@ def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path |
     if missing:
       raise UserError(f"{data_dir}: cases of the {split} split are missing: "
                       f"{', '.join(missing[:5])}")
+  for member_workdir, _ in ensemble:
+    _check_held_out_from(member_workdir, case_ids, cases, split=split)
 
   source = workdir if model is None else model.path  # where splits, post-processing come from
-  if postprocessing:
+  if postprocessing and not ensemble:
     postprocess.load(source)  # a damaged postprocessing.json is reported before the model loads
-  if model is not None:
-    step, checkpoint = model.step, model.checkpoint
-    variables = model.network
-  else:
-    if state is not None:
-      step = int(jax.device_get(state.step))
-      checkpoint = "latest"  # the trainer's final state
-    else:
-      state, step = inference.load_state(config, workdir, checkpoint=checkpoint)
-    variables = lambda capability: (inference.segmentation_variables if capability == "segments"
-                                    else inference.translation_variables)(state, config)
   family = families.get(config.model.name)
-  segments, translates = family.segments, family.translates
-  predictor = (inference.SlicePredictor(config, variables("segments"),
-                                        batch_size=config.eval.batch_size) if segments else None)
-  translator = (inference.SliceTranslator(config, variables("translates"),
-                                          batch_size=config.eval.batch_size)
-                if translates else None)
-  checkpoint = inference.check_checkpoint(checkpoint)
-  suffix = {"latest": "", "best": "_best"}.get(checkpoint, f"_step{checkpoint}")
-  out_dir = out / f"eval_{split}{suffix}"
-  figures = out / "figures"
-  out_dir.mkdir(parents=True, exist_ok=True)
+  segments, translates = family.segments, family.translates and not ensemble
+  if ensemble and not segments:
+    raise UserError(f"{workdir}: model family {config.model.name} does not segment; an ensemble "
+                    "averages segmentations")
   modalities = [m for m in MODALITIES if m in config.data.modalities]
-  processing = (postprocess.for_run(source, enabled=postprocessing, step=step,
-                                    modalities=modalities, log=log) if segments else None)
+  with phase("load model"):
+    if model is not None:
+      step, checkpoint = model.step, model.checkpoint
+      variables = model.network
+    else:
+      if state is not None:
+        step = int(jax.device_get(state.step))
+        checkpoint = "latest"  # the trainer's final state
+      else:
+        state, step = inference.load_state(config, workdir, checkpoint=checkpoint)
+      variables = lambda capability: (inference.segmentation_variables
+                                      if capability == "segments"
+                                      else inference.translation_variables)(state, config)
+    predictor = (inference.SlicePredictor(config, variables("segments"),
+                                          batch_size=config.eval.batch_size, stopwatch=stopwatch)
+                 if segments else None)
+    translator = (inference.SliceTranslator(config, variables("translates"),
+                                            batch_size=config.eval.batch_size)
+                  if translates else None)
+    models = [(predictor, config)]
+    checkpoint = inference.check_checkpoint(checkpoint)
+    described = [{"workdir": str(source), "checkpoint": checkpoint, "step": step}]
+    for member_workdir, member_checkpoint in ensemble:
+      member_config, variables, member_step = inference.load_model(
+          member_workdir, capability="segments", task="segment", network_only=True,
+          checkpoint=member_checkpoint,
+          check=lambda c, w=member_workdir: _check_modalities(c, modalities, workdir=w))
+      models.append((inference.SlicePredictor(member_config, variables,
+                                              batch_size=member_config.eval.batch_size,
+                                              stopwatch=stopwatch), member_config))
+      described.append({"workdir": str(member_workdir), "checkpoint": member_checkpoint,
+                        "step": member_step})
+  suffix = ("_ensemble" if ensemble
+            else {"latest": "", "best": "_best"}.get(checkpoint, f"_step{checkpoint}"))
+  suffix += "_tta" if tta else ""
+  base = workdir if out is None else pathlib.Path(out)
+  out_dir = base / f"eval_{split}{suffix}"
+  figures = base / "figures"
+  out_dir.mkdir(parents=True, exist_ok=True)
+  processing = None
+  if segments and not ensemble:
+    processing = postprocess.for_run(source, enabled=postprocessing, step=step,
+                                     modalities=modalities, log=log, tta=tta)
+  elif ensemble and postprocessing:
+    held = [w for w in [workdir, *(w for w, _ in ensemble)] if postprocess.load(w) is not None]
+    if held:
+      log(f"note: an ensemble is not post-processed (the postprocessing.json of "
+          f"{', '.join(map(str, held))} was chosen for one model's segmentations)")
   trained = volume_io.trained_modalities(config, workdir=source)
   untrained = [m for m in modalities if m not in trained]
   if untrained:
     # Scored all the same (a researcher may want to see how a model does on a modality it never
     # saw), but never mistaken for a trained one: a note here and a '*' in the table.
-    log(f"note: the model never trained on {', '.join(untrained)} (splits.json: training gave "
+    log(f"note: the model{' in ' + str(workdir) if ensemble else ''} never trained on "
+        f"{', '.join(untrained)} (splits.json: training gave "
         f"slices of {', '.join(trained) or 'no modality'} only); they are scored all the same "
         "and marked * in the table")
+  for (_, member_config), (member_workdir, _) in zip(models[1:], ensemble):
+    member_trained = volume_io.trained_modalities(member_config, workdir=member_workdir)
+    member_untrained = [m for m in modalities if m not in member_trained]
+    if member_untrained:
+      log(f"note: the model in {member_workdir} never trained on {', '.join(member_untrained)} "
+          f"(splits.json); they are scored all the same and marked * in the table")
+      untrained = [m for m in modalities if m in untrained or m in member_untrained]
+  if ensemble:
+    log(f"ensemble of {len(models)} models, probabilities averaged, then thresholded once and "
+        f"nested by the first's eval.nesting ({config.eval.nesting}): "
+        + "; ".join(_model_words(d) for d in described))
+    if family.translates:
+      log("note: an ensemble scores segmentation only; translation is scored per model "
+          "(evaluate each workdir alone)")
+  if tta:
+    log(f"test-time augmentation: the mean over the {len(inference.MIRRORS)} in-plane mirrorings "
+        "of the slices")
+  which = (f"ensemble of {len(models)} models" if ensemble
+           else _checkpoint_words(checkpoint, step))
+  which += ", mirrored (TTA)" if tta else ""
   rows, translation_rows = [], []
   started = time.time()
   for number, case_id in enumerate(case_ids, 1):
-    volume = readers.load_case(cases[case_id], modalities=modalities, with_label=segments)
+    with phase("read"):
+      volume = readers.load_case(cases[case_id], modalities=modalities, with_label=segments)
     for modality in modalities if input_notes else ():
       checks.log_background_note(volume, cases[case_id], modality, log=log)
       warning = checks.skull_strip_warning(volume.images[modality],
@@ -259,61 +341,103 @@ def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path |
       truth = truth_regions(volume, cases[case_id])
       predictions, scores = {}, {}
       for modality in modalities:
-        predictions[modality] = inference.segment_volume(predictor, volume.images[modality],
-                                               modality=modality, config=config,
-                                               spacing=volume.spacing)
-        if processing is not None:
-          predictions[modality] = processing.apply(predictions[modality], modality=modality,
-                                                   spacing=volume.spacing)
-        scores[modality] = score_case(predictions[modality], truth, spacing=volume.spacing)
+        with phase("segment"):
+          predictions[modality] = inference.to_regions(
+              inference.mean_probabilities(models, volume.images[modality], modality=modality,
+                                           spacing=volume.spacing, tta=tta), config=config)
+          if processing is not None:
+            predictions[modality] = processing.apply(predictions[modality], modality=modality,
+                                                     spacing=volume.spacing)
+        with phase("score"):
+          scores[modality] = score_case(predictions[modality], truth, spacing=volume.spacing)
         rows.append({"case": case_id, "modality": modality, **scores[modality]})
       if number <= config.eval.panels:
-        visualize.segmentation_panel(volume, truth, predictions,
-                                     figures / f"{split}_{case_id}_step{step}.png",
-                                     title=f"{case_id} ({split}), step {step}", scores=scores)
+        with phase("figures"):
+          label = f"ensemble of {len(models)} models" if ensemble else f"step {step}"
+          visualize.segmentation_panel(
+              volume, truth, predictions,
+              figures / f"{split}_{case_id}_{'ensemble' if ensemble else f'step{step}'}"
+                        f"{'_tta' if tta else ''}.png",
+              title=f"{case_id} ({split}), {label}{', TTA' if tta else ''}", scores=scores)
     if translates:
-      case_rows, panel = _evaluate_translation(translator, volume, case_id, modalities, config,
+      with phase("translate"):
+        case_rows, panel = _evaluate_translation(translator, volume, case_id, modalities, config,
                                                  spacing=volume.spacing)
-      translation_rows.extend(case_rows)
-      if number <= config.eval.panels:
-        visualize.translation_panel(panel, figures / f"{split}_{case_id}_translation_step{step}.png",
-                                    title=f"{case_id} ({split}), step {step}",
-                                    clip=config.data.clip)
+        translation_rows.extend(case_rows)
+        if number <= config.eval.panels:
+          visualize.translation_panel(panel,
+                                      figures / f"{split}_{case_id}_translation_step{step}.png",
+                                      title=f"{case_id} ({split}), step {step}",
+                                      clip=config.data.clip)
     elapsed = time.time() - started
     log(f"  evaluated {number}/{len(case_ids)} {split} cases ({case_id}); "
         f"ETA {elapsed / number * (len(case_ids) - number):.0f} s")
 
   report = {"step": step, "split": split, "data": str(pathlib.Path(data_dir).absolute()),
             "checkpoint": checkpoint, "cases": len(case_ids), "case_ids": case_ids,
-            "nesting": config.eval.nesting, "untrained_modalities": untrained,
+            "nesting": config.eval.nesting, "untrained_modalities": untrained, "tta": tta,
+            "models": described,
             "postprocessing": None if processing is None else processing.summary(step)}
   summary = {}
-  if rows:
-    summary = summarise(rows, modalities)
-    report["definitions"] = definitions()
-    report["segmentation"] = summary
-    _write_csv(out_dir / "metrics.csv", rows)
-    spread = "mean ± std over cases" if len(case_ids) > 1 else "the case's values"
-    log(format_table(summary, modalities, cases=len(case_ids), untrained=untrained,
-                     title=f"Segmentation of {count(len(case_ids), f'{split} case')}, "
-                           f"{_checkpoint_words(checkpoint, step)}: {spread}"))
-  if translation_rows:
-    report["translation_mean"] = {
-        f"{a}->{b}": {k: float(np.mean([r[k] for r in translation_rows
-                                        if r["source"] == a and r["target"] == b]))
-                      for k in _TRANSLATION_KEYS}
-        for a in modalities for b in modalities if a != b}
-    _write_csv(out_dir / "translation.csv", translation_rows)
-    log(format_translation_table(report["translation_mean"],
-                                 title=f"Translation on {count(len(case_ids), f'{split} case')}, step {step} "
-                                       "(normalised intensities; identity = the source image as is)"))
-  (out_dir / "summary.json").write_text(json.dumps(report, indent=2))
+  with phase("write"):
+    if rows:
+      summary = summarise(rows, modalities)
+      report["definitions"] = definitions()
+      report["segmentation"] = summary
+      _write_csv(out_dir / "metrics.csv", rows)
+      spread = "mean ± std over cases" if len(case_ids) > 1 else "the case's values"
+      log(format_table(summary, modalities, cases=len(case_ids), untrained=untrained,
+                       title=f"Segmentation of {count(len(case_ids), f'{split} case')}, "
+                             f"{which}: {spread}"))
+    if translation_rows:
+      report["translation_mean"] = {
+          f"{a}->{b}": {k: float(np.mean([r[k] for r in translation_rows
+                                          if r["source"] == a and r["target"] == b]))
+                        for k in _TRANSLATION_KEYS}
+          for a in modalities for b in modalities if a != b}
+      _write_csv(out_dir / "translation.csv", translation_rows)
+      log(format_translation_table(report["translation_mean"],
+                                   title=f"Translation on {count(len(case_ids), f'{split} case')}, step {step} "
+                                         "(normalised intensities; identity = the source image as is)"))
+    (out_dir / "summary.json").write_text(json.dumps(report, indent=2))
   if curves and workdir is not None and (workdir / "metrics.jsonl").is_file():
     visualize.training_curves(workdir / "metrics.jsonl", workdir / "validation.jsonl",
                               figures / "training_curves.png")
   log(f"per-case rows and summary.json in {out_dir}, figures in {figures}")
   return {"rows": rows, "translation_rows": translation_rows, "summary": summary,
           "report": report, "step": step}
+
+
+def _model_words(model: dict) -> str:
+  """'runs/a (latest, step 600)', 'runs/b (best, step 400)', 'runs/c (step 200)'."""
+  which = model["checkpoint"] if model["checkpoint"] in ("latest", "best") else "step"
+  return (f"{model['workdir']} ({which + ', ' if which != 'step' else ''}"
+          f"step {model['step']})")
+
+
+def _check_modalities(config: ml_collections.ConfigDict, modalities: Sequence[str], *,
+                      workdir: pathlib.Path) -> None:
+  """UserError unless a model of an ensemble segments every modality scored (its config's
+  ``data.modalities``), naming its workdir."""
+  missing = [m for m in modalities if m not in config.data.modalities]
+  if missing:
+    raise UserError(f"{workdir}: the model does not segment {', '.join(missing)} (config "
+                    f"data.modalities: {', '.join(config.data.modalities)}), which the "
+                    "ensemble's first model is scored on")
+
+
+def _check_held_out_from(workdir: pathlib.Path, case_ids: Sequence[str], cases: dict, *,
+                         split: str) -> None:
+  """UserError unless every scored case is held out from the run in ``workdir`` (a model of an
+  ensemble): none it trained or validated on (`_seen_cases`)."""
+  splits_path = pathlib.Path(workdir) / "splits.json"
+  if not splits_path.is_file():
+    raise UserError(f"{splits_path}: not found; is {workdir} a training workdir?")
+  seen = _seen_cases([c for c in case_ids], cases, json.loads(splits_path.read_text()))
+  if seen:
+    raise UserError(f"{workdir}: the run trained or validated on {len(seen)} of the "
+                    f"{count(len(case_ids), f'{split} case')} scored ({', '.join(seen[:3])}); "
+                    "an ensemble is scored on cases held out from every model")
 
 
 def _is_run_data(data_dir: pathlib.Path, splits: dict) -> bool:
@@ -327,16 +451,23 @@ def _is_run_data(data_dir: pathlib.Path, splits: dict) -> bool:
     return False
 
 
-def _external_case_ids(cases: dict, data_dir: pathlib.Path, splits: dict) -> list[str]:
-  """Every case id of an external test set, sorted; UserError if it holds cases the run trained
-  or validated on (its scores would not be held-out ones)."""
-  seen = sorted(set(cases) & (set(splits.get("train", ())) | set(splits.get("val", ()))))
+def _seen_cases(case_ids: Sequence[str], cases: dict, splits: dict) -> list[str]:
+  """The ids among ``case_ids`` (of ``cases``, id -> `readers.CaseFiles`) that the run of
+  ``splits`` (its splits.json) trained or validated on, sorted."""
+  seen = sorted(set(case_ids) & (set(splits.get("train", ())) | set(splits.get("val", ()))))
   if seen and "data" in splits and pathlib.Path(splits["data"]).is_dir():
     # The same case name is not the same scan (synthetic sets, other centres' numbering): a case
     # counts as seen only if its files are the size of the run's own case's files.
     own = {c.case_id: c for c in readers.find_cases(splits["data"]) if c.case_id in seen}
     seen = [case_id for case_id in seen
             if case_id not in own or _file_sizes(own[case_id]) == _file_sizes(cases[case_id])]
+  return seen
+
+
+def _external_case_ids(cases: dict, data_dir: pathlib.Path, splits: dict) -> list[str]:
+  """Every case id of an external test set, sorted; UserError if it holds cases the run trained
+  or validated on (its scores would not be held-out ones)."""
+  seen = _seen_cases(sorted(cases), cases, splits)
   if seen:
     raise UserError(f"{data_dir}: holds {len(seen)} case(s) the run trained or validated on "
                     f"({', '.join(seen[:3])}), so it is no external test set; for the run's own "

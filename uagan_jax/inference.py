@@ -6,19 +6,29 @@ functions; nothing here asks which family it is.
 
 * `SlicePredictor`, `SliceTranslator`: stacks of normalised slices in fixed-size batches, one
   compiled program for every volume.
-* `segment_volume`, `translate_volume`: a volume of any spacing, resampled to the training
+* `segment_probabilities`, `translate_volume`: a volume of any spacing, resampled to the training
   spacing (config ``data.spacing``) where it differs by more than 1% (`data.resample`), cut into
   axial slices that hold its whole brain (`preprocess.brain_window`: the centred crop of training
   wherever that holds it), and the result put back on the volume's own grid.
+* `to_regions`: the one step from per-region probabilities to the segmentation every consumer
+  uses (threshold at 0.5, `regions.nest`); `segment_volume` = `segment_probabilities` then
+  `to_regions`, `mean_probabilities`: the probabilities of several models (an ensemble),
+  averaged on the volume's grid.
+* Test-time augmentation (``tta``): `SlicePredictor.probabilities` averages the sigmoid outputs of
+  the in-plane mirrorings of the slices (`MIRRORS`, nnU-Net's mirroring of 2D slices), each
+  mirrored back. Off unless asked for: validation during training never mirrors.
 * `translate_slices`: a stack of normalised slices through the translator, brain slices only.
 * `load_state`, `load_model`: a workdir's checkpoint (`load_model`: or a model file's networks,
   `model_file`); `segmentation_variables` and
   `translation_variables`: the variables of the network that does the job; `load_network`:
-  those variables alone, read from the checkpoint without the rest of the state.
+  those variables alone, read from the checkpoint without the rest of the state;
+  `pair_models`: which checkpoint of which workdir, for ``--workdir``/``--checkpoint`` given
+  several times (an ensemble).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import sys
@@ -36,6 +46,11 @@ from uagan_jax.errors import UserError
 
 # Workdir folder of each checkpoint kind that can be loaded.
 CHECKPOINT_DIRS = {"latest": "checkpoints", "best": "checkpoints_best"}
+# Test-time augmentation: the in-plane mirrorings of a (Z, H, W) stack of axial slices, as the
+# axes flipped: none, H, W, both (nnU-Net mirrors a 2D model's slices along both axes).
+MIRRORS = ((), (1,), (2,), (1, 2))
+# The stopwatch phase of the mirrored passes (``--timing``): the cost of test-time augmentation.
+TTA_PHASE = "tta"
 
 
 # --------------------------------------------------------------------------------------------
@@ -76,6 +91,7 @@ class SlicePredictor:
     """``stopwatch``: counts the compilations ("compile"; they happen on the first call)."""
     self.variables = jax.device_put(variables)
     self.batch_size = batch_size
+    self._stopwatch = stopwatch
     self._predict = _Program(config, "segments", "segment_fn", stopwatch=stopwatch)
 
   def set_variables(self, variables: dict) -> None:
@@ -83,10 +99,35 @@ class SlicePredictor:
     self.variables = jax.device_put(variables)
 
   def __call__(self, slices: np.ndarray, modality_id: int) -> np.ndarray:
-    """(Z, H, W) normalised slices -> (Z, H, W, 3) region probabilities."""
+    """(Z, H, W) normalised slices -> (Z, H, W, 3) region probabilities (one pass)."""
     modality = np.full((self.batch_size,), modality_id, np.int32)
     return _in_fixed_batches(lambda images: self._predict(self.variables, images, modality),
                              slices, self.batch_size)
+
+  def probabilities(self, slices: np.ndarray, modality_id: int, *,
+                    tta: bool = False) -> np.ndarray:
+    """(Z, H, W) normalised slices -> (Z, H, W, 3) float32 region probabilities.
+
+    Without ``tta``: one pass, the network's sigmoid outputs (this object called). With ``tta``:
+    the mean of four passes, one per in-plane mirroring of the slices (`MIRRORS`: as they are,
+    flipped along H, along W, along both), each output flipped back before the mean (nnU-Net's
+    test-time mirroring). The three mirrored stacks go through the same compiled program as
+    one stack of fixed-size batches (one zero-padded batch for the three, not one each); their
+    time is the stopwatch's phase `TTA_PHASE`.
+    """
+    plain = self(slices, modality_id)
+    if not tta:
+      return plain
+    count = slices.shape[0]
+    timed = (self._stopwatch.phase(TTA_PHASE) if self._stopwatch is not None
+             else contextlib.nullcontext())
+    with timed:
+      mirrored = self(np.concatenate([np.flip(slices, axes) for axes in MIRRORS[1:]]),
+                      modality_id)
+      total = np.array(plain, np.float32)
+      for index, axes in enumerate(MIRRORS[1:]):
+        total += np.flip(mirrored[index * count:(index + 1) * count], axes)
+      return total / np.float32(len(MIRRORS))
 
 
 class SliceTranslator:
@@ -182,10 +223,11 @@ def whole_brain_slices(images: Sequence[np.ndarray], config: ml_collections.Conf
   return slices, has_brain, window
 
 
-def segment_volume(predictor: SlicePredictor, image: np.ndarray, *, modality: str,
-                   config: ml_collections.ConfigDict,
-                   spacing: Sequence[float] | None = None) -> np.ndarray:
-  """A canonical (X, Y, Z) volume -> boolean (X, Y, Z, 3) regions on the same grid.
+def segment_probabilities(predictor: SlicePredictor, image: np.ndarray, *, modality: str,
+                          config: ml_collections.ConfigDict,
+                          spacing: Sequence[float] | None = None,
+                          tta: bool = False) -> np.ndarray:
+  """A canonical (X, Y, Z) volume -> float32 (X, Y, Z, 3) WT/TC/ET probabilities on its grid.
 
   Args:
     predictor: The segmentation network.
@@ -194,25 +236,72 @@ def segment_volume(predictor: SlicePredictor, image: np.ndarray, *, modality: st
     config: The training run's config.
     spacing: The image's voxel size in mm. Where it differs from ``data.spacing`` by more than
       1%, the image is resampled to ``data.spacing`` (linearly), segmented there, and the
-      per-region probabilities resampled linearly onto the image's grid and thresholded at 0.5
-      (nnU-Net's way). None: the image is taken to be at ``data.spacing``.
+      per-region probabilities resampled linearly onto the image's grid (nnU-Net's way). None:
+      the image is taken to be at ``data.spacing``.
+    tta: Average over the in-plane mirrorings of the slices (`SlicePredictor.probabilities`).
 
   Returns:
-    bool (X, Y, Z, 3) WT/TC/ET, nested by ``eval.nesting`` (`regions.nest`): what ``predict``
-    writes, ``evaluate`` and validation score and the figures draw.
+    float32 (X, Y, Z, 3) sigmoid probabilities of the regions (channels WT, TC, ET, not nested);
+    0 outside the brain slices and outside the window they were cut through.
   """
   resampled = _at_training_spacing(image, spacing, config)
   work = image if resampled is None else resampled
   (slices,), (has_brain,), window = whole_brain_slices([work], config)
   probs = np.zeros(slices.shape + (len(REGIONS),), np.float32)
   if has_brain.any():  # slices without brain are background by definition, as in training
-    probs[has_brain] = predictor(slices[has_brain], MODALITIES.index(modality))
-  if resampled is None:
-    masks = preprocess.slices_to_volume(probs > 0.5, window, fill=False)
-  else:
-    probs = preprocess.slices_to_volume(probs, window, fill=0.0)
-    masks = resample.resize(probs, image.shape) > 0.5
-  return regions.nest(masks, rule=config.eval.nesting)
+    probs[has_brain] = predictor.probabilities(slices[has_brain], MODALITIES.index(modality),
+                                               tta=tta)
+  probs = preprocess.slices_to_volume(probs, window, fill=0.0)
+  if resampled is not None:
+    probs = resample.resize(probs, image.shape)
+  return np.asarray(probs, np.float32)
+
+
+def to_regions(probabilities: np.ndarray, *, config: ml_collections.ConfigDict) -> np.ndarray:
+  """(..., 3) WT/TC/ET probabilities -> the segmentation: each thresholded at 0.5, then nested by
+  ``eval.nesting`` (`regions.nest`). What ``predict`` writes, ``evaluate`` and validation score
+  and the figures draw, whatever the probabilities came from (one model, mirrorings, models)."""
+  return regions.nest(np.asarray(probabilities) > 0.5, rule=config.eval.nesting)
+
+
+def segment_volume(predictor: SlicePredictor, image: np.ndarray, *, modality: str,
+                   config: ml_collections.ConfigDict,
+                   spacing: Sequence[float] | None = None, tta: bool = False) -> np.ndarray:
+  """A canonical (X, Y, Z) volume -> boolean (X, Y, Z, 3) regions on the same grid.
+
+  `segment_probabilities` (the arguments are its), then `to_regions`.
+
+  Returns:
+    bool (X, Y, Z, 3) WT/TC/ET, nested by ``eval.nesting`` (`regions.nest`): what ``predict``
+    writes, ``evaluate`` and validation score and the figures draw.
+  """
+  return to_regions(segment_probabilities(predictor, image, modality=modality, config=config,
+                                          spacing=spacing, tta=tta), config=config)
+
+
+def mean_probabilities(models: Sequence[tuple[SlicePredictor, ml_collections.ConfigDict]],
+                       image: np.ndarray, *, modality: str,
+                       spacing: Sequence[float] | None = None, tta: bool = False) -> np.ndarray:
+  """The mean of several models' `segment_probabilities` of one volume (an ensemble).
+
+  Each model segments at its own config's spacing and slice size; the means are taken on the
+  image's grid, with equal weights. One model: its probabilities, unchanged.
+
+  Args:
+    models: (predictor, its run's config) per model.
+    image, modality, spacing, tta: As `segment_probabilities`.
+
+  Returns:
+    float32 (X, Y, Z, 3) WT/TC/ET probabilities.
+  """
+  if not models:
+    raise ValueError("no model to segment with")
+  total = None
+  for predictor, config in models:
+    probs = segment_probabilities(predictor, image, modality=modality, config=config,
+                                  spacing=spacing, tta=tta)
+    total = probs if total is None else total + probs
+  return total if len(models) == 1 else total / np.float32(len(models))
 
 
 def translate_volume(translator: SliceTranslator, image: np.ndarray, *, source: str,
@@ -291,6 +380,33 @@ def load_state(config: ml_collections.ConfigDict, workdir: pathlib.Path, *,
   finally:
     checkpoints.close()
   return state, step
+
+
+def pair_models(workdirs: Sequence[str | os.PathLike],
+                checkpoints: Sequence[str | int] | None = None) -> list[tuple[pathlib.Path, str]]:
+  """The (workdir, checkpoint) of each model of ``--workdir`` and ``--checkpoint``, each given
+  once or several times (an ensemble).
+
+  One workdir and N checkpoints: that workdir at each; N workdirs and one checkpoint (or none:
+  "latest"): each at it; N and N: paired in order. A workdir or a pair may repeat.
+
+  Raises:
+    UserError: no workdir, a checkpoint that is no checkpoint (`check_checkpoint`), or N
+      workdirs with M > 1 checkpoints, M != N.
+  """
+  workdirs = [pathlib.Path(w) for w in workdirs]
+  checkpoints = [check_checkpoint(c) for c in (checkpoints or ["latest"])]
+  if not workdirs:
+    raise UserError("--workdir: give the training workdir of the model")
+  if len(checkpoints) == 1:
+    return [(workdir, checkpoints[0]) for workdir in workdirs]
+  if len(workdirs) == 1:
+    return [(workdirs[0], checkpoint) for checkpoint in checkpoints]
+  if len(workdirs) == len(checkpoints):
+    return list(zip(workdirs, checkpoints))
+  raise UserError(f"{len(workdirs)} --workdir and {len(checkpoints)} --checkpoint: give one "
+                  "--checkpoint for all workdirs, one --workdir for several checkpoints, or as "
+                  "many of each (paired in order)")
 
 
 def check_checkpoint(checkpoint: str | int) -> str:

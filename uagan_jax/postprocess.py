@@ -279,15 +279,18 @@ class PostProcessing:
     rules: Input modality -> its `Rule`.
     step: The checkpoint step the rules were chosen for.
     cases: How many validation cases they were chosen on.
+    tta: Whether those cases were segmented with test-time augmentation.
   """
   path: pathlib.Path
   rules: dict[str, Rule]
   step: int
   cases: int
+  tta: bool = True
 
-  def note(self, step: int, modalities: Sequence[str]) -> str:
+  def note(self, step: int, modalities: Sequence[str], tta: bool = True) -> str:
     """The line ``predict`` and ``evaluate`` print: what is applied to ``modalities`` and where
-    it comes from; says so where the rules were chosen for another checkpoint step."""
+    it comes from; says so where the rules were chosen for another checkpoint step, or on
+    segmentations made with(out) the test-time augmentation that ``tta`` says is used now."""
     described = "; ".join(
         f"{m}: {self.rules[m].describe() if m in self.rules else 'none (not chosen for it)'}"
         for m in modalities)
@@ -296,6 +299,10 @@ class PostProcessing:
     if step != self.step:
       line += (f" [note: chosen for step {self.step}, applied to step {step}; "
                "'uagan-jax postprocess' with this --checkpoint chooses again]")
+    if tta != self.tta:
+      used = lambda on: "with test-time augmentation" if on else "without test-time augmentation"
+      line += (f" [note: chosen on segmentations {used(self.tta)}, applied to segmentations "
+               f"{used(tta)}]")
     return line
 
   def apply(self, masks: np.ndarray, *, modality: str, spacing: Sequence[float]) -> np.ndarray:
@@ -306,7 +313,7 @@ class PostProcessing:
   def summary(self, step: int) -> dict:
     """What evaluate's summary.json records of it."""
     return {"file": str(self.path), "chosen_for_step": self.step, "applied_to_step": step,
-            "val_cases": self.cases,
+            "val_cases": self.cases, "chosen_with_tta": self.tta,
             "rules": {m: rule.to_json() for m, rule in self.rules.items()},
             "descriptions": {m: rule.describe() for m, rule in self.rules.items()}}
 
@@ -335,7 +342,9 @@ def load(source: str | os.PathLike) -> PostProcessing | None:
       if modality not in MODALITIES:
         raise ValueError(f"unknown modality {modality!r}")
       rules[modality] = Rule.from_json(entry["rule"])
-    step, cases = data["step"], data["cases"]
+    step, cases, tta = data["step"], data["cases"], data.get("tta", False)
+    if not isinstance(tta, bool):
+      raise ValueError("tta must be true or false")
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (step, cases)):
       raise ValueError("step and cases must be counts")
   except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError, KeyError, TypeError,
@@ -343,11 +352,11 @@ def load(source: str | os.PathLike) -> PostProcessing | None:
     detail = f"missing key {e}" if isinstance(e, KeyError) else str(e).splitlines()[0]
     raise UserError(f"{path}: damaged post-processing file ({detail}); choose again with "
                     "'uagan-jax postprocess', or delete it") from None
-  return PostProcessing(path=path, rules=rules, step=step, cases=cases)
+  return PostProcessing(path=path, rules=rules, step=step, cases=cases, tta=tta)
 
 
 def for_run(source: str | os.PathLike, *, enabled: bool, step: int, modalities: Sequence[str],
-            log: Callable[[str], None]) -> PostProcessing | None:
+            log: Callable[[str], None], tta: bool = True) -> PostProcessing | None:
   """What ``predict`` and ``evaluate`` apply: the post-processing of ``source`` (a workdir or a
   model file) unless ``enabled`` is False (``--no-postprocessing``); one line says which (none
   where there is none)."""
@@ -362,7 +371,7 @@ def for_run(source: str | os.PathLike, *, enabled: bool, step: int, modalities: 
     return None
   loaded = load(source)
   if loaded is not None:
-    log(loaded.note(step, modalities))
+    log(loaded.note(step, modalities, tta=tta))
   return loaded
 
 
@@ -396,12 +405,14 @@ def format_table(report: dict) -> str:
 
 def choose(*, workdir: str | os.PathLike, data_dir: str | os.PathLike,
            checkpoint: str = "latest", batch_size: int | None = None, pooled: bool = False,
-           log: Callable[[str], None] = print) -> dict:
+           tta: bool = True, log: Callable[[str], None] = print) -> dict:
   """``uagan-jax postprocess``: chooses a rule per modality on the workdir's validation split and
   writes ``<workdir>/postprocessing.json``.
 
   Each validation case is segmented once from each modality the model was trained on (the code
-  path of ``predict``); every candidate rule is applied to those masks (`choose_rule`).
+  path of ``predict``, with its test-time augmentation unless ``tta`` is False: the rule is
+  chosen on the segmentations it will be applied to); every candidate rule is applied to those
+  masks (`choose_rule`).
 
   Args:
     workdir: A training workdir of a model that segments, with a non-empty val split.
@@ -410,6 +421,8 @@ def choose(*, workdir: str | os.PathLike, data_dir: str | os.PathLike,
     batch_size: Slices per forward pass (default the config's eval.batch_size).
     pooled: Choose one rule for every modality, on the val cases of all of them together
       (``--pooled``), instead of a rule per modality on its own cases.
+    tta: Segment with test-time augmentation (the default of ``predict`` and ``evaluate``);
+      recorded in the file, and ``predict``/``evaluate`` say so where they segment otherwise.
     log: Where progress, the table and the file's name go.
 
   Returns:
@@ -446,7 +459,7 @@ def choose(*, workdir: str | os.PathLike, data_dir: str | os.PathLike,
     truth = readers.labels_to_regions(volume.label, convention=found[case_id].label_convention)
     for modality in modalities:
       predicted = segmentor.segment(volume.images[modality], modality=modality,
-                                    spacing=volume.spacing)
+                                    spacing=volume.spacing, tta=tta)
       cases[modality].append(Case(predicted, truth, tuple(volume.spacing)))
     log(f"  segmented {number}/{len(case_ids)} val cases ({case_id}); "
         f"ETA {(time.time() - started) / number * (len(case_ids) - number):.0f} s")
@@ -454,6 +467,7 @@ def choose(*, workdir: str | os.PathLike, data_dir: str | os.PathLike,
       f"{len(ET_RELABEL_GRID_MM3)} ET relabel volumes per modality")
   report = {"format": FORMAT, "checkpoint": inference.check_checkpoint(checkpoint),
             "step": int(segmentor.step), "data": str(data_dir.absolute()), "split": "val",
+            "tta": tta,
             "cases": len(case_ids), "case_ids": case_ids,
             "objective": "per region, the mean lesion-wise Dice (BraTS 2023+) over the val cases "
                          + ("segmented from every modality, pooled: one rule for all" if pooled

@@ -3,8 +3,9 @@
 ``uagan-jax predict --workdir W --input PATH --modality flair --output SEG.nii.gz`` segments with
 the newest checkpoint (``--checkpoint best`` or ``STEP`` for another) of a trained model whose
 family segments (`families.with_capability`); ``--model MODEL.zip`` in place of ``--workdir``
-segments with a model file from ``uagan-jax export`` (`model_file`), identically. What ``PATH``
-is decides what ``--output`` is:
+segments with a model file from ``uagan-jax export`` (`model_file`), identically; ``--workdir``
+and ``--checkpoint`` given several times segment with an ensemble (`Ensemble`, pairing:
+`inference.pair_models`). What ``PATH`` is decides what ``--output`` is:
 
 * one .nii/.nii.gz image of modality ``--modality`` -> ``--output`` is one .nii/.nii.gz file;
 * one case folder of any known layout (`readers.find_cases`) -> its ``--modality`` image is
@@ -24,14 +25,17 @@ Per image:
    its whole brain: the model's centre crop/pad to its slice size where that holds the brain,
    else a larger canvas around it (`preprocess.brain_window`; the networks are fully
    convolutional).
-3. The brain slices go through the segmentor in fixed-size batches (`inference.segment_volume`,
-   the code path of evaluation) and are put back on the canonical grid: the crop/pad undone, the
-   per-region probabilities resampled linearly onto the input's grid where the input was
-   resampled (nnU-Net's way), then thresholded at 0.5.
-4. Where the workdir holds a ``postprocessing.json`` (chosen on its validation cases by
+3. The brain slices go through the segmentor in fixed-size batches
+   (`inference.segment_probabilities`, the code path of evaluation; with ``tta`` also their three
+   in-plane mirrorings, the four outputs averaged) and are put back on the canonical grid: the
+   crop/pad undone, the per-region probabilities resampled linearly onto the input's grid where
+   the input was resampled (nnU-Net's way). An ensemble averages its models' probabilities
+   there. They are thresholded at 0.5 and nested (`inference.to_regions`).
+4. Where the model holds a ``postprocessing.json`` (chosen on its validation cases by
    ``uagan-jax postprocess``), its rule for ``--modality`` is applied to the nested regions
    (`postprocess`: small components removed, a small enhancing tumour relabelled); a line says
-   which. ``--no-postprocessing``: not.
+   which. ``--no-postprocessing``: not. An ensemble is not post-processed (the rules were chosen
+   for one model's segmentations; a line says so where a model holds one).
 5. The regions (WT, TC, ET) become labels (`readers.regions_to_labels`): ET -> enhancing,
    TC minus ET -> necrotic/non-enhancing core, WT minus TC -> oedema; the values are those of
    ``--labels``: brats (default; 1 NCR, 2 ED, 4 ET), brats2023 (1 NCR, 2 ED, 3 ET) or msd
@@ -39,7 +43,9 @@ Per image:
 6. The label map is written as uint8 on the input file's grid: same shape, affine, qform/sform
    codes and header (`readers.Volume.to_source_image`, the reorientation undone), atomically
    (`volume_io.write_nifti`). An existing output is replaced, as ``uagan-jax translate`` does;
-   a file of an input case (any modality, the label) never is.
+   a file of an input case (any modality, the label) never is. With ``save_probabilities`` the
+   probabilities that were thresholded (before nesting) are written beside it
+   (`probabilities_path`): float32 (X, Y, Z, 3), volumes WT, TC, ET, on the same grid and affine.
 
 Every output is checked before the model is loaded, so a bad ``--output`` costs no inference.
 """
@@ -50,18 +56,24 @@ import dataclasses
 import os
 import pathlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import ml_collections
 import numpy as np
 
-from uagan_jax import inference, model_file, postprocess, timing, volume_io
+from uagan_jax import config as config_lib
+from uagan_jax import families, inference, model_file, postprocess, timing, volume_io
 from uagan_jax.data import checks, readers, resample
 from uagan_jax.errors import UserError
 
 # --labels choices: the label conventions the readers know.
 LABEL_CONVENTIONS = tuple(readers.LABEL_CONVENTIONS)
 OUTPUT_DTYPE = np.uint8
+# The probability maps of ``--save-probabilities``: beside the label file, this suffix on its stem.
+PROBABILITIES_SUFFIX = "_probabilities.nii.gz"
+# What their header says (descrip: 80 bytes at most; intent_name: 16).
+PROBABILITIES_DESCRIP = "uagan-jax region probabilities; volumes 0, 1, 2 = WT, TC, ET"
+PROBABILITIES_INTENT_NAME = "WT,TC,ET"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +90,7 @@ class PredictionResult:
     spacing: The input's voxel size in mm (canonical X, Y, Z).
     resampled: Whether it was resampled to the model's spacing (``data.spacing``) and back.
     voxels: Label value -> voxel count, for the tumour labels.
+    probabilities: The probability maps written (``save_probabilities``), else None.
   """
   case_id: str
   output: pathlib.Path
@@ -88,6 +101,7 @@ class PredictionResult:
   spacing: tuple[float, float, float]
   resampled: bool
   voxels: dict[int, int]
+  probabilities: pathlib.Path | None = None
 
   def summary(self) -> str:
     """E.g. "1: 310, 2: 1203, 4: 95 voxels" or "no tumour"."""
@@ -130,7 +144,23 @@ class VolumeSegmentor:
     """Whether an image of ``spacing`` (mm) is resampled to the model's ``data.spacing``."""
     return resample.needs_resampling(spacing, tuple(self.config.data.spacing))
 
-  def segment(self, image: np.ndarray, *, modality: str, spacing=None) -> np.ndarray:
+  def describe(self, checkpoint: str = "latest") -> str:
+    """'segan, checkpoint step 600 (the newest)'; ``checkpoint``: what ``--checkpoint`` said."""
+    which = {"latest": "the newest", "best": "the best by validation Dice"}.get(
+        inference.check_checkpoint(checkpoint), "--checkpoint")
+    if model_file.is_model_file(self.workdir):
+      which = "the one the model file holds"
+    return f"{self.config.model.name}, checkpoint step {self.step} ({which})"
+
+  def probabilities(self, image: np.ndarray, *, modality: str, spacing=None,
+                    tta: bool = False) -> np.ndarray:
+    """float32 (X, Y, Z, 3) WT/TC/ET probabilities of a canonical volume on its grid
+    (`inference.segment_probabilities`; the arguments are `segment`'s)."""
+    return inference.segment_probabilities(self._slices, image, modality=modality,
+                                           config=self.config, spacing=spacing, tta=tta)
+
+  def segment(self, image: np.ndarray, *, modality: str, spacing=None,
+              tta: bool = False) -> np.ndarray:
     """Segments a canonical volume.
 
     Args:
@@ -139,13 +169,60 @@ class VolumeSegmentor:
       spacing: Its voxel size in mm; more than 1% away from the model's ``data.spacing``, the
         image is segmented resampled to it (`inference.segment_volume`). None: taken to be at
         the model's spacing.
+      tta: Average over the in-plane mirrorings of the slices (test-time augmentation).
 
     Returns:
       bool (X, Y, Z, 3) regions WT, TC, ET on the image's grid; background outside the brain
       slices.
     """
     return inference.segment_volume(self._slices, image, modality=modality, config=self.config,
-                                    spacing=spacing)
+                                    spacing=spacing, tta=tta)
+
+
+class Ensemble:
+  """Several `VolumeSegmentor`s that segment as one: their probabilities, each on the image's
+  grid (each model at its own ``data.spacing`` and slice size), averaged with equal weights,
+  thresholded once and nested by the first model's ``eval.nesting`` (`inference.to_regions`).
+
+  Attributes:
+    members: The models, in the order given.
+    checkpoints: What ``--checkpoint`` said for each.
+    config: The first model's config (its ``eval.nesting`` nests the ensemble's regions).
+  """
+
+  def __init__(self, members, checkpoints):
+    self.members = list(members)
+    self.checkpoints = list(checkpoints)
+    self.config = self.members[0].config
+
+  def check_modality(self, modality: str) -> None:
+    """UserError (naming the workdir) unless every model was trained on ``modality``."""
+    for member in self.members:
+      member.check_modality(modality)
+
+  def needs_resampling(self, spacing) -> bool:
+    """Whether an image of ``spacing`` is resampled for any of the models."""
+    return any(member.needs_resampling(spacing) for member in self.members)
+
+  def describe(self, checkpoint=None) -> str:  # pylint: disable=unused-argument
+    """'an ensemble of 2 models: segan step 600 of runs/a (latest), ...'."""
+    return (f"an ensemble of {len(self.members)} models (probabilities averaged, thresholded "
+            f"once, nested by the first's eval.nesting {self.config.eval.nesting}): "
+            + "; ".join(f"{m.config.model.name} step {m.step} of {m.workdir} ({c})"
+                        for m, c in zip(self.members, self.checkpoints)))
+
+  def probabilities(self, image: np.ndarray, *, modality: str, spacing=None,
+                    tta: bool = False) -> np.ndarray:
+    """The mean of the models' probabilities (`inference.mean_probabilities`)."""
+    return inference.mean_probabilities(
+        [(member._slices, member.config) for member in self.members],  # pylint: disable=protected-access
+        image, modality=modality, spacing=spacing, tta=tta)
+
+  def segment(self, image: np.ndarray, *, modality: str, spacing=None,
+              tta: bool = False) -> np.ndarray:
+    """bool (X, Y, Z, 3) nested regions of the mean probabilities."""
+    return inference.to_regions(self.probabilities(image, modality=modality, spacing=spacing,
+                                                   tta=tta), config=self.config)
 
 
 def load_segmentor(workdir: str | os.PathLike, *, batch_size: int | None = None,
@@ -180,6 +257,44 @@ def load_segmentor(workdir: str | os.PathLike, *, batch_size: int | None = None,
                                                  checkpoint=checkpoint, check=check)
   return VolumeSegmentor(config, variables, step=step,
                          workdir=workdir, batch_size=batch_size, stopwatch=stopwatch)
+
+
+def load_segmentors(models, *, batch_size: int | None = None,
+                    stopwatch: timing.Stopwatch | None = None,
+                    modality: str | None = None) -> VolumeSegmentor | Ensemble:
+  """`load_segmentor` of each (workdir, checkpoint) of ``models`` (`inference.pair_models`): the
+  model itself for one, an `Ensemble` for several. A model that never trained on ``modality``
+  is refused (naming its workdir) before any checkpoint is read."""
+  models = list(models)
+  if modality is not None and len(models) > 1:  # every config first: no checkpoint read in vain
+    for workdir, _ in models:
+      config = config_lib.from_json_file(pathlib.Path(workdir) / "config.json")
+      if families.get(config.model.name).segments:
+        volume_io.check_trained_modality(config, modality, flag="--modality",
+                                         workdir=pathlib.Path(workdir))
+  loaded = [load_segmentor(workdir, batch_size=batch_size, stopwatch=stopwatch,
+                           checkpoint=checkpoint, modality=modality)
+            for workdir, checkpoint in models]
+  if len(loaded) == 1:
+    return loaded[0]
+  return Ensemble(loaded, [checkpoint for _, checkpoint in models])
+
+
+def probabilities_path(output: pathlib.Path) -> pathlib.Path:
+  """Where ``--save-probabilities`` writes beside a label file: ``<stem>_probabilities.nii.gz``."""
+  output = pathlib.Path(output)
+  extension = volume_io.nifti_extension(output)
+  stem = output.name[:-len(extension)] if extension else output.name
+  return output.with_name(stem + PROBABILITIES_SUFFIX)
+
+
+def probabilities_image(volume: readers.Volume, probabilities: np.ndarray):
+  """The float32 (X, Y, Z, 3) probability maps of a canonical volume as a NIfTI image on the
+  source file's grid (its affine, qform/sform codes), the regions named in the header."""
+  image = volume.to_source_image(np.asarray(probabilities, np.float32), dtype=np.float32)
+  image.header["descrip"] = PROBABILITIES_DESCRIP.encode()
+  image.header["intent_name"] = PROBABILITIES_INTENT_NAME.encode()
+  return image
 
 
 def check_labels(name: str) -> str:
@@ -236,11 +351,13 @@ def plan(input_path: str | os.PathLike, output_path: str | os.PathLike, *,
 
 
 def predict(input_path: str | os.PathLike, output_path: str | os.PathLike, *, modality: str,
-            labels: str = "brats", workdir: str | os.PathLike | None = None,
-            segmentor: VolumeSegmentor | None = None, batch_size: int | None = None,
-            checkpoint: str = "latest", postprocessing: bool = True,
+            labels: str = "brats",
+            workdir: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+            segmentor: VolumeSegmentor | Ensemble | None = None, batch_size: int | None = None,
+            checkpoint: str | Sequence[str] = "latest", postprocessing: bool = True,
             log: Callable[[str], None] = print,
-            stopwatch: timing.Stopwatch | None = None) -> list[PredictionResult]:
+            stopwatch: timing.Stopwatch | None = None, tta: bool = True,
+            save_probabilities: bool = False) -> list[PredictionResult]:
   """Segments a NIfTI image, a case folder or a data folder of cases into label maps.
 
   Args:
@@ -252,17 +369,25 @@ def predict(input_path: str | os.PathLike, output_path: str | os.PathLike, *, mo
     labels: The label convention to write: "brats" (1, 2, 4), "brats2023" or "msd" (1, 2, 3).
     workdir: The training workdir of a segmenting model; its newest checkpoint segments. Or a
       model file written by ``uagan-jax export`` (`model_file`; ``checkpoint`` left "latest").
-    segmentor: An already loaded model (from `load_segmentor`), instead of ``workdir``.
+      Several (a list): an ensemble, paired with ``checkpoint`` by `inference.pair_models`.
+    segmentor: An already loaded model (from `load_segmentor` or `load_segmentors`), instead of
+      ``workdir``.
     batch_size: With ``workdir``: slices per forward pass (default the config's eval.batch_size).
     checkpoint: With ``workdir``: "latest" (the newest checkpoint), "best" (the best by
-      validation Dice, ``checkpoints_best/``) or a step number of ``checkpoints/``.
-    postprocessing: Apply the model's workdir's ``postprocessing.json`` (`postprocess`, chosen by
-      ``uagan-jax postprocess`` on its validation cases) where there is one; a line says which.
-      False: ``--no-postprocessing``.
+      validation Dice, ``checkpoints_best/``) or a step number of ``checkpoints/``; a list of
+      them for an ensemble (`inference.pair_models`).
+    postprocessing: Apply the model's ``postprocessing.json`` (its workdir's or model file's;
+      `postprocess`, chosen by ``uagan-jax postprocess`` on its validation cases) where there is
+      one; a line says which. False: ``--no-postprocessing``. An ensemble is not post-processed.
     log: Where progress goes.
-    stopwatch: Counts the wall time of loading the model, reading, compiling, segmenting and
-      writing (``uagan-jax predict --timing``); with ``segmentor``, its compilations are counted
-      where it was loaded.
+    stopwatch: Counts the wall time of loading the model, reading, compiling, segmenting (the
+      mirrored passes of ``tta`` apart, `inference.TTA_PHASE`) and writing (``uagan-jax predict
+      --timing``); with ``segmentor``, its compilations are counted where it was loaded.
+    tta: Test-time augmentation: average the probabilities over the in-plane mirrorings of the
+      slices (four passes through the network). On by default, as in the command
+      (``cli.TTA_DEFAULT``); False: one pass per slice.
+    save_probabilities: Also write the probabilities that were thresholded (before nesting) as
+      float32 (X, Y, Z, 3) maps WT, TC, ET beside each label file (`probabilities_path`).
 
   Returns:
     One `PredictionResult` per case, in case order.
@@ -271,7 +396,7 @@ def predict(input_path: str | os.PathLike, output_path: str | os.PathLike, *, mo
     UserError: Unknown modality or label convention, missing or corrupt input, an output that
       is an input file or cannot be written, a workdir without a checkpoint or with a model
       family that does not segment, a modality the model was not trained on, an image without
-      a non-zero voxel. Files already written stay.
+      a non-zero voxel, workdirs and checkpoints that do not pair. Files already written stay.
   """
   if (workdir is None) == (segmentor is None):
     raise ValueError("pass exactly one of workdir and segmentor")
@@ -280,23 +405,41 @@ def predict(input_path: str | os.PathLike, output_path: str | os.PathLike, *, mo
   stopwatch = stopwatch or timing.Stopwatch()
   modality = volume_io.check_modality(modality)
   labels = check_labels(labels)
+  checkpoints = [checkpoint] if isinstance(checkpoint, (str, int)) else list(checkpoint)
+  models = None
+  if workdir is not None:
+    workdirs = ([workdir] if isinstance(workdir, (str, os.PathLike)) else list(workdir))
+    models = inference.pair_models(workdirs, checkpoints)
   jobs, many = plan(input_path, output_path, modality=modality)
+  if save_probabilities:
+    _check_probability_outputs(jobs, modality=modality)
 
   if segmentor is None:
-    if postprocessing:
-      postprocess.load(workdir)  # a damaged postprocessing.json costs no model load either
-    log(f"loading the model in {workdir}")
+    if postprocessing and len(models) == 1:
+      postprocess.load(models[0][0])  # a damaged postprocessing.json costs no model load either
+    if len(models) == 1:
+      log(f"loading the model in {models[0][0]}")
+    else:
+      log(f"loading {len(models)} models: "
+          + ", ".join(f"{w} ({c})" for w, c in models))
     with stopwatch.phase("load model"):
-      segmentor = load_segmentor(workdir, batch_size=batch_size, stopwatch=stopwatch,
-                                 checkpoint=checkpoint, modality=modality)
+      segmentor = load_segmentors(models, batch_size=batch_size, stopwatch=stopwatch,
+                                  modality=modality)
   segmentor.check_modality(modality)
-  which = {"latest": "the newest", "best": "the best by validation Dice"}.get(
-      inference.check_checkpoint(checkpoint), "--checkpoint")
-  if workdir is not None and model_file.is_model_file(workdir):
-    which = "the one the model file holds"
-  log(f"model: {segmentor.config.model.name}, checkpoint step {segmentor.step} ({which})")
-  processing = postprocess.for_run(segmentor.workdir, enabled=postprocessing, step=segmentor.step,
-                                   modalities=[modality], log=log)
+  log(f"model: {segmentor.describe(checkpoints[0] if len(checkpoints) == 1 else 'latest')}")
+  if tta:
+    log(f"test-time augmentation: the mean over the {len(inference.MIRRORS)} in-plane mirrorings "
+        "of the slices")
+  processing = None
+  if isinstance(segmentor, Ensemble):
+    held = [m.workdir for m in segmentor.members if postprocessing and postprocess.load(m.workdir)]
+    if held:
+      log(f"note: an ensemble is not post-processed (the postprocessing.json of "
+          f"{', '.join(map(str, held))} was chosen for one model's segmentations)")
+  else:
+    processing = postprocess.for_run(segmentor.workdir, enabled=postprocessing,
+                                     step=segmentor.step, modalities=[modality], log=log,
+                                     tta=tta)
   if many:
     log(f"segmenting the {modality} images of {len(jobs)} cases in {input_path} into "
         f"{output_path}/<case_id>.nii.gz ({labels} labels)")
@@ -305,7 +448,8 @@ def predict(input_path: str | os.PathLike, output_path: str | os.PathLike, *, mo
   started = time.time()
   for number, (case, output) in enumerate(jobs, 1):
     result = _predict_case(segmentor, case, output, modality=modality, labels=labels, log=log,
-                           steps=not many, stopwatch=stopwatch, processing=processing)
+                           steps=not many, stopwatch=stopwatch, tta=tta,
+                           save_probabilities=save_probabilities, processing=processing)
     results.append(result)
     if many:
       elapsed = time.time() - started
@@ -314,12 +458,26 @@ def predict(input_path: str | os.PathLike, output_path: str | os.PathLike, *, mo
   return results
 
 
-def _predict_case(segmentor: VolumeSegmentor, case: readers.CaseFiles, output: pathlib.Path, *,
-                  modality: str, labels: str, log: Callable[[str], None], steps: bool,
-                  stopwatch: timing.Stopwatch,
+def _check_probability_outputs(jobs, *, modality: str) -> None:
+  """`volume_io.check_output` of each job's probability file, none of which may be another
+  job's label file."""
+  labels = {output.resolve() for _, output in jobs}
+  for case, output in jobs:
+    path = probabilities_path(output)
+    volume_io.check_output(path, volume_io.input_files(case, modality))
+    if path.resolve() in labels:
+      raise UserError(f"{path}: is the label file of another case, and --save-probabilities "
+                      f"would write the probabilities of {case.case_id} there")
+
+
+def _predict_case(segmentor: VolumeSegmentor | Ensemble, case: readers.CaseFiles,
+                  output: pathlib.Path, *, modality: str, labels: str,
+                  log: Callable[[str], None], steps: bool, stopwatch: timing.Stopwatch,
+                  tta: bool = False, save_probabilities: bool = False,
                   processing: postprocess.PostProcessing | None = None) -> PredictionResult:
   """Segments one case and writes its label map; ``steps``: log each step, not only notes;
-  ``processing``: the post-processing applied to the nested regions before they become labels."""
+  ``processing``: the post-processing applied to the nested regions before they become labels
+  (the probabilities written with ``save_probabilities`` are those before it)."""
   step_log = log if steps else lambda _: None
   image_file = case.images[modality]
   with stopwatch.phase("read"):
@@ -331,21 +489,32 @@ def _predict_case(segmentor: VolumeSegmentor, case: readers.CaseFiles, output: p
     log(f"warning: {warning}")
   resampled = segmentor.needs_resampling(volume.spacing)
   if resampled:
-    step_log(f"resampling from {volume_io.format_spacing(volume.spacing)} to the model's "
-             f"{volume_io.format_spacing(segmentor.config.data.spacing)} voxels (data.spacing), the result back")
+    members = getattr(segmentor, "members", [segmentor])
+    spacings = sorted({volume_io.format_spacing(m.config.data.spacing) for m in members
+                       if m.needs_resampling(volume.spacing)})
+    step_log(f"resampling from {volume_io.format_spacing(volume.spacing)} to the "
+             f"model{'s' if len(members) > 1 else ''}'s {' and '.join(spacings)} voxels "
+             "(data.spacing), the result back")
   step_log(f"segmenting {slices} slices (volume {'x'.join(map(str, image.shape))} canonical, "
            f"{volume_io.format_spacing(volume.spacing)})")
   with stopwatch.phase("segment"):
-    regions = segmentor.segment(image, modality=modality, spacing=volume.spacing)
+    probabilities = segmentor.probabilities(image, modality=modality, spacing=volume.spacing,
+                                            tta=tta)
+    regions = inference.to_regions(probabilities, config=segmentor.config)
     if processing is not None:
       regions = processing.apply(regions, modality=modality, spacing=volume.spacing)
     label_map = readers.regions_to_labels(regions, convention=labels)
   step_log(f"writing {output}")
+  probabilities_file = probabilities_path(output) if save_probabilities else None
   with stopwatch.phase("write"):
     volume_io.write_nifti(volume.to_source_image(label_map, dtype=OUTPUT_DTYPE), output)
+    if probabilities_file is not None:
+      step_log(f"writing {probabilities_file} (float32 probabilities of WT, TC, ET)")
+      volume_io.write_nifti(probabilities_image(volume, probabilities), probabilities_file)
   counts = np.bincount(label_map.ravel(), minlength=256)
   tumour = sorted(set(readers.LABEL_CONVENTIONS[labels]["labels"]) - {0})
   return PredictionResult(case_id=case.case_id, output=output, image_file=image_file,
                           modality=modality, labels=labels, slices=slices,
                           spacing=tuple(volume.spacing), resampled=resampled,
-                          voxels={label: int(counts[label]) for label in tumour})
+                          voxels={label: int(counts[label]) for label in tumour},
+                          probabilities=probabilities_file)
