@@ -18,6 +18,16 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
+# The suite compiles hundreds of small XLA programs and runs each a few times, so compiling is
+# most of its time. At XLA:CPU's LLVM optimisation level 0 they compile about 40% faster
+# (docs/PERFORMANCE.md, "The test suite"). The programs (their HLO: what is computed, fused and
+# laid out) are those users run; only their machine code is less optimised, which can move the
+# last bit of a float, and every comparison the tests make is between results of this one run.
+# Inherited by subprocesses. UAGAN_JAX_TEST_XLA_DEFAULT=1 runs the suite at XLA's default level.
+if ("xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", "")
+    and not os.environ.get("UAGAN_JAX_TEST_XLA_DEFAULT")):
+  os.environ["XLA_FLAGS"] = " ".join(
+      [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]).strip()
 # Training prepares its data into a cache (uagan_jax/data/cache.py); the tests' caches live and
 # die with the test run, never in the user's ~/.cache (inherited by subprocesses too).
 if "UAGAN_JAX_CACHE" not in os.environ:

@@ -109,6 +109,11 @@ def test_stream_gives_each_tag_its_own_keys():
   assert len(set(all_keys)) == len(all_keys)
 
 
+# XLA's default LLVM optimisation level, named: the tests run at 0 (tests/conftest.py), and the
+# reference here must be what users get.
+XLA_DEFAULT_LEVEL = {"xla_backend_optimization_level": 3}
+
+
 def _init_at_both_levels(spec):
   """The initial state compiled as `init_state` compiles it and at XLA's default level."""
   from uagan_jax import config as config_lib  # pylint: disable=g-import-not-at-top
@@ -118,7 +123,7 @@ def _init_at_both_levels(spec):
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   default = jax.jit(functools.partial(train_state.create_train_state, config,
                                       train_state.build_networks(config)),
-                    out_shardings=sharding)()
+                    out_shardings=sharding).lower().compile(compiler_options=XLA_DEFAULT_LEVEL)()
   return fast, default
 
 
