@@ -16,6 +16,10 @@ With ``tta`` the probabilities are averaged over the in-plane mirrorings of the 
 (`inference.mean_probabilities`), thresholded once and nested by the first model's
 ``eval.nesting``, into the folder ``out`` (docs/EVALUATION.md, "Test-time augmentation and
 ensembles").
+
+`evaluate_cross_validation` scores the K folds of a cross-validation (``data.folds``): each
+fold's model on its own val cases through `evaluate_split`, the rows together in
+``eval_cv[_tta]/`` (docs/EVALUATION.md, "Cross-validation and ensembles").
 """
 
 from __future__ import annotations
