@@ -239,6 +239,13 @@ def test_synth_then_train_then_evaluate(capsys, tmp_path):
                "eval_test/summary.json", "figures/training_curves.png"):
     assert (work / name).is_file(), name
   assert list((work / "figures").glob("test_*.png"))
+  # data.folds 0 (the default): the plain split, as before folds existed, and no fold keys.
+  record = json.loads((work / "splits.json").read_text())
+  assert "folds" not in record and "fold" not in record
+  config = load_test_config()
+  assert {k: record[k] for k in ("train", "val", "test")} == dataset.split_cases(
+      sorted(p.name for p in data.iterdir() if p.is_dir()), seed=config.seed,
+      val_fraction=config.data.val_fraction, test_fraction=config.data.test_fraction)
   curves = (work / "figures" / "training_curves.png").stat().st_mtime_ns
   code, out, err = run_cli(capsys, "evaluate", "--workdir", work, "--data", data)
   assert code == 0, err

@@ -79,8 +79,20 @@ def test_resolved_config_round_trips_through_json(tmp_path):
     ("--config.data.val_fraction=1.0", "data.val_fraction=1.0: must be in [0, 1)"),
     ("--config.optim.b2=1.0", "optim.b2=1.0: must be in [0, 1)"),
     ("--config.data.test_fraction=0.9", "must be < 1, to leave cases to train on"),
+    ("--config.data.folds=1", "data.folds=1: must be 0 (no cross-validation) or an integer >= 2"),
+    ("--config.data.folds=-2", "data.folds=-2: must be 0"),
+    ("--config.data.fold=1", "data.fold=1: must be an integer in 0..0 (data.folds=0: no folds)"),
+    ("--config.data.fold=-1", "data.fold=-1: must be an integer in 0..0"),
 ])
 def test_impossible_numbers_are_rejected(override, needle):
   with pytest.raises(UserError, match=re.escape(needle)):
     load_test_config(override, "--config.data.val_fraction=0.2" if "test_fraction" in override
                      else "--config.seed=0")
+
+
+def test_fold_must_be_one_of_the_folds():
+  assert load_test_config("--config.data.folds=5", "--config.data.fold=4").data.fold == 4
+  with pytest.raises(UserError, match=re.escape("data.fold=5: must be an integer in 0..4 "
+                                                "(data.folds=5)")):
+    load_test_config("--config.data.folds=5", "--config.data.fold=5")
+  assert load_test_config().data.folds == 0  # off by default

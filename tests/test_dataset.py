@@ -2,6 +2,7 @@
 
 import collections
 import pathlib
+import re
 
 import nibabel as nib
 import numpy as np
@@ -86,6 +87,65 @@ def test_split_cases_rejects_bad_fractions():
     dataset.split_cases(["a", "a"], seed=0, val_fraction=0.0, test_fraction=0.5)
   with pytest.raises(UserError):
     dataset.split_cases(["a", "b"], seed=-1, val_fraction=0.0, test_fraction=0.5)
+
+
+def test_split_cases_pinned():
+  # The plain split of today (data.folds 0), pinned: folds must not move it.
+  split = dataset.split_cases([f"c{i}" for i in range(10)], seed=0, val_fraction=0.1,
+                              test_fraction=0.2)
+  assert split == {"train": ["c1", "c2", "c3", "c4", "c5", "c6", "c9"], "val": ["c7"],
+                   "test": ["c0", "c8"]}
+
+
+def test_split_fold_pinned_small_case():
+  # 10 cases, test 2 (c0, c8: the plain split's); the 8 others in 3 folds of 3, 3 and 2.
+  ids = [f"c{i}" for i in range(10)]
+  folds = [dataset.split_fold(ids, seed=0, test_fraction=0.2, folds=3, fold=k) for k in range(3)]
+  assert [f["val"] for f in folds] == [["c2", "c6", "c7"], ["c3", "c4", "c5"], ["c1", "c9"]]
+  assert folds[2]["train"] == ["c2", "c3", "c4", "c5", "c6", "c7"]
+  assert all(f["test"] == ["c0", "c8"] for f in folds)
+
+
+@pytest.mark.parametrize("n, k", [(80, 5), (80, 3), (23, 4), (7, 2), (12, 9)])
+def test_split_fold_partitions_the_non_test_cases(n, k):
+  ids = [f"case{i:03d}" for i in range(n)]
+  plain = dataset.split_cases(ids, seed=5, val_fraction=0.1, test_fraction=0.2)
+  folds = [dataset.split_fold(ids, seed=5, test_fraction=0.2, folds=k, fold=f) for f in range(k)]
+  rest = sorted(set(ids) - set(plain["test"]))
+  vals = [case for f in folds for case in f["val"]]
+  assert sorted(vals) == rest  # every non-test case validated on by exactly one fold
+  sizes = [len(f["val"]) for f in folds]
+  assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+  for f in folds:
+    assert f["test"] == plain["test"]  # the test split of the plain split, in every fold
+    assert sorted(f["train"] + f["val"]) == rest
+    assert not set(f["train"]) & set(f["val"])
+    assert all(part == sorted(part) for part in f.values())
+
+
+def test_split_fold_test_split_does_not_depend_on_val_fraction():
+  ids = [f"c{i}" for i in range(4)]
+  for val in (0.0, 0.1, 0.45):  # 0.45 + 0.45 makes the plain split shrink val, never test
+    plain = dataset.split_cases(ids, seed=1, val_fraction=val, test_fraction=0.45)
+    assert plain["test"] == dataset.split_fold(ids, seed=1, test_fraction=0.45, folds=2,
+                                               fold=0)["test"]
+
+
+def test_split_fold_deterministic_and_seeded():
+  ids = [f"c{i:02d}" for i in range(40)]
+  fold = dataset.split_fold(ids, seed=2, test_fraction=0.2, folds=4, fold=1)
+  assert dataset.split_fold(ids[::-1], seed=2, test_fraction=0.2, folds=4, fold=1) == fold
+  assert dataset.split_fold(ids, seed=3, test_fraction=0.2, folds=4, fold=1) != fold
+
+
+@pytest.mark.parametrize("folds, fold, needle", [
+    (1, 0, "folds 1"), (0, 0, "folds 0"), (3, 3, "fold 3"), (3, -1, "fold -1"),
+    (7, 0, "only 6 case(s)"),  # 7 cases, 1 test: 6 left for 7 folds
+])
+def test_split_fold_errors(folds, fold, needle):
+  with pytest.raises(UserError, match=re.escape(needle)):
+    dataset.split_fold([f"c{i}" for i in range(7)], seed=0, test_fraction=0.2, folds=folds,
+                       fold=fold)
 
 
 def test_assign_modalities_balanced_and_seeded():

@@ -252,3 +252,21 @@ def test_modality_counts_name_the_modalities_without_training_slices(synth_data)
   single = input_pipeline.TrainInput(config, one, log=lambda _: None)
   assert single.modality_counts == {"t1": 0, "t1ce": 0, "t2": len(single.index), "flair": 0}
   assert single.trained_modalities == ("t2",)
+
+
+def test_find_training_data_with_folds_trains_the_fold_and_keeps_the_test_split(synth_data):
+  plain = input_pipeline.find_training_data(load_test_config(), synth_data)
+  ids = [c.case_id for c in plain.cases]
+  assert (plain.folds, plain.fold) == (0, 0)
+  vals = []
+  for fold in range(3):
+    config = load_test_config("--config.data.folds=3", f"--config.data.fold={fold}")
+    data = input_pipeline.find_training_data(config, synth_data)
+    assert data.splits == dataset.split_fold(ids, seed=config.seed,
+                                             test_fraction=config.data.test_fraction, folds=3,
+                                             fold=fold)
+    assert data.splits["test"] == plain.splits["test"]
+    assert (data.folds, data.fold) == (3, fold)
+    assert sorted(data.train_modalities) == data.splits["train"]  # what trains is the fold's
+    vals += data.splits["val"]
+  assert sorted(vals) == sorted(set(ids) - set(plain.splits["test"]))

@@ -13,6 +13,7 @@ import pytest
 
 from conftest import ROOT, TEST_CONFIG, assert_one_line_error, run_cli
 from uagan_jax import study as study_lib
+from uagan_jax.errors import UserError
 
 STUDIES = ROOT / "studies"
 
@@ -206,6 +207,33 @@ def test_study_files_load_and_plan(tmp_path, monkeypatch, name, runs):
       assert study.seeds == (0,) and all(run.config.train.steps == 2 for run in planned)
     else:
       assert study.seeds == (0, 1, 2)
+
+
+@pytest.mark.parametrize("variant, folds, steps", [("", 5, 600), ("3", 3, 600), ("smoke", 5, 2),
+                                                   ("3_smoke", 3, 2)])
+def test_cross_validation_study_is_one_arm_per_fold_and_the_single_model(tmp_path, monkeypatch,
+                                                                         variant, folds, steps):
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "configs").symlink_to(ROOT / "configs")
+  (tmp_path / "data_synth").mkdir()
+  (tmp_path / "data_shifted").mkdir()
+  path = STUDIES / "cross_validation.py"
+  assert "uagan-jax study studies/cross_validation.py" in path.read_text()
+  study = study_lib.load_study(f"{path}:{variant}" if variant else str(path))
+  planned = study_lib.plan(study, out=tmp_path / "out")
+  assert sorted(run.arm for run in planned) == sorted(["single"] + [f"fold{k}"
+                                                                   for k in range(folds)])
+  assert study.seeds == (0,)
+  for run in planned:
+    assert run.config.model.name == "segan" and run.config.train.steps == steps
+    assert run.config.data.image_size == planned[0].config.data.image_size  # one recipe
+    expected = (0, 0) if run.arm == "single" else (folds, int(run.arm.removeprefix("fold")))
+    assert (run.config.data.folds, run.config.data.fold) == expected
+  assert study.comparisons == tuple((f"fold{k}", "single") for k in range(folds))
+  assert [f.name for f in study.external] == ([] if "smoke" in variant else ["data_shifted"])
+  for bad in ("1", "x", "3_x"):
+    with pytest.raises(UserError, match="cross_validation.py"):
+      study_lib.load_study(f"{path}:{bad}")
 
 
 def test_unified_vs_single_is_one_model_per_modality(tmp_path, monkeypatch):

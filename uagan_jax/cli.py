@@ -5,6 +5,7 @@
   uagan-jax evaluate --workdir W --data DIR [--split test|all] [--checkpoint latest|best|STEP]
                      [--no-tta] [--timing] [--no-postprocessing] [--out DIR]
                      [--workdir W2 ... --checkpoint C ...: an ensemble]
+  uagan-jax evaluate --cross-validation --workdir F0 --workdir F1 ... --data DIR --out DIR
   uagan-jax translate --workdir W --input FILE --source t1 --target flair --output OUT.nii.gz
   uagan-jax predict  --workdir W --input FILE|CASE|DATA --modality flair --output SEG.nii.gz|DIR
                      [--checkpoint latest|best|STEP] [--no-tta] [--save-probabilities]
@@ -491,6 +492,14 @@ def _build_parser() -> argparse.ArgumentParser:
                              "an ensemble)")
   evaluate.add_argument("--no-postprocessing", action="store_true",
                         help=NO_POSTPROCESSING_HELP)
+  evaluate.add_argument("--cross-validation", action="store_true",
+                        help="the --workdir are the K folds of one cross-validation (trained "
+                             "with --config.data.folds=K --config.data.fold=k, k = 0..K-1, one "
+                             "seed): each fold's model scores its own val cases (with its own "
+                             "postprocessing.json), and all the rows go to one metrics.csv "
+                             "(with a fold column) and summary.json in --out DIR/eval_cv/ "
+                             "(eval_cv_tta/ with TTA; each fold's own under fold<k>/); one "
+                             "--checkpoint at most, for every fold; no --split")
   evaluate.add_argument("--timing", action="store_true",
                         help="end with one line of where the wall time went: import, load "
                              "model, read, segment, compile, tta, score, figures, write "
@@ -723,7 +732,13 @@ def _evaluate(args, main_started: float) -> None:
   _refuse_checkpoint_with_model(args)
   common = dict(data_dir=args.data, split=args.split, out=args.out, tta=args.tta,
                 postprocessing=not args.no_postprocessing, stopwatch=stopwatch, log=_log)
-  if args.model is None:
+  if args.cross_validation:
+    _refuse_with_cross_validation(args)
+    evaluate.evaluate_cross_validation(
+        workdirs=args.workdir, checkpoint=(args.checkpoint or ["latest"])[0], data_dir=args.data,
+        out=args.out, tta=args.tta, postprocessing=not args.no_postprocessing,
+        stopwatch=stopwatch, log=_log)
+  elif args.model is None:
     models = inference.pair_models(args.workdir, args.checkpoint)
     (workdir, checkpoint), ensemble = models[0], models[1:]
     config = config_lib.from_json_file(workdir / "config.json")
@@ -738,6 +753,23 @@ def _evaluate(args, main_started: float) -> None:
     evaluate.evaluate_split(model.config, model=model, **common)
   if args.timing:
     _log(stopwatch.summary())
+
+
+def _refuse_with_cross_validation(args) -> None:
+  """--cross-validation scores the folds' val cases from their workdirs, into --out."""
+  if args.model is not None:
+    raise UserError(f"--cross-validation --model {args.model}: give the folds' training "
+                    "workdirs (--workdir F0 --workdir F1 ...); a model file holds one model")
+  if args.split is not None:
+    raise UserError(f"--cross-validation --split {args.split}: each fold is scored on its own "
+                    "val cases; score the test split with the folds' ensemble (no "
+                    "--cross-validation)")
+  if args.checkpoint is not None and len(args.checkpoint) > 1:
+    raise UserError(f"--cross-validation --checkpoint {' '.join(args.checkpoint)}: give one "
+                    "checkpoint (latest, best or a step), for every fold")
+  if args.out is None:
+    raise UserError("--cross-validation: give --out DIR, the folder that receives eval_cv/ "
+                    "(the folds' scores belong to no one workdir)")
 
 
 def _model_or_workdir(args):

@@ -137,6 +137,13 @@ def base_config() -> ml_collections.ConfigDict:
   a.gamma_range = (0.7, 1.5)  # half the draws below 1, half above; mean and std kept
   c.data.val_fraction = 0.1
   c.data.test_fraction = 0.2
+  # Cross-validation, nnU-Net's way (data/dataset.py, split_fold): with folds = K >= 2 the test
+  # split stays the one above (same seed and test_fraction), and the other cases are shuffled by
+  # the seed into K near-equal folds; the run trains fold `fold` (0..K-1): it validates on that
+  # fold and trains on the others, and data.val_fraction is ignored. 0 = no folds: the plain
+  # train/val/test split. `uagan-jax evaluate --cross-validation` scores the K runs together.
+  c.data.folds = 0
+  c.data.fold = 0
   # Threads that read training batches from the cache ahead of the step (data/input_pipeline.py);
   # they change how soon a batch is ready, never what it holds.
   c.data.loader_threads = 4
@@ -372,6 +379,13 @@ def _check_numbers(config: ml_collections.ConfigDict) -> None:
   if config.data.val_fraction + config.data.test_fraction >= 1:
     raise UserError(f"config data.val_fraction={config.data.val_fraction} + data.test_fraction="
                     f"{config.data.test_fraction}: must be < 1, to leave cases to train on")
+  folds, fold = config.data.folds, config.data.fold
+  if isinstance(folds, bool) or not isinstance(folds, int) or folds < 0 or folds == 1:
+    raise UserError(f"config data.folds={folds!r}: must be 0 (no cross-validation) or an "
+                    "integer >= 2")
+  if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < max(folds, 1):
+    raise UserError(f"config data.fold={fold!r}: must be an integer in 0..{max(folds, 1) - 1}"
+                    + (f" (data.folds={folds})" if folds else " (data.folds=0: no folds)"))
 
 
 def _validate_recipe_keys(config: ml_collections.ConfigDict) -> None:

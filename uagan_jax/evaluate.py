@@ -16,6 +16,10 @@ With ``tta`` the probabilities are averaged over the in-plane mirrorings of the 
 (`inference.mean_probabilities`), thresholded once and nested by the first model's
 ``eval.nesting``, into the folder ``out`` (docs/EVALUATION.md, "Test-time augmentation and
 ensembles").
+
+`evaluate_cross_validation` scores the K folds of a cross-validation (``data.folds``): each
+fold's model on its own val cases through `evaluate_split`, the rows together in
+``eval_cv[_tta]/`` (docs/EVALUATION.md, "Cross-validation and ensembles").
 """
 
 from __future__ import annotations
@@ -406,6 +410,152 @@ def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path |
   log(f"per-case rows and summary.json in {out_dir}, figures in {figures}")
   return {"rows": rows, "translation_rows": translation_rows, "summary": summary,
           "report": report, "step": step}
+
+
+# --------------------------------------------------------------------------------------------
+# Cross-validation: each fold's model on its own val cases
+# --------------------------------------------------------------------------------------------
+
+
+def check_folds(workdirs: Sequence[pathlib.Path]) -> list[tuple[pathlib.Path, dict, object]]:
+  """The workdirs of a cross-validation in fold order: ``[(workdir, splits, config), ...]``.
+
+  They must be the K folds of one split (``data.folds``, recorded in splits.json): each trained
+  with the same K, K workdirs holding folds 0..K-1 once each, the same seed, data folder and
+  test split, folds validating on disjoint, non-empty sets of cases, and segmenting the same
+  modalities.
+
+  Raises:
+    UserError: one line naming the workdir and what is wrong.
+  """
+  from uagan_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  if not workdirs:
+    raise UserError("--cross-validation: give the workdir of each fold (--workdir F0 "
+                    "--workdir F1 ...)")
+  found = []
+  for workdir in map(pathlib.Path, workdirs):
+    splits_path = workdir / "splits.json"
+    if not splits_path.is_file():
+      raise UserError(f"{splits_path}: not found; is {workdir} a training workdir?")
+    try:
+      splits = json.loads(splits_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+      raise UserError(f"{splits_path}: unreadable ({e})") from None
+    if not splits.get("folds"):
+      raise UserError(f"{workdir}: not a fold of a cross-validation (splits.json has no folds: "
+                      "trained without --config.data.folds=K)")
+    found.append((workdir, splits, config_lib.from_json_file(workdir / "config.json")))
+  first_workdir, first, first_config = found[0]
+  folds = first["folds"]
+  for workdir, splits, config in found[1:]:
+    for what, mine, theirs in (
+        ("data.folds", splits["folds"], folds), ("seed", config.seed, first_config.seed),
+        ("data folder", _resolved(splits.get("data")), _resolved(first.get("data"))),
+        ("test split", splits.get("test"), first.get("test")),
+        ("data.modalities", tuple(config.data.modalities), tuple(first_config.data.modalities))):
+      if mine != theirs:
+        shown = ("differs" if what == "test split"
+                 else f"{mine} against {theirs} in {first_workdir}")
+        raise UserError(f"{workdir}: {what} {shown}; the workdirs must be the folds of one "
+                        "split (one seed, data folder and data.folds)")
+  by_fold = {}
+  for workdir, splits, config in found:
+    if splits["fold"] in by_fold:
+      raise UserError(f"{workdir}: fold {splits['fold']} again (also {by_fold[splits['fold']][0]}); "
+                      f"give each of the {folds} folds once")
+    by_fold[splits["fold"]] = (workdir, splits, config)
+  missing = [str(k) for k in range(folds) if k not in by_fold]
+  if missing:
+    raise UserError(f"--cross-validation: fold{'s' if len(missing) > 1 else ''} "
+                    f"{', '.join(missing)} of {folds} missing (given: "
+                    f"{', '.join(str(k) for k in sorted(by_fold))}); give every fold's workdir")
+  ordered = [by_fold[k] for k in range(folds)]
+  seen = {}
+  for workdir, splits, _ in ordered:
+    if not splits.get("val"):
+      raise UserError(f"{workdir / 'splits.json'}: fold {splits['fold']} has no val cases; "
+                      "there is nothing of its to score")
+    for case_id in splits["val"]:
+      if case_id in seen:
+        raise UserError(f"{workdir}: validates on {case_id}, as {seen[case_id]} does; the "
+                        "folds of one split validate on disjoint cases")
+      seen[case_id] = workdir
+  return ordered
+
+
+def _resolved(path: str | None) -> str | None:
+  return None if path is None else str(pathlib.Path(path).resolve())
+
+
+def evaluate_cross_validation(*, workdirs: Sequence[pathlib.Path], data_dir: pathlib.Path,
+                              out: pathlib.Path, checkpoint: str = "latest", tta: bool = False,
+                              postprocessing: bool = True, log: Callable[[str], None] = print,
+                              stopwatch: timing.Stopwatch | None = None) -> dict:
+  """Scores a cross-validation: each fold's model on that fold's val cases, all rows together.
+
+  Every non-test case is scored by the one model that held it out (its fold's), as nnU-Net
+  scores its folds. Each fold goes through `evaluate_split` (``split="val"``, its own config,
+  its own ``postprocessing.json`` where it has one) into ``<out>/eval_cv<suffix>/fold<k>/``
+  (``eval_val<suffix>/`` and ``figures/``); then all the rows, with a ``fold`` column first, go
+  to ``<out>/eval_cv<suffix>/metrics.csv`` and their `summarise` to ``summary.json``, and the
+  table is logged. ``suffix``: ``_best``/``_step<N>`` for the checkpoint, ``_tta`` with TTA.
+  Translation (the families that translate) is scored per fold only, in the fold folders.
+
+  Args:
+    workdirs: the K folds' workdirs, any order (`check_folds`).
+    data_dir: the data folder they were trained on.
+    out: the folder that receives ``eval_cv.../``.
+    checkpoint: each fold's "latest", "best" or a step.
+    tta, postprocessing, log, stopwatch: as `evaluate_split`'s.
+
+  Returns:
+    ``{"rows", "summary", "report"}`` of the whole cross-validation.
+  """
+  checkpoint = inference.check_checkpoint(checkpoint)
+  ordered = check_folds(workdirs)
+  folds = len(ordered)
+  suffix = {"latest": "", "best": "_best"}.get(checkpoint, f"_step{checkpoint}")
+  suffix += "_tta" if tta else ""
+  out_dir = pathlib.Path(out) / f"eval_cv{suffix}"
+  config = ordered[0][2]
+  modalities = [m for m in MODALITIES if m in config.data.modalities]
+  rows, models, untrained = [], [], set()
+  for fold, (workdir, _, fold_config) in enumerate(ordered):
+    log(f"cross-validation: fold {fold} of {folds}, {workdir}, on its val cases")
+    result = evaluate_split(fold_config, workdir=workdir, data_dir=data_dir, split="val",
+                            checkpoint=checkpoint, out=out_dir / f"fold{fold}", tta=tta,
+                            postprocessing=postprocessing, log=log, stopwatch=stopwatch)
+    report = result["report"]
+    rows.extend({"fold": fold, **row} for row in result["rows"])
+    untrained.update(report["untrained_modalities"])
+    models.append({"fold": fold, "workdir": str(workdir), "checkpoint": checkpoint,
+                   "step": result["step"], "cases": report["case_ids"],
+                   "postprocessing": report["postprocessing"]})
+  untrained = [m for m in modalities if m in untrained]
+  summary = summarise(rows, modalities)
+  cases = len({row["case"] for row in rows})
+  report = {"split": "cross_validation", "folds": folds,
+            "data": str(pathlib.Path(data_dir).absolute()), "checkpoint": checkpoint,
+            "cases": cases, "tta": tta, "untrained_modalities": untrained, "models": models,
+            "definitions": {**definitions(),
+                            "columns": "metrics.csv: fold (the model that held the case out), "
+                                       + definitions()["columns"].removeprefix("metrics.csv: "),
+                            "statistics": "mean, std (population, ddof=0) and median over the "
+                                          "val cases of every fold, each scored by its fold's "
+                                          "model"},
+            "segmentation": summary}
+  with (stopwatch.phase("write") if stopwatch is not None else contextlib.nullcontext()):
+    _write_csv(out_dir / "metrics.csv", rows)
+    (out_dir / "summary.json").write_text(json.dumps(report, indent=2))
+  which = {"latest": "latest checkpoints", "best": "best checkpoints"}.get(
+      checkpoint, f"checkpoints of step {checkpoint}")
+  log(format_table(summary, modalities, cases=cases, untrained=untrained,
+                   title=f"Cross-validation, {folds} folds: {count(cases, 'val case')}, each "
+                         f"scored by the model of its fold ({which}"
+                         f"{', mirrored (TTA)' if tta else ''}): mean ± std over cases"))
+  log(f"per-case rows (with their fold) and summary.json in {out_dir}, each fold's own in "
+      f"{out_dir}/fold<k>/")
+  return {"rows": rows, "summary": summary, "report": report}
 
 
 def _model_words(model: dict) -> str:

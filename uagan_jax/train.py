@@ -341,9 +341,13 @@ def _splits_record(data: input_pipeline.TrainingData, data_dir: pathlib.Path,
   """What ``splits.json`` holds: the data folder, the cases of each split, the protocol, what
   each training case contributes (``train_modality`` under unpaired, the key older workdirs
   have; ``train_modalities`` under all) and the modalities that got training slices
-  (``trained_modalities``: what predict and translate accept)."""
+  (``trained_modalities``: what predict and translate accept); with ``data.folds`` K > 0 also
+  ``folds`` (K) and ``fold`` (which one), by which ``evaluate --cross-validation`` tells the
+  folds of one split apart (a plain split's record has neither, as before the keys existed)."""
   record = {"data": str(pathlib.Path(data_dir).absolute()), "layout": data.layout, **data.splits,
             "protocol": data.protocol}
+  if data.folds:
+    record.update(folds=data.folds, fold=data.fold)
   if data.protocol == "unpaired":
     record["train_modality"] = data.assignment
   else:

@@ -1,6 +1,8 @@
 """The training set (UAGAN's unpaired protocol, or every modality) and its pure, resumable sampler.
 
-Protocols (``data.protocol``, `PROTOCOLS`): cases are split into train/val/test; then
+Protocols (``data.protocol``, `PROTOCOLS`): cases are split into train/val/test (`split_cases`;
+with ``data.folds`` K > 0, `split_fold`: the same test split, the other cases in K folds of
+cross-validation, fold k validating); then
 * ``unpaired`` (UAGAN's): each training case is assigned one modality by a seeded round-robin,
   and only that modality's slices enter the training set, so no two modalities of one patient
   are ever seen together;
@@ -28,6 +30,7 @@ from uagan_jax.errors import UserError
 _SPLIT_STREAM = 0x5350_4C54
 _ASSIGN_STREAM = 0x4153_5347
 _SLICES_STREAM = 0x534C_4943
+_FOLDS_STREAM = 0x464F_4C44
 
 # data.protocol: which modalities of a training case enter the training set.
 PROTOCOLS = ("unpaired", "all")
@@ -96,6 +99,47 @@ def split_cases(case_ids: Sequence[str], *, seed: int, val_fraction: float,
       "val": sorted(shuffled[n_test:n_test + n_val]),
       "test": sorted(shuffled[:n_test]),
   }
+
+
+def split_fold(case_ids: Sequence[str], *, seed: int, test_fraction: float, folds: int,
+               fold: int) -> dict[str, list[str]]:
+  """Fold ``fold`` of a ``folds``-fold cross-validation: its train, val and test, deterministically.
+
+  nnU-Net's way: the test split is the one `split_cases` gives for this seed and
+  ``test_fraction`` (it does not depend on ``val_fraction``, which folds ignore), and stays out
+  of every fold; the sorted other cases are permuted with a generator seeded by `seed` (a
+  stream of its own) and cut into ``folds`` consecutive parts of near-equal size (the first
+  n % folds parts one case larger, as `numpy.array_split` cuts). Fold k validates on part k and
+  trains on the other parts, so each non-test case is validated on by exactly one fold.
+
+  Args:
+    case_ids: Distinct case ids (the result depends only on the set).
+    seed: Non-negative integer.
+    test_fraction: Fraction in [0, 1) of cases for test.
+    folds: The number of folds K, >= 2.
+    fold: Which fold, 0 .. K - 1.
+
+  Returns:
+    {"train": [...], "val": [...], "test": [...]}, each list sorted.
+
+  Raises:
+    UserError: K < 2, fold out of range, or fewer non-test cases than folds.
+  """
+  if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or folds < 2:
+    raise UserError(f"folds {folds!r}: expected an integer >= 2")
+  if isinstance(fold, bool) or not isinstance(fold, (int, np.integer)) or not 0 <= fold < folds:
+    raise UserError(f"fold {fold!r}: expected an integer in 0..{folds - 1} (folds {folds})")
+  test = split_cases(case_ids, seed=seed, val_fraction=0.0, test_fraction=test_fraction)["test"]
+  held = set(test)
+  rest = [case_id for case_id in _sorted_unique(case_ids) if case_id not in held]
+  if len(rest) < folds:
+    raise UserError(f"folds {folds}: only {len(rest)} case(s) outside the test split of "
+                    f"{len(test)}; each fold needs at least one to validate on")
+  order = np.random.default_rng([_check_seed(seed), _FOLDS_STREAM]).permutation(len(rest))
+  parts = np.array_split(order, folds)
+  val = sorted(rest[i] for i in parts[fold])
+  chosen = set(val)
+  return {"train": [c for c in rest if c not in chosen], "val": val, "test": test}
 
 
 def assign_modalities(case_ids: Sequence[str], *, seed: int,

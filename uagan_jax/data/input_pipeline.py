@@ -12,7 +12,8 @@ not processes: a batch is a few dozen small reads and elementwise numpy work, mo
 the GIL, and threads share the index and need no pickling; the order of the results is the
 order of the steps, whatever thread finishes first.
 
-`find_training_data` reads a data folder and splits it (train/val/test, and the modalities each
+`find_training_data` reads a data folder and splits it (train/val/test, or with ``data.folds`` one
+fold of a cross-validation; and the modalities each
 training case contributes under ``data.protocol``: one under UAGAN's unpaired protocol, every
 one under ``all``; see `dataset`).
 """
@@ -43,12 +44,16 @@ class TrainingData:
     protocol: ``data.protocol``, "unpaired" or "all".
     train_modalities: training case id -> the modalities it contributes (canonical order; one
       under "unpaired").
+    folds: ``data.folds``: 0 (a plain split) or K, the folds of a cross-validation.
+    fold: ``data.fold``: which fold ``splits`` is (0 with ``folds`` 0).
   """
   data_dir: pathlib.Path
   cases: list
   splits: dict[str, list[str]]
   protocol: str
   train_modalities: dict[str, tuple[str, ...]]
+  folds: int = 0
+  fold: int = 0
 
   @property
   def layout(self) -> str:
@@ -68,17 +73,26 @@ class TrainingData:
 
 
 def find_training_data(config: ml_collections.ConfigDict, data_dir: pathlib.Path) -> TrainingData:
-  """Finds the cases in ``data_dir`` and splits them with ``config.seed``."""
+  """Finds the cases in ``data_dir`` and splits them with ``config.seed``: `dataset.split_cases`,
+  or with ``data.folds`` K > 0 fold ``data.fold`` of `dataset.split_fold`."""
   cases = readers.find_cases(data_dir)
-  splits = dataset.split_cases([c.case_id for c in cases], seed=config.seed,
-                               val_fraction=config.data.val_fraction,
-                               test_fraction=config.data.test_fraction)
+  ids = [c.case_id for c in cases]
+  if config.data.folds:
+    # Cross-validation: the test split of the plain split, the rest in data.folds folds
+    # (data.val_fraction is ignored).
+    splits = dataset.split_fold(ids, seed=config.seed, test_fraction=config.data.test_fraction,
+                                folds=config.data.folds, fold=config.data.fold)
+  else:
+    splits = dataset.split_cases(ids, seed=config.seed, val_fraction=config.data.val_fraction,
+                                 test_fraction=config.data.test_fraction)
   by_id = {c.case_id: c for c in cases}
   train_modalities = dataset.training_modalities(
       {case_id: tuple(by_id[case_id].images) for case_id in splits["train"]}, seed=config.seed,
       modalities=config.data.modalities, protocol=config.data.protocol)
+  folds = int(config.data.folds)
   return TrainingData(data_dir=pathlib.Path(data_dir), cases=cases, splits=splits,
-                      protocol=config.data.protocol, train_modalities=train_modalities)
+                      protocol=config.data.protocol, train_modalities=train_modalities,
+                      folds=folds, fold=int(config.data.fold) if folds else 0)
 
 
 class TrainInput:
