@@ -317,7 +317,9 @@ def test_the_key_shows_the_discriminator_the_same_slices_without_intensity_augme
   # D's images are the step's own rotations of the batch with no intensity change: those G gets
   # when the config has no intensity augmentation at all.
   _, spatial_only, _ = real_images_of_a_step(*ROTATE, *NO_INTENSITY)
-  np.testing.assert_allclose(disc, spatial_only, rtol=1e-6, atol=1e-6)  # the programs round apart
+  # Two programs fuse the interpolation differently and round apart (up to 1.5e-6 at the tests'
+  # LLVM level 0, tests/conftest.py); an intensity transform moves values by orders more.
+  np.testing.assert_allclose(disc, spatial_only, rtol=1e-5, atol=1e-5)
   assert not np.allclose(disc, raw)  # rotated, as G's input is
   np.testing.assert_array_equal(disc == 0, gen == 0)  # the same brain, the same geometry
   # Without data.augment there is nothing to take off: D sees the batch as G does.
