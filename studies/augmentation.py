@@ -11,7 +11,7 @@ with off per family.
   uagan-jax synth --out data_shifted --cases 12 --seed 1 --shape 96 96 64 \
       --contrast-jitter 0.2 --noise 3 --bias 2.5
   uagan-jax study studies/augmentation.py --out runs/augmentation \
-      [--external ../shared/data/upenn_gbm_00003_11]
+      [--external UPENN_CASE_DIR]   # a folder holding UPENN-GBM case 00003_11
 
 ``:segan`` keeps segan's two arms only (the measurement docs/EXPERIMENTS.md quotes);
 ``:smoke``: 2 steps, one seed, two test cases, no external set (a check that the study runs,

@@ -11,7 +11,7 @@ unet. The data (synthetic phantoms; the shifted set never trained on):
   uagan-jax synth --out data_shifted --cases 12 --seed 1 --shape 96 96 64 \
       --contrast-jitter 0.2 --noise 3 --bias 2.5
   uagan-jax study studies/results_table.py --out runs/results_table \
-      [--external ../shared/data/upenn_gbm_00003_11]
+      [--external UPENN_CASE_DIR]   # a folder holding UPENN-GBM case 00003_11
 
 ``:smoke`` runs the same arms for 2 steps with one seed and no external set (a check that the
 study runs end to end, not a result). Runs resume: the same command again trains only what is
