@@ -206,9 +206,7 @@ def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path |
     workdir = pathlib.Path(workdir)
     out = workdir if out is None else pathlib.Path(out)
     splits_path = workdir / "splits.json"
-    if not splits_path.is_file():
-      raise UserError(f"{splits_path}: not found; is {workdir} a training workdir?")
-    splits = json.loads(splits_path.read_text())
+    splits = volume_io.workdir_splits(workdir)
   else:
     if out is None:
       raise ValueError("a model file has no folder of its own: pass out")
@@ -434,13 +432,7 @@ def check_folds(workdirs: Sequence[pathlib.Path]) -> list[tuple[pathlib.Path, di
                     "--workdir F1 ...)")
   found = []
   for workdir in map(pathlib.Path, workdirs):
-    splits_path = workdir / "splits.json"
-    if not splits_path.is_file():
-      raise UserError(f"{splits_path}: not found; is {workdir} a training workdir?")
-    try:
-      splits = json.loads(splits_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-      raise UserError(f"{splits_path}: unreadable ({e})") from None
+    splits = volume_io.workdir_splits(workdir)
     if not splits.get("folds"):
       raise UserError(f"{workdir}: not a fold of a cross-validation (splits.json has no folds: "
                       "trained without --config.data.folds=K)")
@@ -580,10 +572,7 @@ def _check_held_out_from(workdir: pathlib.Path, case_ids: Sequence[str], cases: 
                          split: str) -> None:
   """UserError unless every scored case is held out from the run in ``workdir`` (a model of an
   ensemble): none it trained or validated on (`_seen_cases`)."""
-  splits_path = pathlib.Path(workdir) / "splits.json"
-  if not splits_path.is_file():
-    raise UserError(f"{splits_path}: not found; is {workdir} a training workdir?")
-  seen = _seen_cases([c for c in case_ids], cases, json.loads(splits_path.read_text()))
+  seen = _seen_cases(case_ids, cases, volume_io.workdir_splits(workdir))
   if seen:
     raise UserError(f"{workdir}: the run trained or validated on {len(seen)} of the "
                     f"{count(len(case_ids), f'{split} case')} scored ({', '.join(seen[:3])}); "

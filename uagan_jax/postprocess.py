@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from uagan_jax import metrics as metrics_lib
-from uagan_jax import model_file
+from uagan_jax import model_file, volume_io
 from uagan_jax.data import MODALITIES, REGIONS, readers
 from uagan_jax.errors import UserError
 
@@ -437,9 +437,7 @@ def choose(*, workdir: str | os.PathLike, data_dir: str | os.PathLike,
   # pylint: enable=g-import-not-at-top
   workdir, data_dir = pathlib.Path(workdir), pathlib.Path(data_dir)
   splits_path = workdir / "splits.json"
-  if not splits_path.is_file():
-    raise UserError(f"{splits_path}: not found; is {workdir} a training workdir?")
-  splits = json.loads(splits_path.read_text())
+  splits = volume_io.workdir_splits(workdir)
   case_ids = list(splits.get("val") or ())
   if not case_ids:
     raise UserError(f"{splits_path}: the val split has no cases; post-processing is chosen on "

@@ -68,6 +68,19 @@ def _training_record(workdir: pathlib.Path | None) -> dict | None:
     raise UserError(f"{path}: cannot read it ({error})") from None
 
 
+def workdir_splits(workdir: str | os.PathLike) -> dict:
+  """A training workdir's ``splits.json``, for whoever needs its cases.
+
+  Raises:
+    UserError: The workdir has none (naming it), or it cannot be read.
+  """
+  record = _training_record(pathlib.Path(workdir))
+  if record is None:
+    raise UserError(f"{pathlib.Path(workdir) / 'splits.json'}: not found; is {workdir} a "
+                    "training workdir?")
+  return record
+
+
 def trained_modalities(config: ml_collections.ConfigDict, *,
                        workdir: pathlib.Path | None = None) -> tuple[str, ...]:
   """The modalities a model was trained on (that got training slices), in canonical order.
