@@ -408,3 +408,14 @@ def test_a_missing_val_split_and_a_damaged_file_are_one_line(capsys, val_workdir
                          "--modality", "flair", "--output", tmp_path / "x.nii.gz",
                          "--no-postprocessing")
   assert code == 0, err
+
+
+def test_an_ensemble_is_not_post_processed_and_a_note_names_the_models_that_hold_rules(
+    chosen, val_workdir):
+  lines = []
+  postprocess.note_ensemble([val_workdir, chosen[0]], log=lines.append)
+  assert lines == [f"note: an ensemble is not post-processed (the postprocessing.json of "
+                   f"{chosen[0]} was chosen for one model's segmentations)"]
+  lines.clear()
+  postprocess.note_ensemble([val_workdir, val_workdir], log=lines.append)
+  assert not lines

@@ -295,10 +295,7 @@ def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path |
     processing = postprocess.for_run(source, enabled=postprocessing, step=step,
                                      modalities=modalities, log=log, tta=tta)
   elif ensemble and postprocessing:
-    held = [w for w in [workdir, *(w for w, _ in ensemble)] if postprocess.load(w) is not None]
-    if held:
-      log(f"note: an ensemble is not post-processed (the postprocessing.json of "
-          f"{', '.join(map(str, held))} was chosen for one model's segmentations)")
+    postprocess.note_ensemble([workdir, *(w for w, _ in ensemble)], log=log)
   trained = volume_io.trained_modalities(config, workdir=source)
   untrained = [m for m in modalities if m not in trained]
   if untrained:

@@ -375,6 +375,16 @@ def for_run(source: str | os.PathLike, *, enabled: bool, step: int, modalities: 
   return loaded
 
 
+def note_ensemble(sources: Sequence[str | os.PathLike], *, log: Callable[[str], None]) -> None:
+  """What ``predict`` and ``evaluate`` say of an ensemble's models (``sources``): none of their
+  post-processing is applied (each was chosen on one model's segmentations); a note names those
+  that hold one."""
+  held = [source for source in sources if load(source) is not None]
+  if held:
+    log(f"note: an ensemble is not post-processed (the postprocessing.json of "
+        f"{', '.join(map(str, held))} was chosen for one model's segmentations)")
+
+
 def write(path: pathlib.Path, report: dict) -> None:
   """Writes ``report`` (`choose`'s) as JSON, atomically (a reader never sees half a file)."""
   temporary = path.with_name(f".{path.name}.tmp")

@@ -432,10 +432,8 @@ def predict(input_path: str | os.PathLike, output_path: str | os.PathLike, *, mo
         "of the slices")
   processing = None
   if isinstance(segmentor, Ensemble):
-    held = [m.workdir for m in segmentor.members if postprocessing and postprocess.load(m.workdir)]
-    if held:
-      log(f"note: an ensemble is not post-processed (the postprocessing.json of "
-          f"{', '.join(map(str, held))} was chosen for one model's segmentations)")
+    if postprocessing:
+      postprocess.note_ensemble([m.workdir for m in segmentor.members], log=log)
   else:
     processing = postprocess.for_run(segmentor.workdir, enabled=postprocessing,
                                      step=segmentor.step, modalities=[modality], log=log,
