@@ -51,8 +51,8 @@ def get_config(variant: str = ""):
   c.train.steps = 40_000
   config_lib.apply_full_recipe_augmentations(c)  # nnU-Net-like; off in :demo
 
-  if variant == "demo":
-    config_lib.apply_demo_sizes(c)
+  if variant in ("demo", "study"):
+    (config_lib.apply_demo_sizes if variant == "demo" else config_lib.apply_study_budget)(c)
   elif variant == "paper":
     # The papers' runs had no scanner-shift augmentation: the full recipe's is off again.
     c.data.augmentations.update(config_lib.base_config().data.augmentations)
@@ -79,5 +79,5 @@ def get_config(variant: str = ""):
     c.optim.decay_every = 25 * steps_per_epoch  # train.py:213 every 25 epochs
     c.train.batch_size = 36  # train.py:21 --batchSize 36
   elif variant:
-    raise ValueError(f"unknown variant {variant!r} (known: demo, paper)")
+    raise ValueError(f"unknown variant {variant!r} (known: demo, study, paper)")
   return c

@@ -85,11 +85,11 @@ def get_config(variant: str = ""):
   config_lib.apply_full_recipe_augmentations(c)  # nnU-Net-like; off in :demo
   # D judges the intensity-augmented slices G translates as real too (the base's
   # data.augment_discriminator_real=True; false shows D the slices with no intensity change).
-  if variant == "demo":
-    config_lib.apply_demo_sizes(c)
+  if variant in ("demo", "study"):
+    (config_lib.apply_demo_sizes if variant == "demo" else config_lib.apply_study_budget)(c)
     # The shape loss asks S to segment G's images; ramp it over the whole short run, as G only
     # learns to translate during it.
-    c.loss.shape_ramp_steps = 600
+    c.loss.shape_ramp_steps = c.train.steps
   elif variant == "paper":
     # The papers' runs had no scanner-shift augmentation: the full recipe's is off again.
     c.data.augmentations.update(config_lib.base_config().data.augmentations)
@@ -141,5 +141,5 @@ def get_config(variant: str = ""):
     c.model.discriminator_layers = 6  # train_uagan.py:360 --d_repeat_num 6
     c.model.discriminator_per_modality = False  # net/uagan.py Discriminator: one out_src map
   elif variant:
-    raise ValueError(f"unknown variant {variant!r} (known: demo, paper)")
+    raise ValueError(f"unknown variant {variant!r} (known: demo, study, paper)")
   return c

@@ -18,8 +18,8 @@ def get_config(variant: str = ""):
   c.optim.decay_every = 10_000
   c.train.steps = 40_000
   config_lib.apply_full_recipe_augmentations(c)  # nnU-Net-like; off in :demo
-  if variant == "demo":
-    config_lib.apply_demo_sizes(c)
+  if variant in ("demo", "study"):
+    (config_lib.apply_demo_sizes if variant == "demo" else config_lib.apply_study_budget)(c)
   elif variant:
-    raise ValueError(f"unknown variant {variant!r} (known: demo)")
+    raise ValueError(f"unknown variant {variant!r} (known: demo, study)")
   return c

@@ -278,3 +278,39 @@ def test_full_recipes_turn_it_on_and_the_demo_keeps_it_off():
     assert {k: full[k] for k in config.FULL_RECIPE_AUGMENTATIONS} == \
         config.FULL_RECIPE_AUGMENTATIONS
     assert demo.to_dict() == config.base_config().data.augmentations.to_dict()
+
+
+def _z_scored_batch(seed=0, batch=8, size=24):
+  rng = np.random.default_rng(seed)
+  image = np.zeros((batch, size, size, 1), np.float32)
+  image[:, 4:20, 4:20, 0] = np.clip(rng.normal(0.0, 2.0, (batch, 16, 16)), -5.0, 5.0)
+  regions = np.zeros((batch, size, size, 3), np.float32)
+  regions[:, 8:14, 8:14, :] = 1.0
+  return jnp.asarray(image), jnp.asarray(regions)
+
+
+@pytest.mark.parametrize("clip_augmented", [True, False])
+def test_the_augmented_training_image_is_clipped_back_into_range(clip_augmented):
+  """data.clip_augmented: the intensity transforms push z-scores past data.clip (here a
+  brightness x 1.5 and a wide noise); the step clips them back, or keeps them (the old way)."""
+  from uagan_jax import train  # pylint: disable=g-import-not-at-top
+  c = config.base_config()
+  c.data.augmentations.update(brightness_p=1.0, brightness_range=(1.5, 1.5), noise_p=1.0,
+                              noise_variance=(1.0, 1.0))
+  c.data.clip_augmented = clip_augmented
+  image, regions = _z_scored_batch()
+  keys = jax.random.split(jax.random.key(0), image.shape[0])
+  out, out_regions = train.augment_training_batch(image, regions, keys, config=c)
+  out = np.asarray(out)
+  brain = np.asarray(image) != 0
+  np.testing.assert_array_equal(out[~brain], 0.0)  # background stays 0 either way
+  if clip_augmented:
+    assert np.abs(out).max() == pytest.approx(c.data.clip)
+  else:
+    assert np.abs(out).max() > c.data.clip + 1.0
+  # The same draws either way: inside the range, the two agree; the regions are untouched by it.
+  c.data.clip_augmented = not clip_augmented
+  other, other_regions = train.augment_training_batch(image, regions, keys, config=c)
+  inside = np.abs(np.asarray(other)) < c.data.clip
+  np.testing.assert_array_equal(out[inside], np.asarray(other)[inside])
+  np.testing.assert_array_equal(np.asarray(out_regions), np.asarray(other_regions))

@@ -57,6 +57,53 @@ def test_soft_dice_loss_averages_examples_and_regions_and_has_finite_gradient():
   assert np.all(np.isfinite(grad))
 
 
+def test_batch_dice_pools_the_batch_and_never_rewards_an_empty_output():
+  # Example 0 holds the region (2 of 4 pixels), examples 1 and 2 do not (as most slices lack TC).
+  targets = jnp.stack([_maps([1, 1, 0, 0])[0], _maps([0, 0, 0, 0])[0], _maps([0, 0, 0, 0])[0]])
+  empty = jnp.zeros_like(targets)
+  # Found exactly on example 0, with one false-positive pixel on each of examples 1 and 2.
+  found = jnp.stack([_maps([1, 1, 0, 0])[0], _maps([1, 0, 0, 0])[0], _maps([0, 1, 0, 0])[0]])
+  # Per example (smooth 1): the detection scores (5/5 + 1/2 + 1/2) / 3 = 2/3, switching the
+  # region off everywhere (1/3 + 1 + 1) / 3 = 7/9: the loss prefers the empty output.
+  per_example = lambda p: float(losses.soft_dice_loss(probs=p, targets=targets))
+  assert per_example(found) == pytest.approx(1 - 2 / 3)
+  assert per_example(empty) == pytest.approx(1 - 7 / 9)
+  # Batch Dice: one Dice over the batch, (2*2 + 1) / (4 + 2 + 1) = 5/7 for the detection, 1/3
+  # for the empty output: the detection wins by far.
+  batch = lambda p: float(losses.soft_dice_loss(probs=p, targets=targets, reduction="batch"))
+  assert batch(found) == pytest.approx(1 - 5 / 7)
+  assert batch(empty) == pytest.approx(1 - 1 / 3)
+  with pytest.raises(ValueError, match="reduction"):
+    losses.soft_dice_loss(probs=found, targets=targets, reduction="mean")
+
+
+def test_batch_dice_over_devices_is_the_global_batch_dice():
+  """With axis_name the sums run over the devices too: the loss and its gradient on 2 devices
+  are those of the whole batch on one (the step averages per-device gradients: x 2 / 2)."""
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from uagan_jax import parallel  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  probs = jnp.asarray(rng.random((4, 3, 3, 3)), jnp.float32)
+  targets = jnp.asarray(rng.random((4, 3, 3, 3)) > 0.6, jnp.float32)
+  whole = lambda p: losses.soft_dice_loss(probs=p, targets=targets, reduction="batch")
+  mesh = parallel.make_mesh(2)
+
+  def per_device(p, t):
+    value, grad = jax.value_and_grad(lambda q: losses.soft_dice_loss(
+        probs=q, targets=t, reduction="batch", axis_name=parallel.AXIS))(p)
+    return value, grad
+  value, grad = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P("data"), P("data")),
+                                      out_specs=(P(), P("data"))))(probs, targets)
+  np.testing.assert_allclose(value, whole(probs), rtol=1e-6)
+  np.testing.assert_allclose(grad, jax.grad(whole)(probs), rtol=1e-5, atol=1e-7)
+  # Without the axis each device would pool its own half only: another loss.
+  local = jax.jit(jax.shard_map(
+      lambda p, t: jax.lax.pmean(losses.soft_dice_loss(probs=p, targets=t, reduction="batch"),
+                                 parallel.AXIS),
+      mesh=mesh, in_specs=(P("data"), P("data")), out_specs=P()))(probs, targets)
+  assert abs(float(local) - float(whole(probs))) > 1e-4
+
+
 def test_binary_cross_entropy_hand_computed():
   # logits [0, 2], targets [1, 0]: (log 2 + log(1 + e^2)) / 2.
   expected = (np.log(2.0) + np.log1p(np.exp(2.0))) / 2

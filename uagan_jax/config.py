@@ -107,6 +107,11 @@ def base_config() -> ml_collections.ConfigDict:
   # target and S still get the full augmentation (families/shared.py, discriminator_real).
   # Other families ignore it.
   c.data.augment_discriminator_real = True
+  # After the augmentation, clip the image to [-clip, clip] again, the range preprocessing gives
+  # and the generators' tanh output (x clip) can reach: the intensity transforms push z-scores
+  # past it (|x| up to about 8), which stargan and uagan would ask G to reproduce and S never
+  # sees at inference. False: the augmented values as they come (runs before this key).
+  c.data.clip_augmented = True
   # Scanner-shift augmentation (data/augment.py), with data.augment: each transform hits an
   # example with probability *_p and draws its strength from the range beside it. All off here, so
   # the base keeps its numbers; the full recipes turn them on (configs/*.py, nnU-Net's values).
@@ -152,6 +157,12 @@ def base_config() -> ml_collections.ConfigDict:
   # The multi-scale L1 term of S against the critic C: segan, and uagan's segmentation terms.
   c.loss.adversarial_weight = 1.0
   c.loss.dice_weight = 1.0
+  # How S's soft Dice (and the shape loss's) is pooled (losses.soft_dice_loss): "batch", one Dice
+  # per region over the whole global batch (nnU-Net's batch Dice), or "per_example", a Dice per
+  # slice, averaged: on the many slices without tumour core it rewards an empty output, and the
+  # TC/ET outputs switched off for whole modalities in training (docs/EXPERIMENTS.md, "Training
+  # that keeps every region"). Runs before this key existed trained per_example.
+  c.loss.dice_reduction = "batch"
   c.loss.bce_weight = 0.0
   c.loss.scale_weights = ()  # per-scale weights of the multi-scale L1 (input, then each block); () = all ones
   # How the multi-scale L1 pools its scales: "per_scale" (a mean per scale, then over scales) or
@@ -270,7 +281,15 @@ def apply_demo_sizes(c: ml_collections.ConfigDict) -> None:
   c.optim.critic_lr = 1e-3
   c.optim.generator_lr = 5e-4
   c.optim.discriminator_lr = 5e-4
+  # Constant for the first third, then linearly down to a tenth at the last step: at a constant
+  # 1e-3 the TC/ET outputs switched off and on every 50-100 steps, so where a run stopped decided
+  # them (docs/EXPERIMENTS.md, "Training that keeps every region"). optim.schedule=staircase
+  # (with decay_every 0) is the constant rate of runs before.
   c.optim.decay_every = 0
+  c.optim.schedule = "linear"
+  c.optim.decay_start = 200
+  c.optim.decay_end = 600
+  c.optim.decay_final_fraction = 0.1
   c.train.steps = 600
   c.train.batch_size = 16
   c.train.log_every = 25
@@ -281,6 +300,21 @@ def apply_demo_sizes(c: ml_collections.ConfigDict) -> None:
   # The demo keeps the base's augmentation (flips and jitter only), whatever the full recipe
   # turned on: docs/EXPERIMENTS.md, "Augmentation across scanners", measured both.
   c.data.augmentations = base_config().data.augmentations
+
+
+def apply_study_budget(c: ml_collections.ConfigDict) -> None:
+  """The seeded studies' budget (studies/*.py), shared by every recipe's ``:study`` variant: the
+  demo's networks, slices and learning rates, with 8 slices a step and 400 steps, so that three
+  families x two arms x three seeds train and are scored within about an hour on 2 CPU cores
+  (docs/EXPERIMENTS.md says what so short a budget can and cannot tell). No validation during
+  training: a study scores each run's final checkpoint."""
+  apply_demo_sizes(c)
+  c.train.batch_size = 8
+  c.train.steps = 400
+  c.optim.decay_start = 100  # the demo's schedule, over these steps
+  c.optim.decay_end = 400
+  c.train.checkpoint_every = 400
+  c.train.validate_every = 0
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -393,6 +427,7 @@ def _validate_recipe_keys(config: ml_collections.ConfigDict) -> None:
   loss, optim = config.loss, config.optim
   choices = {"loss.scale_pooling": ("per_scale", "concatenated"),
              "loss.shape_loss": ("bce_dice", "weighted_ce"),
+             "loss.dice_reduction": ("batch", "per_example"),
              "optim.schedule": ("staircase", "linear")}
   for key, known in choices.items():
     group, name = key.split(".")
@@ -561,6 +596,11 @@ def _parse_like(text: str, current):
     return text
 
 
+# Keys whose default changed when they were added: a config.json written before has none, and its
+# run trained with the value here (resuming it must go on the same way), not with today's default.
+KEYS_BEFORE_THEY_EXISTED = {"loss.dice_reduction": "per_example", "data.clip_augmented": False}
+
+
 def to_json(config: ml_collections.ConfigDict) -> str:
   return config.to_json_best_effort(indent=2, sort_keys=True)
 
@@ -588,6 +628,10 @@ def from_json_text(text: str, *, name: str) -> ml_collections.ConfigDict:
   except json.JSONDecodeError as e:
     raise UserError(f"{name}: not valid JSON ({e})") from None
   config = base_config()
+  for dotted, value in KEYS_BEFORE_THEY_EXISTED.items():
+    group, name = dotted.split(".")
+    if name not in raw.get(group, {name: None}):
+      config[group][name] = value
   config.update(tuples(raw))
   config.lock()
   return config

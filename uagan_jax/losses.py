@@ -69,12 +69,23 @@ def _region_mean(per_region: jax.Array, region_weights: Sequence[float]) -> jax.
 
 
 def soft_dice_loss(*, probs: jax.Array, targets: jax.Array, smooth: float = 1.0,
-                   region_weights: Sequence[float] | None = None) -> jax.Array:
-  """1 - soft Dice, per example and region, averaged.
+                   region_weights: Sequence[float] | None = None,
+                   reduction: str = "per_example", axis_name: str | None = None) -> jax.Array:
+  """1 - soft Dice per region, averaged over regions (and examples, ``reduction="per_example"``).
 
-  ``dice = (2 * sum(p * t) + smooth) / (sum(p) + sum(t) + smooth)`` over the spatial axes. The
-  ``smooth`` term makes an empty target with an empty prediction score 1 (loss 0) instead of
-  0/0, which matters here: many axial slices have no enhancing tumour.
+  ``dice = (2 * sum(p * t) + smooth) / (sum(p) + sum(t) + smooth)``, the sums taken
+
+  * ``"per_example"``: over each example's spatial axes, then the Dice averaged over examples.
+    The ``smooth`` term makes an empty target with an empty prediction score 1 (loss 0) instead
+    of 0/0. It also means that on a slice without the region any false positive costs nearly the
+    whole Dice, so where most slices lack a region (tumour core, enhancing tumour) switching that
+    region's output off everywhere can *lower* the loss: docs/EXPERIMENTS.md measured the
+    tumour-core channels of the demo models switching off for whole modalities this way.
+  * ``"batch"``: over the batch and the spatial axes together, one Dice per region (nnU-Net's
+    ``batch_dice``): a slice without the region only adds its false positives to a Dice the
+    batch's other slices earn, so an empty output is never rewarded while any slice of the batch
+    holds the region. With ``axis_name`` (inside the data-parallel step) the sums are also taken
+    over the devices of that axis, so the loss is the global batch's on any number of devices.
 
   Args:
     probs: [B, H, W, R] predicted probabilities in [0, 1].
@@ -83,13 +94,23 @@ def soft_dice_loss(*, probs: jax.Array, targets: jax.Array, smooth: float = 1.0,
     region_weights: optional weight per region R: the loss is the weighted mean over regions of
       the per-region mean over examples (a weight 0 leaves that region untrained). None: the
       plain mean over examples and regions.
+    reduction: "per_example" or "batch", as above.
+    axis_name: the mapped axis to sum over with ``reduction="batch"``; None outside a mapped
+      function (or for the local batch alone).
 
   Returns:
     Scalar loss in [0, 1].
   """
-  axes = tuple(range(1, probs.ndim - 1))
+  if reduction == "per_example":
+    axes = tuple(range(1, probs.ndim - 1))
+  elif reduction == "batch":
+    axes = tuple(range(probs.ndim - 1))
+  else:
+    raise ValueError(f"unknown reduction {reduction!r} (known: per_example, batch)")
   intersection = jnp.sum(probs * targets, axis=axes)
   total = jnp.sum(probs, axis=axes) + jnp.sum(targets, axis=axes)
+  if reduction == "batch" and axis_name is not None:
+    intersection, total = jax.lax.psum((intersection, total), axis_name)
   dice = (2.0 * intersection + smooth) / (total + smooth)
   if region_weights is not None:
     return 1.0 - _region_mean(dice, region_weights)
@@ -227,7 +248,8 @@ def identity_loss(*, original: jax.Array, same_domain: jax.Array) -> jax.Array:
 
 
 def shape_loss(*, logits_translated: jax.Array, targets: jax.Array,
-               region_weights: Sequence[float] | None = None) -> jax.Array:
+               region_weights: Sequence[float] | None = None,
+               dice_reduction: str = "per_example", axis_name: str | None = None) -> jax.Array:
   """UAGAN's shape consistency loss: the translated image must keep the source's tumour.
 
   The segmentor's output on ``G(x, c_target)`` is compared with the ground truth of the *source*
@@ -239,6 +261,7 @@ def shape_loss(*, logits_translated: jax.Array, targets: jax.Array,
     logits_translated: [B, H, W, R] segmentor logits on the translated images.
     targets: [B, H, W, R] binary region maps of the source images.
     region_weights: optional weight per region, as for `soft_dice_loss`.
+    dice_reduction, axis_name: `soft_dice_loss`'s ``reduction`` and ``axis_name``.
 
   Returns:
     Scalar loss: `binary_cross_entropy` + `soft_dice_loss`.
@@ -246,7 +269,8 @@ def shape_loss(*, logits_translated: jax.Array, targets: jax.Array,
   return (binary_cross_entropy(logits=logits_translated, targets=targets,
                                region_weights=region_weights)
           + soft_dice_loss(probs=jax.nn.sigmoid(logits_translated), targets=targets,
-                           region_weights=region_weights))
+                           region_weights=region_weights, reduction=dice_reduction,
+                           axis_name=axis_name))
 
 
 def ramp_weight(step: jax.Array | int, *, max_weight: float, ramp_steps: int) -> jax.Array:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from uagan_jax import checkpoint, distributed, evaluate, families, parallel, tensorboard, visualize
@@ -62,10 +63,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *
   # One key per example, from its global index: the same randomness on 1 device or 8.
   example_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(parallel.example_index(local_batch))
   if config.data.augment:
-    image, regions = augment.augment_batch(
-        image, regions, stream(example_keys, AUGMENT_STREAM),
-        intensity_scale=config.data.intensity_scale, intensity_shift=config.data.intensity_shift,
-        augmentations=config.data.augmentations.to_dict())
+    image, regions = augment_training_batch(image, regions, example_keys, config=config)
   inputs = StepInputs(image=image, regions=regions, modality=modality, example_keys=example_keys,
                       unaugmented_image=batch["image"])
   family = families.implementation(config.model.name)
@@ -75,6 +73,19 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array, *
   if with_gradients:
     metrics["gradients"] = gradients
   return state.replace(step=state.step + 1, nets=new_nets), metrics
+
+
+def augment_training_batch(image: jax.Array, regions: jax.Array, example_keys: jax.Array, *,
+                           config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
+  """The step's augmentation of a batch (``data.augment``; each example by its own key), then,
+  with ``data.clip_augmented``, the image clipped back into the range preprocessing gives."""
+  image, regions = augment.augment_batch(
+      image, regions, stream(example_keys, AUGMENT_STREAM),
+      intensity_scale=config.data.intensity_scale, intensity_shift=config.data.intensity_shift,
+      augmentations=config.data.augmentations.to_dict())
+  if config.data.clip_augmented:
+    image = jnp.clip(image, -config.data.clip, config.data.clip)
+  return image, regions
 
 
 def make_step(config: ml_collections.ConfigDict, mesh, *, donate: bool = True,

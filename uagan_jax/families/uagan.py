@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from uagan_jax import losses
+from uagan_jax import losses, parallel
 from uagan_jax.data import MODALITIES
 from uagan_jax.families import shared
 from uagan_jax.models import uagan as uagan_models
@@ -114,8 +114,10 @@ def train_phases(state, inputs, *, networks, config):
           logits=outputs["fake_logits"], targets=inputs.regions,
           class_weights=tuple(config.loss.ce_class_weights), region_weights=region_weights)
     else:
-      terms["seg/shape"] = losses.shape_loss(logits_translated=outputs["fake_logits"],
-                                             targets=inputs.regions, region_weights=region_weights)
+      terms["seg/shape"] = losses.shape_loss(
+          logits_translated=outputs["fake_logits"], targets=inputs.regions,
+          region_weights=region_weights, dice_reduction=config.loss.dice_reduction,
+          axis_name=parallel.AXIS)
     terms["seg/shape_weight"] = losses.ramp_weight(
         state.step, max_weight=config.loss.shape_weight, ramp_steps=config.loss.shape_ramp_steps)
     return total + seg_total + terms["seg/shape_weight"] * terms["seg/shape"]
