@@ -1,11 +1,13 @@
-"""Scanner-shift augmentation, measured: each family's demo recipe with and without it.
+"""Scanner-shift augmentation on against off, and the three families against each other, at
+the study budget (``:study``: the demo's networks and slices, 8 slices a step, 400 steps).
 
-For unet, segan and uagan, ``<family>_off`` is the ``:demo`` recipe as it is (flips and intensity
+For unet, segan and uagan, ``<family>_off`` is the ``:study`` recipe as it is (flips and intensity
 jitter only) and ``<family>_on`` adds the ``data.augmentations`` of the full recipes
 (`uagan_jax.config.FULL_RECIPE_AUGMENTATIONS`, nnU-Net-like); same data, seeds 0, 1 and 2, and
-steps. Each model segments the held-out phantoms and every case of ``data_shifted``, phantoms
-with other contrasts, noise and bias (never trained on), from every modality; on is compared
-with off per family.
+steps. Each model segments its seed's held-out phantoms and every case of ``data_shifted``,
+phantoms with other contrasts, noise and bias (never trained on), from every modality. The
+comparisons: on against off per family; then, without augmentation, uagan against unet and
+segan, and segan against unet (the same arms as studies/results_table.py, bit for bit).
 
   uagan-jax synth --out data_synth --cases 80 --seed 0 --shape 96 96 64
   uagan-jax synth --out data_shifted --cases 12 --seed 1 --shape 96 96 64 \
@@ -13,9 +15,9 @@ with off per family.
   uagan-jax study studies/augmentation.py --out runs/augmentation \
       [--external UPENN_CASE_DIR]   # a folder holding UPENN-GBM case 00003_11
 
-``:segan`` keeps segan's two arms only (the measurement docs/EXPERIMENTS.md quotes);
-``:smoke``: 2 steps, one seed, two test cases, no external set (a check that the study runs,
-not a result). Runs resume: the same command again trains only what is missing.
+``:segan`` keeps segan's two arms only; ``:smoke``: 2 steps, one seed, two test cases, no
+external set (a check that the study runs, not a result). Runs resume: the same command again
+trains only what is missing.
 """
 
 import ml_collections
@@ -38,10 +40,14 @@ def get_config(variant: str = ""):
   s.seeds = (0, 1, 2)
   s.arms = {}
   for family in families:
-    s.arms[f"{family}_off"] = {"recipe": f"configs/{family}.py:demo"}
-    s.arms[f"{family}_on"] = {"recipe": f"configs/{family}.py:demo", "overrides": on}
+    s.arms[f"{family}_off"] = {"recipe": f"configs/{family}.py:study"}
+    s.arms[f"{family}_on"] = {"recipe": f"configs/{family}.py:study", "overrides": on}
   s.comparisons = tuple((f"{family}_on", f"{family}_off") for family in families)
+  if variant != "segan":
+    s.comparisons += (("uagan_off", "unet_off"), ("uagan_off", "segan_off"),
+                      ("segan_off", "unet_off"))
   s.metrics = ("dice", "hd95")
+  s.overrides = ("--config.eval.panels=0",)  # the study reads the scores, not the pictures
   if variant == "smoke":
     study.smoke(s)
   return s

@@ -1,8 +1,9 @@
 """The README's results table: every segmenting family (unet, segan, uagan) on held-out synthetic
 cases, on phantoms from another "scanner", and (optionally) on a real case.
 
-Each family's ``:demo`` recipe (same sizes, steps and data; one model for all modalities,
-unpaired), trained with seeds 0, 1 and 2. Every model segments the held-out test cases of its
+Each family's ``:study`` recipe (the demo's networks and slices, 8 slices a step, 400 steps; one
+model for all modalities, unpaired), trained with seeds 0, 1 and 2: the runs of the ``*_off`` arms
+of studies/augmentation.py, bit for bit (that study makes these comparisons too). Every model segments the held-out test cases of its
 seed's split and every case of the external folders from each modality, scored as
 ``uagan-jax evaluate`` scores them; uagan is compared with unet and with segan, and segan with
 unet. The data (synthetic phantoms; the shifted set never trained on):
@@ -15,7 +16,7 @@ unet. The data (synthetic phantoms; the shifted set never trained on):
 
 ``:smoke`` runs the same arms for 2 steps with one seed and no external set (a check that the
 study runs end to end, not a result). Runs resume: the same command again trains only what is
-missing; ``--config.train.steps=300`` (after the options) shortens every arm.
+missing.
 """
 
 import ml_collections
@@ -30,9 +31,10 @@ def get_config(variant: str = ""):
   s.data = "data_synth"
   s.external = ("data_shifted",)
   s.seeds = (0, 1, 2)
-  s.arms = {family: {"recipe": f"configs/{family}.py:demo"} for family in FAMILIES}
+  s.arms = {family: {"recipe": f"configs/{family}.py:study"} for family in FAMILIES}
   s.comparisons = (("uagan", "unet"), ("uagan", "segan"), ("segan", "unet"))
   s.metrics = ("dice", "hd95")
+  s.overrides = ("--config.eval.panels=0",)  # the study reads the scores, not the pictures
   if variant == "smoke":
     study.smoke(s)
   elif variant:

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from conftest import ROOT, TEST_CONFIG, assert_one_line_error, run_cli
+from uagan_jax import config as config_lib
 from uagan_jax import study as study_lib
 from uagan_jax.errors import UserError
 
@@ -207,6 +208,23 @@ def test_study_files_load_and_plan(tmp_path, monkeypatch, name, runs):
       assert study.seeds == (0,) and all(run.config.train.steps == 2 for run in planned)
     else:
       assert study.seeds == (0, 1, 2)
+
+
+def test_the_results_table_trains_the_augmentation_studys_off_arms(tmp_path, monkeypatch):
+  """studies/results_table.py's runs are the `*_off` runs of studies/augmentation.py, bit for bit:
+  the same resolved config per family and seed (the docs quote one study's numbers for both)."""
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "configs").symlink_to(ROOT / "configs")
+  (tmp_path / "data_synth").mkdir()
+  (tmp_path / "data_shifted").mkdir()
+  table = study_lib.load_study(str(STUDIES / "results_table.py"))
+  augmentation = study_lib.load_study(str(STUDIES / "augmentation.py"))
+  for family in ("unet", "segan", "uagan"):
+    for seed in (0, 1, 2):
+      ours = table.configs[(family, seed, None)][0]
+      theirs = augmentation.configs[(f"{family}_off", seed, None)][0]
+      assert config_lib.to_json(ours) == config_lib.to_json(theirs), (family, seed)
+      assert ours.train.steps == 400 and ours.train.batch_size == 8
 
 
 @pytest.mark.parametrize("variant, folds, steps", [("", 5, 600), ("3", 3, 600), ("smoke", 5, 2),
