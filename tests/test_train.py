@@ -15,7 +15,7 @@ import pytest
 
 from uagan_jax import checkpoint, parallel, train, train_state
 
-from conftest import ROOT, TEST_CONFIG, load_test_config, random_train_batch
+from conftest import ROOT, TEST_CONFIG, load_test_config, random_train_batch, run_cli
 
 
 # --- The step ----------------------------------------------------------------------------------
@@ -310,14 +310,20 @@ def test_same_seed_same_bits_other_seed_differs(synth_data, tmp_path):
   assert not _leaves_equal(first.nets["segmentor"].params, other.nets["segmentor"].params)
 
 
-def _cli_train(data, workdir, steps, variant=""):
-  """A separate process, as a preempted-and-restarted job would be."""
+def _cli_train(data, workdir, steps, variant="", *, capsys=None):
+  """``uagan-jax train``: a separate process, as a preempted-and-restarted job would be; given
+  ``capsys``, the same command line in this process (for the runs that are not the restarted
+  one: a process start less each)."""
   spec = f"{TEST_CONFIG}:{variant}" if variant else TEST_CONFIG
-  command = [sys.executable, "-m", "uagan_jax", "train", "--config", spec, "--data",
-             str(data), "--workdir", str(workdir), "--no-eval", f"--config.train.steps={steps}",
-             "--config.train.checkpoint_every=2", "--config.train.keep_checkpoints=5"]
-  result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ),
-                          timeout=600)
+  argv = ["train", "--config", spec, "--data", str(data), "--workdir", str(workdir), "--no-eval",
+          f"--config.train.steps={steps}", "--config.train.checkpoint_every=2",
+          "--config.train.keep_checkpoints=5"]
+  if capsys is not None:
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0, err[-3000:]
+    return out
+  result = subprocess.run([sys.executable, "-m", "uagan_jax", *argv], capture_output=True,
+                          text=True, cwd=ROOT, env=dict(os.environ), timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   return result.stdout
 
@@ -332,10 +338,11 @@ def _final_state(workdir: pathlib.Path, step: int, variant=""):
 
 
 @pytest.mark.parametrize("variant", ["", "uagan"], ids=["segan", "uagan"])
-def test_resumed_run_equals_uninterrupted_run(synth_data, tmp_path, variant):
+def test_resumed_run_equals_uninterrupted_run(capsys, synth_data, tmp_path, variant):
   n = 2
-  _cli_train(synth_data, tmp_path / "straight", 2 * n, variant)
-  _cli_train(synth_data, tmp_path / "resumed", n, variant)
+  # The uninterrupted run and the first half of the other: the same command in this process.
+  _cli_train(synth_data, tmp_path / "straight", 2 * n, variant, capsys=capsys)
+  _cli_train(synth_data, tmp_path / "resumed", n, variant, capsys=capsys)
   # A new process picks up at step n.
   log = _cli_train(synth_data, tmp_path / "resumed", 2 * n, variant)
   assert f"resumed from {tmp_path / 'resumed' / 'checkpoints' / str(n)}" in log
@@ -348,7 +355,7 @@ def test_resumed_run_equals_uninterrupted_run(synth_data, tmp_path, variant):
   assert [json.loads(r)["step"] for r in rows(tmp_path / "resumed")] == list(range(1, 2 * n + 1))
 
 
-def test_sigterm_saves_a_checkpoint_and_the_run_resumes(synth_data, tmp_path):
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes(capsys, synth_data, tmp_path):
   import signal  # pylint: disable=g-import-not-at-top
   workdir = tmp_path / "w"
   command = [sys.executable, "-m", "uagan_jax", "train", "--config", TEST_CONFIG, "--data",
@@ -373,7 +380,8 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(synth_data, tmp_path):
   assert (workdir / "checkpoints" / str(step)).is_dir()  # saved although 1000 was not reached
   rows = [json.loads(r)["step"] for r in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert rows == list(range(1, step + 1))
-  log = _cli_train(synth_data, workdir, step + 2)
+  # The stopped process is gone; the run resumes from what it saved (in this process).
+  log = _cli_train(synth_data, workdir, step + 2, capsys=capsys)
   assert f"steps {step}..{step + 2}" in log
 
 
