@@ -45,16 +45,8 @@ def _cached_variables(fuse, fuse_reverse, gen_norm):
   return {**variables, "params": params}
 
 
-def _apply(variables, target, *, source=_SOURCE, image=_IMAGE, translation_input=None, **kwargs):
-  return _apply_program(tuple(sorted(kwargs.items())))(variables, image, source, target,
-                                                       translation_input=translation_input)
-
-
-@functools.cache
-def _apply_program(kwargs: tuple):
-  """``_net(**kwargs).apply`` (inference) as one jitted program per network, shared by the tests
-  (op by op, each of the network's ~130 primitives is compiled on its own)."""
-  return jax.jit(functools.partial(_net(**dict(kwargs)).apply, train=False))
+def _apply(variables, target, *, source=_SOURCE, image=_IMAGE, **kwargs):
+  return _net(**kwargs).apply(variables, image, source, target, train=False)
 
 
 def test_outputs_translation_in_tanh_range_and_one_logit_map_per_region():
@@ -116,15 +108,16 @@ def test_translation_output_kinds_start_from_the_input(output):
   variables = jax.jit(functools.partial(net.init, train=False))(
       jax.random.key(0, impl="rbg"), _IMAGE, _SOURCE, _SOURCE)
   target = jnp.array([2, 3])
-  translated, _ = _apply(variables, target, translation_input=translation_input,
-                         gen_output=output)
+  translated, _ = net.apply(variables, _IMAGE, _SOURCE, target, train=False,
+                            translation_input=translation_input)
   if output == "residual":
     np.testing.assert_allclose(translated, jnp.clip(translation_input, -0.98, 0.98), rtol=1e-5,
                                atol=1e-6)
     return
   assert set(variables["params"]) - set(_variables()["params"]) == {"gen_head_mask"}
   params = {k: v for k, v in variables["params"].items() if k != "gen_head_mask"}
-  drawn, _ = _apply({**variables, "params": params}, target, translation_input=translation_input)
+  drawn, _ = _net().apply({**variables, "params": params}, _IMAGE, _SOURCE, target, train=False,
+                          translation_input=translation_input)
   np.testing.assert_allclose(translated, 0.5 * translation_input + 0.5 * drawn, rtol=1e-5,
                              atol=1e-6)
 
@@ -146,22 +139,22 @@ def test_pair_heads_give_each_source_target_pair_its_own_head(output):
                     for key, value in params[name].items()}
     assert params[name]["kernel"].shape[-1] == 16
   source, target = jnp.array([0, 2]), jnp.array([1, 3])
-  translated, _ = _apply({**variables, "params": params}, target, source=source,
-                         translation_input=translation_input, gen_output=output,
-                         gen_pair_heads=True)
+  translated, _ = net.apply({**variables, "params": params}, _IMAGE, source, target, train=False,
+                            translation_input=translation_input)
+  shared = _net(gen_output=output)
   for example, pair in enumerate((0 * 4 + 1, 2 * 4 + 3)):
     column = {name: {key: value[..., pair:pair + 1] for key, value in params[name].items()}
               for name in heads}
-    want, _ = _apply({**variables, "params": {**params, **column}}, target, source=source,
-                     translation_input=translation_input, gen_output=output)
+    want, _ = shared.apply({**variables, "params": {**params, **column}}, _IMAGE, source, target,
+                           train=False, translation_input=translation_input)
     # A 16-column conv and a 1-column one sum in different orders: float32 rounding reaches
     # 1.2e-6 on some CPUs (AMD EPYC), while another pair's head would be off by ~0.1.
     np.testing.assert_allclose(translated[example], want[example], rtol=1e-5, atol=1e-5)
   # Pair t1 -> t1ce's head (column 1) moved: only example 0 changes.
   moved = {**params, "gen_head": {**params["gen_head"], "kernel": params["gen_head"]["kernel"].at[
       ..., 1].add(0.5)}}
-  changed, _ = _apply({**variables, "params": moved}, target, source=source,
-                      translation_input=translation_input, gen_output=output, gen_pair_heads=True)
+  changed, _ = net.apply({**variables, "params": moved}, _IMAGE, source, target, train=False,
+                         translation_input=translation_input)
   assert float(jnp.abs(changed[0] - translated[0]).max()) > 1e-3
   np.testing.assert_array_equal(changed[1], translated[1])
 
@@ -172,9 +165,8 @@ def test_pair_heads_residual_starts_as_the_identity_for_every_pair():
   variables = jax.jit(functools.partial(net.init, train=False))(
       jax.random.key(0, impl="rbg"), _IMAGE, _SOURCE, _SOURCE)
   for source, target in ((0, 1), (3, 2)):
-    translated, _ = _apply(variables, jnp.full((2,), target), source=jnp.full((2,), source),
-                           translation_input=translation_input, gen_output="residual",
-                           gen_pair_heads=True)
+    translated, _ = net.apply(variables, _IMAGE, jnp.full((2,), source), jnp.full((2,), target),
+                              train=False, translation_input=translation_input)
     np.testing.assert_allclose(translated, jnp.clip(translation_input, -0.98, 0.98), rtol=1e-5,
                                atol=1e-6)
 
@@ -188,14 +180,15 @@ def test_reverse_gate_stop_gradient_keeps_translation_gradients_out_of_the_segme
   variables = _variables()
   target = jnp.array([2, 3])
   net = _net(fuse_reverse_stop_gradient=stop_gradient)
-  translated, _ = _apply(variables, target, fuse_reverse_stop_gradient=stop_gradient)
+  translated, _ = net.apply(variables, _IMAGE, _SOURCE, target, train=False)
   np.testing.assert_array_equal(translated, _apply(variables, target)[0])
 
   def translation_loss(params):
     out, _ = net.apply({**variables, "params": params}, _IMAGE, _SOURCE, target, train=False)
     return jnp.mean(out ** 2)
 
-  grads = jax.jit(jax.grad(translation_loss))(variables["params"])  # one program, not ~220
+  # One jitted program: op by op, the ~220 primitives of this gradient each compile on their own.
+  grads = jax.jit(jax.grad(translation_loss))(variables["params"])
   seg_encoder = float(jnp.abs(grads["seg_down0"]["kernel"]).max())
   assert (seg_encoder == 0.0) == stop_gradient
   assert float(jnp.abs(grads["fuse_seg_to_gen0"]["gate"]["kernel"]).max()) > 0.0
