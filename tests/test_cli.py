@@ -123,9 +123,20 @@ def test_bad_config_value_and_file(capsys, synth_data, tmp_path):
   assert_one_line_error(code, err, "test.py", "unknown variant")
 
 
-def test_changed_config_does_not_destroy_checkpoints(capsys, synth_data, tmp_path):
-  code, _, _ = _train(capsys, synth_data, tmp_path, "--config.train.steps=2")
-  assert code == 0
+@pytest.fixture(scope="module")
+def one_step_workdir(synth_data, tmp_path_factory):
+  """What ``_train(..., "--config.train.steps=1")`` leaves: a workdir trained one step by the
+  command line (read-only: the tests copy it before training on in it or being refused by it)."""
+  from uagan_jax import cli  # pylint: disable=g-import-not-at-top
+  work = tmp_path_factory.mktemp("one_step") / "work"
+  assert cli.main(["train", "--config", TEST_CONFIG, "--data", str(synth_data), "--workdir",
+                   str(work), "--no-eval", "--config.train.steps=1"]) == 0
+  return work
+
+
+def test_changed_config_does_not_destroy_checkpoints(capsys, synth_data, tmp_path,
+                                                     one_step_workdir):
+  shutil.copytree(one_step_workdir, tmp_path / "work")
   before = sorted(p.name for p in (tmp_path / "work" / "checkpoints").iterdir())
   config_before = (tmp_path / "work" / "config.json").read_text()
   code, _, err = _train(capsys, synth_data, tmp_path, "--config.train.steps=4",
@@ -136,9 +147,8 @@ def test_changed_config_does_not_destroy_checkpoints(capsys, synth_data, tmp_pat
 
 
 def test_a_workdir_of_another_family_is_refused_naming_what_it_holds(capsys, synth_data,
-                                                                    tmp_path):
-  code, _, err = _train(capsys, synth_data, tmp_path, "--config.train.steps=1")
-  assert code == 0, err
+                                                                    tmp_path, one_step_workdir):
+  shutil.copytree(one_step_workdir, tmp_path / "work")
   record = json.loads((tmp_path / "work" / "run.json").read_text())
   assert record == {"recipe": TEST_CONFIG, "overrides": ["--config.train.steps=1"]}
   config_before = (tmp_path / "work" / "config.json").read_text()

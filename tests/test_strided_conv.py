@@ -48,6 +48,20 @@ def _xla_conv(x, kernel):
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+def _value_and_vjp(fn, operands, cotangent=None, *, seed=9):
+  """``fn(*operands)`` and its VJP at ``cotangent`` (default: `_normal` of the output's shape,
+  ``seed``) as one jitted program: op by op, each of the dozens of primitives of a VJP is
+  compiled on its own. Returns (value, cotangent, gradients)."""
+  if cotangent is None:
+    cotangent = _normal(jax.eval_shape(fn, *operands).shape, seed)
+
+  def run(operands, cotangent):
+    y, vjp = jax.vjp(fn, *operands)
+    return y, vjp(cotangent)
+  y, grads = jax.jit(run)(operands, cotangent)
+  return y, cotangent, grads
+
+
 _DOWN_FUNCTIONS = {"im2col": strided_conv_lib.im2col_down,
                    "canonical_vjp": strided_conv_lib.canonical_down}
 _SHAPES = [((2, 8, 8, 1), 3), ((3, 16, 12, 5), 4), ((1, 4, 6, 16), 2), ((2, 6, 6, 3), 2)]
@@ -59,11 +73,11 @@ def test_down_values_and_gradients_equal_xla_conv(impl, shape, features):
   x = _normal(shape, 0)
   kernel = _normal((4, 4, shape[-1], features), 1)
   cotangent = _normal((shape[0], shape[1] // 2, shape[2] // 2, features), 2)
-  y_ref, vjp_ref = jax.vjp(_xla_conv, x, kernel)
-  y, vjp = jax.vjp(_DOWN_FUNCTIONS[impl], x, kernel)
+  y_ref, _, grads_ref = _value_and_vjp(_xla_conv, (x, kernel), cotangent)
+  y, _, grads = _value_and_vjp(_DOWN_FUNCTIONS[impl], (x, kernel), cotangent)
   assert y.shape == y_ref.shape
   _assert_close(y, y_ref)
-  for grad, grad_ref in zip(vjp(cotangent), vjp_ref(cotangent)):
+  for grad, grad_ref in zip(grads, grads_ref):
     _assert_close(grad, grad_ref)
 
 
@@ -96,18 +110,18 @@ def test_canonical_functions_equal_autodiff_to_second_order(function, shape, fea
   map under the up conv (the interleaved path)."""
   canonical, reference, shapes = _CANONICAL[function]
   operands = [_normal(s, seed) for seed, s in enumerate(shapes(*shape, features))]
-  y, vjp = jax.vjp(canonical, *operands)
-  y_ref, vjp_ref = jax.vjp(reference, *operands)
+  y, cotangent, grads = _value_and_vjp(canonical, operands, seed=9)
+  y_ref, _, grads_ref = _value_and_vjp(reference, operands, cotangent)
   assert y.shape == y_ref.shape
   _assert_close(y, y_ref)
-  cotangent = _normal(y.shape, 9)
-  for grad, grad_ref in zip(vjp(cotangent), vjp_ref(cotangent)):
+  for grad, grad_ref in zip(grads, grads_ref):
     _assert_close(grad, grad_ref)
 
   def second_order(fn):
     def norm_of_vjp(*args):
       return sum(jnp.sum(jnp.sin(g)) for g in jax.vjp(fn, *args)[1](cotangent))
-    return jax.grad(norm_of_vjp, argnums=tuple(range(len(operands))))(*operands)
+    # One jitted program (op by op, every primitive of the second order compiles on its own).
+    return jax.jit(jax.grad(norm_of_vjp, argnums=tuple(range(len(operands)))))(*operands)
   for grad, grad_ref in zip(second_order(canonical), second_order(reference)):
     _assert_close(grad, grad_ref, rtol=1e-4)
 
@@ -122,8 +136,8 @@ def test_im2col_rejects_odd_sizes_and_unknown_implementations():
 def test_im2col_under_vmap_equals_xla_conv_per_example():
   x = _normal((3, 2, 8, 8, 2), 3)  # vmapped over the first axis, each a batch of 2
   kernel = _normal((4, 4, 2, 3), 4)
-  _assert_close(jax.vmap(strided_conv_lib.im2col_down, (0, None))(x, kernel),
-                jax.vmap(_xla_conv, (0, None))(x, kernel))
+  _assert_close(jax.jit(jax.vmap(strided_conv_lib.im2col_down, (0, None)))(x, kernel),
+                jax.jit(jax.vmap(_xla_conv, (0, None)))(x, kernel))
 
 
 @pytest.mark.parametrize("impl", ["im2col", "canonical_vjp"])
@@ -309,7 +323,8 @@ def _non_canonical_convolutions(strided_conv: str) -> list[str]:
                             "--config.model.discriminator_layers=4",
                             f"--config.model.strided_conv={strided_conv}", variant="stargan")
   mesh = parallel.make_mesh(1)
-  state = train_state.init_state(config, mesh)
+  # Shapes only (the step is lowered, never run): no initialisation program to compile and run.
+  state = train_state.abstract_state(config)
   batch_size, (height, width) = config.train.batch_size, config.data.image_size
   batch = parallel.shard_batch({
       "image": np.zeros((batch_size, height, width, 1), np.float32),
