@@ -49,6 +49,26 @@ REAL_CASE = ROOT.parent / "shared" / "data" / "upenn_gbm_00003_11"
 SYNTH_SHAPE = (32, 32, 32)
 
 
+# The files that take longest, longest first (docs/PERFORMANCE.md, "The test suite", per file).
+# pytest-xdist's --dist loadfile hands files to its workers in collection order; collected
+# alphabetically, the longest file (test_train.py) comes near the end, and a long file handed out
+# last keeps one worker busy while the other has nothing left. Longest first (the classic
+# longest-processing-time rule), the short files fill in at the end. Only the order of whole
+# files changes; within a file the tests keep theirs.
+LONGEST_FILES_FIRST = ("test_train.py", "test_distributed.py", "test_cli.py",
+                       "test_strided_conv.py", "test_faults.py", "test_predict.py",
+                       "test_models_uagan.py", "test_families.py", "test_models_segan.py",
+                       "test_mixed_precision.py", "test_tensorboard.py", "test_validation.py",
+                       "test_study.py", "test_input_checks.py", "test_evaluate.py",
+                       "test_train_state.py", "test_augment.py", "test_models_stargan.py",
+                       "test_model_file.py")
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole
+
+
 @pytest.fixture(scope="session")
 def synth_data(tmp_path_factory) -> pathlib.Path:
   """Eight small synthetic BraTS-2021-layout cases (read-only: copy before corrupting)."""

@@ -77,6 +77,51 @@ def test_batch_dice_pools_the_batch_and_never_rewards_an_empty_output():
     losses.soft_dice_loss(probs=found, targets=targets, reduction="mean")
 
 
+def test_present_dice_averages_only_the_examples_that_hold_the_region():
+  # The batch of the test above: example 0 holds the region, examples 1 and 2 do not.
+  targets = jnp.stack([_maps([1, 1, 0, 0])[0], _maps([0, 0, 0, 0])[0], _maps([0, 0, 0, 0])[0]])
+  found = jnp.stack([_maps([1, 1, 0, 0])[0], _maps([1, 0, 0, 0])[0], _maps([0, 1, 0, 0])[0]])
+  half = jnp.stack([_maps([1, 0, 0, 0])[0], _maps([1, 1, 1, 1])[0], _maps([0, 0, 0, 0])[0]])
+  present = lambda p, t=targets: float(losses.soft_dice_loss(probs=p, targets=t,
+                                                             reduction="present"))
+  # Only example 0 counts: the detection's Dice there is 5/5, the empty output's 1/3 and a half
+  # detection's (2 + 1) / (1 + 2 + 1) = 3/4, whatever the other examples' false positives.
+  assert present(found) == pytest.approx(0.0)
+  assert present(jnp.zeros_like(targets)) == pytest.approx(1 - 1 / 3)
+  assert present(half) == pytest.approx(1 - 3 / 4)
+  # Two holders average (example 1 now holds the region: all 4 pixels predicted, Dice
+  # (2*2 + 1) / (4 + 2 + 1) = 5/7); a region no example holds adds loss 0 and no gradient.
+  two = jnp.stack([targets[0], targets[0], targets[2]])
+  assert present(half, two) == pytest.approx(1 - (3 / 4 + 5 / 7) / 2)
+  none = jnp.zeros_like(targets)
+  assert present(found, none) == 0.0
+  grad = jax.grad(lambda p: losses.soft_dice_loss(probs=p, targets=none, reduction="present"))(
+      found)
+  np.testing.assert_array_equal(grad, 0.0)
+
+
+def test_present_dice_over_devices_is_the_global_batch_mean():
+  """With axis_name, the mean over the holding examples of all devices (2 devices, one holder
+  on one of them, three on the other: not the mean of the two devices' means)."""
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from uagan_jax import parallel  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(1)
+  probs = jnp.asarray(rng.random((4, 3, 3, 2)), jnp.float32)
+  targets = np.zeros((4, 3, 3, 2), np.float32)
+  targets[1, 1, 1, 0] = targets[2, 0, :, 0] = targets[3, :, 2, 0] = targets[2, 1, 1, 1] = 1.0
+  targets = jnp.asarray(targets)
+  whole = lambda p: losses.soft_dice_loss(probs=p, targets=targets, reduction="present")
+  mesh = parallel.make_mesh(2)
+
+  def per_device(p, t):
+    return jax.value_and_grad(lambda q: losses.soft_dice_loss(
+        probs=q, targets=t, reduction="present", axis_name=parallel.AXIS))(p)
+  value, grad = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P("data"), P("data")),
+                                      out_specs=(P(), P("data"))))(probs, targets)
+  np.testing.assert_allclose(value, whole(probs), rtol=1e-6)
+  np.testing.assert_allclose(grad, jax.grad(whole)(probs), rtol=1e-5, atol=1e-7)
+
+
 def test_batch_dice_over_devices_is_the_global_batch_dice():
   """With axis_name the sums run over the devices too: the loss and its gradient on 2 devices
   are those of the whole batch on one (the step averages per-device gradients: x 2 / 2)."""

@@ -157,12 +157,14 @@ def base_config() -> ml_collections.ConfigDict:
   # The multi-scale L1 term of S against the critic C: segan, and uagan's segmentation terms.
   c.loss.adversarial_weight = 1.0
   c.loss.dice_weight = 1.0
-  # How S's soft Dice (and the shape loss's) is pooled (losses.soft_dice_loss): "batch", one Dice
-  # per region over the whole global batch (nnU-Net's batch Dice), or "per_example", a Dice per
-  # slice, averaged: on the many slices without tumour core it rewards an empty output, and the
-  # TC/ET outputs switched off for whole modalities in training (docs/EXPERIMENTS.md, "Training
-  # that keeps every region"). Runs before this key existed trained per_example.
-  c.loss.dice_reduction = "batch"
+  # How S's soft Dice (and the shape loss's) is pooled (losses.soft_dice_loss): "per_example", a
+  # Dice per slice, averaged; "batch", one Dice per region over the global batch (nnU-Net's batch
+  # Dice); "present", per slice over the slices that hold the region. Per example rewards an
+  # empty output on slices without the region, yet measured with full augmentation (segan
+  # :study, docs/EXPERIMENTS.md, "Training that keeps every region") batch Dice lost T1ce's
+  # TC/ET and "present" lost WT, while per example with the demo's decaying learning rate kept
+  # every region.
+  c.loss.dice_reduction = "per_example"
   c.loss.bce_weight = 0.0
   c.loss.scale_weights = ()  # per-scale weights of the multi-scale L1 (input, then each block); () = all ones
   # How the multi-scale L1 pools its scales: "per_scale" (a mean per scale, then over scales) or
@@ -427,7 +429,7 @@ def _validate_recipe_keys(config: ml_collections.ConfigDict) -> None:
   loss, optim = config.loss, config.optim
   choices = {"loss.scale_pooling": ("per_scale", "concatenated"),
              "loss.shape_loss": ("bce_dice", "weighted_ce"),
-             "loss.dice_reduction": ("batch", "per_example"),
+             "loss.dice_reduction": ("per_example", "batch", "present"),
              "optim.schedule": ("staircase", "linear")}
   for key, known in choices.items():
     group, name = key.split(".")
@@ -598,7 +600,7 @@ def _parse_like(text: str, current):
 
 # Keys whose default changed when they were added: a config.json written before has none, and its
 # run trained with the value here (resuming it must go on the same way), not with today's default.
-KEYS_BEFORE_THEY_EXISTED = {"loss.dice_reduction": "per_example", "data.clip_augmented": False}
+KEYS_BEFORE_THEY_EXISTED = {"data.clip_augmented": False}
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

@@ -86,6 +86,10 @@ def soft_dice_loss(*, probs: jax.Array, targets: jax.Array, smooth: float = 1.0,
     batch's other slices earn, so an empty output is never rewarded while any slice of the batch
     holds the region. With ``axis_name`` (inside the data-parallel step) the sums are also taken
     over the devices of that axis, so the loss is the global batch's on any number of devices.
+  * ``"present"``: a Dice per example, as ``"per_example"``, averaged over only the examples
+    whose target holds the region (a region no example holds adds 0): each slice with the region
+    weighs the same, as per example, and a slice without it, where any output scores nearly 0 or
+    1, is left to the cross-entropy. With ``axis_name`` the mean is over the devices' examples.
 
   Args:
     probs: [B, H, W, R] predicted probabilities in [0, 1].
@@ -101,17 +105,24 @@ def soft_dice_loss(*, probs: jax.Array, targets: jax.Array, smooth: float = 1.0,
   Returns:
     Scalar loss in [0, 1].
   """
-  if reduction == "per_example":
+  if reduction in ("per_example", "present"):
     axes = tuple(range(1, probs.ndim - 1))
   elif reduction == "batch":
     axes = tuple(range(probs.ndim - 1))
   else:
-    raise ValueError(f"unknown reduction {reduction!r} (known: per_example, batch)")
+    raise ValueError(f"unknown reduction {reduction!r} (known: per_example, batch, present)")
   intersection = jnp.sum(probs * targets, axis=axes)
   total = jnp.sum(probs, axis=axes) + jnp.sum(targets, axis=axes)
   if reduction == "batch" and axis_name is not None:
     intersection, total = jax.lax.psum((intersection, total), axis_name)
   dice = (2.0 * intersection + smooth) / (total + smooth)
+  if reduction == "present":
+    held = (jnp.sum(targets, axis=axes) > 0).astype(dice.dtype)  # [B, R]
+    held_dice, count = jnp.sum(held * dice, axis=0), jnp.sum(held, axis=0)
+    if axis_name is not None:
+      held_dice, count = jax.lax.psum((held_dice, count), axis_name)
+    # 1 - this is the loss: a region no example holds has loss 0 (and no gradient).
+    dice = jnp.where(count > 0, held_dice / jnp.maximum(count, 1.0), 1.0)
   if region_weights is not None:
     return 1.0 - _region_mean(dice, region_weights)
   return 1.0 - jnp.mean(dice)
