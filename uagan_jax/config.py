@@ -306,9 +306,9 @@ def apply_demo_sizes(c: ml_collections.ConfigDict) -> None:
 
 def apply_study_budget(c: ml_collections.ConfigDict) -> None:
   """The seeded studies' budget (studies/*.py), shared by every recipe's ``:study`` variant: the
-  demo's networks, slices and learning rates, with 8 slices a step and 400 steps, so that three
-  families x two arms x three seeds train and are scored within about an hour on 2 CPU cores
-  (docs/EXPERIMENTS.md says what so short a budget can and cannot tell). No validation during
+  demo's networks, slices and learning rates, with 8 slices a step and 400 steps (the 18 runs of
+  studies/augmentation.py trained in about 100 minutes on 2 CPU cores with other work beside
+  them; docs/EXPERIMENTS.md says what so short a budget can and cannot tell). No validation during
   training: a study scores each run's final checkpoint."""
   apply_demo_sizes(c)
   c.train.batch_size = 8
