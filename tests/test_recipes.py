@@ -166,6 +166,19 @@ def test_demo_and_study_budgets_decay_the_learning_rate(recipe):
     assert (demo.loss.shape_ramp_steps, study.loss.shape_ramp_steps) == (600, 400)
 
 
+@pytest.mark.parametrize("recipe", ["uagan", "segan", "unet", "stargan"])
+def test_only_uagan_pools_its_dice_over_the_batch(recipe):
+  """uagan's Dice per slice switched TC/ET off (docs/EXPERIMENTS.md, "Training that keeps every
+  region"): its recipes pool over the batch, the others keep a Dice per slice; the old
+  behaviour is one override away."""
+  expected = "batch" if recipe == "uagan" else "per_example"
+  for variant in ("", ":demo", ":study"):
+    path = f"{ROOT / 'configs' / recipe}.py{variant}"
+    assert config_lib.load_config(path).loss.dice_reduction == expected, variant
+    old = config_lib.load_config(path, ["--config.loss.dice_reduction=per_example"])
+    assert old.loss.dice_reduction == "per_example"
+
+
 # Tiny sizes (configs/test.py's) for the smoke runs of the paper recipes.
 TINY = ("--config.model.segmentor_features=(4, 8)", "--config.model.generator_features=4",
         "--config.model.generator_residual_blocks=1", "--config.model.discriminator_features=4",

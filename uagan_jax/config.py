@@ -163,7 +163,7 @@ def base_config() -> ml_collections.ConfigDict:
   # empty output on slices without the region, yet measured with full augmentation (segan
   # :study, docs/EXPERIMENTS.md, "Training that keeps every region") batch Dice lost T1ce's
   # TC/ET and "present" lost WT, while per example with the demo's decaying learning rate kept
-  # every region.
+  # every region; uagan's recipe pools over the batch (configs/uagan.py, departure 6).
   c.loss.dice_reduction = "per_example"
   c.loss.bce_weight = 0.0
   c.loss.scale_weights = ()  # per-scale weights of the multi-scale L1 (input, then each block); () = all ones
