@@ -15,7 +15,9 @@ segan, and segan against unet (the same arms as studies/results_table.py, bit fo
   uagan-jax study studies/augmentation.py --out runs/augmentation \
       [--external UPENN_CASE_DIR]   # a folder holding UPENN-GBM case 00003_11
 
-``:segan`` keeps segan's two arms only; ``:smoke``: 2 steps, one seed, two test cases, no
+``:segan`` keeps segan's two arms only; ``:segan_long`` trains them three times as long (1,200
+steps, the learning rate decaying from step 300 to 1,200; issue 25's longer budget: does the
+answer change with the steps?); ``:smoke``: 2 steps, one seed, two test cases, no
 external set (a check that the study runs, not a result). Runs resume: the same command again
 trains only what is missing.
 """
@@ -29,11 +31,11 @@ FAMILIES = ("unet", "segan", "uagan")
 
 
 def get_config(variant: str = ""):
-  if variant not in ("", "segan", "smoke"):
-    raise ValueError(f"unknown variant {variant!r} (known: segan, smoke)")
+  if variant not in ("", "segan", "segan_long", "smoke"):
+    raise ValueError(f"unknown variant {variant!r} (known: segan, segan_long, smoke)")
   on = tuple(f"--config.data.augmentations.{key}={value!r}"
              for key, value in config_lib.FULL_RECIPE_AUGMENTATIONS.items())
-  families = ("segan",) if variant == "segan" else FAMILIES
+  families = ("segan",) if variant.startswith("segan") else FAMILIES
   s = ml_collections.ConfigDict()
   s.data = "data_synth"
   s.external = ("data_shifted",)
@@ -43,11 +45,14 @@ def get_config(variant: str = ""):
     s.arms[f"{family}_off"] = {"recipe": f"configs/{family}.py:study"}
     s.arms[f"{family}_on"] = {"recipe": f"configs/{family}.py:study", "overrides": on}
   s.comparisons = tuple((f"{family}_on", f"{family}_off") for family in families)
-  if variant != "segan":
+  if not variant.startswith("segan"):
     s.comparisons += (("uagan_off", "unet_off"), ("uagan_off", "segan_off"),
                       ("segan_off", "unet_off"))
   s.metrics = ("dice", "hd95")
   s.overrides = ("--config.eval.panels=0",)  # the study reads the scores, not the pictures
+  if variant == "segan_long":  # the :study schedule over three times the steps
+    s.overrides += ("--config.train.steps=1200", "--config.optim.decay_start=300",
+                    "--config.optim.decay_end=1200", "--config.train.checkpoint_every=1200")
   if variant == "smoke":
     study.smoke(s)
   return s

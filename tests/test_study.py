@@ -184,7 +184,8 @@ def _variants(path: pathlib.Path) -> list[str]:
 @pytest.mark.parametrize("name, runs", [("results_table", {"": 9, "smoke": 3}),
                                         ("unified_vs_single", {"": 15, "all": 15, "smoke": 5,
                                                                "all_smoke": 5}),
-                                        ("augmentation", {"": 18, "segan": 6, "smoke": 6}),
+                                        ("augmentation", {"": 18, "segan": 6, "segan_long": 6,
+                                                          "smoke": 6}),
                                         ("mixed_precision", {"": 6, "uagan": 6, "smoke": 2})])
 def test_study_files_load_and_plan(tmp_path, monkeypatch, name, runs):
   # As their docstrings run them: from the checkout's root (the recipes' paths), with the data
@@ -225,6 +226,26 @@ def test_the_results_table_trains_the_augmentation_studys_off_arms(tmp_path, mon
       theirs = augmentation.configs[(f"{family}_off", seed, None)][0]
       assert config_lib.to_json(ours) == config_lib.to_json(theirs), (family, seed)
       assert ours.train.steps == 400 and ours.train.batch_size == 8
+
+
+def test_the_long_augmentation_study_is_the_segan_arms_three_times_as_long(tmp_path, monkeypatch):
+  """augmentation.py:segan_long differs from :segan in the steps and the schedule's steps only."""
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "configs").symlink_to(ROOT / "configs")
+  (tmp_path / "data_synth").mkdir()
+  (tmp_path / "data_shifted").mkdir()
+  short = study_lib.load_study(f"{STUDIES / 'augmentation.py'}:segan")
+  long = study_lib.load_study(f"{STUDIES / 'augmentation.py'}:segan_long")
+  assert short.configs.keys() == long.configs.keys() and long.comparisons == short.comparisons
+  for key, (config, _) in long.configs.items():
+    assert (config.train.steps, config.optim.decay_start, config.optim.decay_end,
+            config.train.checkpoint_every) == (1200, 300, 1200, 1200)
+    config, reference = json.loads(config_lib.to_json(config)), json.loads(
+        config_lib.to_json(short.configs[key][0]))
+    for group, name in (("train", "steps"), ("optim", "decay_start"), ("optim", "decay_end"),
+                        ("train", "checkpoint_every")):
+      del config[group][name], reference[group][name]
+    assert config == reference, key
 
 
 @pytest.mark.parametrize("variant, folds, steps", [("", 5, 600), ("3", 3, 600), ("smoke", 5, 2),
