@@ -324,3 +324,21 @@ def test_tta_and_ensembles_write_their_own_folders(capsys, synth_data, tmp_path)
   with pytest.raises(UserError, match=rf"{narrow}: the model does not segment t1ce, flair"):
     evaluate.evaluate_split(config, workdir=workdir, data_dir=synth_data,
                             ensemble=[(narrow, "latest")], out=out, **quiet)
+
+
+def test_translation_false_scores_the_segmentation_alone(synth_data, tmp_path):
+  """What a study asks of uagan: the same segmentation rows, no translation scored or written."""
+  config = load_test_config(variant="uagan")
+  workdir = write_random_workdir(tmp_path / "w", config)
+  ids = sorted(p.name for p in synth_data.iterdir() if p.is_dir())
+  (workdir / "splits.json").write_text(json.dumps(
+      {"data": str(synth_data), "train": ids[:7], "val": [], "test": ids[7:]}))
+  quiet = dict(curves=False, log=lambda _: None)
+  both = evaluate.evaluate_split(config, workdir=workdir, data_dir=synth_data, **quiet)
+  assert both["translation_rows"] and (workdir / "eval_test" / "translation.csv").is_file()
+  (workdir / "eval_test" / "translation.csv").unlink()
+  alone = evaluate.evaluate_split(config, workdir=workdir, data_dir=synth_data, translation=False,
+                                  **quiet)
+  assert alone["translation_rows"] == [] and alone["rows"] == both["rows"]
+  assert not (workdir / "eval_test" / "translation.csv").exists()
+  assert "translation_mean" not in alone["report"]

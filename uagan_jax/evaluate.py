@@ -141,7 +141,7 @@ def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path |
                    postprocessing: bool = True, log: Callable[[str], None] = print,
                    model=None, out: pathlib.Path | None = None, tta: bool = False,
                    ensemble: Sequence[tuple[pathlib.Path, str]] = (),
-                   stopwatch: timing.Stopwatch | None = None) -> dict:
+                   stopwatch: timing.Stopwatch | None = None, translation: bool = True) -> dict:
   """Scores every case of ``split`` (or of an external test set) from each modality; writes CSV,
   JSON, PNG panels.
 
@@ -185,6 +185,9 @@ def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path |
       or validated on a scored case. Segmentation only (translation is scored per model).
     stopwatch: counts the wall time of loading, reading, compiling, segmenting (``tta``: the
       mirrored passes apart), scoring and drawing (``uagan-jax evaluate --timing``).
+    translation: False leaves a translating family's translation unscored (no translation.csv,
+      no translation panels): a study reads the segmentation only, and for uagan the twelve
+      translations a case cost more than its four segmentations.
 
   Returns:
     ``{"rows": [...per case and modality...], "translation_rows": [...], "summary":
@@ -246,7 +249,7 @@ def evaluate_split(config: ml_collections.ConfigDict, *, workdir: pathlib.Path |
   if postprocessing and not ensemble:
     postprocess.load(source)  # a damaged postprocessing.json is reported before the model loads
   family = families.get(config.model.name)
-  segments, translates = family.segments, family.translates and not ensemble
+  segments, translates = family.segments, family.translates and not ensemble and translation
   if ensemble and not segments:
     raise UserError(f"{workdir}: model family {config.model.name} does not segment; an ensemble "
                     "averages segmentations")

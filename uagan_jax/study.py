@@ -33,9 +33,9 @@ Each arm x seed (x modality) is an ordinary training workdir, ``OUT/runs/<arm>/s
 train.steps) is not trained again, only scored; a run that fails (diverged, bad data, any
 error) is recorded and the others go on; so is a workdir whose config.json is not the study's
 (the study file edited since: other keys than eval.* and train.steps, more steps resuming the
-run). Every finished run is then scored as ``uagan-jax
-evaluate`` scores it (`evaluate.evaluate_split`): its held-out test split (test set "test") and
-each external folder (test set = the folder's name). The statistics (`uagan_jax.stats`) go to
+run). Every finished run is then segmented and scored as ``uagan-jax evaluate`` scores it
+(`evaluate.evaluate_split`; translation is not scored): its held-out test split (test set "test")
+and each external folder (test set = the folder's name). The statistics (`uagan_jax.stats`) go to
 ``OUT/study.json``, ``OUT/study.md`` and ``OUT/study.png``.
 
 Cases per seed: the held-out split is drawn by ``config.seed``, so each seed scores other
@@ -532,7 +532,7 @@ def _score(run: Run, record: dict, *, study: Study, log) -> tuple[dict, list[dic
     for test_set, folder in study.test_sets().items():
       result = evaluate.evaluate_split(config, workdir=run.workdir, data_dir=folder,
                                        split="test" if test_set == HELD_OUT else "all",
-                                       curves=False, log=quiet)
+                                       curves=False, log=quiet, translation=False)
       record["step"] = result["step"]
       for row in result["rows"]:
         rows.append({"arm": run.arm, "seed": run.seed, "test_set": test_set, "case": row["case"],
