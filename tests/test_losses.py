@@ -77,6 +77,62 @@ def test_batch_dice_pools_the_batch_and_never_rewards_an_empty_output():
     losses.soft_dice_loss(probs=found, targets=targets, reduction="mean")
 
 
+def test_modality_batch_dice_is_a_batch_dice_per_modality():
+  # Examples 0 and 1 are modality 3, example 2 modality 0; 4 groups, 2 of them held.
+  targets = jnp.stack([_maps([1, 1, 0, 0])[0], _maps([0, 0, 0, 0])[0], _maps([1, 1, 1, 0])[0]])
+  groups = jnp.array([3, 3, 0])
+  dice = lambda p: float(losses.soft_dice_loss(probs=p, targets=targets, groups=groups,
+                                               num_groups=4, reduction="modality_batch"))
+  # Modality 3 found exactly with one false positive on example 1: (2*2 + 1) / (2 + 1 + 2 + 1)
+  # = 5/6; modality 0 missed entirely: 1 / (3 + 1) = 1/4. Mean over the two held: 13/24.
+  found_missed = jnp.stack([targets[0], _maps([1, 0, 0, 0])[0], jnp.zeros_like(targets[2])])
+  assert dice(found_missed) == pytest.approx(1 - (5 / 6 + 1 / 4) / 2)
+  # Pooled over the whole batch, modality 0's miss costs less: (2*2 + 1) / (3 + 5 + 1) = 5/9.
+  assert float(losses.soft_dice_loss(probs=found_missed, targets=targets, reduction="batch")) \
+      == pytest.approx(1 - 5 / 9)
+  # Everything found: loss 0; one group alone is the batch Dice of its examples.
+  assert dice(targets) == pytest.approx(0.0)
+  one = float(losses.soft_dice_loss(probs=found_missed[:2], targets=targets[:2],
+                                    groups=groups[:2], num_groups=4, reduction="modality_batch"))
+  assert one == pytest.approx(float(losses.soft_dice_loss(
+      probs=found_missed[:2], targets=targets[:2], reduction="batch")))
+  # Region weights weight the per-region means, as for the other reductions: a second region,
+  # found everywhere, with weight 3 against 1 for the first.
+  two = lambda x: jnp.concatenate([x, targets], axis=-1)
+  weighted = float(losses.soft_dice_loss(probs=two(found_missed), targets=two(targets),
+                                         groups=groups, num_groups=4, reduction="modality_batch",
+                                         region_weights=(1.0, 3.0)))
+  assert weighted == pytest.approx((1 - (5 / 6 + 1 / 4) / 2) / 4)
+  with pytest.raises(ValueError, match="groups"):
+    losses.soft_dice_loss(probs=targets, targets=targets, reduction="modality_batch")
+
+
+def test_modality_batch_dice_over_devices_is_the_global_batch_dice():
+  """With axis_name the per-modality sums run over the devices: loss and gradient on 2
+  devices are the whole batch's (a modality on one device only still counts once)."""
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from uagan_jax import parallel  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(2)
+  probs = jnp.asarray(rng.random((4, 3, 3, 3)), jnp.float32)
+  targets = jnp.asarray(rng.random((4, 3, 3, 3)) > 0.6, jnp.float32)
+  groups = jnp.array([0, 2, 2, 3])
+  whole = lambda p: losses.soft_dice_loss(probs=p, targets=targets, groups=groups, num_groups=4,
+                                          reduction="modality_batch")
+  mesh = parallel.make_mesh(2)
+
+  def per_device(p, t, g):
+    return jax.value_and_grad(lambda q: losses.soft_dice_loss(
+        probs=q, targets=t, groups=g, num_groups=4, reduction="modality_batch",
+        axis_name=parallel.AXIS))(p)
+  value, grad = jax.jit(jax.shard_map(per_device, mesh=mesh,
+                                      in_specs=(P("data"), P("data"), P("data")),
+                                      out_specs=(P(), P("data"))))(probs, targets, groups)
+  np.testing.assert_allclose(value, whole(probs), rtol=1e-6)
+  np.testing.assert_allclose(grad, jax.grad(whole)(probs), rtol=1e-5, atol=1e-7)
+  assert abs(float(whole(probs)) - float(losses.soft_dice_loss(
+      probs=probs, targets=targets, reduction="batch"))) > 1e-4
+
+
 def test_present_dice_averages_only_the_examples_that_hold_the_region():
   # The batch of the test above: example 0 holds the region, examples 1 and 2 do not.
   targets = jnp.stack([_maps([1, 1, 0, 0])[0], _maps([0, 0, 0, 0])[0], _maps([0, 0, 0, 0])[0]])

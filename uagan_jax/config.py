@@ -159,7 +159,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.dice_weight = 1.0
   # How S's soft Dice (and the shape loss's) is pooled (losses.soft_dice_loss): "per_example", a
   # Dice per slice, averaged; "batch", one Dice per region over the global batch (nnU-Net's batch
-  # Dice); "present", per slice over the slices that hold the region. Per example rewards an
+  # Dice); "present", per slice over the slices that hold the region; "modality_batch", a batch
+  # Dice per source modality, averaged over the modalities the batch holds. Per example rewards an
   # empty output on slices without the region, yet measured with full augmentation (segan
   # :study, docs/EXPERIMENTS.md, "Training that keeps every region") batch Dice lost T1ce's
   # TC/ET and "present" lost WT, while per example with the demo's decaying learning rate kept
@@ -429,7 +430,7 @@ def _validate_recipe_keys(config: ml_collections.ConfigDict) -> None:
   loss, optim = config.loss, config.optim
   choices = {"loss.scale_pooling": ("per_scale", "concatenated"),
              "loss.shape_loss": ("bce_dice", "weighted_ce"),
-             "loss.dice_reduction": ("per_example", "batch", "present"),
+             "loss.dice_reduction": ("per_example", "batch", "present", "modality_batch"),
              "optim.schedule": ("staircase", "linear")}
   for key, known in choices.items():
     group, name = key.split(".")

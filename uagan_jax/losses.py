@@ -70,7 +70,8 @@ def _region_mean(per_region: jax.Array, region_weights: Sequence[float]) -> jax.
 
 def soft_dice_loss(*, probs: jax.Array, targets: jax.Array, smooth: float = 1.0,
                    region_weights: Sequence[float] | None = None,
-                   reduction: str = "per_example", axis_name: str | None = None) -> jax.Array:
+                   reduction: str = "per_example", axis_name: str | None = None,
+                   groups: jax.Array | None = None, num_groups: int = 0) -> jax.Array:
   """1 - soft Dice per region, averaged over regions (and examples, ``reduction="per_example"``).
 
   ``dice = (2 * sum(p * t) + smooth) / (sum(p) + sum(t) + smooth)``, the sums taken
@@ -90,6 +91,11 @@ def soft_dice_loss(*, probs: jax.Array, targets: jax.Array, smooth: float = 1.0,
     whose target holds the region (a region no example holds adds 0): each slice with the region
     weighs the same, as per example, and a slice without it, where any output scores nearly 0 or
     1, is left to the cross-entropy. With ``axis_name`` the mean is over the devices' examples.
+  * ``"modality_batch"``: ``"batch"`` within each group of examples (``groups``: the source
+    modality of each), then the mean over the groups the global batch holds: a batch Dice per
+    modality, so one modality's misses cannot hide behind the others' hits in a batch that
+    mixes modalities (uagan trains every modality in one batch). With ``axis_name`` the sums run
+    over the devices too.
 
   Args:
     probs: [B, H, W, R] predicted probabilities in [0, 1].
@@ -98,21 +104,38 @@ def soft_dice_loss(*, probs: jax.Array, targets: jax.Array, smooth: float = 1.0,
     region_weights: optional weight per region R: the loss is the weighted mean over regions of
       the per-region mean over examples (a weight 0 leaves that region untrained). None: the
       plain mean over examples and regions.
-    reduction: "per_example" or "batch", as above.
-    axis_name: the mapped axis to sum over with ``reduction="batch"``; None outside a mapped
+    reduction: "per_example", "batch", "present" or "modality_batch", as above.
+    axis_name: the mapped axis to sum over (all but ``"per_example"``); None outside a mapped
       function (or for the local batch alone).
+    groups: [B] integer group of each example (``"modality_batch"`` only), in [0, num_groups).
+    num_groups: how many groups there are (``"modality_batch"`` only).
 
   Returns:
     Scalar loss in [0, 1].
   """
-  if reduction in ("per_example", "present"):
+  if reduction in ("per_example", "present", "modality_batch"):
     axes = tuple(range(1, probs.ndim - 1))
   elif reduction == "batch":
     axes = tuple(range(probs.ndim - 1))
   else:
-    raise ValueError(f"unknown reduction {reduction!r} (known: per_example, batch, present)")
+    raise ValueError(f"unknown reduction {reduction!r} "
+                     "(known: per_example, batch, present, modality_batch)")
   intersection = jnp.sum(probs * targets, axis=axes)
   total = jnp.sum(probs, axis=axes) + jnp.sum(targets, axis=axes)
+  if reduction == "modality_batch":
+    if groups is None or num_groups < 1:
+      raise ValueError("reduction 'modality_batch' needs groups and num_groups")
+    member = jax.nn.one_hot(groups, num_groups, dtype=intersection.dtype)  # [B, G]
+    intersection, total = member.T @ intersection, member.T @ total  # [G, R]
+    count = jnp.sum(member, axis=0)  # [G]
+    if axis_name is not None:
+      intersection, total, count = jax.lax.psum((intersection, total, count), axis_name)
+    held = (count > 0).astype(intersection.dtype)[:, None]
+    dice = (2.0 * intersection + smooth) / (total + smooth)
+    dice = jnp.sum(held * dice, axis=0) / jnp.sum(held)  # [R]: the mean over held groups
+    if region_weights is not None:
+      return 1.0 - _region_mean(dice, region_weights)
+    return 1.0 - jnp.mean(dice)
   if reduction == "batch" and axis_name is not None:
     intersection, total = jax.lax.psum((intersection, total), axis_name)
   dice = (2.0 * intersection + smooth) / (total + smooth)
@@ -260,7 +283,8 @@ def identity_loss(*, original: jax.Array, same_domain: jax.Array) -> jax.Array:
 
 def shape_loss(*, logits_translated: jax.Array, targets: jax.Array,
                region_weights: Sequence[float] | None = None,
-               dice_reduction: str = "per_example", axis_name: str | None = None) -> jax.Array:
+               dice_reduction: str = "per_example", axis_name: str | None = None,
+               groups: jax.Array | None = None, num_groups: int = 0) -> jax.Array:
   """UAGAN's shape consistency loss: the translated image must keep the source's tumour.
 
   The segmentor's output on ``G(x, c_target)`` is compared with the ground truth of the *source*
@@ -272,7 +296,8 @@ def shape_loss(*, logits_translated: jax.Array, targets: jax.Array,
     logits_translated: [B, H, W, R] segmentor logits on the translated images.
     targets: [B, H, W, R] binary region maps of the source images.
     region_weights: optional weight per region, as for `soft_dice_loss`.
-    dice_reduction, axis_name: `soft_dice_loss`'s ``reduction`` and ``axis_name``.
+    dice_reduction, axis_name, groups, num_groups: `soft_dice_loss`'s ``reduction``,
+      ``axis_name``, ``groups`` and ``num_groups``.
 
   Returns:
     Scalar loss: `binary_cross_entropy` + `soft_dice_loss`.
@@ -281,7 +306,7 @@ def shape_loss(*, logits_translated: jax.Array, targets: jax.Array,
                                region_weights=region_weights)
           + soft_dice_loss(probs=jax.nn.sigmoid(logits_translated), targets=targets,
                            region_weights=region_weights, reduction=dice_reduction,
-                           axis_name=axis_name))
+                           axis_name=axis_name, groups=groups, num_groups=num_groups))
 
 
 def ramp_weight(step: jax.Array | int, *, max_weight: float, ramp_steps: int) -> jax.Array:

@@ -175,7 +175,9 @@ def segmentation_terms(logits: jax.Array, inputs: StepInputs, critic_params, *, 
   terms = {"seg/dice": losses.soft_dice_loss(probs=probs, targets=inputs.regions,
                                              region_weights=region_weights,
                                              reduction=config.loss.dice_reduction,
-                                             axis_name=parallel.AXIS),
+                                             axis_name=parallel.AXIS,
+                                             groups=inputs.modality,
+                                             num_groups=len(MODALITIES)),
            "seg/bce": losses.binary_cross_entropy(logits=logits, targets=inputs.regions,
                                                   region_weights=region_weights)}
   total = config.loss.dice_weight * terms["seg/dice"] + config.loss.bce_weight * terms["seg/bce"]

@@ -117,7 +117,7 @@ def train_phases(state, inputs, *, networks, config):
       terms["seg/shape"] = losses.shape_loss(
           logits_translated=outputs["fake_logits"], targets=inputs.regions,
           region_weights=region_weights, dice_reduction=config.loss.dice_reduction,
-          axis_name=parallel.AXIS)
+          axis_name=parallel.AXIS, groups=inputs.modality, num_groups=len(MODALITIES))
     terms["seg/shape_weight"] = losses.ramp_weight(
         state.step, max_weight=config.loss.shape_weight, ramp_steps=config.loss.shape_ramp_steps)
     return total + seg_total + terms["seg/shape_weight"] * terms["seg/shape"]
