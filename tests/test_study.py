@@ -186,7 +186,8 @@ def _variants(path: pathlib.Path) -> list[str]:
                                                                "all_smoke": 5}),
                                         ("augmentation", {"": 18, "segan": 6, "segan_long": 6,
                                                           "smoke": 6}),
-                                        ("mixed_precision", {"": 6, "uagan": 6, "smoke": 2})])
+                                        ("mixed_precision", {"": 6, "uagan": 6, "smoke": 2}),
+                                        ("uagan_dice", {"": 12, "smoke": 4})])
 def test_study_files_load_and_plan(tmp_path, monkeypatch, name, runs):
   # As their docstrings run them: from the checkout's root (the recipes' paths), with the data
   # folders there (empty here: planning reads none).
@@ -227,6 +228,26 @@ def test_the_results_table_trains_the_augmentation_studys_off_arms(tmp_path, mon
       assert config_lib.to_json(ours) == config_lib.to_json(theirs), (family, seed)
       assert ours.train.steps == 400 and ours.train.batch_size == 8
 
+
+def test_the_uagan_dice_studys_batch_arms_are_the_augmentation_studys_uagan_arms(tmp_path,
+                                                                                 monkeypatch):
+  """studies/uagan_dice.py's batch_* runs are studies/augmentation.py's uagan_* runs, bit for bit;
+  its modality_* runs differ from them in loss.dice_reduction only."""
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "configs").symlink_to(ROOT / "configs")
+  (tmp_path / "data_synth").mkdir()
+  (tmp_path / "data_shifted").mkdir()
+  dice = study_lib.load_study(str(STUDIES / "uagan_dice.py"))
+  augmentation = study_lib.load_study(str(STUDIES / "augmentation.py"))
+  for state in ("off", "on"):
+    for seed in (0, 1, 2):
+      ours = dice.configs[(f"batch_{state}", seed, None)][0]
+      theirs = augmentation.configs[(f"uagan_{state}", seed, None)][0]
+      assert config_lib.to_json(ours) == config_lib.to_json(theirs), (state, seed)
+      other = json.loads(config_lib.to_json(dice.configs[(f"modality_{state}", seed, None)][0]))
+      assert other["loss"].pop("dice_reduction") == "modality_batch"
+      same = json.loads(config_lib.to_json(ours))
+      assert same["loss"].pop("dice_reduction") == "batch" and other == same
 
 def test_the_long_augmentation_study_is_the_segan_arms_three_times_as_long(tmp_path, monkeypatch):
   """augmentation.py:segan_long differs from :segan in the steps and the schedule's steps only."""
