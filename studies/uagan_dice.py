@@ -11,6 +11,7 @@ intensity jitter) and with (``_on``) the full recipes' augmentation
   uagan-jax synth --out data_synth --cases 80 --seed 0 --shape 96 96 64
   uagan-jax study studies/uagan_dice.py --out runs/uagan_dice
 
+``:on`` keeps the two arms with augmentation (where ``batch`` lost a modality);
 ``:smoke``: 2 steps, one seed, two test cases (a check that the study runs, not a result). Runs
 resume: the same command again trains only what is missing.
 """
@@ -22,8 +23,8 @@ from uagan_jax import study
 
 
 def get_config(variant: str = ""):
-  if variant not in ("", "smoke"):
-    raise ValueError(f"unknown variant {variant!r} (known: smoke)")
+  if variant not in ("", "on", "smoke"):
+    raise ValueError(f"unknown variant {variant!r} (known: on, smoke)")
   on = tuple(f"--config.data.augmentations.{key}={value!r}"
              for key, value in config_lib.FULL_RECIPE_AUGMENTATIONS.items())
   s = ml_collections.ConfigDict()
@@ -37,6 +38,9 @@ def get_config(variant: str = ""):
     s.arms[f"{name}_on"] = {"recipe": "configs/uagan.py:study", "overrides": pooled + on}
   s.comparisons = (("modality_off", "batch_off"), ("modality_on", "batch_on"),
                    ("modality_on", "modality_off"), ("batch_on", "batch_off"))
+  if variant == "on":
+    s.arms = {name: arm for name, arm in s.arms.items() if name.endswith("_on")}
+    s.comparisons = (("modality_on", "batch_on"),)
   s.metrics = ("dice", "hd95")
   s.overrides = ("--config.eval.panels=0",)  # the study reads the scores, not the pictures
   if variant == "smoke":

@@ -187,7 +187,7 @@ def _variants(path: pathlib.Path) -> list[str]:
                                         ("augmentation", {"": 18, "segan": 6, "segan_long": 6,
                                                           "smoke": 6}),
                                         ("mixed_precision", {"": 6, "uagan": 6, "smoke": 2}),
-                                        ("uagan_dice", {"": 12, "smoke": 4})])
+                                        ("uagan_dice", {"": 12, "on": 6, "smoke": 4})])
 def test_study_files_load_and_plan(tmp_path, monkeypatch, name, runs):
   # As their docstrings run them: from the checkout's root (the recipes' paths), with the data
   # folders there (empty here: planning reads none).
