@@ -79,9 +79,10 @@ def get_config(variant: str = ""):
   # the anatomy.
   c.loss.cls_weight = 0.5
   # 6. A Dice per slice scores an empty TC/ET output 0.95-0.99 on the slices without them: at
-  # :study uagan switched TC/ET off (held-out Dice < 0.05) in every modality in 5 of 6 runs with
-  # it, and kept them in the runs pooled over the batch (docs/EXPERIMENTS.md, "Training that
-  # keeps every region"). `:paper` has no Dice term, so the key does not reach it.
+  # :study uagan switched TC/ET off (held-out Dice < 0.05) in most modalities in 5 of 6 runs with
+  # it; pooled over the batch it kept every region in 3 of 3 runs without augmentation, but lost
+  # T1 in 2 of 3 with the full augmentation (docs/EXPERIMENTS.md, "Training that keeps every
+  # region"). `:paper` has no Dice term, so the key does not reach it.
   c.loss.dice_reduction = "batch"
   # 7. Gradients as canonical convs XLA:CPU runs on Eigen: the :demo step 0.74x the time on one
   # CPU thread, held-out Dice and PSNR within the run-to-run spread; the same sums in another
