@@ -181,6 +181,15 @@ def _variants(path: pathlib.Path) -> list[str]:
   return [""] + sorted(known)
 
 
+def _as_the_docstrings_run_them(tmp_path, monkeypatch):
+  """Study files run from the checkout's root (the recipes' paths), with the data folders there
+  (empty here: loading and planning read none)."""
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "configs").symlink_to(ROOT / "configs")
+  (tmp_path / "data_synth").mkdir()
+  (tmp_path / "data_shifted").mkdir()
+
+
 @pytest.mark.parametrize("name, runs", [("results_table", {"": 9, "smoke": 3}),
                                         ("unified_vs_single", {"": 15, "all": 15, "smoke": 5,
                                                                "all_smoke": 5}),
@@ -189,12 +198,7 @@ def _variants(path: pathlib.Path) -> list[str]:
                                         ("mixed_precision", {"": 6, "uagan": 6, "smoke": 2}),
                                         ("uagan_dice", {"": 12, "on": 6, "smoke": 4})])
 def test_study_files_load_and_plan(tmp_path, monkeypatch, name, runs):
-  # As their docstrings run them: from the checkout's root (the recipes' paths), with the data
-  # folders there (empty here: planning reads none).
-  monkeypatch.chdir(tmp_path)
-  (tmp_path / "configs").symlink_to(ROOT / "configs")
-  (tmp_path / "data_synth").mkdir()
-  (tmp_path / "data_shifted").mkdir()
+  _as_the_docstrings_run_them(tmp_path, monkeypatch)
   path = STUDIES / f"{name}.py"
   assert f"uagan-jax study studies/{name}.py" in path.read_text()
   assert "uagan-jax synth --out data_synth" in path.read_text()
@@ -215,10 +219,7 @@ def test_study_files_load_and_plan(tmp_path, monkeypatch, name, runs):
 def test_the_results_table_trains_the_augmentation_studys_off_arms(tmp_path, monkeypatch):
   """studies/results_table.py's runs are the `*_off` runs of studies/augmentation.py, bit for bit:
   the same resolved config per family and seed (the docs quote one study's numbers for both)."""
-  monkeypatch.chdir(tmp_path)
-  (tmp_path / "configs").symlink_to(ROOT / "configs")
-  (tmp_path / "data_synth").mkdir()
-  (tmp_path / "data_shifted").mkdir()
+  _as_the_docstrings_run_them(tmp_path, monkeypatch)
   table = study_lib.load_study(str(STUDIES / "results_table.py"))
   augmentation = study_lib.load_study(str(STUDIES / "augmentation.py"))
   for family in ("unet", "segan", "uagan"):
@@ -233,10 +234,7 @@ def test_the_uagan_dice_studys_batch_arms_are_the_augmentation_studys_uagan_arms
                                                                                  monkeypatch):
   """studies/uagan_dice.py's batch_* runs are studies/augmentation.py's uagan_* runs, bit for bit;
   its modality_* runs differ from them in loss.dice_reduction only."""
-  monkeypatch.chdir(tmp_path)
-  (tmp_path / "configs").symlink_to(ROOT / "configs")
-  (tmp_path / "data_synth").mkdir()
-  (tmp_path / "data_shifted").mkdir()
+  _as_the_docstrings_run_them(tmp_path, monkeypatch)
   dice = study_lib.load_study(str(STUDIES / "uagan_dice.py"))
   augmentation = study_lib.load_study(str(STUDIES / "augmentation.py"))
   for state in ("off", "on"):
@@ -251,10 +249,7 @@ def test_the_uagan_dice_studys_batch_arms_are_the_augmentation_studys_uagan_arms
 
 def test_the_long_augmentation_study_is_the_segan_arms_three_times_as_long(tmp_path, monkeypatch):
   """augmentation.py:segan_long differs from :segan in the steps and the schedule's steps only."""
-  monkeypatch.chdir(tmp_path)
-  (tmp_path / "configs").symlink_to(ROOT / "configs")
-  (tmp_path / "data_synth").mkdir()
-  (tmp_path / "data_shifted").mkdir()
+  _as_the_docstrings_run_them(tmp_path, monkeypatch)
   short = study_lib.load_study(f"{STUDIES / 'augmentation.py'}:segan")
   long = study_lib.load_study(f"{STUDIES / 'augmentation.py'}:segan_long")
   assert short.configs.keys() == long.configs.keys() and long.comparisons == short.comparisons
@@ -273,10 +268,7 @@ def test_the_long_augmentation_study_is_the_segan_arms_three_times_as_long(tmp_p
                                                    ("3_smoke", 3, 2)])
 def test_cross_validation_study_is_one_arm_per_fold_and_the_single_model(tmp_path, monkeypatch,
                                                                          variant, folds, steps):
-  monkeypatch.chdir(tmp_path)
-  (tmp_path / "configs").symlink_to(ROOT / "configs")
-  (tmp_path / "data_synth").mkdir()
-  (tmp_path / "data_shifted").mkdir()
+  _as_the_docstrings_run_them(tmp_path, monkeypatch)
   path = STUDIES / "cross_validation.py"
   assert "uagan-jax study studies/cross_validation.py" in path.read_text()
   study = study_lib.load_study(f"{path}:{variant}" if variant else str(path))
