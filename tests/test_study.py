@@ -196,7 +196,8 @@ def _as_the_docstrings_run_them(tmp_path, monkeypatch):
                                         ("augmentation", {"": 18, "segan": 6, "segan_long": 6,
                                                           "smoke": 6}),
                                         ("mixed_precision", {"": 6, "uagan": 6, "smoke": 2}),
-                                        ("uagan_dice", {"": 12, "on": 6, "smoke": 4})])
+                                        ("uagan_dice", {"": 12, "on": 6, "smoke": 4}),
+                                        ("learning_rate", {"": 12, "unet": 6, "smoke": 4})])
 def test_study_files_load_and_plan(tmp_path, monkeypatch, name, runs):
   _as_the_docstrings_run_them(tmp_path, monkeypatch)
   path = STUDIES / f"{name}.py"
@@ -246,6 +247,26 @@ def test_the_uagan_dice_studys_batch_arms_are_the_augmentation_studys_uagan_arms
       assert other["loss"].pop("dice_reduction") == "modality_batch"
       same = json.loads(config_lib.to_json(ours))
       assert same["loss"].pop("dice_reduction") == "batch" and other == same
+
+
+def test_the_learning_rate_studys_arms_are_the_long_segan_arms_at_two_peak_rates(tmp_path,
+                                                                                monkeypatch):
+  """studies/learning_rate.py's lr1e-3_* runs are augmentation.py:segan_long's segan_* runs, bit
+  for bit; its lr3e-4_* runs differ from them in the two peak rates only (3e-4)."""
+  _as_the_docstrings_run_them(tmp_path, monkeypatch)
+  rates = study_lib.load_study(str(STUDIES / "learning_rate.py"))
+  long = study_lib.load_study(f"{STUDIES / 'augmentation.py'}:segan_long")
+  for state in ("off", "on"):
+    for seed in (0, 1, 2):
+      ours = rates.configs[(f"lr1e-3_{state}", seed, None)][0]
+      theirs = long.configs[(f"segan_{state}", seed, None)][0]
+      assert config_lib.to_json(ours) == config_lib.to_json(theirs), (state, seed)
+      lower = json.loads(config_lib.to_json(rates.configs[(f"lr3e-4_{state}", seed, None)][0]))
+      same = json.loads(config_lib.to_json(ours))
+      for name in ("segmentor_lr", "critic_lr"):
+        assert lower["optim"].pop(name) == 3e-4 and same["optim"].pop(name) == 1e-3
+      assert lower == same, (state, seed)
+
 
 def test_the_long_augmentation_study_is_the_segan_arms_three_times_as_long(tmp_path, monkeypatch):
   """augmentation.py:segan_long differs from :segan in the steps and the schedule's steps only."""
