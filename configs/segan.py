@@ -52,7 +52,7 @@ def get_config(variant: str = ""):
   config_lib.apply_full_recipe_augmentations(c)  # nnU-Net-like; off in :demo
 
   if variant in ("demo", "study"):
-    (config_lib.apply_demo_sizes if variant == "demo" else config_lib.apply_study_budget)(c)
+    config_lib.apply_cpu_budget(c, variant)
   elif variant == "paper":
     # The papers' runs had no scanner-shift augmentation: the full recipe's is off again.
     c.data.augmentations.update(config_lib.base_config().data.augmentations)

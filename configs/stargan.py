@@ -31,7 +31,7 @@ def get_config(variant: str = ""):
   # D judges the intensity-augmented slices G translates as real too (the base's
   # data.augment_discriminator_real=True; false shows D the slices with no intensity change).
   if variant in ("demo", "study"):
-    (config_lib.apply_demo_sizes if variant == "demo" else config_lib.apply_study_budget)(c)
+    config_lib.apply_cpu_budget(c, variant)
     c.train.n_critic = 1  # within a CPU demo's budget G must learn every step
   elif variant:
     raise ValueError(f"unknown variant {variant!r} (known: demo, study)")

@@ -94,7 +94,7 @@ def get_config(variant: str = ""):
   # D judges the intensity-augmented slices G translates as real too (the base's
   # data.augment_discriminator_real=True; false shows D the slices with no intensity change).
   if variant in ("demo", "study"):
-    (config_lib.apply_demo_sizes if variant == "demo" else config_lib.apply_study_budget)(c)
+    config_lib.apply_cpu_budget(c, variant)
     # The shape loss asks S to segment G's images; ramp it over the whole short run, as G only
     # learns to translate during it.
     c.loss.shape_ramp_steps = c.train.steps

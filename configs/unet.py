@@ -19,7 +19,7 @@ def get_config(variant: str = ""):
   c.train.steps = 40_000
   config_lib.apply_full_recipe_augmentations(c)  # nnU-Net-like; off in :demo
   if variant in ("demo", "study"):
-    (config_lib.apply_demo_sizes if variant == "demo" else config_lib.apply_study_budget)(c)
+    config_lib.apply_cpu_budget(c, variant)
   elif variant:
     raise ValueError(f"unknown variant {variant!r} (known: demo, study)")
   return c

@@ -116,3 +116,13 @@ def test_a_config_json_from_before_a_changed_default_keeps_the_old_value(tmp_pat
 def test_dice_reduction_is_checked():
   with pytest.raises(UserError, match="loss.dice_reduction"):
     config_lib.load_config(str(ROOT / "configs" / "unet.py"), ["--config.loss.dice_reduction=mean"])
+
+
+def test_the_cpu_budget_is_the_demo_or_the_study_and_nothing_else():
+  demo, study = config_lib.base_config(), config_lib.base_config()
+  config_lib.apply_cpu_budget(demo, "demo")
+  config_lib.apply_cpu_budget(study, "study")
+  assert (demo.train.steps, demo.train.batch_size) == (600, 16)
+  assert (study.train.steps, study.train.batch_size) == (400, 8)
+  with pytest.raises(ValueError, match="not 'paper'"):
+    config_lib.apply_cpu_budget(config_lib.base_config(), "paper")

@@ -320,6 +320,14 @@ def apply_study_budget(c: ml_collections.ConfigDict) -> None:
   c.train.validate_every = 0
 
 
+def apply_cpu_budget(c: ml_collections.ConfigDict, variant: str) -> None:
+  """A recipe's CPU variant: `apply_demo_sizes` for ``"demo"``, `apply_study_budget` for
+  ``"study"`` (the one place a recipe turns its variant into sizes)."""
+  if variant not in ("demo", "study"):
+    raise ValueError(f"the CPU budgets are demo and study, not {variant!r}")
+  (apply_demo_sizes if variant == "demo" else apply_study_budget)(c)
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks that cross several keys; raises UserError naming the key.
 
