@@ -24,7 +24,6 @@ trains only what is missing.
 
 import ml_collections
 
-from uagan_jax import config as config_lib
 from uagan_jax import study
 
 FAMILIES = ("unet", "segan", "uagan")
@@ -33,8 +32,7 @@ FAMILIES = ("unet", "segan", "uagan")
 def get_config(variant: str = ""):
   if variant not in ("", "segan", "segan_long", "smoke"):
     raise ValueError(f"unknown variant {variant!r} (known: segan, segan_long, smoke)")
-  on = tuple(f"--config.data.augmentations.{key}={value!r}"
-             for key, value in config_lib.FULL_RECIPE_AUGMENTATIONS.items())
+  on = study.FULL_AUGMENTATION_OVERRIDES
   families = ("segan",) if variant.startswith("segan") else FAMILIES
   s = ml_collections.ConfigDict()
   s.data = "data_synth"
@@ -51,8 +49,7 @@ def get_config(variant: str = ""):
   s.metrics = ("dice", "hd95")
   s.overrides = ("--config.eval.panels=0",)  # the study reads the scores, not the pictures
   if variant == "segan_long":  # the :study schedule over three times the steps
-    s.overrides += ("--config.train.steps=1200", "--config.optim.decay_start=300",
-                    "--config.optim.decay_end=1200", "--config.train.checkpoint_every=1200")
+    s.overrides += study.LONGER_BUDGET_OVERRIDES
   if variant == "smoke":
     study.smoke(s)
   return s

@@ -18,17 +18,14 @@ phantoms from every modality.
 ``:unet``: the ``lr3e-4`` arms for unet (``configs/unet.py:study``; it has no critic, so only S's
 rate is set). ``:uagan``: uagan's arm with augmentation (``configs/uagan.py:study``, 400 steps,
 where its batch Dice lost T1 in 2 of 3 seeds at 1e-3) with S's and C's peak rate at 3e-4 (G's and
-D's, 5e-4, as they are). ``:smoke``: 2 steps, one seed, two test cases (a check that the study runs, not a result). Runs
-resume: the same command again trains only what is missing.
+D's, 5e-4, as they are). ``:smoke``: 2 steps, one seed, two test cases (a check that the study
+runs, not a result). Runs resume: the same command again trains only what is missing.
 """
 
 import ml_collections
 
-from uagan_jax import config as config_lib
 from uagan_jax import study
 
-LONG_BUDGET = ("--config.train.steps=1200", "--config.optim.decay_start=300",
-               "--config.optim.decay_end=1200", "--config.train.checkpoint_every=1200")
 PEAK_RATES = {"lr1e-3": (), "lr3e-4": ("--config.optim.segmentor_lr=0.0003",
                                        "--config.optim.critic_lr=0.0003")}
 
@@ -36,8 +33,7 @@ PEAK_RATES = {"lr1e-3": (), "lr3e-4": ("--config.optim.segmentor_lr=0.0003",
 def get_config(variant: str = ""):
   if variant not in ("", "unet", "uagan", "smoke"):
     raise ValueError(f"unknown variant {variant!r} (known: unet, uagan, smoke)")
-  on = tuple(f"--config.data.augmentations.{key}={value!r}"
-             for key, value in config_lib.FULL_RECIPE_AUGMENTATIONS.items())
+  on = study.FULL_AUGMENTATION_OVERRIDES
   s = ml_collections.ConfigDict()
   s.data = "data_synth"
   s.seeds = (0, 1, 2)
@@ -59,7 +55,7 @@ def get_config(variant: str = ""):
   s.metrics = ("dice", "hd95")
   s.overrides = ("--config.eval.panels=0",)
   if variant != "uagan":
-    s.overrides += LONG_BUDGET
+    s.overrides += study.LONGER_BUDGET_OVERRIDES
   if variant == "smoke":
     study.smoke(s)
   return s

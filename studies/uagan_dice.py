@@ -18,15 +18,13 @@ resume: the same command again trains only what is missing.
 
 import ml_collections
 
-from uagan_jax import config as config_lib
 from uagan_jax import study
 
 
 def get_config(variant: str = ""):
   if variant not in ("", "on", "smoke"):
     raise ValueError(f"unknown variant {variant!r} (known: on, smoke)")
-  on = tuple(f"--config.data.augmentations.{key}={value!r}"
-             for key, value in config_lib.FULL_RECIPE_AUGMENTATIONS.items())
+  on = study.FULL_AUGMENTATION_OVERRIDES
   s = ml_collections.ConfigDict()
   s.data = "data_synth"
   s.seeds = (0, 1, 2)

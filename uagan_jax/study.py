@@ -77,6 +77,14 @@ _HIGHER_IS_BETTER = ("dice", "sensitivity", "specificity", "lesion_dice")
 # What a study file's ``:smoke`` variant changes (`smoke`).
 SMOKE_OVERRIDES = ("--config.train.steps=2", "--config.train.validate_every=0",
                    "--config.eval.max_cases=2")
+# The overrides that turn on the full recipes' augmentation in a ``:study`` arm (study files'
+# ``_on`` arms), and that train a ``:study`` arm three times as long (1,200 steps, the rate
+# decaying from step 300 to 1,200: the longer budget of studies/augmentation.py:segan_long and
+# studies/learning_rate.py).
+FULL_AUGMENTATION_OVERRIDES = tuple(f"--config.data.augmentations.{key}={value!r}"
+                                    for key, value in config_lib.FULL_RECIPE_AUGMENTATIONS.items())
+LONGER_BUDGET_OVERRIDES = ("--config.train.steps=1200", "--config.optim.decay_start=300",
+                           "--config.optim.decay_end=1200", "--config.train.checkpoint_every=1200")
 _STEP_LINE = re.compile(r"^step (\d+)/(\d+)\b")
 
 
