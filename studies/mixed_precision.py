@@ -1,11 +1,12 @@
 """Mixed precision, measured: the segan recipe at the study budget in float32 and in bfloat16.
 
-Both arms train ``configs/segan.py:study`` (the demo's networks and slices, 8 slices a step, 400
-steps) with the same data, seeds (0, 1, 2) and steps, one with
-``model.dtype=float32`` and one with ``model.dtype=bfloat16`` (bfloat16 convolutions and
-activations; float32 parameters, optimizer state, norm statistics and losses), and are compared
-on the held-out cases; study.md's runs table gives each run's training time. The losses of both
-are in each workdir's metrics.jsonl (and TensorBoard).
+Both arms train ``configs/segan.py:study`` (the demo's networks and slices, 8 slices a step) at
+the first study budget (`uagan_jax.study.FIRST_BUDGET_OVERRIDES`: 400 steps, S's and C's peak rate
+1e-3, the budget of its table in docs/EXPERIMENTS.md) with the same data, seeds (0, 1, 2) and
+steps, one with ``model.dtype=float32`` and one with ``model.dtype=bfloat16`` (bfloat16
+convolutions and activations; float32 parameters, optimizer state, norm statistics and losses),
+and are compared on the held-out cases; study.md's runs table gives each run's training time.
+The losses of both are in each workdir's metrics.jsonl (and TensorBoard).
 
   uagan-jax synth --out data_synth --cases 80 --seed 0 --shape 96 96 64
   uagan-jax study studies/mixed_precision.py --out runs/mixed_precision
@@ -34,6 +35,7 @@ def get_config(variant: str = ""):
   s.comparisons = (("bfloat16", "float32"),)
   s.metrics = ("dice", "hd95")
   s.overrides = ("--config.eval.panels=0",)  # the study reads the scores, not the pictures
+  s.overrides += study.FIRST_BUDGET_OVERRIDES  # 400 steps at 1e-3: the tables in the docs
   if variant == "smoke":
     study.smoke(s)
   return s

@@ -1,8 +1,9 @@
 """The README's results table: every segmenting family (unet, segan, uagan) on held-out synthetic
 cases, on phantoms from another "scanner", and (optionally) on a real case.
 
-Each family's ``:study`` recipe (the demo's networks and slices, 8 slices a step, 400 steps; one
-model for all modalities, unpaired), trained with seeds 0, 1 and 2: the runs of the ``*_off`` arms
+Each family's ``:study`` recipe (the demo's networks and slices, 8 slices a step; one model for
+all modalities, unpaired) at the first study budget (`uagan_jax.study.FIRST_BUDGET_OVERRIDES`: 400
+steps, S's and C's peak rate 1e-3), trained with seeds 0, 1 and 2: the runs of the ``*_off`` arms
 of studies/augmentation.py, bit for bit (that study makes these comparisons too). Every model segments the held-out test cases of its
 seed's split and every case of the external folders from each modality, scored as
 ``uagan-jax evaluate`` scores them; uagan is compared with unet and with segan, and segan with
@@ -35,6 +36,7 @@ def get_config(variant: str = ""):
   s.comparisons = (("uagan", "unet"), ("uagan", "segan"), ("segan", "unet"))
   s.metrics = ("dice", "hd95")
   s.overrides = ("--config.eval.panels=0",)  # the study reads the scores, not the pictures
+  s.overrides += study.FIRST_BUDGET_OVERRIDES  # 400 steps at 1e-3: the tables in the docs
   if variant == "smoke":
     study.smoke(s)
   elif variant:

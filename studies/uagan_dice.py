@@ -3,10 +3,12 @@
 uagan trains all four modalities in one batch. ``batch`` (the recipe's ``loss.dice_reduction``)
 pools each region's Dice over the whole batch, so one modality's misses can hide behind the
 others' hits; ``modality_batch`` takes a batch Dice per source modality and averages them. Four
-arms of ``configs/uagan.py:study``, seeds 0, 1 and 2: each pooling without (``_off``: flips and
-intensity jitter) and with (``_on``) the full recipes' augmentation
-(`uagan_jax.config.FULL_RECIPE_AUGMENTATIONS`). The ``batch_*`` arms are studies/augmentation.py's
-``uagan_*`` arms, bit for bit. Scored on each seed's held-out phantoms from every modality.
+arms of ``configs/uagan.py:study`` at the first study budget
+(`uagan_jax.study.FIRST_BUDGET_OVERRIDES`: 400 steps, S's and C's peak rate 1e-3), seeds 0, 1, 2:
+each pooling without (``_off``: flips and intensity jitter) and with (``_on``) the full recipes'
+augmentation (`uagan_jax.config.FULL_RECIPE_AUGMENTATIONS`). The ``batch_*`` arms are
+studies/augmentation.py's ``uagan_*`` arms, bit for bit. Scored on each seed's held-out phantoms
+from every modality.
 
   uagan-jax synth --out data_synth --cases 80 --seed 0 --shape 96 96 64
   uagan-jax study studies/uagan_dice.py --out runs/uagan_dice
@@ -41,6 +43,7 @@ def get_config(variant: str = ""):
     s.comparisons = (("modality_on", "batch_on"),)
   s.metrics = ("dice", "hd95")
   s.overrides = ("--config.eval.panels=0",)  # the study reads the scores, not the pictures
+  s.overrides += study.FIRST_BUDGET_OVERRIDES  # 400 steps at 1e-3: the tables in the docs
   if variant == "smoke":
     study.smoke(s)
   return s

@@ -6,6 +6,7 @@ import pytest
 
 from uagan_jax import config as config_lib
 from uagan_jax import families
+from uagan_jax import study as study_lib
 from uagan_jax.errors import UserError
 
 from conftest import ROOT, load_test_config
@@ -123,6 +124,28 @@ def test_the_cpu_budget_is_the_demo_or_the_study_and_nothing_else():
   config_lib.apply_cpu_budget(demo, "demo")
   config_lib.apply_cpu_budget(study, "study")
   assert (demo.train.steps, demo.train.batch_size) == (600, 16)
-  assert (study.train.steps, study.train.batch_size) == (400, 8)
+  assert (study.train.steps, study.train.batch_size) == (1200, 8)
   with pytest.raises(ValueError, match="not 'paper'"):
     config_lib.apply_cpu_budget(config_lib.base_config(), "paper")
+
+
+@pytest.mark.parametrize("family", ["unet", "segan", "uagan"])
+def test_the_cpu_budgets_peak_rate_is_3e_4_and_the_first_budget_one_override_away(family):
+  """The CPU budgets train S and C at a peak of 3e-4 (G and D at 5e-4);
+  `study.FIRST_BUDGET_OVERRIDES` gives back the first studies' 400 steps at 1e-3."""
+  recipe = str(ROOT / "configs" / f"{family}.py")
+  for variant in ("demo", "study"):
+    config = config_lib.load_config(f"{recipe}:{variant}", [])
+    assert (config.optim.segmentor_lr, config.optim.critic_lr) == (3e-4, 3e-4), variant
+    assert (config.optim.generator_lr, config.optim.discriminator_lr) == (5e-4, 5e-4), variant
+  study = config_lib.load_config(f"{recipe}:study", [])
+  first = config_lib.load_config(f"{recipe}:study", list(study_lib.FIRST_BUDGET_OVERRIDES))
+  assert (first.train.steps, first.optim.decay_start, first.optim.decay_end,
+          first.train.checkpoint_every) == (400, 100, 400, 400)
+  assert (first.optim.segmentor_lr, first.optim.critic_lr) == (1e-3, 1e-3)
+  # The override changes those six keys only (uagan's shape ramp is 400 steps at either budget).
+  changed = {("train", "steps"), ("optim", "decay_start"), ("optim", "decay_end"),
+             ("train", "checkpoint_every"), ("optim", "segmentor_lr"), ("optim", "critic_lr")}
+  for group, key in changed:
+    first[group][key] = study[group][key]
+  assert config_lib.to_json(first) == config_lib.to_json(study)

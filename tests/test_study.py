@@ -197,7 +197,7 @@ def _as_the_docstrings_run_them(tmp_path, monkeypatch):
                                                           "smoke": 6}),
                                         ("mixed_precision", {"": 6, "uagan": 6, "smoke": 2}),
                                         ("uagan_dice", {"": 12, "on": 6, "smoke": 4}),
-                                        ("learning_rate", {"": 12, "unet": 6, "uagan": 3,
+                                        ("learning_rate", {"": 12, "unet": 6, "uagan": 6,
                                                            "smoke": 4})])
 def test_study_files_load_and_plan(tmp_path, monkeypatch, name, runs):
   _as_the_docstrings_run_them(tmp_path, monkeypatch)
