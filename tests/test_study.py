@@ -269,6 +269,19 @@ def test_the_learning_rate_studys_arms_are_the_long_segan_arms_at_two_peak_rates
       assert lower == same, (state, seed)
 
 
+@pytest.mark.parametrize("spec", ["augmentation.py", "augmentation.py:segan", "mixed_precision.py",
+                                  "mixed_precision.py:uagan", "results_table.py", "uagan_dice.py",
+                                  "unified_vs_single.py", "unified_vs_single.py:all"])
+def test_the_studies_the_docs_tabulate_train_at_the_first_budget(tmp_path, monkeypatch, spec):
+  """The study files whose tables docs/EXPERIMENTS.md gives at the first study budget keep
+  training it (400 steps, S's and C's peak rate 1e-3), whatever the recipes' ``:study`` became."""
+  _as_the_docstrings_run_them(tmp_path, monkeypatch)
+  planned = study_lib.load_study(str(STUDIES / spec))
+  for config, _ in planned.configs.values():
+    assert (config.train.steps, config.optim.decay_start, config.optim.decay_end) == (400, 100, 400)
+    assert (config.optim.segmentor_lr, config.optim.critic_lr) == (1e-3, 1e-3)
+
+
 def test_the_long_augmentation_study_is_the_segan_arms_three_times_as_long(tmp_path, monkeypatch):
   """augmentation.py:segan_long differs from :segan in the steps and the schedule's steps only."""
   _as_the_docstrings_run_them(tmp_path, monkeypatch)
