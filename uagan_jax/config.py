@@ -282,9 +282,9 @@ def apply_demo_sizes(c: ml_collections.ConfigDict) -> None:
   c.data.tumour_free_fraction = 0.2
   # S's and C's peak rate: at 1e-3 (the rate of runs before 2026-12-08: add
   # --config.optim.segmentor_lr=0.001 --config.optim.critic_lr=0.001) their TC/ET outputs switched
-  # off for whole modalities in 5 of 6 segan runs of 1,200 steps; at 3e-4 in none of 6 for segan
-  # or unet, with or without augmentation (docs/EXPERIMENTS.md, "A lower peak learning rate at the
-  # longer budget").
+  # off for whole modalities in 5 of 6 segan runs of 1,200 steps; at 3e-4 in none of 6 for segan,
+  # unet or uagan, with or without augmentation (docs/EXPERIMENTS.md, "A lower peak learning rate
+  # at the longer budget").
   c.optim.segmentor_lr = 3e-4
   c.optim.critic_lr = 3e-4
   c.optim.generator_lr = 5e-4
