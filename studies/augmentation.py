@@ -19,8 +19,11 @@ segan, and segan against unet (the same arms as studies/results_table.py, bit fo
 
 ``:segan`` keeps segan's two arms only; ``:segan_long`` trains them three times as long (1,200
 steps, the learning rate decaying from step 300 to 1,200; issue 25's longer budget: does the
-answer change with the steps?); ``:smoke``: 2 steps, one seed, two test cases, no
-external set (a check that the study runs, not a result). Runs resume: the same command again
+answer change with the steps?); ``:recipes``: the six arms at the recipes' own ``:study`` (1,200
+steps at a peak rate of 3e-4 since 2026-12-08, where no run lost a region in
+studies/learning_rate.py; its uagan arms are that file's ``:uagan`` arms, bit for bit), scored on
+the held-out phantoms only; ``:smoke``: 2 steps, one seed, two test cases, no external set (a check
+that the study runs, not a result). Runs resume: the same command again
 trains only what is missing.
 """
 
@@ -32,13 +35,13 @@ FAMILIES = ("unet", "segan", "uagan")
 
 
 def get_config(variant: str = ""):
-  if variant not in ("", "segan", "segan_long", "smoke"):
-    raise ValueError(f"unknown variant {variant!r} (known: segan, segan_long, smoke)")
+  if variant not in ("", "segan", "segan_long", "recipes", "smoke"):
+    raise ValueError(f"unknown variant {variant!r} (known: segan, segan_long, recipes, smoke)")
   on = study.FULL_AUGMENTATION_OVERRIDES
   families = ("segan",) if variant.startswith("segan") else FAMILIES
   s = ml_collections.ConfigDict()
   s.data = "data_synth"
-  s.external = ("data_shifted",)
+  s.external = () if variant == "recipes" else ("data_shifted",)
   s.seeds = (0, 1, 2)
   s.arms = {}
   for family in families:
@@ -50,9 +53,12 @@ def get_config(variant: str = ""):
                       ("segan_off", "unet_off"))
   s.metrics = ("dice", "hd95")
   s.overrides = ("--config.eval.panels=0",)  # the study reads the scores, not the pictures
-  # The first budget (400 steps at 1e-3); segan_long: the recipe's 1,200 steps, at 1e-3 too.
-  s.overrides += (study.PEAK_RATE_1E3_OVERRIDES if variant == "segan_long"
-                  else study.FIRST_BUDGET_OVERRIDES)
+  # The first budget (400 steps at 1e-3); segan_long: the recipe's 1,200 steps, at 1e-3 too;
+  # recipes: the recipes' own :study.
+  if variant == "segan_long":
+    s.overrides += study.PEAK_RATE_1E3_OVERRIDES
+  elif variant != "recipes":
+    s.overrides += study.FIRST_BUDGET_OVERRIDES
   if variant == "smoke":
     study.smoke(s)
   return s

@@ -194,7 +194,7 @@ def _as_the_docstrings_run_them(tmp_path, monkeypatch):
                                         ("unified_vs_single", {"": 15, "all": 15, "smoke": 5,
                                                                "all_smoke": 5}),
                                         ("augmentation", {"": 18, "segan": 6, "segan_long": 6,
-                                                          "smoke": 6}),
+                                                          "recipes": 18, "smoke": 6}),
                                         ("mixed_precision", {"": 6, "uagan": 6, "smoke": 2}),
                                         ("uagan_dice", {"": 12, "on": 6, "smoke": 4}),
                                         ("learning_rate", {"": 12, "unet": 6, "uagan": 6,
@@ -267,6 +267,26 @@ def test_the_learning_rate_studys_arms_are_the_long_segan_arms_at_two_peak_rates
       for name in ("segmentor_lr", "critic_lr"):
         assert lower["optim"].pop(name) == 3e-4 and same["optim"].pop(name) == 1e-3
       assert lower == same, (state, seed)
+
+
+def test_the_recipes_augmentation_study_shares_the_learning_rate_studys_uagan_runs(tmp_path,
+                                                                                   monkeypatch):
+  """augmentation.py:recipes trains the recipes' own :study; its uagan arms are
+  learning_rate.py:uagan's, bit for bit (so one study's finished runs serve the other)."""
+  _as_the_docstrings_run_them(tmp_path, monkeypatch)
+  recipes = study_lib.load_study(f"{STUDIES / 'augmentation.py'}:recipes")
+  rates = study_lib.load_study(f"{STUDIES / 'learning_rate.py'}:uagan")
+  assert recipes.external == ()
+  for state in ("off", "on"):
+    for seed in (0, 1, 2):
+      ours = recipes.configs[(f"uagan_{state}", seed, None)][0]
+      theirs = rates.configs[(f"lr3e-4_{state}", seed, None)][0]
+      assert config_lib.to_json(ours) == config_lib.to_json(theirs), (state, seed)
+  for (arm, seed, _), (config, _) in recipes.configs.items():
+    family = arm.partition("_")[0]
+    recipe = config_lib.load_config(str(ROOT / "configs" / f"{family}.py:study"), [])
+    assert (config.train.steps, config.optim.segmentor_lr) == (1200, 3e-4), arm
+    assert config.train.steps == recipe.train.steps and config.seed == seed
 
 
 @pytest.mark.parametrize("spec", ["augmentation.py", "augmentation.py:segan", "mixed_precision.py",
