@@ -313,11 +313,12 @@ def apply_demo_sizes(c: ml_collections.ConfigDict) -> None:
 def apply_study_budget(c: ml_collections.ConfigDict) -> None:
   """The seeded studies' budget (studies/*.py), shared by every recipe's ``:study`` variant: the
   demo's networks, slices and learning rates, with 8 slices a step and 1,200 steps, the rate
-  constant to step 300 and then falling linearly to a tenth (about 3 min a run for segan, 9 for
-  uagan on 2 CPU cores; docs/EXPERIMENTS.md says what so short a budget can and cannot tell). At
-  the 400 steps the first studies trained (`uagan_jax.study.FIRST_BUDGET_OVERRIDES`) uagan lost
-  ET or whole modalities at either peak rate. No validation during training: a study scores each
-  run's final checkpoint."""
+  constant to step 300 and then falling linearly to a tenth (about 1.5 min a run for unet, 2 for
+  segan and 7 for uagan on 2 quiet CPU cores; docs/EXPERIMENTS.md says what so short a budget can
+  and cannot tell). At the 400 steps the first studies trained
+  (`uagan_jax.study.FIRST_BUDGET_OVERRIDES`) uagan lost T1 in 2 of 3 seeds with augmentation at
+  1e-3, and ET from every modality (one seed) at 3e-4. No validation during training: a study
+  scores each run's final checkpoint."""
   apply_demo_sizes(c)
   c.train.batch_size = 8
   c.train.steps = 1200
