@@ -134,11 +134,10 @@ def test_the_cpu_budgets_peak_rate_is_3e_4_and_the_first_budget_one_override_awa
   """The CPU budgets train S and C at a peak of 3e-4 (G and D at 5e-4);
   `study.FIRST_BUDGET_OVERRIDES` gives back the first studies' 400 steps at 1e-3."""
   recipe = str(ROOT / "configs" / f"{family}.py")
-  for variant in ("demo", "study"):
-    config = config_lib.load_config(f"{recipe}:{variant}", [])
+  demo, study = (config_lib.load_config(f"{recipe}:{variant}", []) for variant in ("demo", "study"))
+  for variant, config in (("demo", demo), ("study", study)):
     assert (config.optim.segmentor_lr, config.optim.critic_lr) == (3e-4, 3e-4), variant
     assert (config.optim.generator_lr, config.optim.discriminator_lr) == (5e-4, 5e-4), variant
-  study = config_lib.load_config(f"{recipe}:study", [])
   first = config_lib.load_config(f"{recipe}:study", list(study_lib.FIRST_BUDGET_OVERRIDES))
   assert (first.train.steps, first.optim.decay_start, first.optim.decay_end,
           first.train.checkpoint_every) == (400, 100, 400, 400)
